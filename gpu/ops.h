@@ -1,0 +1,112 @@
+#pragma once
+// One C++ entry per kernel: checks shapes, picks the variant the device can run, splits the work
+// where a tensor is larger than one storage-buffer binding, and records the dispatches.
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "gpu/memory.h"
+#include "gpu/recorder.h"
+
+namespace vkvlm::gpu {
+
+// A row-major matrix view into a tensor: element (r, c) lives at offset + r * stride + c, in
+// elements of the tensor's dtype. A stride of 0 repeats one row (broadcast).
+struct Mat {
+  Tensor t;
+  int64_t rows = 0, cols = 0, offset = 0, stride = 0;
+
+  // The tensor as [numel / last_dim, last_dim].
+  static Mat of(const Tensor& t);
+  static Mat of(const Tensor& t, int64_t rows, int64_t cols);
+  Mat row_range(int64_t first, int64_t count) const;
+  Mat col_range(int64_t first, int64_t count) const;
+};
+
+enum class WeightFormat { F32, F16, BF16, Q4, Q8 };
+const char* weight_format_name(WeightFormat f);
+
+// A weight matrix W [n, k], used as y = x W^T. Quantized formats are MLX's affine layout:
+// data U32 [n, k * bits / 32] (values packed little-end-first along k), scales and biases
+// [n, k / group_size] in f16 or bf16, W = scale * q + bias.
+struct Weight {
+  WeightFormat format = WeightFormat::F32;
+  int64_t n = 0, k = 0;
+  Tensor data, scales, biases;
+  bool scales_bf16 = false;
+  int group_size = 0;
+  std::string name;
+
+  bool quantized() const { return format == WeightFormat::Q4 || format == WeightFormat::Q8; }
+  int bits() const { return format == WeightFormat::Q4 ? 4 : 8; }
+  // Elements (or U32 words when quantized) per row of data.
+  int64_t row_elems() const;
+  uint64_t bytes() const;
+};
+
+// Which variant a kernel runs. The default lets the device profile decide; tests force each one.
+struct Variant {
+  bool subgroup = true;  // use subgroup operations where the device has them
+  enum class Matmul { Auto, Gemv, Gemm } matmul = Matmul::Auto;
+  enum class Attention { Auto, Tiled, Rows } attention = Attention::Auto;
+  uint32_t keys_per_split = 0;  // attention rows path: keys per workgroup (0: automatic)
+};
+
+void matmul(Recorder& rec, const Mat& x, const Weight& w, const Tensor* bias, const Mat& y, bool accumulate = false,
+            const Variant& v = {});
+
+void rmsnorm(Recorder& rec, const Mat& x, const Tensor& weight, float eps, bool plus_one, const Mat& y,
+             const Variant& v = {});
+void layernorm(Recorder& rec, const Mat& x, const Tensor& weight, const Tensor& bias, float eps, const Mat& y,
+               const Variant& v = {});
+
+enum class RopeMode { RotateHalf = 0, Interleaved = 1 };
+// cos/sin table [n_positions, rot_dim / 2, 2] in f32, computed in double:
+// angle = pos / (factor[i] * theta^(2i / rot_dim)); entries are (cos, sin) * attn_scale.
+std::vector<float> rope_table(int64_t n_positions, int rot_dim, double theta, const std::vector<double>& factors = {},
+                              double attn_scale = 1.0);
+// In place on x [T, heads * head_dim] (row stride allowed); token t is at position
+// step[step_index] + t.
+void rope(Recorder& rec, const Mat& x, int heads, int head_dim, int rot_dim, RopeMode mode, const Tensor& table,
+          const Tensor& step, int step_index);
+
+// Writes src [T, kv_dim] (f32) into an f16 cache [positions, kv_dim] at rows step[step_index] + t.
+void kv_append(Recorder& rec, const Mat& src, const Tensor& cache, const Tensor& step, int step_index);
+
+struct AttentionParams {
+  int heads = 1, kv_heads = 1, head_dim = 64;
+  bool causal = true;
+  int window = 0;       // sliding window in positions (0: none)
+  float scale = 0.125f;
+  int64_t T_total = 0;  // queries in this forward pass (keys exist up to step + T_total)
+  int64_t q_t0 = 0;     // index of q's first row within the forward pass
+};
+// out [T, heads*head_dim] = attention of q [T, heads*head_dim] over keys/values k, v
+// [keys, kv_heads*head_dim] (f16 cache or f32). Query t is at position step[step_index] + q_t0 + t.
+void attention(Recorder& rec, const Mat& q, const Mat& k, const Mat& v, const Mat& out, const Tensor& step,
+               int step_index, const AttentionParams& params, const Variant& var = {});
+
+enum class UnaryOp { Identity = 0, Silu = 1, GeluErf = 2, GeluTanh = 3, QuickGelu = 4 };
+void unary(Recorder& rec, UnaryOp op, const Mat& x, const Mat& y, float alpha = 1.0f);
+enum class BinaryOp { Add = 0, Mul = 1, SiluMul = 2, GeluTanhMul = 3, GeluErfMul = 4 };
+void binary(Recorder& rec, BinaryOp op, const Mat& a, const Mat& b, const Mat& y);
+// Between f32, f16 and bf16 (bf16 only as a source), per the tensors' dtypes.
+void convert(Recorder& rec, const Mat& x, const Mat& y);
+
+// y[i, :] = table[ids[ids_offset + i], :] for i < n. Ids must be valid rows (checked by callers).
+void get_rows(Recorder& rec, const Weight& table, const Tensor& ids, int64_t ids_offset, int64_t n, const Mat& y);
+
+// pixels [B, C, H, W] f32; weight [E, C*P*P] f32; class_embedding [E] or none; positions
+// [tokens, E]; y [B * tokens, E] with tokens = (H/P)*(W/P) (+1 with a class token).
+void patch_embed(Recorder& rec, const Tensor& pixels, int B, int C, int H, int W, int P, const Tensor& weight,
+                 const Tensor* class_embedding, const Tensor& positions, const Tensor* conv_bias, const Mat& y);
+
+// The k (<= 64) largest entries of each row of x, descending, ties to the smaller id:
+// values f32 [rows, k], ids U32 [rows, k].
+void topk(Recorder& rec, const Mat& x, int k, const Tensor& values, const Tensor& ids);
+// out[r] = log sum_c exp(x[r, c] * inv_temp).
+void logsumexp(Recorder& rec, const Mat& x, float inv_temp, const Tensor& out, const Variant& v = {});
+// One logits row: for each distinct id in ids[0..n): x = x < 0 ? x * penalty : x / penalty.
+void repeat_penalty(Recorder& rec, const Mat& row, const Tensor& ids, int64_t n, float penalty);
+
+}  // namespace vkvlm::gpu

@@ -1,0 +1,64 @@
+// Parameters and K/V access shared by the attention kernels.
+//
+// q, o: f32 rows [T, H * D] with row strides; K, V: rows [keys, HKV * D] in f16 (the KV cache,
+// read as packed words) or f32 (vision, straight from the QKV projection). Query t of this
+// dispatch is token q_t0 + t of the forward pass, at position n_past + q_t0 + t, where n_past is
+// read from the step buffer. Keys j in [key_begin, key_end) are bound, the first at k_off/v_off;
+// keys at or past n_past + T_total do not exist yet.
+layout(push_constant) uniform Params {
+  uint T, H, HKV;
+  uint q_off, q_stride;
+  uint k_off, k_stride;
+  uint v_off, v_stride;
+  uint o_off, o_stride;
+  uint step_off;
+  uint key_begin, key_end;
+  uint flags;  // 1: causal, 2: write partial (acc, max, sum) instead of the output
+  uint window;  // sliding window: key j is visible from position i when i - j < window (0: off)
+  float scale;
+  uint part_index, n_parts;
+  uint q_t0, T_total;
+  uint split_size;  // keys per workgroup (attn_rows)
+} p;
+
+layout(binding = 0) readonly buffer QBuf { float qs[]; };
+#ifdef KV_F16
+layout(binding = 1) readonly buffer KBuf { uint ks[]; };
+layout(binding = 2) readonly buffer VBuf { uint vs[]; };
+float k_at(uint j, uint kvh, uint d) {
+  uint i = p.k_off + (j - p.key_begin) * p.k_stride + kvh * D + d;
+  return unpackHalf2x16(ks[i >> 1])[i & 1u];
+}
+float v_at(uint j, uint kvh, uint d) {
+  uint i = p.v_off + (j - p.key_begin) * p.v_stride + kvh * D + d;
+  return unpackHalf2x16(vs[i >> 1])[i & 1u];
+}
+#else
+layout(binding = 1) readonly buffer KBuf { float ks[]; };
+layout(binding = 2) readonly buffer VBuf { float vs[]; };
+float k_at(uint j, uint kvh, uint d) { return ks[p.k_off + (j - p.key_begin) * p.k_stride + kvh * D + d]; }
+float v_at(uint j, uint kvh, uint d) { return vs[p.v_off + (j - p.key_begin) * p.v_stride + kvh * D + d]; }
+#endif
+layout(binding = 3) readonly buffer StepBuf { int step[]; };
+layout(binding = 4) writeonly buffer OBuf { float os[]; };
+layout(binding = 5) writeonly buffer PartBuf { float parts[]; };
+
+bool key_visible(uint j, uint pos) {
+  if ((p.flags & 1u) != 0u && j > pos) return false;
+  if (p.window != 0u && j + p.window <= pos) return false;
+  return true;
+}
+
+// Writes one output element, or the partial result when the keys are split across dispatches.
+void store_result(uint part, uint t, uint h, uint d, float acc, float m, float l) {
+  if ((p.flags & 2u) != 0u) {
+    const uint base = ((t * p.H + h) * p.n_parts + part) * (D + 2);
+    parts[base + d] = acc;
+    if (d == 0u) {
+      parts[base + D] = m;
+      parts[base + D + 1] = l;
+    }
+  } else {
+    os[p.o_off + t * p.o_stride + h * D + d] = l > 0.0 ? acc / l : 0.0;
+  }
+}

@@ -1,0 +1,71 @@
+#version 450
+// Attention for a few queries (decode): one workgroup per (key split, head, query). Each thread
+// scores one key per block of keys; the block's softmax weights go through shared memory and
+// threads accumulate the output dimensions. Long caches are split over workgroups and combined
+// by attn_merge.
+#extension GL_GOOGLE_include_directive : require
+#include "common.glsl"
+
+layout(local_size_x_id = 0) in;
+layout(constant_id = 1) const uint D = 64;
+layout(constant_id = 2) const uint DPT = 1;  // output dimensions per thread: ceil(D / workgroup size)
+
+#include "reduce.glsl"
+#include "attn_common.glsl"
+
+shared float q_sh[D];
+shared float p_sh[gl_WorkGroupSize.x];
+
+void main() {
+  const uint tid = gl_LocalInvocationID.x;
+  const uint WG = gl_WorkGroupSize.x;
+  const uint split = gl_WorkGroupID.x;
+  const uint h = gl_WorkGroupID.y;
+  const uint t = gl_WorkGroupID.z;
+  const uint kvh = h / (p.H / p.HKV);
+  const uint n_past = uint(step[p.step_off]);
+  const uint pos = n_past + p.q_t0 + t;
+
+  uint kb = p.key_begin + split * p.split_size;
+  uint ke = min(min(kb + p.split_size, p.key_end), n_past + p.T_total);
+  if ((p.flags & 1u) != 0u) ke = min(ke, pos + 1);
+  if (p.window != 0u && pos + 1 > p.window) kb = max(kb, pos + 1 - p.window);
+
+  for (uint d = tid; d < D; d += WG) q_sh[d] = qs[p.q_off + t * p.q_stride + h * D + d] * p.scale;
+  barrier();
+
+  float m = NEG_INF, l = 0.0;
+  float acc[DPT];
+  [[unroll]] for (uint i = 0; i < DPT; ++i) acc[i] = 0.0;
+
+  for (uint j0 = kb; j0 < ke; j0 += WG) {
+    const uint j = j0 + tid;
+    float s = NEG_INF;
+    if (j < ke) {
+      s = 0.0;
+      for (uint d = 0; d < D; ++d) s += q_sh[d] * k_at(j, kvh, d);
+    }
+    const float m_new = max(m, wg_max(s));
+    const float pv = s == NEG_INF ? 0.0 : exp(s - m_new);
+    p_sh[tid] = pv;
+    const float sum = wg_sum(pv);  // its barriers also publish p_sh
+    const float alpha = m_new == NEG_INF ? 1.0 : exp(m - m_new);
+    l = l * alpha + sum;
+    m = m_new;
+    const uint nb = min(WG, ke - j0);
+    [[unroll]] for (uint i = 0; i < DPT; ++i) {
+      const uint d = tid + i * WG;
+      if (d < D) {
+        float a = acc[i] * alpha;
+        for (uint c = 0; c < nb; ++c) a += p_sh[c] * v_at(j0 + c, kvh, d);
+        acc[i] = a;
+      }
+    }
+    barrier();
+  }
+
+  [[unroll]] for (uint i = 0; i < DPT; ++i) {
+    const uint d = tid + i * WG;
+    if (d < D) store_result(p.part_index + split, t, h, d, acc[i], m, l);
+  }
+}

@@ -1,0 +1,24 @@
+#version 450
+// Repetition penalty (as in Hugging Face's RepetitionPenaltyLogitsProcessor) on one logits row:
+// for each distinct seen token id, x = x < 0 ? x * penalty : x / penalty.
+#extension GL_GOOGLE_include_directive : require
+#include "common.glsl"
+
+layout(local_size_x_id = 0) in;
+
+layout(push_constant) uniform Params {
+  uint n_ids, ids_off;
+  uint x_off;
+  float penalty;
+} p;
+
+layout(binding = 0) readonly buffer IdBuf { int ids[]; };
+layout(binding = 1) buffer XBuf { float xs[]; };
+
+void main() {
+  const uint i = gl_GlobalInvocationID.x;
+  if (i >= p.n_ids) return;
+  const uint idx = p.x_off + uint(ids[p.ids_off + i]);
+  const float v = xs[idx];
+  xs[idx] = v < 0.0 ? v * p.penalty : v / p.penalty;
+}

@@ -1,0 +1,640 @@
+// Every kernel, in every variant the device can run, against a double-precision CPU reference on
+// random inputs, including sizes that are not multiples of any tile or subgroup size. Outputs
+// are poisoned with NaN before each run so that an element a kernel fails to write is caught.
+#include <algorithm>
+#include <cmath>
+#include <map>
+#include <numeric>
+#include <sstream>
+
+#include "tests/kernel_harness.h"
+
+namespace vkvlm::test {
+namespace {
+
+using gpu::Mat;
+using gpu::Tensor;
+using gpu::Variant;
+using gpu::WeightFormat;
+
+constexpr double kTolF32 = 1e-7;  // f32 operands
+constexpr double kTolF16 = 1e-5;  // f16 operands
+
+// ---------------------------------------------------------------------------------------------
+// matmul: y = x W^T (+ bias) (+ y)
+
+struct MatmulCase {
+  WeightFormat format;
+  int group;
+  bool scales_bf16;
+  int64_t M, N, K;
+  Variant::Matmul path;
+  bool bias, accumulate;
+};
+
+std::string matmul_name(const testing::TestParamInfo<MatmulCase>& info) {
+  const auto& c = info.param;
+  std::ostringstream os;
+  os << (c.path == Variant::Matmul::Gemv ? "gemv" : "gemm") << "_" << gpu::weight_format_name(c.format);
+  if (c.format == WeightFormat::Q4 || c.format == WeightFormat::Q8) os << "_g" << c.group << (c.scales_bf16 ? "_bf16s" : "");
+  os << "_" << c.M << "x" << c.N << "x" << c.K << (c.bias ? "_bias" : "") << (c.accumulate ? "_acc" : "");
+  return os.str();
+}
+
+class MatmulTest : public testing::TestWithParam<MatmulCase> {};
+
+TEST_P(MatmulTest, MatchesReference) {
+  const auto& c = GetParam();
+  auto tw = make_weight(c.format, c.N, c.K, 1234, c.group, c.scales_bf16);
+  auto xv = random_floats(size_t(c.M * c.K), 99);
+  auto bv = random_floats(size_t(c.N), 7);
+  auto y0 = random_floats(size_t(c.M * c.N), 5);
+  Tensor bias = upload_f32(bv, {c.N}, "bias");
+
+  std::vector<bool> x16_settings = {false};
+  if (ctx().profile().storage16) x16_settings.push_back(true);
+  for (bool x16 : x16_settings) {
+    std::vector<float> xr = xv;
+    Tensor x = x16 ? upload_f16(xv, {c.M, c.K}, &xr) : upload_f32(xv, {c.M, c.K});
+    std::vector<double> want(size_t(c.M * c.N));
+    for (int64_t m = 0; m < c.M; ++m)
+      for (int64_t n = 0; n < c.N; ++n) {
+        double s = 0;
+        for (int64_t k = 0; k < c.K; ++k) s += double(xr[size_t(m * c.K + k)]) * tw.values[size_t(n * c.K + k)];
+        if (c.bias) s += bv[size_t(n)];
+        if (c.accumulate) s += y0[size_t(m * c.N + n)];
+        want[size_t(m * c.N + n)] = s;
+      }
+    for (bool sg : subgroup_settings()) {
+      Tensor y = c.accumulate ? upload_f32(y0, {c.M, c.N}, "y") : poisoned_f32({c.M, c.N});
+      Variant v;
+      v.subgroup = sg;
+      v.matmul = c.path;
+      run([&](gpu::Recorder& rec) { gpu::matmul(rec, Mat::of(x), tw.w, c.bias ? &bias : nullptr, Mat::of(y), c.accumulate, v); });
+      double e = nmse(ctx().read<float>(y), want);
+      EXPECT_LE(e, x16 ? kTolF16 : kTolF32) << "x16=" << x16 << " subgroup=" << sg;
+    }
+  }
+}
+
+std::vector<MatmulCase> matmul_cases() {
+  std::vector<MatmulCase> out;
+  const std::vector<std::array<int64_t, 3>> float_shapes = {{1, 67, 17}, {3, 67, 96}, {8, 130, 128}, {17, 67, 17},
+                                                           {33, 129, 200}, {1, 32064, 64}};
+  const std::vector<std::array<int64_t, 3>> quant_shapes = {{1, 67, 128}, {3, 65, 256}, {17, 67, 128}, {70, 33, 384}};
+  for (auto path : {Variant::Matmul::Gemv, Variant::Matmul::Gemm}) {
+    for (auto f : {WeightFormat::F32, WeightFormat::F16, WeightFormat::BF16})
+      for (auto s : float_shapes) out.push_back({f, 0, false, s[0], s[1], s[2], path, s[0] == 3, s[0] == 17});
+    for (auto f : {WeightFormat::Q4, WeightFormat::Q8})
+      for (int g : {32, 64, 128})
+        for (auto s : quant_shapes) out.push_back({f, g, g == 128, s[0], s[1], s[2], path, s[0] == 3, s[0] == 17});
+    out.push_back({WeightFormat::Q4, 64, false, 1, 32064, 128, path, true, false});
+  }
+  return out;
+}
+
+INSTANTIATE_TEST_SUITE_P(Kernels, MatmulTest, testing::ValuesIn(matmul_cases()), matmul_name);
+
+// A strided view: x rows and y columns taken from inside larger tensors.
+TEST(MatmulViews, GemvAndGemmOnSubMatrices) {
+  auto tw = make_weight(WeightFormat::F16, 40, 24, 3);
+  auto big = random_floats(10 * 50, 11);
+  Tensor xt = upload_f32(big, {10, 50});
+  Mat x = Mat::of(xt).row_range(2, 5).col_range(3, 24);  // [5, 24] at stride 50
+  for (auto path : {Variant::Matmul::Gemv, Variant::Matmul::Gemm}) {
+    Tensor yt = poisoned_f32({5, 60});
+    Mat y = Mat::of(yt).col_range(10, 40);
+    Variant v;
+    v.matmul = path;
+    run([&](gpu::Recorder& rec) { gpu::matmul(rec, x, tw.w, nullptr, y, false, v); });
+    auto got = ctx().read<float>(yt);
+    std::vector<float> g;
+    std::vector<double> want;
+    for (int m = 0; m < 5; ++m)
+      for (int n = 0; n < 40; ++n) {
+        double s = 0;
+        for (int k = 0; k < 24; ++k) s += double(big[size_t((2 + m) * 50 + 3 + k)]) * tw.values[size_t(n * 24 + k)];
+        want.push_back(s);
+        g.push_back(got[size_t(m * 60 + 10 + n)]);
+      }
+    EXPECT_LE(nmse(g, want), kTolF32);
+    // Columns outside the view stay untouched (still NaN).
+    EXPECT_TRUE(std::isnan(got[0]) && std::isnan(got[59]));
+  }
+}
+
+// A 32064 x 4096 f16 table is 262 MB: more than lavapipe's 128 MiB binding. The gather and the
+// product must bind it in parts.
+TEST(LargeTensor, EmbeddingAndGemvBeyondBindingLimit) {
+  const int64_t N = 32064, K = 4096;
+  std::vector<uint16_t> h(size_t(N * K));
+  uint32_t state = 12345;
+  for (auto& v : h) {
+    state = state * 1664525u + 1013904223u;
+    v = f32_to_f16((float(state >> 8) / float(1 << 24)) * 2.0f - 1.0f);
+  }
+  gpu::Weight w;
+  w.format = WeightFormat::F16;
+  w.n = N;
+  w.k = K;
+  w.name = "embed_tokens";
+  w.data = ctx().tensor(gpu::DType::F16, {N, K}, "embed_tokens");
+  ctx().upload(w.data, h.data(), h.size() * 2);
+  const std::vector<int32_t> ids = {0, 31999, 16000, 32063, 5};
+  Tensor idt = upload_i32(ids);
+  Tensor rows = poisoned_f32({int64_t(ids.size()), K});
+  run([&](gpu::Recorder& rec) { gpu::get_rows(rec, w, idt, 0, int64_t(ids.size()), Mat::of(rows)); });
+  auto got = ctx().read<float>(rows);
+  std::vector<double> want;
+  for (int32_t id : ids)
+    for (int64_t k = 0; k < K; ++k) want.push_back(f16_to_f32(h[size_t(id * K + k)]));
+  EXPECT_EQ(nmse(got, want), 0.0);
+
+  auto xv = random_floats(size_t(K), 8);
+  Tensor x = upload_f32(xv, {1, K});
+  Tensor y = poisoned_f32({1, N});
+  run([&](gpu::Recorder& rec) { gpu::matmul(rec, Mat::of(x), w, nullptr, Mat::of(y)); });
+  std::vector<double> ref(static_cast<size_t>(N));
+  for (int64_t n = 0; n < N; ++n) {
+    double s = 0;
+    for (int64_t k = 0; k < K; ++k) s += double(xv[size_t(k)]) * f16_to_f32(h[size_t(n * K + k)]);
+    ref[size_t(n)] = s;
+  }
+  EXPECT_LE(nmse(ctx().read<float>(y), ref), kTolF32);
+}
+
+// ---------------------------------------------------------------------------------------------
+// rmsnorm, layernorm
+
+class NormTest : public testing::TestWithParam<std::tuple<int64_t, int64_t>> {};
+
+TEST_P(NormTest, RmsnormMatchesReference) {
+  auto [rows, cols] = GetParam();
+  auto xv = random_floats(size_t(rows * cols), 1, -3, 3);
+  auto wv = random_floats(size_t(cols), 2);
+  Tensor x = upload_f32(xv, {rows, cols}), w = upload_f32(wv, {cols});
+  for (bool plus_one : {false, true}) {
+    std::vector<double> want(xv.size());
+    for (int64_t r = 0; r < rows; ++r) {
+      double ss = 0;
+      for (int64_t c = 0; c < cols; ++c) ss += double(xv[size_t(r * cols + c)]) * xv[size_t(r * cols + c)];
+      double inv = 1.0 / std::sqrt(ss / double(cols) + 1e-5);
+      for (int64_t c = 0; c < cols; ++c)
+        want[size_t(r * cols + c)] = xv[size_t(r * cols + c)] * inv * ((plus_one ? 1.0 : 0.0) + wv[size_t(c)]);
+    }
+    for (bool sg : subgroup_settings()) {
+      Tensor y = poisoned_f32({rows, cols});
+      Variant v;
+      v.subgroup = sg;
+      run([&](gpu::Recorder& rec) { gpu::rmsnorm(rec, Mat::of(x), w, 1e-5f, plus_one, Mat::of(y), v); });
+      EXPECT_LE(nmse(ctx().read<float>(y), want), kTolF32) << "plus_one=" << plus_one << " subgroup=" << sg;
+    }
+  }
+}
+
+TEST_P(NormTest, LayernormMatchesReference) {
+  auto [rows, cols] = GetParam();
+  auto xv = random_floats(size_t(rows * cols), 3, -2, 4);
+  auto wv = random_floats(size_t(cols), 4), bv = random_floats(size_t(cols), 5);
+  Tensor x = upload_f32(xv, {rows, cols}), w = upload_f32(wv, {cols}), b = upload_f32(bv, {cols});
+  std::vector<double> want(xv.size());
+  for (int64_t r = 0; r < rows; ++r) {
+    double mean = 0, var = 0;
+    for (int64_t c = 0; c < cols; ++c) mean += xv[size_t(r * cols + c)];
+    mean /= double(cols);
+    for (int64_t c = 0; c < cols; ++c) var += (xv[size_t(r * cols + c)] - mean) * (xv[size_t(r * cols + c)] - mean);
+    double inv = 1.0 / std::sqrt(var / double(cols) + 1e-5);
+    for (int64_t c = 0; c < cols; ++c)
+      want[size_t(r * cols + c)] = (xv[size_t(r * cols + c)] - mean) * inv * wv[size_t(c)] + bv[size_t(c)];
+  }
+  for (bool sg : subgroup_settings()) {
+    Tensor y = poisoned_f32({rows, cols});
+    Variant v;
+    v.subgroup = sg;
+    run([&](gpu::Recorder& rec) { gpu::layernorm(rec, Mat::of(x), w, b, 1e-5f, Mat::of(y), v); });
+    EXPECT_LE(nmse(ctx().read<float>(y), want), kTolF32) << "subgroup=" << sg;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Kernels, NormTest,
+                         testing::Values(std::make_tuple(1, 1), std::make_tuple(3, 17), std::make_tuple(17, 4096),
+                                         std::make_tuple(2, 5120), std::make_tuple(577, 64)));
+
+// ---------------------------------------------------------------------------------------------
+// rope
+
+struct RopeCase {
+  int64_t T;
+  int heads, head_dim, rot_dim;
+  gpu::RopeMode mode;
+  bool factors;
+  int n_past;
+};
+
+class RopeTest : public testing::TestWithParam<RopeCase> {};
+
+TEST_P(RopeTest, MatchesReference) {
+  const auto& c = GetParam();
+  const double theta = 10000.0, scale = c.factors ? 1.1902380714238083 : 1.0;
+  std::vector<double> factors;
+  if (c.factors) {
+    auto f = random_floats(size_t(c.rot_dim / 2), 21, 1.0f, 4.0f);
+    factors.assign(f.begin(), f.end());
+  }
+  const int64_t positions = c.n_past + c.T + 3;
+  auto table = gpu::rope_table(positions, c.rot_dim, theta, factors, scale);
+  Tensor tt = upload_f32(table, {positions, c.rot_dim / 2, 2}, "rope table");
+  Tensor step = upload_i32({c.n_past}, "step");
+  const int64_t row = int64_t(c.heads) * c.head_dim + 5;  // rows wider than the heads
+  auto xv = random_floats(size_t(c.T * row), 31);
+  Tensor x = upload_f32(xv, {c.T, row});
+  std::vector<double> want(xv.begin(), xv.end());
+  const int half = c.rot_dim / 2;
+  for (int64_t t = 0; t < c.T; ++t)
+    for (int h = 0; h < c.heads; ++h)
+      for (int i = 0; i < half; ++i) {
+        const double f = factors.empty() ? 1.0 : factors[size_t(i)];
+        const double a = double(c.n_past + t) / (f * std::pow(theta, 2.0 * i / c.rot_dim));
+        const size_t base = size_t(t * row + h * c.head_dim);
+        const size_t i0 = c.mode == gpu::RopeMode::RotateHalf ? base + i : base + 2 * i;
+        const size_t i1 = c.mode == gpu::RopeMode::RotateHalf ? base + i + half : base + 2 * i + 1;
+        want[i0] = (xv[i0] * std::cos(a) - xv[i1] * std::sin(a)) * scale;
+        want[i1] = (xv[i1] * std::cos(a) + xv[i0] * std::sin(a)) * scale;
+      }
+  run([&](gpu::Recorder& rec) {
+    gpu::rope(rec, Mat::of(x), c.heads, c.head_dim, c.rot_dim, c.mode, tt, step, 0);
+  });
+  EXPECT_LE(nmse(ctx().read<float>(x), want), kTolF32);
+}
+
+INSTANTIATE_TEST_SUITE_P(Kernels, RopeTest,
+                         testing::Values(RopeCase{1, 2, 64, 64, gpu::RopeMode::RotateHalf, false, 0},
+                                         RopeCase{3, 4, 96, 96, gpu::RopeMode::RotateHalf, true, 40},
+                                         RopeCase{17, 2, 128, 64, gpu::RopeMode::RotateHalf, false, 7},
+                                         RopeCase{17, 3, 80, 80, gpu::RopeMode::Interleaved, false, 1000},
+                                         RopeCase{5, 2, 64, 32, gpu::RopeMode::Interleaved, true, 3}));
+
+// ---------------------------------------------------------------------------------------------
+// attention (with kv_append filling the f16 cache)
+
+struct AttnCase {
+  int64_t T, n_past;
+  int H, HKV, D;
+  bool causal;
+  int window;
+  Variant::Attention path;
+  uint32_t keys_per_split;
+};
+
+std::string attn_name(const testing::TestParamInfo<AttnCase>& info) {
+  const auto& c = info.param;
+  std::ostringstream os;
+  os << (c.path == Variant::Attention::Tiled ? "tiled" : "rows") << "_T" << c.T << "_past" << c.n_past << "_H" << c.H
+     << "kv" << c.HKV << "_D" << c.D << (c.causal ? "_causal" : "_full");
+  if (c.window) os << "_window" << c.window;
+  if (c.keys_per_split) os << "_split" << c.keys_per_split;
+  return os.str();
+}
+
+class AttentionTest : public testing::TestWithParam<AttnCase> {};
+
+TEST_P(AttentionTest, CacheMatchesReference) {
+  const auto& c = GetParam();
+  const int64_t cap = c.n_past + c.T + 9;  // cache capacity beyond the keys in use
+  const int64_t qd = int64_t(c.H) * c.D, kvd = int64_t(c.HKV) * c.D;
+  auto qv = random_floats(size_t(c.T * qd), 1, -2, 2);
+  auto kn = random_floats(size_t(c.T * kvd), 2, -2, 2), vn = random_floats(size_t(c.T * kvd), 3);
+  auto kold = random_floats(size_t(cap * kvd), 4, -2, 2), vold = random_floats(size_t(cap * kvd), 5);
+  std::vector<float> kr, vr;
+  Tensor kc = upload_f16(kold, {cap, kvd}, &kr), vc = upload_f16(vold, {cap, kvd}, &vr);
+  // What the cache holds after the append: new rows rounded to f16.
+  for (int64_t t = 0; t < c.T; ++t)
+    for (int64_t j = 0; j < kvd; ++j) {
+      kr[size_t((c.n_past + t) * kvd + j)] = f16_to_f32(f32_to_f16(kn[size_t(t * kvd + j)]));
+      vr[size_t((c.n_past + t) * kvd + j)] = f16_to_f32(f32_to_f16(vn[size_t(t * kvd + j)]));
+    }
+  const float scale = 1.0f / std::sqrt(float(c.D));
+  std::vector<double> want(size_t(c.T * qd));
+  for (int64_t t = 0; t < c.T; ++t)
+    for (int h = 0; h < c.H; ++h) {
+      const int kvh = h / (c.H / c.HKV);
+      const int64_t pos = c.n_past + t;
+      std::vector<double> s;
+      std::vector<int64_t> js;
+      for (int64_t j = 0; j < c.n_past + c.T; ++j) {
+        if (c.causal && j > pos) continue;
+        if (c.window && pos - j >= c.window) continue;
+        double d = 0;
+        for (int e = 0; e < c.D; ++e) d += double(qv[size_t(t * qd + h * c.D + e)]) * kr[size_t(j * kvd + kvh * c.D + e)];
+        s.push_back(d * scale);
+        js.push_back(j);
+      }
+      double m = *std::max_element(s.begin(), s.end()), sum = 0;
+      for (auto& x : s) sum += (x = std::exp(x - m));
+      for (int e = 0; e < c.D; ++e) {
+        double o = 0;
+        for (size_t i = 0; i < s.size(); ++i) o += s[i] * vr[size_t(js[i] * kvd + kvh * c.D + e)];
+        want[size_t(t * qd + h * c.D + e)] = o / sum;
+      }
+    }
+
+  Tensor q = upload_f32(qv, {c.T, qd}), knew = upload_f32(kn, {c.T, kvd}), vnew = upload_f32(vn, {c.T, kvd});
+  Tensor step = upload_i32({int32_t(c.n_past)}, "step");
+  gpu::AttentionParams ap;
+  ap.heads = c.H;
+  ap.kv_heads = c.HKV;
+  ap.head_dim = c.D;
+  ap.causal = c.causal;
+  ap.window = c.window;
+  ap.scale = scale;
+  ap.T_total = c.T;
+  for (bool sg : subgroup_settings()) {
+    Tensor kcache = upload_f16(kold, {cap, kvd}), vcache = upload_f16(vold, {cap, kvd});
+    Tensor out = poisoned_f32({c.T, qd});
+    Variant v;
+    v.subgroup = sg;
+    v.attention = c.path;
+    v.keys_per_split = c.keys_per_split;
+    run([&](gpu::Recorder& rec) {
+      gpu::kv_append(rec, Mat::of(knew), kcache, step, 0);
+      gpu::kv_append(rec, Mat::of(vnew), vcache, step, 0);
+      gpu::attention(rec, Mat::of(q), Mat::of(kcache), Mat::of(vcache), Mat::of(out), step, 0, ap, v);
+    });
+    EXPECT_LE(nmse(ctx().read<float>(out), want), kTolF16) << "subgroup=" << sg;
+  }
+}
+
+std::vector<AttnCase> attn_cases() {
+  std::vector<AttnCase> out;
+  for (auto path : {Variant::Attention::Tiled, Variant::Attention::Rows}) {
+    out.push_back({1, 0, 2, 1, 64, true, 0, path, 0});
+    out.push_back({1, 37, 4, 2, 128, true, 0, path, 0});
+    out.push_back({3, 20, 2, 2, 80, true, 0, path, 0});
+    out.push_back({17, 0, 2, 1, 96, true, 0, path, 0});
+    out.push_back({17, 5, 4, 1, 64, true, 8, path, 0});
+    out.push_back({40, 300, 2, 1, 64, true, 0, path, 0});
+    out.push_back({1, 600, 2, 1, 128, true, 0, path, 0});
+    out.push_back({5, 0, 3, 3, 80, false, 0, path, 0});
+  }
+  out.push_back({1, 300, 2, 1, 64, true, 0, Variant::Attention::Rows, 7});
+  out.push_back({3, 61, 4, 2, 96, true, 16, Variant::Attention::Rows, 32});
+  return out;
+}
+
+INSTANTIATE_TEST_SUITE_P(Kernels, AttentionTest, testing::ValuesIn(attn_cases()), attn_name);
+
+// Vision attention: non-causal, q/k/v f32 taken from one fused [T, 3 * H * D] projection.
+TEST(AttentionVision, FusedQkvF32NonCausal) {
+  const int64_t T = 37;
+  const int H = 2, D = 64;
+  const int64_t w = int64_t(H) * D;
+  auto qkv = random_floats(size_t(T * 3 * w), 9, -2, 2);
+  Tensor t = upload_f32(qkv, {T, 3 * w});
+  Tensor step = upload_i32({0}, "step");
+  std::vector<double> want(size_t(T * w));
+  const double scale = 0.125;
+  for (int64_t i = 0; i < T; ++i)
+    for (int h = 0; h < H; ++h) {
+      std::vector<double> s(static_cast<size_t>(T));
+      for (int64_t j = 0; j < T; ++j) {
+        double d = 0;
+        for (int e = 0; e < D; ++e) d += double(qkv[size_t(i * 3 * w + h * D + e)]) * qkv[size_t(j * 3 * w + w + h * D + e)];
+        s[size_t(j)] = d * scale;
+      }
+      double m = *std::max_element(s.begin(), s.end()), sum = 0;
+      for (auto& x : s) sum += (x = std::exp(x - m));
+      for (int e = 0; e < D; ++e) {
+        double o = 0;
+        for (int64_t j = 0; j < T; ++j) o += s[size_t(j)] * qkv[size_t(j * 3 * w + 2 * w + h * D + e)];
+        want[size_t(i * w + h * D + e)] = o / sum;
+      }
+    }
+  gpu::AttentionParams ap;
+  ap.heads = ap.kv_heads = H;
+  ap.head_dim = D;
+  ap.causal = false;
+  ap.scale = float(scale);
+  ap.T_total = T;
+  Mat all = Mat::of(t);
+  for (auto path : {Variant::Attention::Tiled, Variant::Attention::Rows}) {
+    Tensor out = poisoned_f32({T, w});
+    Variant v;
+    v.attention = path;
+    run([&](gpu::Recorder& rec) {
+      gpu::attention(rec, all.col_range(0, w), all.col_range(w, w), all.col_range(2 * w, w), Mat::of(out), step, 0, ap, v);
+    });
+    EXPECT_LE(nmse(ctx().read<float>(out), want), kTolF32);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// element-wise: silu, gelu (erf, tanh), quick_gelu, scale, add, mul, silu*mul, convert
+
+double silu_ref(double x) { return x / (1 + std::exp(-x)); }
+double gelu_erf_ref(double x) { return 0.5 * x * (1 + std::erf(x / std::sqrt(2.0))); }
+double gelu_tanh_ref(double x) { return 0.5 * x * (1 + std::tanh(std::sqrt(2 / M_PI) * (x + 0.044715 * x * x * x))); }
+double quick_gelu_ref(double x) { return x / (1 + std::exp(-1.702 * x)); }
+
+TEST(Elementwise, UnarySiluGeluQuickGeluScale) {
+  const int64_t rows = 17, cols = 67;
+  auto xv = random_floats(size_t(rows * cols), 4, -8, 8);
+  Tensor x = upload_f32(xv, {rows, cols});
+  const std::vector<std::pair<gpu::UnaryOp, double (*)(double)>> ops = {
+      {gpu::UnaryOp::Silu, silu_ref}, {gpu::UnaryOp::GeluErf, gelu_erf_ref},
+      {gpu::UnaryOp::GeluTanh, gelu_tanh_ref}, {gpu::UnaryOp::QuickGelu, quick_gelu_ref},
+      {gpu::UnaryOp::Identity, [](double v) { return v; }}};
+  for (auto [op, f] : ops) {
+    Tensor y = poisoned_f32({rows, cols});
+    run([&](gpu::Recorder& rec) { gpu::unary(rec, op, Mat::of(x), Mat::of(y), 0.5f); });
+    std::vector<double> want(xv.size());
+    for (size_t i = 0; i < xv.size(); ++i) want[i] = f(xv[i]) * 0.5;
+    EXPECT_LE(nmse(ctx().read<float>(y), want), kTolF32) << "op " << int(op);
+  }
+}
+
+TEST(Elementwise, BinaryAddMulSiluMulWithBroadcast) {
+  const int64_t rows = 9, cols = 33;
+  auto av = random_floats(size_t(rows * cols), 1, -6, 6), bv = random_floats(size_t(rows * cols), 2, -3, 3);
+  Tensor a = upload_f32(av, {rows, cols}), b = upload_f32(bv, {rows, cols});
+  const std::vector<std::pair<gpu::BinaryOp, double (*)(double, double)>> ops = {
+      {gpu::BinaryOp::Add, [](double x, double y) { return x + y; }},
+      {gpu::BinaryOp::Mul, [](double x, double y) { return x * y; }},
+      {gpu::BinaryOp::SiluMul, [](double x, double y) { return silu_ref(x) * y; }},
+      {gpu::BinaryOp::GeluTanhMul, [](double x, double y) { return gelu_tanh_ref(x) * y; }},
+      {gpu::BinaryOp::GeluErfMul, [](double x, double y) { return gelu_erf_ref(x) * y; }}};
+  for (auto [op, f] : ops) {
+    for (bool broadcast : {false, true}) {
+      Tensor y = poisoned_f32({rows, cols});
+      Mat bm = Mat::of(b);
+      if (broadcast) bm = bm.row_range(4, 1), bm.rows = rows, bm.stride = 0;
+      run([&](gpu::Recorder& rec) { gpu::binary(rec, op, Mat::of(a), bm, Mat::of(y)); });
+      std::vector<double> want(av.size());
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < cols; ++c)
+          want[size_t(r * cols + c)] = f(av[size_t(r * cols + c)], bv[size_t((broadcast ? 4 : r) * cols + c)]);
+      EXPECT_LE(nmse(ctx().read<float>(y), want), kTolF32) << "op " << int(op) << " broadcast " << broadcast;
+    }
+  }
+}
+
+TEST(Elementwise, ConvertBetweenF32F16Bf16) {
+  const int64_t rows = 5, cols = 34;
+  auto xv = random_floats(size_t(rows * cols), 6, -100, 100);
+  Tensor x = upload_f32(xv, {rows, cols});
+  // f32 -> f16 -> f32 round trip equals host rounding exactly.
+  Tensor h = ctx().tensor(gpu::DType::F16, {rows, cols}, "half");
+  Tensor back = poisoned_f32({rows, cols});
+  run([&](gpu::Recorder& rec) {
+    gpu::convert(rec, Mat::of(x), Mat::of(h));
+    gpu::convert(rec, Mat::of(h), Mat::of(back));
+  });
+  std::vector<double> want(xv.size());
+  for (size_t i = 0; i < xv.size(); ++i) want[i] = f16_to_f32(f32_to_f16(xv[i]));
+  EXPECT_EQ(nmse(ctx().read<float>(back), want), 0.0);
+  // bf16 -> f32 is exact.
+  std::vector<uint16_t> bf(xv.size());
+  for (size_t i = 0; i < xv.size(); ++i) {
+    bf[i] = f32_to_bf16(xv[i]);
+    want[i] = bf16_to_f32(bf[i]);
+  }
+  Tensor b = ctx().tensor(gpu::DType::BF16, {rows, cols}, "bf16");
+  ctx().upload(b, bf.data(), bf.size() * 2);
+  Tensor out = poisoned_f32({rows, cols});
+  run([&](gpu::Recorder& rec) { gpu::convert(rec, Mat::of(b), Mat::of(out)); });
+  EXPECT_EQ(nmse(ctx().read<float>(out), want), 0.0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// embedding gather
+
+TEST(GetRows, EveryTableFormat) {
+  const int64_t n = 70, k = 128;
+  const std::vector<int32_t> ids = {0, 69, 3, 3, 41};
+  Tensor idt = upload_i32(ids);
+  for (auto f : {WeightFormat::F32, WeightFormat::F16, WeightFormat::BF16, WeightFormat::Q4, WeightFormat::Q8}) {
+    for (int g : {32, 128}) {
+      auto tw = make_weight(f, n, k, 17, g, g == 128);
+      Tensor y = poisoned_f32({int64_t(ids.size()), k});
+      run([&](gpu::Recorder& rec) { gpu::get_rows(rec, tw.w, idt, 0, int64_t(ids.size()), Mat::of(y)); });
+      std::vector<double> want;
+      for (int32_t id : ids)
+        for (int64_t c = 0; c < k; ++c) want.push_back(tw.values[size_t(id * k + c)]);
+      EXPECT_LE(nmse(ctx().read<float>(y), want), 1e-12) << gpu::weight_format_name(f) << " group " << g;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// vision patch embedding
+
+TEST(PatchEmbed, ConvClassTokenAndPositions) {
+  const int B = 2, C = 3, H = 28, W = 42, P = 14, E = 17;
+  const int np = (H / P) * (W / P);
+  for (bool cls : {true, false}) {
+    const int tokens = np + (cls ? 1 : 0);
+    auto px = random_floats(size_t(B * C * H * W), 1);
+    auto wv = random_floats(size_t(E * C * P * P), 2);
+    auto cv = random_floats(size_t(E), 3), pv = random_floats(size_t(tokens * E), 4), bv = random_floats(size_t(E), 5);
+    Tensor pt = upload_f32(px, {B, C, H, W}), wt = upload_f32(wv, {E, C * P * P}), ct = upload_f32(cv, {E}),
+           post = upload_f32(pv, {tokens, E}), bt = upload_f32(bv, {E});
+    Tensor y = poisoned_f32({B * tokens, E});
+    run([&](gpu::Recorder& rec) {
+      gpu::patch_embed(rec, pt, B, C, H, W, P, wt, cls ? &ct : nullptr, post, cls ? nullptr : &bt, Mat::of(y));
+    });
+    std::vector<double> want;
+    for (int b = 0; b < B; ++b)
+      for (int tok = 0; tok < tokens; ++tok)
+        for (int e = 0; e < E; ++e) {
+          double v;
+          if (cls && tok == 0) {
+            v = cv[size_t(e)];
+          } else {
+            const int q = cls ? tok - 1 : tok, py = q / (W / P), pxx = q % (W / P);
+            v = cls ? 0.0 : bv[size_t(e)];
+            for (int c = 0; c < C; ++c)
+              for (int ky = 0; ky < P; ++ky)
+                for (int kx = 0; kx < P; ++kx)
+                  v += double(px[size_t(((b * C + c) * H + py * P + ky) * W + pxx * P + kx)]) *
+                       wv[size_t(((e * C + c) * P + ky) * P + kx)];
+          }
+          want.push_back(v + pv[size_t(tok * E + e)]);
+        }
+    EXPECT_LE(nmse(ctx().read<float>(y), want), kTolF32) << "class token " << cls;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// logits: argmax, top-k, logsumexp, repetition penalty
+
+TEST(Logits, ArgmaxAndTopkWithTies) {
+  for (int64_t cols : {1, 17, 1500, 32064}) {
+    const int64_t rows = 3;
+    std::vector<float> xv(size_t(rows * cols));
+    std::mt19937 rng(static_cast<uint32_t>(cols));
+    std::uniform_int_distribution<int> d(-50, 50);  // many ties
+    for (auto& v : xv) v = float(d(rng)) * 0.25f;
+    if (cols > 10) xv[7] = NAN;  // counts as -inf
+    Tensor x = upload_f32(xv, {rows, cols});
+    for (int k : {1, 5, 64}) {
+      Tensor vals = poisoned_f32({rows, k});
+      Tensor ids = ctx().tensor(gpu::DType::U32, {rows, k}, "ids");
+      run([&](gpu::Recorder& rec) { gpu::topk(rec, Mat::of(x), k, vals, ids); });
+      auto gv = ctx().read<float>(vals);
+      auto gi = ctx().read<uint32_t>(ids);
+      for (int64_t r = 0; r < rows; ++r) {
+        std::vector<int64_t> order(static_cast<size_t>(cols));
+        std::iota(order.begin(), order.end(), 0);
+        auto key = [&](int64_t i) {
+          float v = xv[size_t(r * cols + i)];
+          return std::isnan(v) ? -INFINITY : v;
+        };
+        std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return key(a) > key(b); });
+        for (int i = 0; i < k; ++i) {
+          if (i < cols) {
+            EXPECT_EQ(gi[size_t(r * k + i)], uint32_t(order[size_t(i)])) << "cols " << cols << " k " << k << " rank " << i;
+            EXPECT_EQ(gv[size_t(r * k + i)], key(order[size_t(i)]));
+          } else {
+            EXPECT_EQ(gi[size_t(r * k + i)], 0xFFFFFFFFu);
+            EXPECT_EQ(gv[size_t(r * k + i)], -INFINITY);
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST(Logits, LogsumexpWithTemperature) {
+  const int64_t rows = 2, cols = 32064;
+  auto xv = random_floats(size_t(rows * cols), 8, -20, 20);
+  Tensor x = upload_f32(xv, {rows, cols});
+  for (float inv_temp : {1.0f, 1.0f / 0.7f}) {
+    for (bool sg : subgroup_settings()) {
+      Tensor out = poisoned_f32({rows});
+      Variant v;
+      v.subgroup = sg;
+      run([&](gpu::Recorder& rec) { gpu::logsumexp(rec, Mat::of(x), inv_temp, out, v); });
+      std::vector<double> want;
+      for (int64_t r = 0; r < rows; ++r) {
+        double m = -INFINITY, s = 0;
+        for (int64_t c = 0; c < cols; ++c) m = std::max(m, double(xv[size_t(r * cols + c)]) * inv_temp);
+        for (int64_t c = 0; c < cols; ++c) s += std::exp(double(xv[size_t(r * cols + c)]) * inv_temp - m);
+        want.push_back(m + std::log(s));
+      }
+      EXPECT_LE(nmse(ctx().read<float>(out), want), kTolF32);
+    }
+  }
+}
+
+TEST(Logits, RepetitionPenalty) {
+  auto xv = random_floats(100, 3, -5, 5);
+  Tensor x = upload_f32(xv, {1, 100});
+  const std::vector<int32_t> ids = {0, 17, 99, 42};
+  Tensor idt = upload_i32(ids);
+  run([&](gpu::Recorder& rec) { gpu::repeat_penalty(rec, Mat::of(x), idt, int64_t(ids.size()), 1.3f); });
+  std::vector<double> want(xv.begin(), xv.end());
+  for (int32_t id : ids) want[size_t(id)] = xv[size_t(id)] < 0 ? xv[size_t(id)] * 1.3 : xv[size_t(id)] / 1.3;
+  EXPECT_LE(nmse(ctx().read<float>(x), want), kTolF32);
+}
+
+}  // namespace
+}  // namespace vkvlm::test
