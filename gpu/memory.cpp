@@ -146,6 +146,7 @@ std::shared_ptr<Buffer> Allocator::allocate(uint64_t bytes, MemoryKind kind, con
     throw;
   }
   const uint64_t align = std::max<uint64_t>(req.alignment, 256);
+  const bool host_access = kind != MemoryKind::Device || device_.profile().unified_memory;
 
   std::unique_lock<std::mutex> lock(mutex_);
   int block_index = -1;
@@ -153,7 +154,7 @@ std::shared_ptr<Buffer> Allocator::allocate(uint64_t bytes, MemoryKind kind, con
   if (req.size <= block_bytes_) {
     for (size_t i = 0; i < blocks_.size(); ++i) {
       auto& b = blocks_[i];
-      if (!b || b->dedicated || b->memory_type != type) continue;
+      if (!b || b->dedicated || b->memory_type != type || b->host_access != host_access) continue;
       if (try_place(*b, req.size, align, offset)) {
         block_index = int(i);
         break;
@@ -164,6 +165,7 @@ std::shared_ptr<Buffer> Allocator::allocate(uint64_t bytes, MemoryKind kind, con
     auto blk = std::make_unique<Block>();
     blk->memory_type = type;
     blk->dedicated = req.size > block_bytes_;
+    blk->host_access = host_access;
     // Small host-visible blocks: staging and readback buffers are few and small.
     uint64_t want = blk->dedicated ? req.size
                                    : (kind == MemoryKind::Device ? block_bytes_ : std::min<uint64_t>(block_bytes_, 64ull << 20));
@@ -206,7 +208,7 @@ std::shared_ptr<Buffer> Allocator::allocate(uint64_t bytes, MemoryKind kind, con
     check(r, "vkAllocateMemory");
     blk->size = want;
     heap_used_[heap] += want;
-    if (mem_props_.memoryTypes[type].propertyFlags & VK_MEMORY_PROPERTY_HOST_VISIBLE_BIT) {
+    if (host_access && (mem_props_.memoryTypes[type].propertyFlags & VK_MEMORY_PROPERTY_HOST_VISIBLE_BIT)) {
       void* p = nullptr;
       check(vkMapMemory(dev, blk->memory, 0, VK_WHOLE_SIZE, 0, &p), "vkMapMemory");
       blk->mapped = static_cast<char*>(p);

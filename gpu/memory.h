@@ -74,6 +74,7 @@ class Allocator {
     std::map<uint64_t, uint64_t> free_ranges;  // offset -> size
     uint64_t used = 0;
     bool dedicated = false;
+    bool host_access = false;  // mapped; device-local blocks are mapped only where memory is unified
   };
   uint32_t pick_memory_type(uint32_t type_bits, MemoryKind kind) const;
   void release(Buffer& b);
