@@ -1,0 +1,146 @@
+#include "models/llm.h"
+
+#include <cmath>
+
+#include "gpu/error.h"
+
+namespace vkvlm {
+
+using gpu::Mat;
+using gpu::Tensor;
+
+KvCache KvCache::create(gpu::Context& ctx, const TextConfig& cfg, int64_t capacity) {
+  KvCache c;
+  c.capacity = capacity;
+  const int64_t width = int64_t(cfg.num_kv_heads) * cfg.head_dim;
+  for (int64_t l = 0; l < cfg.num_layers; ++l) {
+    c.k.push_back(ctx.tensor(gpu::DType::F16, {capacity, width}, "kv cache k" + std::to_string(l)));
+    c.v.push_back(ctx.tensor(gpu::DType::F16, {capacity, width}, "kv cache v" + std::to_string(l)));
+  }
+  return c;
+}
+
+uint64_t KvCache::bytes() const {
+  uint64_t b = 0;
+  for (auto& t : k) b += t.bytes();
+  for (auto& t : v) b += t.bytes();
+  return b;
+}
+
+LanguageModel::LanguageModel(gpu::Context& ctx, const ModelConfig& mc, WeightLoader& loader) : ctx_(ctx), cfg_(mc.text) {
+  const auto& store = loader.store();
+  // Where the decoder's tensors live, by naming scheme.
+  std::string prefix;
+  for (const char* p : {"model.language_model.", "language_model.model.", "model.", ""}) {
+    if (store.has(std::string(p) + "embed_tokens.weight")) {
+      prefix = p;
+      break;
+    }
+    if (std::string(p).empty())
+      fail("no language model embedding found in ", store.where(),
+           " (looked for model.language_model.embed_tokens, language_model.model.embed_tokens, model.embed_tokens)");
+  }
+  const int64_t E = cfg_.hidden_size, I = cfg_.intermediate_size, V = cfg_.vocab_size;
+  const int64_t qd = int64_t(cfg_.num_heads) * cfg_.head_dim, kvd = int64_t(cfg_.num_kv_heads) * cfg_.head_dim;
+  embed_ = loader.linear(prefix + "embed_tokens", V, E, true);
+  const bool fused = store.has(prefix + "layers.0.self_attn.qkv_proj.weight");
+  for (int64_t l = 0; l < cfg_.num_layers; ++l) {
+    const std::string p = prefix + "layers." + std::to_string(l) + ".";
+    LmLayer L;
+    L.attn_norm = loader.f32(p + "input_layernorm.weight", {E});
+    L.ffn_norm = loader.f32(p + "post_attention_layernorm.weight", {E});
+    if (fused) {
+      L.qkv = loader.projection({p + "self_attn.qkv_proj"}, {qd + 2 * kvd}, E, true, true);
+      L.gate_up = loader.projection({p + "mlp.gate_up_proj"}, {2 * I}, E, true, false);
+    } else {
+      L.qkv = loader.projection({p + "self_attn.q_proj", p + "self_attn.k_proj", p + "self_attn.v_proj"}, {qd, kvd, kvd},
+                                E, true, cfg_.attention_bias);
+      L.gate_up = loader.projection({p + "mlp.gate_proj", p + "mlp.up_proj"}, {I, I}, E, true, false);
+    }
+    L.o = loader.projection({p + "self_attn.o_proj"}, {E}, qd, true, false);
+    L.down = loader.projection({p + "mlp.down_proj"}, {E}, I, true, false);
+    layers_.push_back(std::move(L));
+  }
+  final_norm_ = loader.f32(prefix + "norm.weight", {E});
+  std::string head;
+  for (const char* h : {"lm_head", "language_model.lm_head", "model.lm_head"})
+    if (store.has(std::string(h) + ".weight")) {
+      head = h;
+      break;
+    }
+  if (!head.empty() && !cfg_.tie_embeddings) {
+    lm_head_ = loader.linear(head, V, E, true);
+  } else if (cfg_.tie_embeddings || head.empty()) {
+    if (!cfg_.tie_embeddings)
+      fail("the checkpoint in ", store.where(), " has no lm_head and tie_word_embeddings is false");
+    lm_head_ = embed_;  // tied: the same GPU weight
+  }
+}
+
+uint64_t LanguageModel::weight_bytes() const {
+  uint64_t b = embed_.bytes() + final_norm_.bytes();
+  if (lm_head_.data.buffer() != embed_.data.buffer()) b += lm_head_.bytes();
+  for (auto& L : layers_)
+    b += L.attn_norm.bytes() + L.ffn_norm.bytes() + L.qkv.bytes() + L.o.bytes() + L.gate_up.bytes() + L.down.bytes();
+  return b;
+}
+
+std::string LanguageModel::format_summary() const {
+  const auto& w = layers_.empty() ? embed_ : layers_[0].qkv.parts[0];
+  std::string s = gpu::weight_format_name(w.format);
+  if (w.quantized()) s += " group " + std::to_string(w.group_size);
+  return s;
+}
+
+void LanguageModel::embed(gpu::Recorder& rec, const Tensor& ids, int64_t offset, int64_t n, const Mat& out) const {
+  gpu::get_rows(rec, embed_, ids, offset, n, out);
+}
+
+void LanguageModel::forward(gpu::Recorder& rec, const KvCache& cache, const Mat& x, const Tensor& step, int step_index,
+                            const Tensor& rope_table, const Mat* logits) const {
+  const int64_t T = x.rows, E = cfg_.hidden_size, I = cfg_.intermediate_size;
+  const int H = cfg_.num_heads, KV = cfg_.num_kv_heads, D = cfg_.head_dim;
+  const int64_t qd = int64_t(H) * D, kvd = int64_t(KV) * D;
+  if (x.cols != E) fail("internal: forward input has ", x.cols, " columns, the model is ", E, " wide");
+
+  Mat h = Mat::of(rec.scratch(gpu::DType::F32, {T, E}, "normed"));               // [T, E]
+  Mat qkv = Mat::of(rec.scratch(gpu::DType::F32, {T, qd + 2 * kvd}, "qkv"));     // [T, (H + 2 KV) D]
+  Mat attn = Mat::of(rec.scratch(gpu::DType::F32, {T, qd}, "attention"));        // [T, H D]
+  Mat gu = Mat::of(rec.scratch(gpu::DType::F32, {T, 2 * I}, "gate_up"));         // [T, 2 I]
+  Mat act = Mat::of(rec.scratch(gpu::DType::F32, {T, I}, "activation"));        // [T, I]
+  Mat q = qkv.col_range(0, qd), k = qkv.col_range(qd, kvd), v = qkv.col_range(qd + kvd, kvd);
+
+  gpu::AttentionParams ap;
+  ap.heads = H;
+  ap.kv_heads = KV;
+  ap.head_dim = D;
+  ap.causal = true;
+  ap.window = cfg_.sliding_window;
+  ap.scale = float(1.0 / std::sqrt(double(D)));
+  ap.T_total = T;
+
+  for (size_t l = 0; l < layers_.size(); ++l) {
+    const LmLayer& L = layers_[l];
+    gpu::rmsnorm(rec, x, L.attn_norm, float(cfg_.rms_eps), false, h);
+    L.qkv.run(rec, h, qkv);
+    gpu::rope(rec, q, H, D, cfg_.rope.rot_dim, gpu::RopeMode::RotateHalf, rope_table, step, step_index);
+    gpu::rope(rec, k, KV, D, cfg_.rope.rot_dim, gpu::RopeMode::RotateHalf, rope_table, step, step_index);
+    gpu::kv_append(rec, k, cache.k[l], step, step_index);
+    gpu::kv_append(rec, v, cache.v[l], step, step_index);
+    gpu::attention(rec, q, Mat::of(cache.k[l]), Mat::of(cache.v[l]), attn, step, step_index, ap);
+    L.o.run(rec, attn, x, /*accumulate=*/true);  // x += attn W_o^T
+    gpu::rmsnorm(rec, x, L.ffn_norm, float(cfg_.rms_eps), false, h);
+    L.gate_up.run(rec, h, gu);
+    gpu::binary(rec, gpu::BinaryOp::SiluMul, gu.col_range(0, I), gu.col_range(I, I), act);
+    L.down.run(rec, act, x, /*accumulate=*/true);  // x += act W_down^T
+  }
+  if (logits) {
+    const int64_t R = logits->rows;
+    Mat last = x.row_range(T - R, R);
+    Mat normed = h.row_range(0, R);
+    gpu::rmsnorm(rec, last, final_norm_, float(cfg_.rms_eps), false, normed);
+    gpu::matmul(rec, normed, lm_head_, nullptr, *logits);
+  }
+}
+
+}  // namespace vkvlm
