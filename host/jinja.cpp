@@ -1,0 +1,2274 @@
+#include "host/jinja.h"
+
+#include <algorithm>
+#include <charconv>
+#include <cmath>
+#include <cstring>
+#include <sstream>
+
+#include "gpu/error.h"
+#include "host/unicode.h"
+
+namespace vkvlm::jinja {
+
+// =============================================================================================
+// Values
+
+Value* Dict::find(const std::string& k) {
+  auto it = index.find(k);
+  return it == index.end() ? nullptr : &items[it->second].second;
+}
+
+void Dict::set(const std::string& k, Value v) {
+  if (auto* p = find(k)) {
+    *p = std::move(v);
+    return;
+  }
+  index[k] = items.size();
+  items.push_back({k, std::move(v)});
+}
+
+Value Value::undefined(std::string name) {
+  Value v;
+  v.s_ = std::move(name);
+  return v;
+}
+Value Value::none() {
+  Value v;
+  v.kind_ = Kind::None;
+  return v;
+}
+Value::Value(bool b) : kind_(Kind::Bool), b_(b) {}
+Value::Value(int v) : kind_(Kind::Int), i_(v) {}
+Value::Value(int64_t v) : kind_(Kind::Int), i_(v) {}
+Value::Value(double v) : kind_(Kind::Float), f_(v) {}
+Value::Value(const char* s) : kind_(Kind::String), s_(s) {}
+Value::Value(std::string s) : kind_(Kind::String), s_(std::move(s)) {}
+Value::Value(List l) : kind_(Kind::List), list_(std::make_shared<List>(std::move(l))) {}
+Value Value::dict() {
+  Value v;
+  v.kind_ = Kind::Dict;
+  v.dict_ = std::make_shared<Dict>();
+  return v;
+}
+Value Value::function(Function f) {
+  Value v;
+  v.kind_ = Kind::Function;
+  v.fn_ = std::make_shared<Function>(std::move(f));
+  return v;
+}
+
+namespace {
+template <typename Json>
+Value value_from_json(const Json& j) {
+  switch (j.type()) {
+    case Json::value_t::null: return Value::none();
+    case Json::value_t::boolean: return Value(j.template get<bool>());
+    case Json::value_t::number_integer:
+    case Json::value_t::number_unsigned: return Value(j.template get<int64_t>());
+    case Json::value_t::number_float: return Value(j.template get<double>());
+    case Json::value_t::string: return Value(j.template get<std::string>());
+    case Json::value_t::array: {
+      List l;
+      for (auto& x : j) l.push_back(value_from_json(x));
+      return Value(std::move(l));
+    }
+    case Json::value_t::object: {
+      Value d = Value::dict();
+      for (auto& [k, x] : j.items()) d.dict_ref().set(k, value_from_json(x));
+      return d;
+    }
+    default: return Value::none();
+  }
+}
+
+}  // namespace
+
+Value Value::from_json(const nlohmann::json& j) { return value_from_json(j); }
+Value Value::from_json(const nlohmann::ordered_json& j) { return value_from_json(j); }
+
+bool Value::truthy() const {
+  switch (kind_) {
+    case Kind::Undefined: case Kind::None: return false;
+    case Kind::Bool: return b_;
+    case Kind::Int: return i_ != 0;
+    case Kind::Float: return f_ != 0;
+    case Kind::String: return !s_.empty();
+    case Kind::List: return !list_->empty();
+    case Kind::Dict: return !dict_->items.empty();
+    case Kind::Function: return true;
+  }
+  return false;
+}
+
+int64_t Value::as_int() const {
+  switch (kind_) {
+    case Kind::Bool: return b_;
+    case Kind::Int: return i_;
+    case Kind::Float: return int64_t(f_);
+    default: fail("expected a number, got ", type_name());
+  }
+}
+
+double Value::as_float() const {
+  switch (kind_) {
+    case Kind::Bool: return b_;
+    case Kind::Int: return double(i_);
+    case Kind::Float: return f_;
+    default: fail("expected a number, got ", type_name());
+  }
+}
+
+std::string Value::type_name() const {
+  switch (kind_) {
+    case Kind::Undefined: return s_.empty() ? "undefined" : "undefined ('" + s_ + "')";
+    case Kind::None: return "none";
+    case Kind::Bool: return "boolean";
+    case Kind::Int: return "integer";
+    case Kind::Float: return "float";
+    case Kind::String: return "string";
+    case Kind::List: return "list";
+    case Kind::Dict: return namespace_ ? "namespace" : "dict";
+    case Kind::Function: return "function";
+  }
+  return "?";
+}
+
+namespace {
+
+// Python's repr of a float: shortest round-trip digits, always with a '.' or exponent.
+std::string float_repr(double v) {
+  if (std::isnan(v)) return "nan";
+  if (std::isinf(v)) return v > 0 ? "inf" : "-inf";
+  if (v == 0) return std::signbit(v) ? "-0.0" : "0.0";
+  char buf[64];
+  // The decimal exponent of the shortest round-trip digits decides the notation, as in Python.
+  auto r = std::to_chars(buf, buf + sizeof(buf), v, std::chars_format::scientific);
+  std::string sci(buf, r.ptr);
+  const auto e = sci.find('e');
+  const int expo = std::stoi(sci.substr(e + 1));
+  if (expo < -4 || expo >= 16) {
+    char eb[16];
+    std::snprintf(eb, sizeof(eb), "e%c%02d", expo < 0 ? '-' : '+', std::abs(expo));
+    return sci.substr(0, e) + eb;
+  }
+  r = std::to_chars(buf, buf + sizeof(buf), v, std::chars_format::fixed);
+  std::string s(buf, r.ptr);
+  if (s.find('.') == std::string::npos) s += ".0";
+  return s;
+}
+
+std::string py_str_repr(const std::string& s) {
+  // Python prefers single quotes unless the string holds a single quote and no double quote.
+  const bool dq = s.find('\'') != std::string::npos && s.find('"') == std::string::npos;
+  const char q = dq ? '"' : '\'';
+  std::string out(1, q);
+  for (unsigned char c : s) {
+    if (c == '\\') out += "\\\\";
+    else if (c == q) out += std::string("\\") + char(q);
+    else if (c == '\n') out += "\\n";
+    else if (c == '\r') out += "\\r";
+    else if (c == '\t') out += "\\t";
+    else if (c < 0x20 || c == 0x7F) {
+      char b[8];
+      std::snprintf(b, sizeof(b), "\\x%02x", c);
+      out += b;
+    } else out += char(c);
+  }
+  return out + q;
+}
+
+void json_escape(std::string& out, const std::string& s) {
+  out += '"';
+  for (unsigned char c : s) {
+    switch (c) {
+      case '"': out += "\\\""; break;
+      case '\\': out += "\\\\"; break;
+      case '\n': out += "\\n"; break;
+      case '\r': out += "\\r"; break;
+      case '\t': out += "\\t"; break;
+      case '\b': out += "\\b"; break;
+      case '\f': out += "\\f"; break;
+      default:
+        if (c < 0x20) {
+          char b[8];
+          std::snprintf(b, sizeof(b), "\\u%04x", c);
+          out += b;
+        } else {
+          out += char(c);
+        }
+    }
+  }
+  out += '"';
+}
+
+// json.dumps(x, ensure_ascii=False, indent=indent) as Python formats it.
+void python_json(std::string& out, const Value& v, int indent, int depth, const std::string& item_sep,
+                 const std::string& key_sep) {
+  auto newline = [&](int d) {
+    out += '\n';
+    out.append(size_t(indent * d), ' ');
+  };
+  switch (v.kind()) {
+    case Value::Kind::Undefined:
+    case Value::Kind::None: out += "null"; break;
+    case Value::Kind::Bool: out += v.truthy() ? "true" : "false"; break;
+    case Value::Kind::Int: out += std::to_string(v.as_int()); break;
+    case Value::Kind::Float: {
+      double f = v.as_float();
+      out += std::isnan(f) ? "NaN" : std::isinf(f) ? (f > 0 ? "Infinity" : "-Infinity") : float_repr(f);
+      break;
+    }
+    case Value::Kind::String: json_escape(out, v.str()); break;
+    case Value::Kind::List: {
+      const auto& l = v.list();
+      if (l.empty()) {
+        out += "[]";
+        break;
+      }
+      out += '[';
+      for (size_t i = 0; i < l.size(); ++i) {
+        if (i) out += item_sep;
+        if (indent >= 0) newline(depth + 1);
+        python_json(out, l[i], indent, depth + 1, item_sep, key_sep);
+      }
+      if (indent >= 0) newline(depth);
+      out += ']';
+      break;
+    }
+    case Value::Kind::Dict: {
+      const auto& d = v.dict_ref();
+      if (d.items.empty()) {
+        out += "{}";
+        break;
+      }
+      out += '{';
+      for (size_t i = 0; i < d.items.size(); ++i) {
+        if (i) out += item_sep;
+        if (indent >= 0) newline(depth + 1);
+        json_escape(out, d.items[i].first);
+        out += key_sep;
+        python_json(out, d.items[i].second, indent, depth + 1, item_sep, key_sep);
+      }
+      if (indent >= 0) newline(depth);
+      out += '}';
+      break;
+    }
+    case Value::Kind::Function: fail("a function cannot be converted to JSON");
+  }
+}
+
+}  // namespace
+
+std::string Value::repr() const {
+  switch (kind_) {
+    case Kind::Undefined: return "";
+    case Kind::None: return "None";
+    case Kind::Bool: return b_ ? "True" : "False";
+    case Kind::Int: return std::to_string(i_);
+    case Kind::Float: return float_repr(f_);
+    case Kind::String: return py_str_repr(s_);
+    case Kind::List: {
+      std::string s = "[";
+      for (size_t i = 0; i < list_->size(); ++i) s += (i ? ", " : "") + (*list_)[i].repr();
+      return s + "]";
+    }
+    case Kind::Dict: {
+      std::string s = "{";
+      for (size_t i = 0; i < dict_->items.size(); ++i)
+        s += (i ? ", " : "") + py_str_repr(dict_->items[i].first) + ": " + dict_->items[i].second.repr();
+      return s + "}";
+    }
+    case Kind::Function: return "<function>";
+  }
+  return "";
+}
+
+std::string Value::to_output() const {
+  switch (kind_) {
+    case Kind::Undefined: return "";
+    case Kind::String: return s_;
+    default: return repr();
+  }
+}
+
+nlohmann::json Value::to_json() const {
+  switch (kind_) {
+    case Kind::Undefined: case Kind::None: return nullptr;
+    case Kind::Bool: return b_;
+    case Kind::Int: return i_;
+    case Kind::Float: return f_;
+    case Kind::String: return s_;
+    case Kind::List: {
+      auto a = nlohmann::json::array();
+      for (auto& x : *list_) a.push_back(x.to_json());
+      return a;
+    }
+    case Kind::Dict: {
+      auto o = nlohmann::json::object();
+      for (auto& [k, x] : dict_->items) o[k] = x.to_json();
+      return o;
+    }
+    case Kind::Function: return nullptr;
+  }
+  return nullptr;
+}
+
+Value Args::get(size_t i, const char* name, Value dflt) const {
+  for (auto& [k, v] : keyword)
+    if (name && k == name) return v;
+  if (i < positional.size()) return positional[i];
+  return dflt;
+}
+
+// =============================================================================================
+// Lexing: template text into segments, expressions into tokens.
+
+namespace {
+
+struct Segment {
+  enum Kind { Text, Output, Statement } kind;
+  std::string text;
+  int line;
+};
+
+int line_of(const std::string& src, size_t pos) { return 1 + int(std::count(src.begin(), src.begin() + long(pos), '\n')); }
+
+// Finds the end delimiter of a tag, skipping string literals inside it.
+size_t find_tag_end(const std::string& src, size_t from, const char* end) {
+  char quote = 0;
+  for (size_t i = from; i + 1 < src.size(); ++i) {
+    char c = src[i];
+    if (quote) {
+      if (c == '\\') ++i;
+      else if (c == quote) quote = 0;
+      continue;
+    }
+    if (c == '\'' || c == '"') {
+      quote = c;
+      continue;
+    }
+    if (src.compare(i, 2, end) == 0) return i;
+  }
+  return std::string::npos;
+}
+
+void rstrip_all(std::string& s) {
+  while (!s.empty() && std::isspace(static_cast<unsigned char>(s.back()))) s.pop_back();
+}
+
+// lstrip_blocks: spaces and tabs between the start of the line and a block tag go away.
+void lstrip_line(std::string& s, bool at_template_start) {
+  size_t i = s.size();
+  while (i > 0 && (s[i - 1] == ' ' || s[i - 1] == '\t')) --i;
+  if ((i == 0 && at_template_start) || (i > 0 && s[i - 1] == '\n')) s.resize(i);
+}
+
+std::vector<Segment> segment(const std::string& src, const std::string& name) {
+  std::vector<Segment> out;
+  std::string text;
+  size_t pos = 0;
+  bool strip_next = false;  // a '-' closed the previous tag
+  bool trim_newline = false;
+  auto flush_text = [&]() {
+    if (!text.empty()) out.push_back({Segment::Text, text, 0});
+    text.clear();
+  };
+  while (pos < src.size()) {
+    size_t open = src.find('{', pos);
+    while (open != std::string::npos && open + 1 < src.size() && src[open + 1] != '{' && src[open + 1] != '%' &&
+           src[open + 1] != '#')
+      open = src.find('{', open + 1);
+    if (open == std::string::npos || open + 1 >= src.size()) open = src.size();
+    std::string chunk = src.substr(pos, open - pos);
+    if (strip_next) {
+      size_t k = 0;
+      while (k < chunk.size() && std::isspace(static_cast<unsigned char>(chunk[k]))) ++k;
+      chunk.erase(0, k);
+    } else if (trim_newline && !chunk.empty() && chunk[0] == '\n') {
+      chunk.erase(0, 1);
+    }
+    // Only the first chunk after a tag is affected.
+    if (!chunk.empty() || open < src.size()) {
+      strip_next = false;
+      trim_newline = false;
+    }
+    text += chunk;
+    if (open >= src.size()) break;
+    const char kind = src[open + 1];
+    const int line = line_of(src, open);
+    size_t inner = open + 2;
+    bool left_minus = false, left_plus = false;
+    if (inner < src.size() && src[inner] == '-') {
+      left_minus = true;
+      ++inner;
+    } else if (inner < src.size() && src[inner] == '+') {
+      left_plus = true;
+      ++inner;
+    }
+    const char* close = kind == '{' ? "}}" : kind == '%' ? "%}" : "#}";
+    size_t end = kind == '#' ? src.find("#}", inner) : find_tag_end(src, inner, close);
+    if (end == std::string::npos)
+      fail(name, " line ", line, ": '", src.substr(open, 2), "' is never closed with '", close, "'");
+    bool right_minus = false, right_plus = false;
+    size_t inner_end = end;
+    if (inner_end > inner && src[inner_end - 1] == '-') {
+      right_minus = true;
+      --inner_end;
+    } else if (inner_end > inner && src[inner_end - 1] == '+' && kind != '{') {
+      right_plus = true;
+      --inner_end;
+    }
+    if (left_minus) rstrip_all(text);
+    else if (kind != '{' && !left_plus) lstrip_line(text, out.empty() && pos == 0);
+    std::string body = src.substr(inner, inner_end - inner);
+    pos = end + 2;
+    if (kind == '#') {
+      // Comments disappear but keep their whitespace control.
+    } else if (kind == '{') {
+      flush_text();
+      out.push_back({Segment::Output, body, line});
+    } else {
+      // {% raw %} ... {% endraw %} is copied verbatim.
+      std::string trimmed = body;
+      trimmed.erase(0, trimmed.find_first_not_of(" \t\r\n"));
+      trimmed.erase(trimmed.find_last_not_of(" \t\r\n") + 1);
+      if (trimmed == "raw") {
+        size_t e = src.find("endraw", pos);
+        size_t tag = e == std::string::npos ? e : src.rfind("{%", e);
+        if (tag == std::string::npos) fail(name, " line ", line, ": {% raw %} without {% endraw %}");
+        std::string raw = src.substr(pos, tag - pos);
+        if (!right_minus && !right_plus && !raw.empty() && raw[0] == '\n') raw.erase(0, 1);
+        size_t close_raw = src.find("%}", e);
+        bool raw_left_minus = tag + 2 < src.size() && src[tag + 2] == '-';
+        if (raw_left_minus) rstrip_all(raw);
+        text += raw;
+        pos = close_raw + 2;
+        bool raw_right_minus = close_raw > 0 && src[close_raw - 1] == '-';
+        strip_next = raw_right_minus;
+        trim_newline = !raw_right_minus;
+        continue;
+      }
+      flush_text();
+      out.push_back({Segment::Statement, body, line});
+    }
+    if (right_minus) strip_next = true;
+    else if (kind != '{' && !right_plus) trim_newline = true;
+  }
+  flush_text();
+  return out;
+}
+
+struct Token {
+  enum Type { Name, Int, Float, String, Op, End } type;
+  std::string text;
+  int64_t i = 0;
+  double f = 0;
+};
+
+std::vector<Token> tokenize(const std::string& s, const std::string& where) {
+  std::vector<Token> out;
+  size_t i = 0;
+  static const char* ops3[] = {"**=", nullptr};
+  (void)ops3;
+  static const char* ops2[] = {"==", "!=", "<=", ">=", "//", "**", nullptr};
+  while (i < s.size()) {
+    char c = s[i];
+    if (std::isspace(static_cast<unsigned char>(c))) {
+      ++i;
+      continue;
+    }
+    if (std::isalpha(static_cast<unsigned char>(c)) || c == '_') {
+      size_t b = i;
+      while (i < s.size() && (std::isalnum(static_cast<unsigned char>(s[i])) || s[i] == '_')) ++i;
+      out.push_back({Token::Name, s.substr(b, i - b)});
+      continue;
+    }
+    if (std::isdigit(static_cast<unsigned char>(c))) {
+      size_t b = i;
+      while (i < s.size() && (std::isdigit(static_cast<unsigned char>(s[i])) || s[i] == '_')) ++i;
+      bool is_float = false;
+      if (i + 1 < s.size() && s[i] == '.' && std::isdigit(static_cast<unsigned char>(s[i + 1]))) {
+        is_float = true;
+        ++i;
+        while (i < s.size() && std::isdigit(static_cast<unsigned char>(s[i]))) ++i;
+      }
+      if (i < s.size() && (s[i] == 'e' || s[i] == 'E')) {
+        size_t k = i + 1;
+        if (k < s.size() && (s[k] == '+' || s[k] == '-')) ++k;
+        if (k < s.size() && std::isdigit(static_cast<unsigned char>(s[k]))) {
+          is_float = true;
+          i = k;
+          while (i < s.size() && std::isdigit(static_cast<unsigned char>(s[i]))) ++i;
+        }
+      }
+      std::string num = s.substr(b, i - b);
+      num.erase(std::remove(num.begin(), num.end(), '_'), num.end());
+      Token t{is_float ? Token::Float : Token::Int, num};
+      if (is_float) t.f = std::stod(num);
+      else t.i = std::stoll(num);
+      out.push_back(t);
+      continue;
+    }
+    if (c == '\'' || c == '"') {
+      const char q = c;
+      std::string v;
+      ++i;
+      bool closed = false;
+      while (i < s.size()) {
+        char d = s[i++];
+        if (d == q) {
+          closed = true;
+          break;
+        }
+        if (d != '\\' || i >= s.size()) {
+          v += d;
+          continue;
+        }
+        char e = s[i++];
+        switch (e) {
+          case 'n': v += '\n'; break;
+          case 't': v += '\t'; break;
+          case 'r': v += '\r'; break;
+          case '0': v += '\0'; break;
+          case 'b': v += '\b'; break;
+          case 'f': v += '\f'; break;
+          case '\\': v += '\\'; break;
+          case '\'': v += '\''; break;
+          case '"': v += '"'; break;
+          case '\n': break;
+          case 'x': case 'u': case 'U': {
+            const size_t len = e == 'x' ? 2 : e == 'u' ? 4 : 8;
+            if (i + len > s.size()) fail(where, ": bad escape in string literal");
+            uint32_t cp = uint32_t(std::stoul(s.substr(i, len), nullptr, 16));
+            i += len;
+            unicode::append(v, cp);
+            break;
+          }
+          default: v += '\\'; v += e;
+        }
+      }
+      if (!closed) fail(where, ": unterminated string literal");
+      out.push_back({Token::String, v});
+      continue;
+    }
+    bool matched = false;
+    for (const char** o = ops2; *o; ++o)
+      if (s.compare(i, 2, *o) == 0) {
+        out.push_back({Token::Op, *o});
+        i += 2;
+        matched = true;
+        break;
+      }
+    if (matched) continue;
+    if (std::strchr("+-*/%~|.,:()[]{}<>=!", c)) {
+      out.push_back({Token::Op, std::string(1, c)});
+      ++i;
+      continue;
+    }
+    fail(where, ": unexpected character '", std::string(1, c), "'");
+  }
+  out.push_back({Token::End, ""});
+  return out;
+}
+
+// =============================================================================================
+// Expressions
+
+struct Context;
+
+struct Expr {
+  int line = 0;
+  virtual ~Expr() = default;
+  virtual Value eval(Context& ctx) const = 0;
+};
+using ExprPtr = std::unique_ptr<Expr>;
+
+}  // namespace
+
+// =============================================================================================
+// Statements
+
+struct Template::Node {
+  enum Kind { Text, Output, If, For, Set, SetBlock, Macro, Break, Continue, FilterBlock, Generation } kind;
+  int line = 0;
+  std::string text;                                      // Text; Set/SetBlock/Macro target name
+  ExprPtr expr;                                          // Output expr, For iterable, Set value
+  std::vector<std::pair<ExprPtr, std::vector<std::unique_ptr<Node>>>> branches;  // If
+  std::vector<std::unique_ptr<Node>> body, else_body;    // For, SetBlock, Macro, FilterBlock
+  std::vector<std::string> targets;                      // For / Set tuple targets
+  std::string attr;                                      // Set ns.attr
+  ExprPtr filter_cond;                                   // For ... if cond
+  std::vector<std::pair<std::string, ExprPtr>> params;   // Macro parameters with defaults
+  ExprPtr filter_call;                                   // FilterBlock / SetBlock filter: applied to the body
+};
+
+namespace {
+
+enum class Flow { Normal, Break, Continue };
+
+struct Scope {
+  std::unordered_map<std::string, Value> vars;
+};
+
+struct Context {
+  std::vector<std::shared_ptr<Scope>> scopes;
+  std::string out;
+  std::string name;
+
+  Value lookup(const std::string& n) const {
+    for (auto it = scopes.rbegin(); it != scopes.rend(); ++it) {
+      auto f = (*it)->vars.find(n);
+      if (f != (*it)->vars.end()) return f->second;
+    }
+    return Value::undefined(n);
+  }
+  void set(const std::string& n, Value v) { scopes.back()->vars[n] = std::move(v); }
+  [[noreturn]] void error(int line, const std::string& msg) const { fail(name, " line ", line, ": ", msg); }
+};
+
+Flow exec_body(const std::vector<std::unique_ptr<Template::Node>>& body, Context& ctx);
+
+// ---- value operations -------------------------------------------------------------------------
+
+bool equals(const Value& a, const Value& b) {
+  if (a.is_number() && b.is_number()) return a.as_float() == b.as_float();
+  if (a.kind() == Value::Kind::Bool && b.is_number()) return double(a.truthy()) == b.as_float();
+  if (b.kind() == Value::Kind::Bool && a.is_number()) return double(b.truthy()) == a.as_float();
+  if (a.kind() != b.kind()) return false;
+  switch (a.kind()) {
+    case Value::Kind::Undefined: case Value::Kind::None: return true;
+    case Value::Kind::Bool: return a.truthy() == b.truthy();
+    case Value::Kind::String: return a.str() == b.str();
+    case Value::Kind::List: {
+      if (a.list().size() != b.list().size()) return false;
+      for (size_t i = 0; i < a.list().size(); ++i)
+        if (!equals(a.list()[i], b.list()[i])) return false;
+      return true;
+    }
+    case Value::Kind::Dict: {
+      auto& da = a.dict_ref();
+      auto& db = b.dict_ref();
+      if (da.items.size() != db.items.size()) return false;
+      for (auto& [k, v] : da.items) {
+        auto* o = db.find(k);
+        if (!o || !equals(v, *o)) return false;
+      }
+      return true;
+    }
+    default: return false;
+  }
+}
+
+int compare(const Value& a, const Value& b, int line, Context& ctx) {
+  if (a.is_number() && b.is_number()) {
+    double x = a.as_float(), y = b.as_float();
+    return x < y ? -1 : x > y ? 1 : 0;
+  }
+  if (a.is_string() && b.is_string()) return a.str() < b.str() ? -1 : a.str() > b.str() ? 1 : 0;
+  if (a.is_list() && b.is_list()) {
+    for (size_t i = 0; i < std::min(a.list().size(), b.list().size()); ++i) {
+      int c = compare(a.list()[i], b.list()[i], line, ctx);
+      if (c) return c;
+    }
+    return a.list().size() < b.list().size() ? -1 : a.list().size() > b.list().size() ? 1 : 0;
+  }
+  ctx.error(line, "cannot compare " + a.type_name() + " with " + b.type_name());
+}
+
+bool contains(const Value& container, const Value& item, int line, Context& ctx) {
+  if (container.is_string()) {
+    if (!item.is_string()) ctx.error(line, "'in <string>' needs a string on the left, not " + item.type_name());
+    return container.str().find(item.str()) != std::string::npos;
+  }
+  if (container.is_list()) {
+    for (auto& x : container.list())
+      if (equals(x, item)) return true;
+    return false;
+  }
+  if (container.is_dict()) return item.is_string() && container.dict_ref().find(item.str()) != nullptr;
+  if (container.is_undefined()) ctx.error(line, "'in' on " + container.type_name());
+  ctx.error(line, "'in' needs a string, list or dict, not " + container.type_name());
+}
+
+// The items a for loop or a filter walks over.
+List iterate(const Value& v, int line, Context& ctx) {
+  if (v.is_list()) return v.list();
+  if (v.is_dict()) {
+    List keys;
+    for (auto& [k, x] : v.dict_ref().items) keys.push_back(Value(k));
+    return keys;
+  }
+  if (v.is_string()) {
+    List chars;
+    for (auto c : unicode::chars(v.str())) chars.push_back(Value(std::string(c)));
+    return chars;
+  }
+  if (v.is_undefined() || v.is_none()) return {};
+  ctx.error(line, "cannot iterate over " + v.type_name());
+}
+
+std::string str_strip(const std::string& s, const std::string& chars, bool left, bool right) {
+  auto is_strip = [&](char c) {
+    return chars.empty() ? std::isspace(static_cast<unsigned char>(c)) != 0 : chars.find(c) != std::string::npos;
+  };
+  size_t b = 0, e = s.size();
+  if (left)
+    while (b < e && is_strip(s[b])) ++b;
+  if (right)
+    while (e > b && is_strip(s[e - 1])) --e;
+  return s.substr(b, e - b);
+}
+
+std::string str_title(const std::string& s) {
+  std::string out = s;
+  bool start = true;
+  for (auto& c : out) {
+    if (std::isalpha(static_cast<unsigned char>(c))) {
+      c = char(start ? std::toupper(static_cast<unsigned char>(c)) : std::tolower(static_cast<unsigned char>(c)));
+      start = false;
+    } else {
+      start = true;
+    }
+  }
+  return out;
+}
+
+std::string str_upper(const std::string& s) {
+  std::string o = s;
+  for (auto& c : o) c = char(std::toupper(static_cast<unsigned char>(c)));
+  return o;
+}
+std::string str_lower(const std::string& s) {
+  std::string o = s;
+  for (auto& c : o) c = char(std::tolower(static_cast<unsigned char>(c)));
+  return o;
+}
+
+std::string str_replace(const std::string& s, const std::string& from, const std::string& to, int64_t count) {
+  if (from.empty()) return s;
+  std::string out;
+  size_t pos = 0;
+  int64_t n = 0;
+  while (count < 0 || n < count) {
+    size_t f = s.find(from, pos);
+    if (f == std::string::npos) break;
+    out.append(s, pos, f - pos);
+    out += to;
+    pos = f + from.size();
+    ++n;
+  }
+  out.append(s, pos, std::string::npos);
+  return out;
+}
+
+List str_split(const std::string& s, const Value& sep, int64_t maxsplit) {
+  List out;
+  if (sep.is_undefined() || sep.is_none()) {
+    size_t i = 0;
+    int64_t n = 0;
+    while (i < s.size()) {
+      while (i < s.size() && std::isspace(static_cast<unsigned char>(s[i]))) ++i;
+      if (i >= s.size()) break;
+      if (maxsplit >= 0 && n == maxsplit) {
+        std::string rest = s.substr(i);
+        while (!rest.empty() && std::isspace(static_cast<unsigned char>(rest.back()))) rest.pop_back();
+        out.push_back(Value(rest));
+        return out;
+      }
+      size_t b = i;
+      while (i < s.size() && !std::isspace(static_cast<unsigned char>(s[i]))) ++i;
+      out.push_back(Value(s.substr(b, i - b)));
+      ++n;
+    }
+    return out;
+  }
+  const std::string& d = sep.str();
+  if (d.empty()) fail("split: empty separator");
+  size_t pos = 0;
+  int64_t n = 0;
+  while (maxsplit < 0 || n < maxsplit) {
+    size_t f = s.find(d, pos);
+    if (f == std::string::npos) break;
+    out.push_back(Value(s.substr(pos, f - pos)));
+    pos = f + d.size();
+    ++n;
+  }
+  out.push_back(Value(s.substr(pos)));
+  return out;
+}
+
+// Python slicing of lists and strings.
+Value slice(const Value& v, const Value& start, const Value& stop, const Value& step, int line, Context& ctx) {
+  int64_t st = step.is_undefined() || step.is_none() ? 1 : step.as_int();
+  if (st == 0) ctx.error(line, "slice step cannot be zero");
+  std::vector<std::string> chars;
+  int64_t n;
+  if (v.is_string()) {
+    for (auto c : unicode::chars(v.str())) chars.emplace_back(c);
+    n = int64_t(chars.size());
+  } else if (v.is_list()) {
+    n = int64_t(v.list().size());
+  } else {
+    ctx.error(line, "cannot slice " + v.type_name());
+  }
+  auto norm = [&](const Value& x, int64_t dflt) {
+    if (x.is_undefined() || x.is_none()) return dflt;
+    int64_t i = x.as_int();
+    if (i < 0) i += n;
+    if (st > 0) return std::clamp<int64_t>(i, 0, n);
+    return std::clamp<int64_t>(i, -1, n - 1);
+  };
+  int64_t b = norm(start, st > 0 ? 0 : n - 1), e = norm(stop, st > 0 ? n : -1);
+  std::vector<int64_t> idx;
+  if (st > 0)
+    for (int64_t i = b; i < e; i += st) idx.push_back(i);
+  else
+    for (int64_t i = b; i > e; i += st) idx.push_back(i);
+  if (v.is_string()) {
+    std::string s;
+    for (auto i : idx) s += chars[size_t(i)];
+    return Value(s);
+  }
+  List l;
+  for (auto i : idx) l.push_back(v.list()[size_t(i)]);
+  return Value(l);
+}
+
+Value call_value(const Value& f, Args& args, int line, Context& ctx) {
+  if (!f.is_function()) {
+    if (f.is_undefined()) ctx.error(line, "'" + f.undefined_name() + "' is undefined and cannot be called");
+    ctx.error(line, "a " + f.type_name() + " is not callable");
+  }
+  args.line = line;
+  try {
+    return f.fn()(args);
+  } catch (const Error& e) {
+    std::string m = e.what();
+    if (m.rfind(ctx.name, 0) == 0) throw;
+    ctx.error(line, m);
+  }
+}
+
+// Methods of strings, lists and dicts, bound to their object.
+Value method(const Value& obj, const std::string& name, int line, Context& ctx) {
+  auto bind = [&](auto&& f) { return Value::function([obj, f](Args& a) { return f(obj, a); }); };
+  if (obj.is_string()) {
+    if (name == "strip" || name == "lstrip" || name == "rstrip")
+      return bind([name](const Value& o, Args& a) {
+        Value c = a.get(0, "chars");
+        std::string chars = c.is_string() ? c.str() : "";
+        return Value(str_strip(o.str(), chars, name != "rstrip", name != "lstrip"));
+      });
+    if (name == "upper") return bind([](const Value& o, Args&) { return Value(str_upper(o.str())); });
+    if (name == "lower") return bind([](const Value& o, Args&) { return Value(str_lower(o.str())); });
+    if (name == "title") return bind([](const Value& o, Args&) { return Value(str_title(o.str())); });
+    if (name == "capitalize")
+      return bind([](const Value& o, Args&) {
+        std::string s = str_lower(o.str());
+        if (!s.empty()) s[0] = char(std::toupper(static_cast<unsigned char>(s[0])));
+        return Value(s);
+      });
+    if (name == "startswith" || name == "endswith")
+      return bind([name](const Value& o, Args& a) {
+        Value p = a.get(0, "prefix");
+        List cands = p.is_list() ? p.list() : List{p};
+        for (auto& c : cands) {
+          if (!c.is_string()) fail(name, "() takes strings");
+          const std::string& s = o.str();
+          const std::string& x = c.str();
+          bool hit = name == "startswith" ? s.compare(0, x.size(), x) == 0
+                                          : s.size() >= x.size() && s.compare(s.size() - x.size(), x.size(), x) == 0;
+          if (hit) return Value(true);
+        }
+        return Value(false);
+      });
+    if (name == "replace")
+      return bind([](const Value& o, Args& a) {
+        Value from = a.get(0, "old"), to = a.get(1, "new"), count = a.get(2, "count", Value(int64_t(-1)));
+        if (!from.is_string() || !to.is_string()) fail("replace() takes two strings");
+        return Value(str_replace(o.str(), from.str(), to.str(), count.as_int()));
+      });
+    if (name == "split" || name == "rsplit")
+      return bind([](const Value& o, Args& a) {
+        return Value(str_split(o.str(), a.get(0, "sep"), a.get(1, "maxsplit", Value(int64_t(-1))).as_int()));
+      });
+    if (name == "join")
+      return bind([](const Value& o, Args& a) {
+        std::string s;
+        Value items = a.get(0, "iterable");
+        if (!items.is_list()) fail("join() takes a list");
+        for (size_t i = 0; i < items.list().size(); ++i) s += (i ? o.str() : "") + items.list()[i].to_output();
+        return Value(s);
+      });
+    if (name == "find" || name == "count")
+      return bind([name](const Value& o, Args& a) {
+        Value x = a.get(0, "sub");
+        if (!x.is_string()) fail(name, "() takes a string");
+        if (name == "find") {
+          size_t f = o.str().find(x.str());
+          return Value(f == std::string::npos ? int64_t(-1) : int64_t(f));
+        }
+        int64_t n = 0;
+        for (size_t p = o.str().find(x.str()); p != std::string::npos && !x.str().empty(); p = o.str().find(x.str(), p + x.str().size())) ++n;
+        return Value(n);
+      });
+    if (name == "isdigit" || name == "isspace" || name == "isalpha" || name == "isalnum" || name == "isupper" ||
+        name == "islower")
+      return bind([name](const Value& o, Args&) {
+        const std::string& s = o.str();
+        if (s.empty()) return Value(false);
+        for (unsigned char c : s) {
+          bool ok = name == "isdigit" ? std::isdigit(c) : name == "isspace" ? std::isspace(c) : name == "isalpha" ? std::isalpha(c)
+                    : name == "isalnum" ? std::isalnum(c) : name == "isupper" ? !std::islower(c) : !std::isupper(c);
+          if (!ok) return Value(false);
+        }
+        return Value(true);
+      });
+  } else if (obj.is_dict() && !obj.namespace_object()) {
+    if (name == "items")
+      return bind([](const Value& o, Args&) {
+        List l;
+        for (auto& [k, v] : o.dict_ref().items) l.push_back(Value(List{Value(k), v}));
+        return Value(l);
+      });
+    if (name == "keys")
+      return bind([](const Value& o, Args&) {
+        List l;
+        for (auto& [k, v] : o.dict_ref().items) l.push_back(Value(k));
+        return Value(l);
+      });
+    if (name == "values")
+      return bind([](const Value& o, Args&) {
+        List l;
+        for (auto& [k, v] : o.dict_ref().items) l.push_back(v);
+        return Value(l);
+      });
+    if (name == "get")
+      return bind([](const Value& o, Args& a) {
+        Value k = a.get(0, "key");
+        Value* v = k.is_string() ? o.dict_ref().find(k.str()) : nullptr;
+        return v ? *v : a.get(1, "default", Value::none());
+      });
+    if (name == "update")
+      return bind([](const Value& o, Args& a) {
+        Value other = a.get(0, "other");
+        if (other.is_dict())
+          for (auto& [k, v] : other.dict_ref().items) o.dict_ref().set(k, v);
+        for (auto& [k, v] : a.keyword) o.dict_ref().set(k, v);
+        return Value::none();
+      });
+  } else if (obj.is_list()) {
+    if (name == "append")
+      return bind([](const Value& o, Args& a) {
+        o.list().push_back(a.get(0, "item"));
+        return Value::none();
+      });
+    if (name == "pop")
+      return bind([](const Value& o, Args& a) {
+        if (o.list().empty()) fail("pop() from an empty list");
+        int64_t i = a.get(0, "index", Value(int64_t(-1))).as_int();
+        if (i < 0) i += int64_t(o.list().size());
+        if (i < 0 || i >= int64_t(o.list().size())) fail("pop() index out of range");
+        Value v = o.list()[size_t(i)];
+        o.list().erase(o.list().begin() + long(i));
+        return v;
+      });
+    if (name == "index")
+      return bind([](const Value& o, Args& a) {
+        Value x = a.get(0, "value");
+        for (size_t i = 0; i < o.list().size(); ++i)
+          if (equals(o.list()[i], x)) return Value(int64_t(i));
+        fail("index(): value is not in the list");
+      });
+  }
+  (void)ctx;
+  (void)line;
+  return Value::undefined(name);
+}
+
+Value get_attr(const Value& obj, const std::string& name, int line, Context& ctx) {
+  if (obj.is_dict()) {
+    if (!obj.namespace_object()) {
+      Value m = method(obj, name, line, ctx);
+      if (!m.is_undefined()) return m;
+    }
+    if (Value* v = obj.dict_ref().find(name)) return *v;
+    return Value::undefined(name);
+  }
+  if (obj.is_undefined()) ctx.error(line, "'" + obj.undefined_name() + "' is undefined (reading ." + name + ")");
+  return method(obj, name, line, ctx);
+}
+
+Value get_item(const Value& obj, const Value& key, int line, Context& ctx) {
+  if (obj.is_dict()) {
+    if (key.is_string()) {
+      if (Value* v = obj.dict_ref().find(key.str())) return *v;
+      return Value::undefined(key.str());
+    }
+    return Value::undefined();
+  }
+  if (obj.is_list() || obj.is_string()) {
+    if (key.is_string()) return get_attr(obj, key.str(), line, ctx);
+    if (!key.is_number()) ctx.error(line, "list indices must be integers, not " + key.type_name());
+    int64_t i = key.as_int();
+    if (obj.is_list()) {
+      int64_t n = int64_t(obj.list().size());
+      if (i < 0) i += n;
+      if (i < 0 || i >= n) return Value::undefined("[" + std::to_string(key.as_int()) + "]");
+      return obj.list()[size_t(i)];
+    }
+    auto cs = unicode::chars(obj.str());
+    int64_t n = int64_t(cs.size());
+    if (i < 0) i += n;
+    if (i < 0 || i >= n) return Value::undefined();
+    return Value(std::string(cs[size_t(i)]));
+  }
+  if (obj.is_undefined()) ctx.error(line, "'" + obj.undefined_name() + "' is undefined (reading [" + key.to_output() + "])");
+  ctx.error(line, "cannot index a " + obj.type_name());
+}
+
+// ---- expression nodes ---------------------------------------------------------------------
+
+struct Literal : Expr {
+  Value v;
+  Value eval(Context&) const override { return v; }
+};
+struct NameExpr : Expr {
+  std::string name;
+  Value eval(Context& ctx) const override { return ctx.lookup(name); }
+};
+struct ListExpr : Expr {
+  std::vector<ExprPtr> items;
+  Value eval(Context& ctx) const override {
+    List l;
+    for (auto& e : items) l.push_back(e->eval(ctx));
+    return Value(l);
+  }
+};
+struct DictExpr : Expr {
+  std::vector<std::pair<ExprPtr, ExprPtr>> items;
+  Value eval(Context& ctx) const override {
+    Value d = Value::dict();
+    for (auto& [k, v] : items) {
+      Value key = k->eval(ctx);
+      if (!key.is_string()) ctx.error(line, "dict keys must be strings");
+      d.dict_ref().set(key.str(), v->eval(ctx));
+    }
+    return d;
+  }
+};
+struct AttrExpr : Expr {
+  ExprPtr obj;
+  std::string name;
+  Value eval(Context& ctx) const override { return get_attr(obj->eval(ctx), name, line, ctx); }
+};
+struct ItemExpr : Expr {
+  ExprPtr obj, key;
+  Value eval(Context& ctx) const override { return get_item(obj->eval(ctx), key->eval(ctx), line, ctx); }
+};
+struct SliceExpr : Expr {
+  ExprPtr obj, start, stop, step;
+  Value eval(Context& ctx) const override {
+    auto ev = [&](const ExprPtr& e) { return e ? e->eval(ctx) : Value(); };
+    return slice(obj->eval(ctx), ev(start), ev(stop), ev(step), line, ctx);
+  }
+};
+struct CallArgs {
+  std::vector<ExprPtr> positional;
+  std::vector<std::pair<std::string, ExprPtr>> keyword;
+  Args eval(Context& ctx) const {
+    Args a;
+    for (auto& e : positional) a.positional.push_back(e->eval(ctx));
+    for (auto& [k, e] : keyword) a.keyword.push_back({k, e->eval(ctx)});
+    return a;
+  }
+};
+struct CallExpr : Expr {
+  ExprPtr callee;
+  CallArgs args;
+  Value eval(Context& ctx) const override {
+    Value f = callee->eval(ctx);
+    Args a = args.eval(ctx);
+    return call_value(f, a, line, ctx);
+  }
+};
+
+Value apply_filter(const std::string& name, const Value& v, Args& args, int line, Context& ctx);
+bool apply_test(const std::string& name, const Value& v, Args& args, int line, Context& ctx);
+
+struct FilterExpr : Expr {
+  ExprPtr input;
+  std::string name;
+  CallArgs args;
+  Value eval(Context& ctx) const override {
+    Value v = input->eval(ctx);
+    Args a = args.eval(ctx);
+    return apply_filter(name, v, a, line, ctx);
+  }
+};
+struct TestExpr : Expr {
+  ExprPtr input;
+  std::string name;
+  CallArgs args;
+  bool negated = false;
+  Value eval(Context& ctx) const override {
+    Value v = input->eval(ctx);
+    Args a = args.eval(ctx);
+    return Value(apply_test(name, v, a, line, ctx) != negated);
+  }
+};
+struct CondExpr : Expr {
+  ExprPtr cond, yes, no;
+  Value eval(Context& ctx) const override {
+    if (cond->eval(ctx).truthy()) return yes->eval(ctx);
+    return no ? no->eval(ctx) : Value::undefined();
+  }
+};
+struct UnaryExpr : Expr {
+  std::string op;
+  ExprPtr e;
+  Value eval(Context& ctx) const override {
+    Value v = e->eval(ctx);
+    if (op == "not") return Value(!v.truthy());
+    if (!v.is_number()) ctx.error(line, "unary " + op + " needs a number, not " + v.type_name());
+    if (op == "-") return v.kind() == Value::Kind::Int ? Value(-v.as_int()) : Value(-v.as_float());
+    return v;
+  }
+};
+
+Value arith(const std::string& op, const Value& a, const Value& b, int line, Context& ctx) {
+  if (op == "~") return Value(a.to_output() + b.to_output());
+  if (op == "+") {
+    if (a.is_string() && b.is_string()) return Value(a.str() + b.str());
+    if (a.is_list() && b.is_list()) {
+      List l = a.list();
+      l.insert(l.end(), b.list().begin(), b.list().end());
+      return Value(l);
+    }
+  }
+  if (op == "*" && a.is_string() && b.kind() == Value::Kind::Int) {
+    std::string s;
+    for (int64_t i = 0; i < b.as_int(); ++i) s += a.str();
+    return Value(s);
+  }
+  if (op == "*" && a.is_list() && b.kind() == Value::Kind::Int) {
+    List l;
+    for (int64_t i = 0; i < b.as_int(); ++i) l.insert(l.end(), a.list().begin(), a.list().end());
+    return Value(l);
+  }
+  const bool numeric = (a.is_number() || a.kind() == Value::Kind::Bool) && (b.is_number() || b.kind() == Value::Kind::Bool);
+  if (!numeric) {
+    auto describe = [](const Value& v) { return v.is_undefined() ? v.type_name() : v.type_name(); };
+    ctx.error(line, "unsupported operand types for " + op + ": " + describe(a) + " and " + describe(b));
+  }
+  const bool ints = a.kind() != Value::Kind::Float && b.kind() != Value::Kind::Float;
+  if (op == "/") {
+    if (b.as_float() == 0) ctx.error(line, "division by zero");
+    return Value(a.as_float() / b.as_float());
+  }
+  if (ints) {
+    int64_t x = a.as_int(), y = b.as_int();
+    if (op == "+") return Value(x + y);
+    if (op == "-") return Value(x - y);
+    if (op == "*") return Value(x * y);
+    if (op == "//" || op == "%") {
+      if (y == 0) ctx.error(line, "division by zero");
+      int64_t q = x / y, r = x % y;
+      if (r != 0 && ((r < 0) != (y < 0))) {
+        --q;
+        r += y;
+      }
+      return op == "//" ? Value(q) : Value(r);
+    }
+    if (op == "**") {
+      if (y < 0) return Value(std::pow(double(x), double(y)));
+      int64_t p = 1;
+      for (int64_t i = 0; i < y; ++i) p *= x;
+      return Value(p);
+    }
+  }
+  double x = a.as_float(), y = b.as_float();
+  if (op == "+") return Value(x + y);
+  if (op == "-") return Value(x - y);
+  if (op == "*") return Value(x * y);
+  if (op == "//") {
+    if (y == 0) ctx.error(line, "division by zero");
+    return Value(std::floor(x / y));
+  }
+  if (op == "%") {
+    if (y == 0) ctx.error(line, "division by zero");
+    return Value(x - std::floor(x / y) * y);
+  }
+  if (op == "**") return Value(std::pow(x, y));
+  ctx.error(line, "unknown operator " + op);
+}
+
+struct BinaryExpr : Expr {
+  std::string op;
+  ExprPtr a, b;
+  Value eval(Context& ctx) const override {
+    if (op == "and") {
+      Value x = a->eval(ctx);
+      return x.truthy() ? b->eval(ctx) : x;
+    }
+    if (op == "or") {
+      Value x = a->eval(ctx);
+      return x.truthy() ? x : b->eval(ctx);
+    }
+    Value x = a->eval(ctx), y = b->eval(ctx);
+    if (op == "==") return Value(equals(x, y));
+    if (op == "!=") return Value(!equals(x, y));
+    if (op == "<") return Value(compare(x, y, line, ctx) < 0);
+    if (op == "<=") return Value(compare(x, y, line, ctx) <= 0);
+    if (op == ">") return Value(compare(x, y, line, ctx) > 0);
+    if (op == ">=") return Value(compare(x, y, line, ctx) >= 0);
+    if (op == "in") return Value(contains(y, x, line, ctx));
+    if (op == "not in") return Value(!contains(y, x, line, ctx));
+    return arith(op, x, y, line, ctx);
+  }
+};
+
+// ---- filters and tests --------------------------------------------------------------------
+
+Value attribute_path(const Value& v, const std::string& path, int line, Context& ctx) {
+  Value cur = v;
+  size_t b = 0;
+  while (b <= path.size()) {
+    size_t e = path.find('.', b);
+    std::string part = path.substr(b, e == std::string::npos ? std::string::npos : e - b);
+    bool numeric = !part.empty() && std::all_of(part.begin(), part.end(), ::isdigit);
+    cur = numeric ? get_item(cur, Value(int64_t(std::stoll(part))), line, ctx) : get_item(cur, Value(part), line, ctx);
+    if (e == std::string::npos) break;
+    b = e + 1;
+  }
+  return cur;
+}
+
+Value apply_filter(const std::string& name, const Value& v, Args& a, int line, Context& ctx) {
+  auto need_string = [&](const Value& x) -> const std::string& {
+    if (!x.is_string()) ctx.error(line, "filter '" + name + "' needs a string, not " + x.type_name());
+    return x.str();
+  };
+  if (name == "trim") {
+    Value c = a.get(0, "chars");
+    return Value(str_strip(need_string(v), c.is_string() ? c.str() : "", true, true));
+  }
+  if (name == "upper") return Value(str_upper(need_string(v)));
+  if (name == "lower") return Value(str_lower(need_string(v)));
+  if (name == "title") return Value(str_title(need_string(v)));
+  if (name == "capitalize") {
+    std::string s = str_lower(need_string(v));
+    if (!s.empty()) s[0] = char(std::toupper(static_cast<unsigned char>(s[0])));
+    return Value(s);
+  }
+  if (name == "length" || name == "count") {
+    if (v.is_string()) return Value(int64_t(unicode::chars(v.str()).size()));
+    if (v.is_list()) return Value(int64_t(v.list().size()));
+    if (v.is_dict()) return Value(int64_t(v.dict_ref().items.size()));
+    if (v.is_undefined()) return Value(int64_t(0));
+    ctx.error(line, "length of a " + v.type_name());
+  }
+  if (name == "first" || name == "last") {
+    List l = iterate(v, line, ctx);
+    if (l.empty()) return Value::undefined();
+    return name == "first" ? l.front() : l.back();
+  }
+  if (name == "join") {
+    Value sep = a.get(0, "d", Value(""));
+    Value attr = a.get(1, "attribute");
+    std::string s;
+    List l = iterate(v, line, ctx);
+    for (size_t i = 0; i < l.size(); ++i) {
+      Value item = attr.is_string() ? attribute_path(l[i], attr.str(), line, ctx) : l[i];
+      s += (i ? sep.to_output() : "") + item.to_output();
+    }
+    return Value(s);
+  }
+  if (name == "default" || name == "d") {
+    Value dflt = a.get(0, "default_value", Value(""));
+    bool boolean = a.get(1, "boolean", Value(false)).truthy();
+    if (v.is_undefined() || (boolean && !v.truthy())) return dflt;
+    return v;
+  }
+  if (name == "tojson") {
+    Value indent = a.get(0, "indent");
+    std::string out;
+    int ind = indent.is_number() ? int(indent.as_int()) : -1;
+    python_json(out, v, ind, 0, ind >= 0 ? "," : ", ", ": ");
+    return Value(out);
+  }
+  if (name == "string") return Value(v.to_output());
+  if (name == "int") {
+    if (v.is_string()) {
+      try {
+        return Value(int64_t(std::stoll(v.str())));
+      } catch (...) {
+        return a.get(0, "default", Value(int64_t(0)));
+      }
+    }
+    if (v.is_number() || v.kind() == Value::Kind::Bool) return Value(v.as_int());
+    return a.get(0, "default", Value(int64_t(0)));
+  }
+  if (name == "float") {
+    if (v.is_string()) {
+      try {
+        return Value(std::stod(v.str()));
+      } catch (...) {
+        return a.get(0, "default", Value(0.0));
+      }
+    }
+    if (v.is_number()) return Value(v.as_float());
+    return a.get(0, "default", Value(0.0));
+  }
+  if (name == "abs") {
+    if (v.kind() == Value::Kind::Int) return Value(int64_t(std::llabs(v.as_int())));
+    return Value(std::fabs(v.as_float()));
+  }
+  if (name == "round") {
+    int64_t prec = a.get(0, "precision", Value(int64_t(0))).as_int();
+    double m = std::pow(10.0, double(prec));
+    return Value(std::round(v.as_float() * m) / m);
+  }
+  if (name == "replace") {
+    Value from = a.get(0, "old"), to = a.get(1, "new");
+    if (!from.is_string() || !to.is_string()) ctx.error(line, "replace takes two strings");
+    return Value(str_replace(need_string(v), from.str(), to.str(), a.get(2, "count", Value(int64_t(-1))).as_int()));
+  }
+  if (name == "list") return Value(iterate(v, line, ctx));
+  if (name == "items") {
+    if (!v.is_dict()) ctx.error(line, "items needs a dict");
+    List l;
+    for (auto& [k, x] : v.dict_ref().items) l.push_back(Value(List{Value(k), x}));
+    return Value(l);
+  }
+  if (name == "reverse") {
+    if (v.is_string()) {
+      auto cs = unicode::chars(v.str());
+      std::string s;
+      for (auto it = cs.rbegin(); it != cs.rend(); ++it) s += *it;
+      return Value(s);
+    }
+    List l = iterate(v, line, ctx);
+    std::reverse(l.begin(), l.end());
+    return Value(l);
+  }
+  if (name == "sort") {
+    List l = iterate(v, line, ctx);
+    bool rev = a.get(0, "reverse", Value(false)).truthy();
+    Value attr = a.get(2, "attribute");
+    std::stable_sort(l.begin(), l.end(), [&](const Value& x, const Value& y) {
+      Value kx = attr.is_string() ? attribute_path(x, attr.str(), line, ctx) : x;
+      Value ky = attr.is_string() ? attribute_path(y, attr.str(), line, ctx) : y;
+      return rev ? compare(ky, kx, line, ctx) < 0 : compare(kx, ky, line, ctx) < 0;
+    });
+    return Value(l);
+  }
+  if (name == "unique") {
+    List out;
+    for (auto& x : iterate(v, line, ctx)) {
+      bool seen = false;
+      for (auto& y : out) seen = seen || equals(x, y);
+      if (!seen) out.push_back(x);
+    }
+    return Value(out);
+  }
+  if (name == "sum") {
+    Value total = a.get(1, "start", Value(int64_t(0)));
+    Value attr = a.get(0, "attribute");
+    for (auto& x : iterate(v, line, ctx))
+      total = arith("+", total, attr.is_string() ? attribute_path(x, attr.str(), line, ctx) : x, line, ctx);
+    return total;
+  }
+  if (name == "min" || name == "max") {
+    List l = iterate(v, line, ctx);
+    if (l.empty()) return Value::undefined();
+    Value best = l[0];
+    for (auto& x : l)
+      if ((name == "min") == (compare(x, best, line, ctx) < 0) && compare(x, best, line, ctx) != 0) best = x;
+    return best;
+  }
+  if (name == "map") {
+    Value attr = a.get(99, "attribute");
+    List out;
+    if (attr.is_string()) {
+      Value dflt = a.get(99, "default");
+      for (auto& x : iterate(v, line, ctx)) {
+        Value r = attribute_path(x, attr.str(), line, ctx);
+        out.push_back(r.is_undefined() && !dflt.is_undefined() ? dflt : r);
+      }
+      return Value(out);
+    }
+    if (a.positional.empty() || !a.positional[0].is_string()) ctx.error(line, "map needs a filter name or attribute=");
+    std::string f = a.positional[0].str();
+    Args rest;
+    rest.positional.assign(a.positional.begin() + 1, a.positional.end());
+    rest.keyword = a.keyword;
+    for (auto& x : iterate(v, line, ctx)) out.push_back(apply_filter(f, x, rest, line, ctx));
+    return Value(out);
+  }
+  if (name == "select" || name == "reject" || name == "selectattr" || name == "rejectattr") {
+    const bool by_attr = name == "selectattr" || name == "rejectattr";
+    const bool keep = name == "select" || name == "selectattr";
+    size_t first_test_arg = by_attr ? 1 : 0;
+    std::string attr;
+    if (by_attr) {
+      if (a.positional.empty() || !a.positional[0].is_string()) ctx.error(line, name + " needs an attribute name");
+      attr = a.positional[0].str();
+    }
+    std::string test = a.positional.size() > first_test_arg ? a.positional[first_test_arg].str() : "";
+    Args targs;
+    if (a.positional.size() > first_test_arg + 1)
+      targs.positional.assign(a.positional.begin() + long(first_test_arg) + 1, a.positional.end());
+    List out;
+    for (auto& x : iterate(v, line, ctx)) {
+      Value subject = by_attr ? attribute_path(x, attr, line, ctx) : x;
+      bool pass = test.empty() ? subject.truthy() : apply_test(test, subject, targs, line, ctx);
+      if (pass == keep) out.push_back(x);
+    }
+    return Value(out);
+  }
+  if (name == "batch") {
+    int64_t n = a.get(0, "linecount").as_int();
+    if (n <= 0) ctx.error(line, "batch needs a positive size");
+    List out, cur;
+    for (auto& x : iterate(v, line, ctx)) {
+      cur.push_back(x);
+      if (int64_t(cur.size()) == n) {
+        out.push_back(Value(cur));
+        cur.clear();
+      }
+    }
+    if (!cur.empty()) out.push_back(Value(cur));
+    return Value(out);
+  }
+  if (name == "indent") {
+    int64_t width = a.get(0, "width", Value(int64_t(4))).as_int();
+    bool first = a.get(1, "first", Value(false)).truthy();
+    std::string pad(size_t(std::max<int64_t>(0, width)), ' ');
+    const std::string& s = need_string(v);
+    std::string out;
+    bool line_start = first;
+    for (char c : s) {
+      if (line_start && c != '\n') out += pad;
+      out += c;
+      line_start = c == '\n';
+    }
+    return Value(out);
+  }
+  if (name == "safe" || name == "e" || name == "escape" || name == "forceescape") {
+    if (name == "safe") return v;
+    std::string out;
+    for (char c : v.to_output()) {
+      switch (c) {
+        case '&': out += "&amp;"; break;
+        case '<': out += "&lt;"; break;
+        case '>': out += "&gt;"; break;
+        case '"': out += "&#34;"; break;
+        case '\'': out += "&#39;"; break;
+        default: out += c;
+      }
+    }
+    return Value(out);
+  }
+  if (name == "wordcount") return Value(int64_t(str_split(need_string(v), Value(), -1).size()));
+  if (name == "center") {
+    int64_t width = a.get(0, "width", Value(int64_t(80))).as_int();
+    std::string s = need_string(v);
+    int64_t n = int64_t(unicode::chars(s).size());
+    if (n >= width) return Value(s);
+    int64_t left = (width - n) / 2;
+    return Value(std::string(size_t(left), ' ') + s + std::string(size_t(width - n - left), ' '));
+  }
+  ctx.error(line, "filter '" + name + "' is not supported");
+}
+
+bool apply_test(const std::string& name, const Value& v, Args& a, int line, Context& ctx) {
+  if (name == "defined") return !v.is_undefined();
+  if (name == "undefined") return v.is_undefined();
+  if (name == "none") return v.is_none();
+  if (name == "string") return v.is_string();
+  if (name == "number") return v.is_number();
+  if (name == "integer") return v.kind() == Value::Kind::Int;
+  if (name == "float") return v.kind() == Value::Kind::Float;
+  if (name == "boolean") return v.kind() == Value::Kind::Bool;
+  if (name == "true") return v.kind() == Value::Kind::Bool && v.truthy();
+  if (name == "false") return v.kind() == Value::Kind::Bool && !v.truthy();
+  if (name == "mapping") return v.is_dict();
+  if (name == "sequence") return v.is_list() || v.is_string() || v.is_dict();
+  if (name == "iterable") return v.is_list() || v.is_string() || v.is_dict();
+  if (name == "callable") return v.is_function();
+  if (name == "even") return v.as_int() % 2 == 0;
+  if (name == "odd") return v.as_int() % 2 != 0;
+  if (name == "divisibleby") {
+    int64_t d = a.get(0, "num").as_int();
+    return d != 0 && v.as_int() % d == 0;
+  }
+  if (name == "equalto" || name == "eq" || name == "==" || name == "sameas") return equals(v, a.get(0, "other"));
+  if (name == "ne" || name == "!=") return !equals(v, a.get(0, "other"));
+  if (name == "lt" || name == "<") return compare(v, a.get(0, "other"), line, ctx) < 0;
+  if (name == "le" || name == "<=") return compare(v, a.get(0, "other"), line, ctx) <= 0;
+  if (name == "gt" || name == ">") return compare(v, a.get(0, "other"), line, ctx) > 0;
+  if (name == "ge" || name == ">=") return compare(v, a.get(0, "other"), line, ctx) >= 0;
+  if (name == "in") return contains(a.get(0, "seq"), v, line, ctx);
+  if (name == "lower") return v.is_string() && str_lower(v.str()) == v.str();
+  if (name == "upper") return v.is_string() && str_upper(v.str()) == v.str();
+  ctx.error(line, "test '" + name + "' is not supported");
+}
+
+// ---- parser -------------------------------------------------------------------------------
+
+class ExprParser {
+ public:
+  ExprParser(std::vector<Token> toks, int line, std::string where) : t_(std::move(toks)), line_(line), where_(std::move(where)) {}
+
+  ExprPtr parse_expression() { return parse_cond(); }
+  // An expression without a trailing `if ... else` (the iterable of `for x in xs if cond`).
+  ExprPtr parse_expression_no_cond() { return parse_or(); }
+  CallArgs parse_call_args_public() { return parse_call_args(); }
+  // A comma-separated expression at the top: a tuple when there is a comma.
+  ExprPtr parse_tuple_or_expression() {
+    ExprPtr first = parse_expression();
+    if (!is_op(",")) return first;
+    auto l = make<ListExpr>();
+    l->items.push_back(std::move(first));
+    while (accept_op(",")) {
+      if (at_end()) break;
+      l->items.push_back(parse_expression());
+    }
+    return l;
+  }
+  bool at_end() const { return t_[p_].type == Token::End; }
+  const Token& peek(size_t k = 0) const { return t_[std::min(p_ + k, t_.size() - 1)]; }
+  bool is_name(const char* n, size_t k = 0) const { return peek(k).type == Token::Name && peek(k).text == n; }
+  bool is_op(const char* o) const { return peek().type == Token::Op && peek().text == o; }
+  bool accept_op(const char* o) {
+    if (!is_op(o)) return false;
+    ++p_;
+    return true;
+  }
+  bool accept_name(const char* n) {
+    if (!is_name(n)) return false;
+    ++p_;
+    return true;
+  }
+  void expect_op(const char* o) {
+    if (!accept_op(o)) error(std::string("expected '") + o + "' but found '" + peek().text + "'");
+  }
+  std::string expect_name() {
+    if (peek().type != Token::Name) error("expected a name but found '" + peek().text + "'");
+    return t_[p_++].text;
+  }
+  void expect_end() {
+    if (!at_end()) error("unexpected '" + peek().text + "'");
+  }
+  [[noreturn]] void error(const std::string& msg) const { fail(where_, " line ", line_, ": ", msg); }
+
+  template <typename T>
+  std::unique_ptr<T> make() {
+    auto e = std::make_unique<T>();
+    e->line = line_;
+    return e;
+  }
+
+ private:
+  ExprPtr parse_cond() {
+    ExprPtr e = parse_or();
+    while (is_name("if")) {
+      ++p_;
+      auto c = make<CondExpr>();
+      c->yes = std::move(e);
+      c->cond = parse_or();
+      if (accept_name("else")) c->no = parse_cond();
+      e = std::move(c);
+    }
+    return e;
+  }
+  ExprPtr binary(const std::string& op, ExprPtr a, ExprPtr b) {
+    auto e = make<BinaryExpr>();
+    e->op = op;
+    e->a = std::move(a);
+    e->b = std::move(b);
+    return e;
+  }
+  ExprPtr parse_or() {
+    ExprPtr e = parse_and();
+    while (accept_name("or")) e = binary("or", std::move(e), parse_and());
+    return e;
+  }
+  ExprPtr parse_and() {
+    ExprPtr e = parse_not();
+    while (accept_name("and")) e = binary("and", std::move(e), parse_not());
+    return e;
+  }
+  ExprPtr parse_not() {
+    if (is_name("not")) {
+      ++p_;
+      auto u = make<UnaryExpr>();
+      u->op = "not";
+      u->e = parse_not();
+      return u;
+    }
+    return parse_compare();
+  }
+  ExprPtr parse_compare() {
+    ExprPtr e = parse_math1();
+    // Chained comparisons a < b < c mean a < b and b < c; templates do not chain, so combine simply.
+    for (;;) {
+      std::string op;
+      if (peek().type == Token::Op && (peek().text == "==" || peek().text == "!=" || peek().text == "<" ||
+                                       peek().text == ">" || peek().text == "<=" || peek().text == ">=")) {
+        op = t_[p_++].text;
+      } else if (is_name("in")) {
+        ++p_;
+        op = "in";
+      } else if (is_name("not") && is_name("in", 1)) {
+        p_ += 2;
+        op = "not in";
+      } else {
+        break;
+      }
+      e = binary(op, std::move(e), parse_math1());
+    }
+    return e;
+  }
+  ExprPtr parse_math1() {
+    ExprPtr e = parse_concat();
+    while (peek().type == Token::Op && (peek().text == "+" || peek().text == "-")) {
+      std::string op = t_[p_++].text;
+      e = binary(op, std::move(e), parse_concat());
+    }
+    return e;
+  }
+  ExprPtr parse_concat() {
+    ExprPtr e = parse_math2();
+    while (accept_op("~")) e = binary("~", std::move(e), parse_math2());
+    return e;
+  }
+  ExprPtr parse_math2() {
+    ExprPtr e = parse_pow();
+    while (peek().type == Token::Op && (peek().text == "*" || peek().text == "/" || peek().text == "//" || peek().text == "%")) {
+      std::string op = t_[p_++].text;
+      e = binary(op, std::move(e), parse_pow());
+    }
+    return e;
+  }
+  ExprPtr parse_pow() {
+    ExprPtr e = parse_unary();
+    while (accept_op("**")) e = binary("**", std::move(e), parse_unary());
+    return e;
+  }
+  // As Jinja2: in `-x | f` the filter applies to -x.
+  ExprPtr parse_unary(bool with_filters = true) {
+    ExprPtr e;
+    if (peek().type == Token::Op && (peek().text == "-" || peek().text == "+")) {
+      auto u = make<UnaryExpr>();
+      u->op = t_[p_++].text;
+      u->e = parse_unary(false);
+      e = std::move(u);
+    } else {
+      e = parse_postfix(parse_primary());
+    }
+    return with_filters ? parse_filters(std::move(e)) : std::move(e);
+  }
+  CallArgs parse_call_args() {
+    CallArgs a;
+    // '(' already consumed
+    if (accept_op(")")) return a;
+    for (;;) {
+      if (peek().type == Token::Name && peek(1).type == Token::Op && peek(1).text == "=") {
+        std::string k = t_[p_].text;
+        p_ += 2;
+        a.keyword.push_back({k, parse_expression()});
+      } else {
+        a.positional.push_back(parse_expression());
+      }
+      if (accept_op(")")) break;
+      expect_op(",");
+      if (accept_op(")")) break;
+    }
+    return a;
+  }
+  ExprPtr parse_postfix(ExprPtr e) {
+    for (;;) {
+      if (accept_op(".")) {
+        auto a = make<AttrExpr>();
+        a->obj = std::move(e);
+        if (peek().type == Token::Int) {
+          auto it = make<ItemExpr>();
+          it->obj = std::move(a->obj);
+          auto lit = make<Literal>();
+          lit->v = Value(t_[p_++].i);
+          it->key = std::move(lit);
+          e = std::move(it);
+          continue;
+        }
+        a->name = expect_name();
+        e = std::move(a);
+      } else if (accept_op("[")) {
+        ExprPtr start, stop, step;
+        bool is_slice = false;
+        if (!is_op(":")) start = parse_expression();
+        if (accept_op(":")) {
+          is_slice = true;
+          if (!is_op("]") && !is_op(":")) stop = parse_expression();
+          if (accept_op(":") && !is_op("]")) step = parse_expression();
+        }
+        expect_op("]");
+        if (is_slice) {
+          auto s = make<SliceExpr>();
+          s->obj = std::move(e);
+          s->start = std::move(start);
+          s->stop = std::move(stop);
+          s->step = std::move(step);
+          e = std::move(s);
+        } else {
+          auto it = make<ItemExpr>();
+          it->obj = std::move(e);
+          it->key = std::move(start);
+          e = std::move(it);
+        }
+      } else if (accept_op("(")) {
+        auto c = make<CallExpr>();
+        c->callee = std::move(e);
+        c->args = parse_call_args();
+        e = std::move(c);
+      } else {
+        return e;
+      }
+    }
+  }
+  ExprPtr parse_filters(ExprPtr e) {
+    for (;;) {
+      if (accept_op("|")) {
+        auto f = make<FilterExpr>();
+        f->input = std::move(e);
+        f->name = expect_name();
+        if (accept_op("(")) f->args = parse_call_args();
+        e = std::move(f);
+      } else if (is_name("is")) {
+        ++p_;
+        auto t = make<TestExpr>();
+        t->negated = accept_name("not");
+        t->input = std::move(e);
+        if (peek().type == Token::Name) t->name = t_[p_++].text;
+        else if (peek().type == Token::Op && (peek().text == "==" || peek().text == "!=" || peek().text == "<" ||
+                                              peek().text == ">" || peek().text == "<=" || peek().text == ">="))
+          t->name = t_[p_++].text;
+        else error("expected a test name after 'is'");
+        if (accept_op("(")) {
+          t->args = parse_call_args();
+        } else if ((peek().type == Token::String || peek().type == Token::Int || peek().type == Token::Float ||
+                    (peek().type == Token::Name && !is_name("else") && !is_name("or") && !is_name("and") &&
+                     !is_name("if") && !is_name("not") && !is_name("in") && !is_name("is")) ||
+                    is_op("[") || is_op("{")) &&
+                   t->name != "defined" && t->name != "undefined" && t->name != "none" && t->name != "string" &&
+                   t->name != "mapping" && t->name != "number" && t->name != "boolean" && t->name != "integer" &&
+                   t->name != "float" && t->name != "sequence" && t->name != "iterable" && t->name != "true" &&
+                   t->name != "false") {
+          t->args.positional.push_back(parse_postfix(parse_primary()));
+        }
+        e = std::move(t);
+      } else {
+        return e;
+      }
+    }
+  }
+  ExprPtr parse_primary() {
+    const Token& t = peek();
+    if (t.type == Token::String) {
+      // Adjacent string literals concatenate.
+      std::string s;
+      while (peek().type == Token::String) s += t_[p_++].text;
+      auto l = make<Literal>();
+      l->v = Value(s);
+      return l;
+    }
+    if (t.type == Token::Int || t.type == Token::Float) {
+      auto l = make<Literal>();
+      l->v = t.type == Token::Int ? Value(t.i) : Value(t.f);
+      ++p_;
+      return l;
+    }
+    if (t.type == Token::Name) {
+      ++p_;
+      if (t.text == "true" || t.text == "True") return lit(Value(true));
+      if (t.text == "false" || t.text == "False") return lit(Value(false));
+      if (t.text == "none" || t.text == "None") return lit(Value::none());
+      auto n = make<NameExpr>();
+      n->name = t.text;
+      return n;
+    }
+    if (accept_op("(")) {
+      ExprPtr e = parse_tuple_or_expression();
+      expect_op(")");
+      return e;
+    }
+    if (accept_op("[")) {
+      auto l = make<ListExpr>();
+      while (!accept_op("]")) {
+        l->items.push_back(parse_expression());
+        if (accept_op("]")) break;
+        expect_op(",");
+      }
+      return l;
+    }
+    if (accept_op("{")) {
+      auto d = make<DictExpr>();
+      while (!accept_op("}")) {
+        ExprPtr k = parse_expression();
+        expect_op(":");
+        d->items.push_back({std::move(k), parse_expression()});
+        if (accept_op("}")) break;
+        expect_op(",");
+      }
+      return d;
+    }
+    error(t.type == Token::End ? "expression ends too early" : "unexpected '" + t.text + "'");
+  }
+  ExprPtr lit(Value v) {
+    auto l = make<Literal>();
+    l->v = std::move(v);
+    return l;
+  }
+
+  std::vector<Token> t_;
+  size_t p_ = 0;
+  int line_;
+  std::string where_;
+};
+
+using NodePtr = std::unique_ptr<Template::Node>;
+
+class Parser {
+ public:
+  Parser(std::vector<Segment> segs, std::string name) : segs_(std::move(segs)), name_(std::move(name)) {}
+
+  std::vector<NodePtr> parse_all() {
+    std::string stop;
+    auto body = parse_body({}, stop);
+    return body;
+  }
+
+ private:
+  // Parses nodes until a statement whose first word is in `until`; that word goes to `stopped`.
+  std::vector<NodePtr> parse_body(const std::vector<std::string>& until, std::string& stopped) {
+    std::vector<NodePtr> out;
+    while (pos_ < segs_.size()) {
+      const Segment& s = segs_[pos_];
+      if (s.kind == Segment::Text) {
+        auto n = node(Template::Node::Text, s.line);
+        n->text = s.text;
+        out.push_back(std::move(n));
+        ++pos_;
+        continue;
+      }
+      if (s.kind == Segment::Output) {
+        ExprParser p(tokenize(s.text, where(s.line)), s.line, name_);
+        auto n = node(Template::Node::Output, s.line);
+        n->expr = p.parse_tuple_or_expression();
+        p.expect_end();
+        out.push_back(std::move(n));
+        ++pos_;
+        continue;
+      }
+      ExprParser p(tokenize(s.text, where(s.line)), s.line, name_);
+      if (p.at_end()) p.error("empty statement");
+      std::string kw = p.expect_name();
+      if (std::find(until.begin(), until.end(), kw) != until.end()) {
+        stopped = kw;
+        return out;
+      }
+      ++pos_;
+      out.push_back(statement(kw, p, s.line));
+    }
+    if (!until.empty()) {
+      std::string want;
+      for (auto& u : until) want += (want.empty() ? "" : " or ") + u;
+      fail(name_, ": the template ends before {% ", want, " %}");
+    }
+    return out;
+  }
+
+  std::string where(int line) const { return name_ + " line " + std::to_string(line); }
+
+  NodePtr node(Template::Node::Kind k, int line) {
+    auto n = std::make_unique<Template::Node>();
+    n->kind = k;
+    n->line = line;
+    return n;
+  }
+
+  NodePtr statement(const std::string& kw, ExprParser& p, int line) {
+    std::string stopped;
+    if (kw == "if") {
+      auto n = node(Template::Node::If, line);
+      ExprPtr cond = p.parse_tuple_or_expression();
+      p.expect_end();
+      for (;;) {
+        auto body = parse_body({"elif", "else", "endif"}, stopped);
+        n->branches.push_back({std::move(cond), std::move(body)});
+        const Segment& s = segs_[pos_++];
+        ExprParser q(tokenize(s.text, where(s.line)), s.line, name_);
+        q.expect_name();
+        if (stopped == "elif") {
+          cond = q.parse_tuple_or_expression();
+          q.expect_end();
+          continue;
+        }
+        q.expect_end();
+        if (stopped == "else") {
+          n->else_body = parse_body({"endif"}, stopped);
+          ++pos_;
+        }
+        break;
+      }
+      return n;
+    }
+    if (kw == "for") {
+      auto n = node(Template::Node::For, line);
+      n->targets.push_back(p.expect_name());
+      while (p.accept_op(",")) n->targets.push_back(p.expect_name());
+      if (!p.accept_name("in")) p.error("expected 'in' in for loop");
+      n->expr = parse_for_iterable(p);
+      if (p.accept_name("if")) n->filter_cond = p.parse_expression();
+      if (p.accept_name("recursive")) p.error("recursive for loops are not supported");
+      p.expect_end();
+      n->body = parse_body({"else", "endfor"}, stopped);
+      ++pos_;
+      if (stopped == "else") {
+        n->else_body = parse_body({"endfor"}, stopped);
+        ++pos_;
+      }
+      return n;
+    }
+    if (kw == "set") {
+      std::string target = p.expect_name();
+      if (p.accept_op(".")) {
+        auto n = node(Template::Node::Set, line);
+        n->text = target;
+        n->attr = p.expect_name();
+        p.expect_op("=");
+        n->expr = p.parse_tuple_or_expression();
+        p.expect_end();
+        return n;
+      }
+      std::vector<std::string> targets{target};
+      while (p.accept_op(",")) targets.push_back(p.expect_name());
+      if (p.accept_op("=")) {
+        auto n = node(Template::Node::Set, line);
+        n->targets = targets;
+        n->text = target;
+        n->expr = p.parse_tuple_or_expression();
+        p.expect_end();
+        return n;
+      }
+      // Block set: {% set name %}...{% endset %}, optionally | filter.
+      auto n = node(Template::Node::SetBlock, line);
+      n->text = target;
+      if (p.accept_op("|")) n->filter_call = filter_chain(p);
+      p.expect_end();
+      n->body = parse_body({"endset"}, stopped);
+      ++pos_;
+      return n;
+    }
+    if (kw == "macro") {
+      auto n = node(Template::Node::Macro, line);
+      n->text = p.expect_name();
+      p.expect_op("(");
+      while (!p.accept_op(")")) {
+        std::string param = p.expect_name();
+        ExprPtr dflt;
+        if (p.accept_op("=")) dflt = p.parse_expression();
+        n->params.push_back({param, std::move(dflt)});
+        if (p.accept_op(")")) break;
+        p.expect_op(",");
+      }
+      p.expect_end();
+      n->body = parse_body({"endmacro"}, stopped);
+      ++pos_;
+      return n;
+    }
+    if (kw == "break" || kw == "continue") {
+      p.expect_end();
+      return node(kw == "break" ? Template::Node::Break : Template::Node::Continue, line);
+    }
+    if (kw == "filter") {
+      auto n = node(Template::Node::FilterBlock, line);
+      n->filter_call = filter_chain(p);
+      p.expect_end();
+      n->body = parse_body({"endfilter"}, stopped);
+      ++pos_;
+      return n;
+    }
+    if (kw == "generation") {
+      // Marks the assistant's tokens for training masks; renders its body unchanged.
+      p.expect_end();
+      auto n = node(Template::Node::Generation, line);
+      n->body = parse_body({"endgeneration"}, stopped);
+      ++pos_;
+      return n;
+    }
+    if (kw == "do") {
+      auto n = node(Template::Node::Set, line);
+      n->text = "";
+      n->expr = p.parse_tuple_or_expression();
+      p.expect_end();
+      return n;
+    }
+    fail(name_, " line ", line, ": '{% ", kw, " %}' is not supported");
+  }
+
+  ExprPtr parse_for_iterable(ExprParser& p) {
+    // `for x in items if cond`: the iterable stops before a bare `if`.
+    return p.parse_expression_no_cond();
+  }
+
+  // `name(args) | name ...` after a filter keyword: a FilterExpr chain applied to a placeholder.
+  ExprPtr filter_chain(ExprParser& p) {
+    auto placeholder = p.make<NameExpr>();
+    placeholder->name = "\x01body";
+    ExprPtr e = std::move(placeholder);
+    do {
+      auto f = p.make<FilterExpr>();
+      f->input = std::move(e);
+      f->name = p.expect_name();
+      if (p.accept_op("(")) f->args = p.parse_call_args_public();
+      e = std::move(f);
+    } while (p.accept_op("|"));
+    return e;
+  }
+
+  std::vector<Segment> segs_;
+  size_t pos_ = 0;
+  std::string name_;
+};
+
+
+// ---- execution ----------------------------------------------------------------------------
+
+Value make_loop(size_t i, const List& items) {
+  Value loop = Value::dict();
+  Dict& d = loop.dict_ref();
+  const int64_t n = int64_t(items.size());
+  d.set("index", Value(int64_t(i) + 1));
+  d.set("index0", Value(int64_t(i)));
+  d.set("revindex", Value(n - int64_t(i)));
+  d.set("revindex0", Value(n - int64_t(i) - 1));
+  d.set("first", Value(i == 0));
+  d.set("last", Value(int64_t(i) + 1 == n));
+  d.set("length", Value(n));
+  d.set("previtem", i > 0 ? items[i - 1] : Value::undefined("previtem"));
+  d.set("nextitem", int64_t(i) + 1 < n ? items[i + 1] : Value::undefined("nextitem"));
+  d.set("cycle", Value::function([i](Args& a) {
+          if (a.positional.empty()) fail("loop.cycle() needs arguments");
+          return a.positional[i % a.positional.size()];
+        }));
+  return loop;
+}
+
+void assign_targets(Context& ctx, const std::vector<std::string>& targets, const Value& v, int line) {
+  if (targets.size() == 1) {
+    ctx.set(targets[0], v);
+    return;
+  }
+  List items = iterate(v, line, ctx);
+  if (items.size() != targets.size())
+    ctx.error(line, "cannot unpack " + std::to_string(items.size()) + " values into " + std::to_string(targets.size()) + " names");
+  for (size_t i = 0; i < targets.size(); ++i) ctx.set(targets[i], items[i]);
+}
+
+std::string render_body(const std::vector<NodePtr>& body, Context& ctx) {
+  std::string saved;
+  saved.swap(ctx.out);
+  exec_body(body, ctx);
+  std::string rendered;
+  rendered.swap(ctx.out);
+  ctx.out.swap(saved);
+  return rendered;
+}
+
+Value apply_filter_chain(const Expr& chain, const std::string& text, Context& ctx) {
+  ctx.scopes.push_back(std::make_shared<Scope>());
+  ctx.set("\x01body", Value(text));
+  Value r = chain.eval(ctx);
+  ctx.scopes.pop_back();
+  return r;
+}
+
+Flow exec_node(const Template::Node& n, Context& ctx) {
+  using K = Template::Node;
+  switch (n.kind) {
+    case K::Text:
+      ctx.out += n.text;
+      return Flow::Normal;
+    case K::Output:
+      ctx.out += n.expr->eval(ctx).to_output();
+      return Flow::Normal;
+    case K::If:
+      for (auto& [cond, body] : n.branches)
+        if (cond->eval(ctx).truthy()) return exec_body(body, ctx);
+      return exec_body(n.else_body, ctx);
+    case K::For: {
+      List all = iterate(n.expr->eval(ctx), n.line, ctx);
+      List items;
+      if (n.filter_cond) {
+        for (auto& x : all) {
+          ctx.scopes.push_back(std::make_shared<Scope>());
+          assign_targets(ctx, n.targets, x, n.line);
+          bool keep = n.filter_cond->eval(ctx).truthy();
+          ctx.scopes.pop_back();
+          if (keep) items.push_back(x);
+        }
+      } else {
+        items = std::move(all);
+      }
+      if (items.empty()) return exec_body(n.else_body, ctx);
+      for (size_t i = 0; i < items.size(); ++i) {
+        ctx.scopes.push_back(std::make_shared<Scope>());
+        ctx.set("loop", make_loop(i, items));
+        assign_targets(ctx, n.targets, items[i], n.line);
+        Flow f = exec_body(n.body, ctx);
+        ctx.scopes.pop_back();
+        if (f == Flow::Break) break;
+      }
+      return Flow::Normal;
+    }
+    case K::Set: {
+      Value v = n.expr->eval(ctx);
+      if (!n.attr.empty()) {
+        Value ns = ctx.lookup(n.text);
+        if (!ns.is_dict() || !ns.namespace_object())
+          ctx.error(n.line, "'" + n.text + "' is not a namespace(); cannot set ." + n.attr);
+        ns.dict_ref().set(n.attr, v);
+      } else if (!n.targets.empty()) {
+        assign_targets(ctx, n.targets, v, n.line);
+      }
+      return Flow::Normal;
+    }
+    case K::SetBlock: {
+      std::string text = render_body(n.body, ctx);
+      Value v = n.filter_call ? apply_filter_chain(*n.filter_call, text, ctx) : Value(text);
+      ctx.set(n.text, v);
+      return Flow::Normal;
+    }
+    case K::Macro: {
+      const Template::Node* mp = &n;
+      // Macros see the scopes where they were defined (template globals) plus their arguments.
+      auto defining = ctx.scopes;
+      ctx.set(n.text, Value::function([mp, defining, &ctx](Args& a) {
+        std::vector<std::shared_ptr<Scope>> saved = ctx.scopes;
+        ctx.scopes = defining;
+        ctx.scopes.push_back(std::make_shared<Scope>());
+        for (size_t i = 0; i < mp->params.size(); ++i) {
+          const auto& [pname, dflt] = mp->params[i];
+          Value v = a.get(i, pname.c_str());
+          if (v.is_undefined() && dflt) v = dflt->eval(ctx);
+          ctx.set(pname, v);
+        }
+        if (a.positional.size() > mp->params.size()) ctx.set("varargs", Value(List(a.positional.begin() + long(mp->params.size()), a.positional.end())));
+        std::string text;
+        try {
+          text = render_body(mp->body, ctx);
+        } catch (...) {
+          ctx.scopes = saved;
+          throw;
+        }
+        ctx.scopes = saved;
+        return Value(text);
+      }));
+      return Flow::Normal;
+    }
+    case K::Break: return Flow::Break;
+    case K::Continue: return Flow::Continue;
+    case K::FilterBlock: {
+      std::string text = render_body(n.body, ctx);
+      ctx.out += apply_filter_chain(*n.filter_call, text, ctx).to_output();
+      return Flow::Normal;
+    }
+    case K::Generation: return exec_body(n.body, ctx);
+  }
+  return Flow::Normal;
+}
+
+Flow exec_body(const std::vector<NodePtr>& body, Context& ctx) {
+  for (auto& n : body) {
+    Flow f = exec_node(*n, ctx);
+    if (f != Flow::Normal) return f;
+  }
+  return Flow::Normal;
+}
+
+std::shared_ptr<Scope> globals() {
+  auto g = std::make_shared<Scope>();
+  g->vars["raise_exception"] = Value::function([](Args& a) -> Value {
+    fail("the chat template raised an error: ", a.get(0, "message").to_output());
+  });
+  g->vars["range"] = Value::function([](Args& a) {
+    int64_t start = 0, stop, step = 1;
+    if (a.positional.size() == 1) {
+      stop = a.positional[0].as_int();
+    } else if (a.positional.size() >= 2) {
+      start = a.positional[0].as_int();
+      stop = a.positional[1].as_int();
+      if (a.positional.size() > 2) step = a.positional[2].as_int();
+    } else {
+      fail("range() needs arguments");
+    }
+    if (step == 0) fail("range() step cannot be zero");
+    List l;
+    for (int64_t i = start; step > 0 ? i < stop : i > stop; i += step) {
+      l.push_back(Value(i));
+      if (l.size() > 1000000) fail("range() is too long");
+    }
+    return Value(l);
+  });
+  g->vars["namespace"] = Value::function([](Args& a) {
+    Value ns = Value::dict();
+    ns.set_namespace();
+    if (!a.positional.empty() && a.positional[0].is_dict())
+      for (auto& [k, v] : a.positional[0].dict_ref().items) ns.dict_ref().set(k, v);
+    for (auto& [k, v] : a.keyword) ns.dict_ref().set(k, v);
+    return ns;
+  });
+  g->vars["dict"] = Value::function([](Args& a) {
+    Value d = Value::dict();
+    for (auto& [k, v] : a.keyword) d.dict_ref().set(k, v);
+    return d;
+  });
+  g->vars["strftime_now"] = Value::function([](Args& a) {
+    Value fmt = a.get(0, "format");
+    if (!fmt.is_string()) fail("strftime_now() needs a format string");
+    std::time_t t = std::time(nullptr);
+    std::tm tm{};
+    localtime_r(&t, &tm);
+    char buf[256];
+    size_t n = std::strftime(buf, sizeof(buf), fmt.str().c_str(), &tm);
+    return Value(std::string(buf, n));
+  });
+  return g;
+}
+
+}  // namespace
+
+Template::Template(const std::string& source, std::string name) : name_(std::move(name)) {
+  Parser p(segment(source, name_), name_);
+  body_ = p.parse_all();
+}
+
+Template::~Template() = default;
+Template::Template(Template&&) noexcept = default;
+Template& Template::operator=(Template&&) noexcept = default;
+
+std::string Template::render(const std::map<std::string, Value>& variables) const {
+  Context ctx;
+  ctx.name = name_;
+  ctx.scopes.push_back(globals());
+  ctx.scopes.push_back(std::make_shared<Scope>());
+  for (auto& [k, v] : variables) ctx.set(k, v);
+  ctx.scopes.push_back(std::make_shared<Scope>());
+  exec_body(body_, ctx);
+  return ctx.out;
+}
+
+}  // namespace vkvlm::jinja

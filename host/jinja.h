@@ -1,0 +1,118 @@
+#pragma once
+// An interpreter for the Jinja subset Hugging Face chat templates use, rendering as
+// transformers does: trim_blocks and lstrip_blocks on, loop controls, raise_exception(), and a
+// tojson that keeps non-ASCII characters. Unsupported constructs are errors naming the
+// construct and its line.
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+namespace vkvlm::jinja {
+
+class Value;
+using List = std::vector<Value>;
+
+// An insertion-ordered string-keyed dictionary (Python dict / Jinja namespace).
+struct Dict {
+  std::vector<std::pair<std::string, Value>> items;
+  std::unordered_map<std::string, size_t> index;
+  Value* find(const std::string& k);
+  void set(const std::string& k, Value v);
+};
+
+struct Args;
+using Function = std::function<Value(Args&)>;
+
+class Value {
+ public:
+  enum class Kind { Undefined, None, Bool, Int, Float, String, List, Dict, Function };
+
+  Value() = default;  // undefined
+  static Value undefined(std::string name = "");
+  static Value none();
+  Value(bool b);
+  Value(int v);
+  Value(int64_t v);
+  Value(double v);
+  Value(const char* s);
+  Value(std::string s);
+  Value(List l);
+  static Value dict();
+  static Value function(Function f);
+  // Objects keep their key order when given an ordered_json (as tojson output depends on it).
+  static Value from_json(const nlohmann::json& j);
+  static Value from_json(const nlohmann::ordered_json& j);
+
+  Kind kind() const { return kind_; }
+  bool is_undefined() const { return kind_ == Kind::Undefined; }
+  bool is_none() const { return kind_ == Kind::None; }
+  bool is_string() const { return kind_ == Kind::String; }
+  bool is_number() const { return kind_ == Kind::Int || kind_ == Kind::Float; }
+  bool is_list() const { return kind_ == Kind::List; }
+  bool is_dict() const { return kind_ == Kind::Dict; }
+  bool is_function() const { return kind_ == Kind::Function; }
+  bool namespace_object() const { return namespace_; }
+
+  bool truthy() const;
+  int64_t as_int() const;
+  double as_float() const;
+  const std::string& str() const { return s_; }
+  List& list() const { return *list_; }
+  Dict& dict_ref() const { return *dict_; }
+  const Function& fn() const { return *fn_; }
+  const std::string& undefined_name() const { return s_; }
+
+  std::string to_output() const;  // what {{ }} prints (Python str())
+  std::string repr() const;       // Python repr()
+  nlohmann::json to_json() const;
+  std::string type_name() const;
+
+  Value& set_namespace() {
+    namespace_ = true;
+    return *this;
+  }
+
+ private:
+  Kind kind_ = Kind::Undefined;
+  bool b_ = false, namespace_ = false;
+  int64_t i_ = 0;
+  double f_ = 0;
+  std::string s_;
+  std::shared_ptr<List> list_;
+  std::shared_ptr<Dict> dict_;
+  std::shared_ptr<Function> fn_;
+};
+
+struct Args {
+  std::vector<Value> positional;
+  std::vector<std::pair<std::string, Value>> keyword;
+  int line = 0;
+  // The argument at position i or named `name`, or `dflt`.
+  Value get(size_t i, const char* name, Value dflt = Value()) const;
+};
+
+class Template {
+ public:
+  // Parses the template; `name` appears in error messages (e.g. "chat template").
+  explicit Template(const std::string& source, std::string name = "template");
+  ~Template();
+  Template(Template&&) noexcept;
+  Template& operator=(Template&&) noexcept;
+
+  // Renders with the given variables (messages, add_generation_prompt, bos_token, ...).
+  std::string render(const std::map<std::string, Value>& variables) const;
+
+  struct Node;
+
+ private:
+  std::string name_;
+  std::vector<std::unique_ptr<Node>> body_;
+};
+
+}  // namespace vkvlm::jinja

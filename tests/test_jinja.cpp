@@ -1,0 +1,105 @@
+// The chat-template interpreter against Jinja2 itself (tests/data/jinja_golden.json, made by
+// tools/jinja_golden.py with transformers' settings) and against the prompt text the reference
+// processors rendered for every fixture conversation.
+#include <gtest/gtest.h>
+
+#include <fstream>
+
+#include <nlohmann/json.hpp>
+
+#include "host/jinja.h"
+#include "tests/test_paths.h"
+
+namespace vkvlm::test {
+namespace {
+
+using jinja::Template;
+using jinja::Value;
+
+std::map<std::string, Value> vars_from(const nlohmann::ordered_json& j) {
+  std::map<std::string, Value> v;
+  for (auto& [k, x] : j.items()) v[k] = Value::from_json(x);
+  return v;
+}
+
+TEST(Jinja, MatchesJinja2OnEveryGoldenCase) {
+  std::ifstream in(test_data_dir() + "/jinja_golden.json");
+  ASSERT_TRUE(in);
+  auto golden = nlohmann::ordered_json::parse(in);
+  ASSERT_GT(golden["cases"].size(), 30u);
+  for (auto& c : golden["cases"]) {
+    SCOPED_TRACE(c["name"].get<std::string>());
+    const std::string src = c["template"].get<std::string>();
+    if (c.contains("error")) {
+      EXPECT_ANY_THROW(Template(src, "t").render(vars_from(c["variables"])));
+      continue;
+    }
+    std::string got;
+    try {
+      got = Template(src, "t").render(vars_from(c["variables"]));
+    } catch (const std::exception& e) {
+      ADD_FAILURE() << "threw: " << e.what();
+      continue;
+    }
+    EXPECT_EQ(got, c["expected"].get<std::string>());
+  }
+}
+
+TEST(Jinja, RaiseExceptionCarriesTheMessage) {
+  try {
+    Template("{{ raise_exception('roles must alternate') }}", "chat template").render({});
+    FAIL();
+  } catch (const std::exception& e) {
+    EXPECT_NE(std::string(e.what()).find("roles must alternate"), std::string::npos) << e.what();
+  }
+}
+
+TEST(Jinja, UnsupportedConstructsNameThemselvesAndTheirLine) {
+  struct Case {
+    const char* src;
+    const char* construct;
+    const char* line;
+  };
+  for (auto c : {Case{"ok\n{% include 'x.j2' %}", "include", "line 2"}, Case{"{{ x | frobnicate }}", "frobnicate", "line 1"},
+                 Case{"a\nb\n{{ x is weird }}", "weird", "line 3"}, Case{"{% for x in y %}", "endfor", ""}}) {
+    try {
+      Template(c.src, "chat template").render({{"x", Value(1)}, {"y", Value(jinja::List{})}});
+      ADD_FAILURE() << c.src << " should fail";
+    } catch (const std::exception& e) {
+      const std::string m = e.what();
+      EXPECT_NE(m.find(c.construct), std::string::npos) << m;
+      EXPECT_NE(m.find(c.line), std::string::npos) << m;
+      EXPECT_NE(m.find("chat template"), std::string::npos) << m;
+    }
+  }
+}
+
+TEST(Jinja, GenerationTagRendersItsBody) {
+  EXPECT_EQ(Template("{% generation %}a{{ 1 }}{% endgeneration %}b", "t").render({}), "a1b");
+}
+
+// The fixture models' templates render each case's messages to exactly the reference prompt.
+TEST(Jinja, FixtureChatTemplatesReproducePromptText) {
+  int checked = 0;
+  for (const char* model : {"llava15-f16", "llava15-mlx4", "llavanext-bf16-legacy", "phi3v-bf16", "phi3v-long-bf16"}) {
+    const std::string dir = fixtures_dir() + "/" + model;
+    std::ifstream tc(dir + "/tokenizer_config.json"), cs(dir + "/cases.json");
+    ASSERT_TRUE(tc && cs) << model;
+    auto cfg = nlohmann::json::parse(tc);
+    auto cases = nlohmann::ordered_json::parse(cs);
+    Template t(cfg["chat_template"].get<std::string>(), std::string(model) + " chat template");
+    for (auto& c : cases["cases"]) {
+      std::map<std::string, Value> v;
+      v["messages"] = Value::from_json(c["messages"]);
+      v["add_generation_prompt"] = Value(true);
+      for (const char* k : {"bos_token", "eos_token", "unk_token", "pad_token"})
+        if (cfg.contains(k) && cfg[k].is_string()) v[k] = Value(cfg[k].get<std::string>());
+      EXPECT_EQ(t.render(v), c["prompt_text"].get<std::string>()) << model << " " << c["name"];
+      ++checked;
+    }
+  }
+  EXPECT_EQ(checked, 23);
+}
+
+}  // namespace
+}  // namespace vkvlm::test
