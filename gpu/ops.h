@@ -107,6 +107,7 @@ void topk(Recorder& rec, const Mat& x, int k, const Tensor& values, const Tensor
 // out[r] = log sum_c exp(x[r, c] * inv_temp).
 void logsumexp(Recorder& rec, const Mat& x, float inv_temp, const Tensor& out, const Variant& v = {});
 // One logits row: for each distinct id in ids[0..n): x = x < 0 ? x * penalty : x / penalty.
+// Negative ids are skipped (free slots of a list that grows during decoding).
 void repeat_penalty(Recorder& rec, const Mat& row, const Tensor& ids, int64_t n, float penalty);
 
 }  // namespace vkvlm::gpu

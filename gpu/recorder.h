@@ -40,7 +40,7 @@ class Recorder {
   int timestamp();
   // Submits everything recorded and waits for it.
   void submit();
-  // Submits the same command buffers again (valid after submit(), until reset()).
+  // Submits the recorded command buffers (again, after submit()), until reset().
   void replay();
   // Forgets the recording (and its scratch tensors); the next dispatch starts a new one.
   void reset();

@@ -1,21 +1,449 @@
-#include <cstdio>
-#include <cstring>
-#include <string>
+// The vkvlm command line: generate, chat, tokenize, info, devices, serve.
+#include <unistd.h>
 
+#include <algorithm>
+#include <cerrno>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <map>
+#include <memory>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "gpu/context.h"
 #include "gpu/device.h"
 #include "gpu/error.h"
+#include "host/image.h"
+#include "host/tokenizer.h"
+#include "models/model.h"
+
+namespace fs = std::filesystem;
+using namespace vkvlm;
+
+namespace {
+
+struct UsageError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// Flags of one command: --name value, --name=value, repeated flags, and switches.
+class Flags {
+ public:
+  Flags(int argc, char** argv, int first, const std::map<std::string, bool>& known) {
+    for (int i = first; i < argc; ++i) {
+      std::string a = argv[i];
+      if (a.rfind("--", 0) != 0) throw UsageError("unexpected argument '" + a + "'");
+      std::string name = a.substr(2), value;
+      bool inline_value = false;
+      if (auto eq = name.find('='); eq != std::string::npos) {
+        value = name.substr(eq + 1);
+        name = name.substr(0, eq);
+        inline_value = true;
+      }
+      auto it = known.find(name);
+      if (it == known.end()) throw UsageError("unknown option --" + name);
+      if (it->second) {  // takes a value
+        if (!inline_value) {
+          if (i + 1 >= argc) throw UsageError("--" + name + " needs a value");
+          value = argv[++i];
+        }
+        values_[name].push_back(value);
+      } else {
+        if (inline_value) throw UsageError("--" + name + " takes no value");
+        values_[name].push_back("");
+      }
+    }
+  }
+  bool has(const std::string& n) const { return values_.count(n) > 0; }
+  std::string str(const std::string& n, const std::string& dflt = "") const {
+    auto it = values_.find(n);
+    if (it == values_.end()) return dflt;
+    if (it->second.size() > 1) throw UsageError("--" + n + " was given more than once");
+    return it->second[0];
+  }
+  std::vector<std::string> all(const std::string& n) const {
+    auto it = values_.find(n);
+    return it == values_.end() ? std::vector<std::string>{} : it->second;
+  }
+  int64_t integer(const std::string& n, int64_t dflt, int64_t lo, int64_t hi) const {
+    if (!has(n)) return dflt;
+    const std::string s = str(n);
+    char* end = nullptr;
+    errno = 0;
+    long long v = std::strtoll(s.c_str(), &end, 10);
+    if (s.empty() || *end || errno) throw UsageError("--" + n + " needs a whole number, not '" + s + "'");
+    if (v < lo || v > hi)
+      throw UsageError("--" + n + " must be between " + std::to_string(lo) + " and " + std::to_string(hi) + ", not " + s);
+    return v;
+  }
+  double number(const std::string& n, double dflt, double lo, double hi) const {
+    if (!has(n)) return dflt;
+    const std::string s = str(n);
+    char* end = nullptr;
+    errno = 0;
+    double v = std::strtod(s.c_str(), &end);
+    if (s.empty() || *end || errno || !std::isfinite(v)) throw UsageError("--" + n + " needs a number, not '" + s + "'");
+    if (v < lo || v > hi) {
+      std::ostringstream os;
+      os << "--" << n << " must be between " << lo << " and " << hi << ", not " << s;
+      throw UsageError(os.str());
+    }
+    return v;
+  }
+
+ private:
+  std::map<std::string, std::vector<std::string>> values_;
+};
+
+// The bundled demo model: next to the executable's build tree, installed, or in the source tree.
+std::string default_model_dir() {
+  if (const char* env = std::getenv("VKVLM_MODEL"); env && *env) return env;
+  std::vector<fs::path> candidates;
+  std::error_code ec;
+  fs::path exe = fs::read_symlink("/proc/self/exe", ec);
+  if (!ec) {
+    candidates.push_back(exe.parent_path() / "../models/shapes-llava");
+    candidates.push_back(exe.parent_path() / "../share/vkvlm/models/shapes-llava");
+  }
+  candidates.push_back(fs::path(VKVLM_SOURCE_DIR) / "models/shapes-llava");
+  for (auto& c : candidates)
+    if (fs::exists(c / "config.json", ec)) return fs::weakly_canonical(c, ec).string();
+  throw Error("no --model given and the bundled demo model (models/shapes-llava) was not found; pass --model DIR");
+}
+
+std::unique_ptr<gpu::Context> make_context() { return std::make_unique<gpu::Context>(gpu::Device::create()); }
+
+std::string read_file(const std::string& path, const char* what) {
+  std::error_code ec;
+  if (!fs::exists(path, ec)) throw Error(std::string(what) + " " + path + " does not exist");
+  if (fs::is_directory(path, ec)) throw Error(std::string(what) + " " + path + " is a folder");
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw Error(std::string("cannot read ") + what + " " + path);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+// An image_url part's image: a data: URL or a local path (file:// or plain); the CLI fetches nothing.
+Image image_from_url(const std::string& url) {
+  if (url.rfind("data:", 0) == 0) return decode_data_url(url);
+  if (url.rfind("http://", 0) == 0 || url.rfind("https://", 0) == 0)
+    throw Error("image URL " + url + " is remote; vkvlm fetches nothing: download it and pass the file");
+  std::string path = url.rfind("file://", 0) == 0 ? url.substr(7) : url;
+  return load_image_file(path);
+}
+
+// Messages and their images from --messages FILE / --prompt TEXT and --image PATHs.
+void load_conversation(const Flags& f, Messages& messages, std::vector<Image>& images) {
+  const auto image_paths = f.all("image");
+  if (f.has("messages") == f.has("prompt")) throw UsageError("give exactly one of --prompt TEXT and --messages FILE");
+  if (f.has("prompt")) {
+    Messages content = Messages::array();
+    for (auto& p : image_paths) {
+      images.push_back(load_image_file(p));
+      content.push_back({{"type", "image"}});
+    }
+    content.push_back({{"type", "text"}, {"text", f.str("prompt")}});
+    messages = Messages::array({Messages{{"role", "user"}, {"content", content}}});
+    return;
+  }
+  const std::string path = f.str("messages");
+  try {
+    messages = Messages::parse(read_file(path, "messages file"));
+  } catch (const nlohmann::json::exception& e) {
+    throw Error("messages file " + path + " is not valid JSON: " + e.what());
+  }
+  if (!messages.is_array() || messages.empty())
+    throw Error("messages file " + path + " must hold a non-empty JSON array of messages");
+  size_t next_path = 0;
+  for (size_t i = 0; i < messages.size(); ++i) {
+    auto& m = messages[i];
+    if (!m.is_object() || !m.contains("role") || !m["role"].is_string())
+      throw Error("messages file " + path + ": message " + std::to_string(i) + " needs a \"role\" string");
+    if (!m.contains("content")) throw Error("messages file " + path + ": message " + std::to_string(i) + " has no content");
+    if (!m["content"].is_array()) continue;
+    for (auto& part : m["content"]) {
+      if (!part.is_object() || !part.contains("type")) continue;
+      if (part["type"] == "image") {
+        if (next_path >= image_paths.size())
+          throw Error("messages file " + path + " has more {\"type\": \"image\"} parts than --image files (" +
+                      std::to_string(image_paths.size()) + ")");
+        images.push_back(load_image_file(image_paths[next_path++]));
+      } else if (part["type"] == "image_url") {
+        const auto& iu = part.contains("image_url") ? part["image_url"] : Messages();
+        std::string url = iu.is_string() ? iu.get<std::string>()
+                          : iu.is_object() && iu.contains("url") && iu["url"].is_string() ? iu["url"].get<std::string>() : "";
+        if (url.empty()) throw Error("messages file " + path + ": an image_url part has no url");
+        images.push_back(image_from_url(url));
+      }
+    }
+  }
+  if (next_path != image_paths.size())
+    throw Error("--image was given " + std::to_string(image_paths.size()) + " time(s) but the messages have " +
+                std::to_string(next_path) + " {\"type\": \"image\"} part(s)");
+}
+
+GenerationParams generation_params(const Flags& f) {
+  GenerationParams p;
+  p.max_tokens = int(f.integer("max-tokens", 256, 0, 1 << 24));
+  p.sampling.temperature = float(f.number("temp", 0.0, 0.0, 100.0));
+  p.sampling.top_p = float(f.number("top-p", 1.0, 1e-9, 1.0));
+  p.sampling.top_k = int(f.integer("top-k", 0, 0, 1 << 24));
+  p.sampling.min_p = float(f.number("min-p", 0.0, 0.0, 1.0));
+  p.sampling.repeat_penalty = float(f.number("repeat-penalty", 1.0, 1e-6, 100.0));
+  if (f.has("seed")) {
+    p.sampling.seed = uint64_t(f.integer("seed", 0, 0, INT64_MAX));
+    p.sampling.has_seed = true;
+  }
+  p.top_logits = int(f.integer("top-logits", 0, 0, 64));
+  p.stop = f.all("stop");
+  p.ignore_eos = f.has("ignore-eos");
+  return p;
+}
+
+LoadOptions load_options(const Flags& f) {
+  LoadOptions o;
+  o.quantize = f.str("quantize");
+  if (!o.quantize.empty() && o.quantize != "q4" && o.quantize != "q8")
+    throw UsageError("--quantize takes q4 or q8, not '" + o.quantize + "'");
+  o.progress = true;
+  return o;
+}
+
+// The context: --ctx, or enough for this prompt and its answer (at least 4096, at most the model's).
+int64_t context_for(const Flags& f, const Model& m, int64_t prompt_tokens, int max_tokens) {
+  const int64_t max_pos = m.config().text.max_position;
+  if (f.has("ctx")) return f.integer("ctx", 0, 2, max_pos);
+  return std::min<int64_t>(max_pos, std::max<int64_t>(std::min<int64_t>(4096, max_pos), prompt_tokens + max_tokens + 1));
+}
+
+const std::map<std::string, bool> k_generate_flags = {
+    {"model", true}, {"prompt", true}, {"messages", true}, {"image", true}, {"max-tokens", true}, {"temp", true},
+    {"top-p", true}, {"top-k", true}, {"min-p", true}, {"repeat-penalty", true}, {"seed", true}, {"ctx", true},
+    {"quantize", true}, {"json", false}, {"top-logits", true}, {"stop", true}, {"ignore-eos", false}, {"verbose", false}};
+
+int cmd_generate(int argc, char** argv) {
+  Flags f(argc, argv, 2, k_generate_flags);
+  GenerationParams params = generation_params(f);
+  Messages messages;
+  std::vector<Image> images;
+  load_conversation(f, messages, images);
+  const std::string dir = f.has("model") ? f.str("model") : default_model_dir();
+  auto ctx = make_context();
+  Model model(*ctx, dir, load_options(f));
+  Prompt prompt = model.build_prompt(messages, images);
+  Session session(model, context_for(f, model, int64_t(prompt.ids.size()), params.max_tokens));
+  const bool json = f.has("json");
+  auto on_step = [&](const StepOutput& s) {
+    if (!json && !s.text.empty()) {
+      std::fwrite(s.text.data(), 1, s.text.size(), stdout);
+      std::fflush(stdout);
+    }
+    return true;
+  };
+  GenerationResult r = session.generate(prompt, params, on_step);
+  const double prefill_tps = r.prefill_seconds > 0 ? double(r.prefill_tokens) / r.prefill_seconds : 0;
+  const double decode_tps = r.decode_seconds > 0 && r.tokens.size() > 1 ? double(r.tokens.size() - 1) / r.decode_seconds : 0;
+  if (json) {
+    nlohmann::ordered_json j;
+    j["prompt_tokens"] = r.prompt_tokens;
+    j["tokens"] = r.tokens;
+    j["text"] = r.text;
+    j["finish_reason"] = r.finish_reason;
+    j["timings"] = {{"prompt_tokens", r.prompt_tokens.size()},
+                    {"image_seconds", r.image_seconds},
+                    {"prefill_seconds", r.prefill_seconds},
+                    {"prefill_tokens_per_second", prefill_tps},
+                    {"decode_seconds", r.decode_seconds},
+                    {"decode_tokens_per_second", decode_tps}};
+    if (params.top_logits) {
+      auto steps = nlohmann::ordered_json::array();
+      for (auto& s : r.steps) {
+        auto pairs = nlohmann::ordered_json::array();
+        for (auto& [id, v] : s.top_logits) pairs.push_back({id, v});
+        steps.push_back(pairs);
+      }
+      j["top_logits"] = steps;
+    }
+    std::printf("%s\n", j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
+  } else {
+    std::printf("\n");
+    if (f.has("verbose"))
+      std::fprintf(stderr, "prompt %zu tokens (%.1f tok/s), generated %zu tokens (%.1f tok/s), finish: %s\n",
+                   r.prompt_tokens.size(), prefill_tps, r.tokens.size(), decode_tps, r.finish_reason.c_str());
+  }
+  return 0;
+}
+
+int cmd_chat(int argc, char** argv) {
+  auto flags = k_generate_flags;
+  flags.erase("prompt");
+  flags.erase("messages");
+  flags.erase("json");
+  flags.erase("top-logits");
+  flags["system"] = true;
+  Flags f(argc, argv, 2, flags);
+  GenerationParams params = generation_params(f);
+  const std::string dir = f.has("model") ? f.str("model") : default_model_dir();
+  auto ctx = make_context();
+  Model model(*ctx, dir, load_options(f));
+  const int64_t ctx_tokens = f.has("ctx") ? f.integer("ctx", 0, 2, model.config().text.max_position)
+                                          : std::min<int64_t>(model.config().text.max_position, 4096);
+  Session session(model, ctx_tokens);
+  Messages history = Messages::array();
+  if (f.has("system")) history.push_back({{"role", "system"}, {"content", f.str("system")}});
+  std::vector<Image> images;
+  std::vector<Image> pending;
+  for (auto& p : f.all("image")) pending.push_back(load_image_file(p));
+  const bool tty = isatty(0);
+  std::fprintf(stderr, "vkvlm chat: %s. Commands: /image PATH (attach to the next message), /reset, /exit.\n", dir.c_str());
+  for (;;) {
+    if (tty) std::fprintf(stderr, "> ");
+    std::string line;
+    if (!std::getline(std::cin, line)) break;
+    if (line.empty()) continue;
+    if (line == "/exit" || line == "/quit") break;
+    if (line == "/reset") {
+      history = Messages::array();
+      if (f.has("system")) history.push_back({{"role", "system"}, {"content", f.str("system")}});
+      images.clear();
+      session.reset();
+      std::fprintf(stderr, "(conversation cleared)\n");
+      continue;
+    }
+    if (line.rfind("/image ", 0) == 0) {
+      try {
+        pending.push_back(load_image_file(line.substr(7)));
+        std::fprintf(stderr, "(image attached to the next message)\n");
+      } catch (const std::exception& e) {
+        std::fprintf(stderr, "vkvlm: error: %s\n", e.what());
+      }
+      continue;
+    }
+    Messages content = Messages::array();
+    for (auto& img : pending) {
+      images.push_back(img);
+      content.push_back({{"type", "image"}});
+    }
+    pending.clear();
+    content.push_back({{"type", "text"}, {"text", line}});
+    history.push_back({{"role", "user"}, {"content", content}});
+    try {
+      Prompt prompt = model.build_prompt(history, images);
+      GenerationResult r = session.generate(prompt, params, [](const StepOutput& s) {
+        std::fwrite(s.text.data(), 1, s.text.size(), stdout);
+        std::fflush(stdout);
+        return true;
+      });
+      std::printf("\n");
+      std::fflush(stdout);
+      history.push_back({{"role", "assistant"}, {"content", Messages::array({{{"type", "text"}, {"text", r.text}}})}});
+    } catch (const std::exception& e) {
+      history.erase(history.size() - 1);
+      std::fprintf(stderr, "vkvlm: error: %s\n", e.what());
+    }
+  }
+  return 0;
+}
+
+int cmd_tokenize(int argc, char** argv) {
+  Flags f(argc, argv, 2, {{"model", true}, {"tokenizer", true}, {"text", true}, {"no-special", false}, {"json", false}});
+  if (f.has("model") == f.has("tokenizer")) throw UsageError("give exactly one of --model DIR and --tokenizer FILE");
+  std::string path = f.has("tokenizer") ? f.str("tokenizer") : (fs::path(f.str("model")) / "tokenizer.json").string();
+  std::error_code ec;
+  if (f.has("model") && !fs::is_directory(f.str("model"), ec)) throw Error("model folder " + f.str("model") + " does not exist");
+  if (!fs::exists(path, ec)) throw Error("tokenizer " + path + " does not exist");
+  Tokenizer tok = Tokenizer::from_file(path);
+  std::string text;
+  if (f.has("text")) {
+    text = f.str("text");
+  } else {
+    std::ostringstream ss;
+    ss << std::cin.rdbuf();  // byte for byte, nothing stripped
+    text = ss.str();
+  }
+  auto ids = tok.encode(text, !f.has("no-special"));
+  if (f.has("json")) {
+    std::printf("%s\n", nlohmann::json(ids).dump().c_str());
+  } else {
+    auto toks = tok.tokens(ids);
+    for (size_t i = 0; i < ids.size(); ++i) {
+      std::string shown = nlohmann::json(toks[i]).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+      std::printf("%d\t%s\n", ids[i], shown.c_str());
+    }
+  }
+  return 0;
+}
+
+int cmd_info(int argc, char** argv) {
+  Flags f(argc, argv, 2, {{"model", true}, {"ctx", true}, {"quantize", true}});
+  const std::string dir = f.has("model") ? f.str("model") : default_model_dir();
+  auto ctx = make_context();
+  Model model(*ctx, dir, load_options(f));
+  const int64_t ctx_tokens = f.has("ctx") ? f.integer("ctx", 0, 2, model.config().text.max_position)
+                                          : std::min<int64_t>(model.config().text.max_position, 4096);
+  std::printf("%s", model.info(ctx_tokens).c_str());
+  std::printf("device: %s\n", ctx->profile().summary_line().c_str());
+  return 0;
+}
+
+int cmd_devices(int argc, char** argv) {
+  Flags f(argc, argv, 2, {});
+  for (auto& d : gpu::Device::enumerate()) std::printf("[%u] %s\n", d.index, d.profile.summary_line().c_str());
+  return 0;
+}
+
+const char* k_usage =
+    "usage: vkvlm COMMAND [options]\n"
+    "\n"
+    "commands:\n"
+    "  generate  [--model DIR] (--prompt TEXT | --messages FILE) [--image PATH]... [--max-tokens N]\n"
+    "            [--temp T] [--top-p P] [--top-k K] [--min-p P] [--repeat-penalty R] [--seed S] [--ctx N]\n"
+    "            [--quantize q4|q8] [--stop TEXT]... [--json] [--top-logits N] [--ignore-eos] [--verbose]\n"
+    "  chat      [--model DIR] [--image PATH]... [--system TEXT] [sampling options]   interactive, multi-turn\n"
+    "  tokenize  (--model DIR | --tokenizer FILE) [--text TEXT] [--no-special] [--json]   (stdin without --text)\n"
+    "  info      [--model DIR] [--ctx N] [--quantize q4|q8]\n"
+    "  devices   list Vulkan devices with their feature profiles\n"
+    "\n"
+    "Without --model, the bundled demo model (models/shapes-llava) is used.\n"
+    "Environment: VKVLM_DEVICE (index or name), VKVLM_DISABLE (fp16,int8,subgroup,coopmat,...),\n"
+    "VKVLM_VALIDATE=1, VKVLM_MAX_BINDING_BYTES, VKVLM_MAX_ALLOCATION_BYTES, VKVLM_MODEL.\n";
+
+}  // namespace
 
 int main(int argc, char** argv) {
-  try {
-    if (argc >= 2 && std::strcmp(argv[1], "devices") == 0) {
-      for (auto& d : vkvlm::gpu::Device::enumerate())
-        std::printf("[%u] %s\n", d.index, d.profile.summary_line().c_str());
+  if (argc < 2 || std::strcmp(argv[1], "--help") == 0 || std::strcmp(argv[1], "-h") == 0 ||
+      std::strcmp(argv[1], "help") == 0) {
+    std::fputs(k_usage, argc < 2 ? stderr : stdout);
+    return argc < 2 ? 2 : 0;
+  }
+  const std::string cmd = argv[1];
+  for (int i = 2; i < argc; ++i)
+    if (std::strcmp(argv[i], "--help") == 0 || std::strcmp(argv[i], "-h") == 0) {
+      std::fputs(k_usage, stdout);
       return 0;
     }
-    std::fprintf(stderr, "usage: vkvlm devices\n");
+  try {
+    if (cmd == "generate") return cmd_generate(argc, argv);
+    if (cmd == "chat") return cmd_chat(argc, argv);
+    if (cmd == "tokenize") return cmd_tokenize(argc, argv);
+    if (cmd == "info") return cmd_info(argc, argv);
+    if (cmd == "devices") return cmd_devices(argc, argv);
+    throw UsageError("unknown command '" + cmd + "' (generate, chat, tokenize, info, devices)");
+  } catch (const UsageError& e) {
+    std::fprintf(stderr, "vkvlm: %s (see vkvlm --help)\n", e.what());
     return 2;
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "vkvlm: error: %s\n", e.what());
+    std::string m = e.what();
+    std::replace(m.begin(), m.end(), '\n', ' ');
+    std::fprintf(stderr, "vkvlm: error: %s\n", m.c_str());
     return 1;
   }
 }

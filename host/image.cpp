@@ -1,0 +1,191 @@
+#include "host/image.h"
+
+#include <webp/decode.h>
+#include <webp/demux.h>
+
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+
+#include "gpu/error.h"
+
+#define STBI_NO_STDIO
+#include <stb/stb_image.h>
+
+namespace vkvlm {
+namespace {
+
+uint64_t fnv1a(const uint8_t* p, size_t n) {
+  uint64_t h = 1469598103934665603ull;
+  for (size_t i = 0; i < n; ++i) {
+    h ^= p[i];
+    h *= 1099511628211ull;
+  }
+  return h;
+}
+
+bool starts_with(const std::vector<uint8_t>& b, const char* magic, size_t offset = 0) {
+  size_t n = std::strlen(magic);
+  return b.size() >= offset + n && std::memcmp(b.data() + offset, magic, n) == 0;
+}
+
+void check_size(int w, int h, const std::string& source, const ImageLimits& limits) {
+  if (w <= 0 || h <= 0) fail("image ", source, " has no pixels");
+  if (uint64_t(w) * uint64_t(h) > limits.max_pixels)
+    fail("image ", source, " is ", w, "x", h, " pixels, more than the limit of ", limits.max_pixels);
+}
+
+// Like PIL's convert("RGB"): grayscale is replicated, alpha is dropped (not composited).
+Image from_channels(const uint8_t* px, int w, int h, int channels, const std::string& source) {
+  Image img;
+  img.width = w;
+  img.height = h;
+  img.source = source;
+  img.rgb.resize(size_t(w) * size_t(h) * 3);
+  for (size_t i = 0; i < size_t(w) * size_t(h); ++i) {
+    const uint8_t* s = px + i * size_t(channels);
+    uint8_t* d = img.rgb.data() + i * 3;
+    if (channels >= 3) {
+      d[0] = s[0];
+      d[1] = s[1];
+      d[2] = s[2];
+    } else {
+      d[0] = d[1] = d[2] = s[0];
+    }
+  }
+  img.hash = fnv1a(img.rgb.data(), img.rgb.size()) ^ (uint64_t(w) << 32) ^ uint64_t(h);
+  return img;
+}
+
+}  // namespace
+
+Image decode_image(const std::vector<uint8_t>& bytes, const std::string& source, const ImageLimits& limits) {
+  if (bytes.empty()) fail("image ", source, " is empty");
+  if (bytes.size() > limits.max_file_bytes)
+    fail("image ", source, " is ", bytes.size(), " bytes, more than the limit of ", limits.max_file_bytes);
+  if (starts_with(bytes, "RIFF") && starts_with(bytes, "WEBP", 8)) {
+    // First frame of a (possibly animated) WebP.
+    WebPData data{bytes.data(), bytes.size()};
+    WebPDemuxer* demux = WebPDemux(&data);
+    if (!demux) fail("image ", source, " is not a valid WebP file (corrupt or truncated)");
+    WebPIterator it;
+    if (!WebPDemuxGetFrame(demux, 1, &it)) {
+      WebPDemuxDelete(demux);
+      fail("image ", source, " is a WebP file without frames");
+    }
+    int w = 0, h = 0;
+    if (!WebPGetInfo(it.fragment.bytes, it.fragment.size, &w, &h)) {
+      WebPDemuxReleaseIterator(&it);
+      WebPDemuxDelete(demux);
+      fail("image ", source, " is not a valid WebP file (corrupt or truncated)");
+    }
+    try {
+      check_size(w, h, source, limits);
+    } catch (...) {
+      WebPDemuxReleaseIterator(&it);
+      WebPDemuxDelete(demux);
+      throw;
+    }
+    uint8_t* px = WebPDecodeRGBA(it.fragment.bytes, it.fragment.size, &w, &h);
+    WebPDemuxReleaseIterator(&it);
+    WebPDemuxDelete(demux);
+    if (!px) fail("image ", source, " could not be decoded as WebP (corrupt or truncated)");
+    Image img = from_channels(px, w, h, 4, source);
+    WebPFree(px);
+    return img;
+  }
+  int w = 0, h = 0, channels = 0;
+  if (!stbi_info_from_memory(bytes.data(), int(bytes.size()), &w, &h, &channels))
+    fail("image ", source, " is not a supported image (JPEG, PNG, BMP, GIF, TGA, WebP): ", stbi_failure_reason());
+  check_size(w, h, source, limits);
+  uint8_t* px = stbi_load_from_memory(bytes.data(), int(bytes.size()), &w, &h, &channels, 0);
+  if (!px) fail("image ", source, " could not be decoded (corrupt or truncated): ", stbi_failure_reason());
+  Image img = from_channels(px, w, h, channels, source);
+  stbi_image_free(px);
+  return img;
+}
+
+Image load_image_file(const std::string& path, const ImageLimits& limits) {
+  std::error_code ec;
+  if (!std::filesystem::exists(path, ec)) fail("image file ", path, " does not exist");
+  if (std::filesystem::is_directory(path, ec)) fail("image path ", path, " is a folder, not an image file");
+  const auto size = std::filesystem::file_size(path, ec);
+  if (!ec && size > limits.max_file_bytes)
+    fail("image ", path, " is ", size, " bytes, more than the limit of ", limits.max_file_bytes);
+  std::ifstream in(path, std::ios::binary);
+  if (!in) fail("cannot read image file ", path);
+  std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(in)), {});
+  return decode_image(bytes, path, limits);
+}
+
+std::vector<uint8_t> base64_decode(const std::string& s, const std::string& what) {
+  static int8_t table[256];
+  static bool init = [] {
+    std::memset(table, -1, sizeof(table));
+    const char* a = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    for (int i = 0; i < 64; ++i) table[uint8_t(a[i])] = int8_t(i);
+    table[uint8_t('-')] = 62;  // URL-safe alphabet too
+    table[uint8_t('_')] = 63;
+    return true;
+  }();
+  (void)init;
+  std::vector<uint8_t> out;
+  out.reserve(s.size() * 3 / 4);
+  uint32_t acc = 0;
+  int bits = 0;
+  size_t pad = 0;
+  for (char c : s) {
+    if (c == '=') {
+      ++pad;
+      continue;
+    }
+    if (c == '\n' || c == '\r' || c == ' ' || c == '\t') continue;
+    int8_t v = table[uint8_t(c)];
+    if (v < 0 || pad) fail(what, " is not valid base64");
+    acc = (acc << 6) | uint32_t(v);
+    bits += 6;
+    if (bits >= 8) {
+      bits -= 8;
+      out.push_back(uint8_t(acc >> bits));
+    }
+  }
+  if (pad > 2) fail(what, " is not valid base64");
+  return out;
+}
+
+std::string base64_encode(const std::vector<uint8_t>& bytes) {
+  const char* a = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+  std::string out;
+  size_t i = 0;
+  for (; i + 2 < bytes.size(); i += 3) {
+    uint32_t v = uint32_t(bytes[i]) << 16 | uint32_t(bytes[i + 1]) << 8 | bytes[i + 2];
+    out += a[v >> 18];
+    out += a[(v >> 12) & 63];
+    out += a[(v >> 6) & 63];
+    out += a[v & 63];
+  }
+  if (i < bytes.size()) {
+    uint32_t v = uint32_t(bytes[i]) << 16 | (i + 1 < bytes.size() ? uint32_t(bytes[i + 1]) << 8 : 0);
+    out += a[v >> 18];
+    out += a[(v >> 12) & 63];
+    out += i + 1 < bytes.size() ? a[(v >> 6) & 63] : '=';
+    out += '=';
+  }
+  return out;
+}
+
+Image decode_data_url(const std::string& url, const ImageLimits& limits) {
+  if (url.rfind("data:", 0) != 0) fail("image URL is not a data: URL");
+  const size_t comma = url.find(',');
+  if (comma == std::string::npos) fail("data URL has no ',' before its data");
+  const std::string meta = url.substr(5, comma - 5);
+  if (meta.find(";base64") == std::string::npos) fail("data URL is not base64-encoded (';base64' missing)");
+  const std::string mime = meta.substr(0, meta.find(';'));
+  if (!mime.empty() && mime.rfind("image/", 0) != 0) fail("data URL has media type '", mime, "', not an image");
+  if ((url.size() - comma) / 4 * 3 > limits.max_file_bytes + 3)
+    fail("data URL image is larger than the limit of ", limits.max_file_bytes, " bytes");
+  auto bytes = base64_decode(url.substr(comma + 1), "data URL image");
+  return decode_image(bytes, "data URL (" + (mime.empty() ? std::string("image") : mime) + ")", limits);
+}
+
+}  // namespace vkvlm

@@ -1,0 +1,44 @@
+#pragma once
+// Images: decoding (JPEG, PNG, BMP, GIF, TGA through stb_image; WebP through libwebp) into 8-bit
+// RGB, and the Hugging Face image processors' pixel pipelines.
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace vkvlm {
+
+struct Image {
+  int width = 0, height = 0;
+  std::vector<uint8_t> rgb;  // height * width * 3, row-major
+  std::string source;        // file name or "data URL", for messages
+  uint64_t hash = 0;         // of the decoded pixels
+};
+
+struct ImageLimits {
+  uint64_t max_file_bytes = 64ull << 20;
+  uint64_t max_pixels = 64ull << 20;  // width * height
+};
+
+// Decodes an image file's bytes; errors name `source` and the reason.
+Image decode_image(const std::vector<uint8_t>& bytes, const std::string& source, const ImageLimits& limits = {});
+Image load_image_file(const std::string& path, const ImageLimits& limits = {});
+// "data:image/png;base64,...."
+Image decode_data_url(const std::string& url, const ImageLimits& limits = {});
+std::vector<uint8_t> base64_decode(const std::string& s, const std::string& what);
+std::string base64_encode(const std::vector<uint8_t>& bytes);
+
+// What a vision tower consumes for one image: one or more normalized CHW crops, and how they map
+// onto image tokens in the prompt.
+struct ProcessedImage {
+  std::vector<float> pixels;  // crops x 3 x size x size, normalized
+  int crops = 0, size = 0;
+  int64_t tokens = 0;         // prompt positions the image occupies
+  int orig_width = 0, orig_height = 0;
+  // LLaVA-NeXT: the tile grid (rows, columns) of the best resolution.
+  int grid_rows = 0, grid_cols = 0;
+  // Phi-3-Vision: the HD image in crops of 336 (rows, columns).
+  int hd_rows = 0, hd_cols = 0;
+  uint64_t hash = 0;
+};
+
+}  // namespace vkvlm
