@@ -217,11 +217,16 @@ LoadOptions load_options(const Flags& f) {
   return o;
 }
 
-// The context: --ctx, or enough for this prompt and its answer (at least 4096, at most the model's).
+// The context: --ctx, or enough for this prompt and its answer (at least 4096 when the model
+// allows). Past the model's max_position_embeddings works as in the reference, with a warning.
 int64_t context_for(const Flags& f, const Model& m, int64_t prompt_tokens, int max_tokens) {
   const int64_t max_pos = m.config().text.max_position;
-  if (f.has("ctx")) return f.integer("ctx", 0, 2, max_pos);
-  return std::min<int64_t>(max_pos, std::max<int64_t>(std::min<int64_t>(4096, max_pos), prompt_tokens + max_tokens + 1));
+  const int64_t ctx = f.has("ctx") ? f.integer("ctx", 0, 2, int64_t(1) << 24)
+                                   : std::max<int64_t>(std::min<int64_t>(4096, max_pos), prompt_tokens + max_tokens + 1);
+  if (ctx > max_pos)
+    std::fprintf(stderr, "vkvlm: warning: a context of %lld tokens is longer than the %lld positions the model was trained for\n",
+                 (long long)ctx, (long long)max_pos);
+  return ctx;
 }
 
 const std::map<std::string, bool> k_generate_flags = {
@@ -294,8 +299,7 @@ int cmd_chat(int argc, char** argv) {
   const std::string dir = f.has("model") ? f.str("model") : default_model_dir();
   auto ctx = make_context();
   Model model(*ctx, dir, load_options(f));
-  const int64_t ctx_tokens = f.has("ctx") ? f.integer("ctx", 0, 2, model.config().text.max_position)
-                                          : std::min<int64_t>(model.config().text.max_position, 4096);
+  const int64_t ctx_tokens = context_for(f, model, 0, 0);
   Session session(model, ctx_tokens);
   Messages history = Messages::array();
   if (f.has("system")) history.push_back({{"role", "system"}, {"content", f.str("system")}});
@@ -387,8 +391,7 @@ int cmd_info(int argc, char** argv) {
   const std::string dir = f.has("model") ? f.str("model") : default_model_dir();
   auto ctx = make_context();
   Model model(*ctx, dir, load_options(f));
-  const int64_t ctx_tokens = f.has("ctx") ? f.integer("ctx", 0, 2, model.config().text.max_position)
-                                          : std::min<int64_t>(model.config().text.max_position, 4096);
+  const int64_t ctx_tokens = context_for(f, model, 0, 0);
   std::printf("%s", model.info(ctx_tokens).c_str());
   std::printf("device: %s\n", ctx->profile().summary_line().c_str());
   return 0;

@@ -302,8 +302,8 @@ struct Session::Graphs {
 Session::Session(Model& model, int64_t context_tokens) : model_(model), ctx_(model.context()) {
   const auto& t = model.config().text;
   if (context_tokens < 2) fail("the context must hold at least 2 tokens, not ", context_tokens);
-  if (context_tokens > t.max_position)
-    fail("a context of ", context_tokens, " tokens exceeds the model's maximum of ", t.max_position);
+  // Like the reference, positions past max_position_embeddings are allowed (RoPE extends to
+  // them); the CLI warns when a context goes beyond what the model was trained for.
   capacity_ = context_tokens;
   cache_ = KvCache::create(ctx_, t, capacity_);
   step_ = ctx_.host_tensor(gpu::DType::I32, {1}, "step", gpu::MemoryKind::Upload);
@@ -352,42 +352,57 @@ void Session::prefill(const Prompt& prompt, const std::vector<Tensor>& features,
   }
 }
 
-GenerationResult Session::generate(const Prompt& prompt, const GenerationParams& params, const StepCallback& on_step) {
-  params.validate();
-  const auto& cfg = model_.config();
-  const auto& tok = model_.tokenizer();
+Session::Prepared Session::prepare(const Prompt& prompt) {
   const int64_t N = int64_t(prompt.ids.size());
   if (N == 0) fail("the prompt is empty");
   if (N >= capacity_)
     fail("the prompt is ", N, " tokens long, which does not fit the context of ", capacity_,
          " tokens (raise the context size, e.g. --ctx)");
   if (prompt.keys.size() != prompt.ids.size()) fail("internal: prompt keys and ids differ in length");
-  GenerationResult res;
-  res.prompt_tokens = prompt.ids;
-
+  Prepared p;
   // Reuse the longest cached prefix (at least the last prompt token is recomputed for logits).
-  const auto& rope = cfg.text.rope;
-  const bool need_long = rope.uses_long_factors(N);
+  const bool need_long = model_.config().text.rope.uses_long_factors(N);
   int64_t common = 0;
   while (common < int64_t(cached_keys_.size()) && common < N && cached_keys_[size_t(common)] == prompt.keys[size_t(common)]) ++common;
   if (need_long != rope_long_) common = 0;  // cached keys were rotated with the other factors
-  const int64_t reuse = std::min(common, N - 1);
+  p.reused = std::min(common, N - 1);
+  p.computed = N - p.reused;
   ensure_rope(need_long);
-  res.cached_tokens = reuse;
 
-  // Image features for the spans that still need computing.
   auto t_img = std::chrono::steady_clock::now();
-  std::vector<Tensor> features(prompt.images.size());
+  p.features.resize(prompt.images.size());
   for (auto& s : prompt.spans)
-    if (s.position + s.length > reuse && !features[s.image].valid()) features[s.image] = model_.vision()->encode(prompt.images[s.image]);
-  res.image_seconds = seconds_since(t_img);
+    if (s.position + s.length > p.reused && !p.features[s.image].valid())
+      p.features[s.image] = model_.vision()->encode(prompt.images[s.image]);
+  p.image_seconds = seconds_since(t_img);
 
   auto t0 = std::chrono::steady_clock::now();
-  cached_keys_.resize(size_t(reuse));
-  prefill(prompt, features, reuse, N);
+  cached_keys_.resize(size_t(p.reused));
+  prefill(prompt, p.features, p.reused, N);
   cached_keys_.assign(prompt.keys.begin(), prompt.keys.end());
-  res.prefill_tokens = N - reuse;
-  res.prefill_seconds = seconds_since(t0);
+  p.prefill_seconds = seconds_since(t0);
+  return p;
+}
+
+std::vector<float> Session::prompt_logits(const Prompt& prompt) {
+  prepare(prompt);
+  return ctx_.read<float>(logits_);
+}
+
+GenerationResult Session::generate(const Prompt& prompt, const GenerationParams& params, const StepCallback& on_step) {
+  params.validate();
+  const auto& cfg = model_.config();
+  const auto& tok = model_.tokenizer();
+  const auto& rope = cfg.text.rope;
+  const int64_t N = int64_t(prompt.ids.size());
+  GenerationResult res;
+  res.prompt_tokens = prompt.ids;
+  Prepared prep = prepare(prompt);
+  std::vector<Tensor>& features = prep.features;
+  res.cached_tokens = prep.reused;
+  res.prefill_tokens = prep.computed;
+  res.image_seconds = prep.image_seconds;
+  res.prefill_seconds = prep.prefill_seconds;
 
   // Record the sampling tail and the decode step once; they are replayed for every token.
   const int64_t V = cfg.text.vocab_size;

@@ -123,6 +123,8 @@ class Session {
   // Generates a continuation of prompt. KV entries shared with the previous call's prompt and
   // output are reused. Throws (before touching the cache) when the prompt does not fit.
   GenerationResult generate(const Prompt& prompt, const GenerationParams& params, const StepCallback& on_step = {});
+  // Logits [vocab] at the last prompt position (fills the cache like generate does).
+  std::vector<float> prompt_logits(const Prompt& prompt);
   // Forgets the cached conversation.
   void reset();
 
@@ -131,6 +133,14 @@ class Session {
 
  private:
   struct Graphs;
+  struct Prepared {
+    std::vector<gpu::Tensor> features;  // per image; computed for images the prefill needed
+    int64_t reused = 0, computed = 0;
+    double image_seconds = 0, prefill_seconds = 0;
+  };
+  // Checks the prompt, reuses the cached prefix, encodes images and prefills the rest, leaving
+  // the logits of the last prompt position in logits_.
+  Prepared prepare(const Prompt& prompt);
   void ensure_rope(bool long_factors);
   // Fills the cache for prompt positions [from, to) (chunked) and leaves logits of position to-1.
   void prefill(const Prompt& prompt, const std::vector<gpu::Tensor>& image_features, int64_t from, int64_t to);
