@@ -187,6 +187,9 @@ Prompt Model::build_prompt(const Messages& messages, const std::vector<Image>& i
     norm.push_back(out);
   }
   if (!images.empty() && !vision_) fail("model ", cfg_.dir, " is a text model and cannot take images");
+  // Phi-3-Vision prompts may also carry <|image_N|> tags in plain text; those are checked below.
+  if (image_parts != images.size() && !(phi3v && image_parts == 0))
+    fail("the conversation has ", image_parts, " image part(s) but ", images.size(), " image(s) were given");
 
   Prompt p;
   p.text = render_chat(norm, true);

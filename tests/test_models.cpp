@@ -27,9 +27,11 @@ constexpr double kLogitTolerance = 2e-2;  // relative to the reference's largest
 constexpr double kNearTie = 0.05;
 
 Model& fixture_model(const std::string& name) {
+  // The context first, so it outlives the models at exit.
+  gpu::Context& c = ctx();
   static std::map<std::string, std::unique_ptr<Model>> models;
   auto& m = models[name];
-  if (!m) m = std::make_unique<Model>(ctx(), fixtures_dir() + "/" + name);
+  if (!m) m = std::make_unique<Model>(c, fixtures_dir() + "/" + name);
   return *m;
 }
 
@@ -48,6 +50,7 @@ struct Expected {
 struct Case {
   std::string model, name;
 };
+void PrintTo(const Case& c, std::ostream* os) { *os << c.model << " " << c.name; }
 
 std::vector<Case> all_cases() {
   std::vector<Case> out;

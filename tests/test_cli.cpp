@@ -1,0 +1,192 @@
+// The vkvlm command line as a user runs it: outputs checked against the reference fixtures and
+// the demo model's answers, and every wrong input answered with one clear line and a non-zero
+// exit code.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
+
+#include "host/image.h"
+#include "host/safetensors.h"
+#include "tests/test_paths.h"
+
+namespace vkvlm::test {
+namespace {
+namespace fs = std::filesystem;
+
+struct CliRun {
+  int rc = -1;
+  std::string out, err;
+};
+
+std::string quote(const std::string& s) {
+  std::string q = "'";
+  for (char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return q + "'";
+}
+
+std::string tmp(const std::string& name) {
+  static std::string dir = [] {
+    auto d = fs::temp_directory_path() / ("vkvlm-cli-test-" + std::to_string(::getpid()));
+    fs::create_directories(d);
+    return d.string();
+  }();
+  return dir + "/" + name;
+}
+
+std::string slurp(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+CliRun vkvlm(const std::vector<std::string>& args, const std::string& stdin_data = "") {
+  std::string cmd = quote(VKVLM_CLI);
+  for (auto& a : args) cmd += " " + quote(a);
+  std::ofstream(tmp("stdin"), std::ios::binary) << stdin_data;
+  cmd += " < " + quote(tmp("stdin")) + " > " + quote(tmp("stdout")) + " 2> " + quote(tmp("stderr"));
+  int status = std::system(cmd.c_str());
+  CliRun r;
+  r.rc = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  r.out = slurp(tmp("stdout"));
+  r.err = slurp(tmp("stderr"));
+  return r;
+}
+
+const std::string k_demo = VKVLM_SOURCE_DIR "/models/shapes-llava";
+
+TEST(Cli, GenerateOnTheBundledDemoModelByDefault) {
+  CliRun r = vkvlm({"generate", "--image", k_demo + "/examples/shapes_0.png", "--prompt", "Where is the orange square?"});
+  ASSERT_EQ(r.rc, 0) << r.err;
+  EXPECT_EQ(r.out, "It is on the right.\n");
+}
+
+TEST(Cli, GenerateJsonMatchesTheReference) {
+  const std::string model = fixtures_dir() + "/llava15-f16";
+  CliRun r = vkvlm({"generate", "--model", model, "--prompt", "Write a haiku about GPUs. Ünïcødé: 你好 🤗", "--max-tokens", "12",
+                 "--ignore-eos", "--json", "--top-logits", "5"});
+  ASSERT_EQ(r.rc, 0) << r.err;
+  auto j = nlohmann::json::parse(r.out);
+  auto exp = TensorStore::open_file(model + "/expected.safetensors");
+  auto ids = exp.get("text_only.input_ids").to_f32();
+  EXPECT_EQ(j["prompt_tokens"].get<std::vector<int>>(), std::vector<int>(ids.begin(), ids.end()));
+  auto greedy = exp.get("text_only.greedy_ids").to_f32();
+  auto top10 = exp.get("text_only.top10_logits").to_f32();
+  auto top10_ids = exp.get("text_only.top10_ids").to_f32();
+  ASSERT_EQ(j["tokens"].size(), 12u);
+  for (size_t s = 0; s < 12; ++s) {
+    if (top10[s * 10] - top10[s * 10 + 1] < 0.05f) break;
+    EXPECT_EQ(j["tokens"][s].get<int>(), int(greedy[s])) << "step " << s;
+  }
+  EXPECT_EQ(j["finish_reason"], "length");
+  EXPECT_TRUE(j["text"].is_string());
+  EXPECT_GT(j["timings"]["prefill_tokens_per_second"].get<double>(), 0);
+  EXPECT_GT(j["timings"]["decode_tokens_per_second"].get<double>(), 0);
+  ASSERT_EQ(j["top_logits"].size(), 12u);
+  // Step 0: the best raw logits, best first, as the reference computed them.
+  for (int i = 0; i < 5; ++i) {
+    EXPECT_EQ(j["top_logits"][0][i][0].get<int>(), int(top10_ids[size_t(i)]));
+    EXPECT_NEAR(j["top_logits"][0][i][1].get<double>(), top10[size_t(i)], 2e-2 * std::fabs(top10[0]));
+  }
+}
+
+TEST(Cli, MessagesFileWithImagePartsAndDataUrls) {
+  const std::string img = k_demo + "/examples/shapes_1.png";
+  std::ifstream in(img, std::ios::binary);
+  std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(in)), {});
+  const std::string url = "data:image/png;base64," + base64_encode(bytes);
+  nlohmann::json by_part = nlohmann::json::array(
+      {{{"role", "user"}, {"content", {{{"type", "image"}}, {{"type", "text"}, {"text", "Describe this image."}}}}}});
+  std::ofstream(tmp("part.json")) << by_part.dump();
+  CliRun a = vkvlm({"generate", "--messages", tmp("part.json"), "--image", img});
+  ASSERT_EQ(a.rc, 0) << a.err;
+  EXPECT_EQ(a.out, "An orange circle at the top left and a black circle at the bottom.\n");
+  nlohmann::json by_url = nlohmann::json::array(
+      {{{"role", "user"},
+        {"content", {{{"type", "image_url"}, {"image_url", {{"url", url}}}}, {{"type", "text"}, {"text", "Describe this image."}}}}}});
+  std::ofstream(tmp("url.json")) << by_url.dump();
+  CliRun b = vkvlm({"generate", "--messages", tmp("url.json")});
+  ASSERT_EQ(b.rc, 0) << b.err;
+  EXPECT_EQ(b.out, a.out);
+}
+
+TEST(Cli, TokenizeReadsStdinByteForByte) {
+  const std::string dir = fixtures_dir() + "/tokenizers/";
+  std::ifstream g(dir + "sp-bpe.golden.json");
+  auto golden = nlohmann::json::parse(g);
+  for (auto& c : golden["cases"]) {
+    const std::string text = c["text"];
+    if (text != "  leading and trailing  " && text != "\n" && text != "hello\nworld") continue;
+    CliRun with = vkvlm({"tokenize", "--tokenizer", dir + "sp-bpe.tokenizer.json", "--json"}, text);
+    ASSERT_EQ(with.rc, 0) << with.err;
+    EXPECT_EQ(nlohmann::json::parse(with.out), c["ids_with_special"]);
+    CliRun without = vkvlm({"tokenize", "--tokenizer", dir + "sp-bpe.tokenizer.json", "--json", "--no-special"}, text);
+    EXPECT_EQ(nlohmann::json::parse(without.out), c["ids"]);
+  }
+  CliRun human = vkvlm({"tokenize", "--model", k_demo, "--text", "A red circle."});
+  ASSERT_EQ(human.rc, 0) << human.err;
+  EXPECT_NE(human.out.find("\t"), std::string::npos);
+}
+
+TEST(Cli, InfoAndDevices) {
+  CliRun info = vkvlm({"info", "--model", fixtures_dir() + "/llava15-mlx4"});
+  ASSERT_EQ(info.rc, 0) << info.err;
+  for (const char* w : {"llava", "q4 group 64", "KV cache", "vision tower", "memory needed"})
+    EXPECT_NE(info.out.find(w), std::string::npos) << w << " in\n" << info.out;
+  CliRun dev = vkvlm({"devices"});
+  ASSERT_EQ(dev.rc, 0) << dev.err;
+  EXPECT_NE(dev.out.find("fp16="), std::string::npos);
+  EXPECT_NE(dev.out.find("max_binding="), std::string::npos);
+}
+
+struct BadRun {
+  std::vector<std::string> args;
+  int rc;
+  std::vector<const char*> words;
+};
+
+TEST(Cli, WrongInputsGetOneClearLine) {
+  std::ofstream(tmp("notimage.png")) << "plain text";
+  std::ofstream(tmp("bad.json")) << "[{\"role\": \"user\", \"content\": ";
+  std::ofstream(tmp("remote.json")) << R"([{"role":"user","content":[{"type":"image_url","image_url":{"url":"https://example.com/a.png"}},{"type":"text","text":"hi"}]}])";
+  std::ofstream(tmp("noimage.json")) << R"([{"role":"user","content":[{"type":"text","text":"hi"}]}])";
+  const std::string img = k_demo + "/examples/shapes_0.png";
+  std::vector<BadRun> cases = {
+      {{"generate", "--model", "/nonexistent/model", "--prompt", "x"}, 1, {"/nonexistent/model", "does not exist"}},
+      {{"generate", "--model", tmp(""), "--prompt", "x"}, 1, {"config.json"}},
+      {{"generate", "--prompt", "x", "--temp", "hot"}, 2, {"--temp", "hot"}},
+      {{"generate", "--prompt", "x", "--max-tokens", "-4"}, 2, {"--max-tokens"}},
+      {{"generate", "--prompt", "x", "--top-p", "1.5"}, 2, {"--top-p"}},
+      {{"generate", "--prompt", "x", "--bogus"}, 2, {"unknown option --bogus"}},
+      {{"generate", "--prompt", "x", "--messages", tmp("bad.json")}, 2, {"exactly one of --prompt"}},
+      {{"generate"}, 2, {"exactly one of --prompt"}},
+      {{"generate", "--prompt", "x", "--image", tmp("missing.png")}, 1, {"missing.png", "does not exist"}},
+      {{"generate", "--prompt", "x", "--image", tmp("notimage.png")}, 1, {"notimage.png", "not a supported image"}},
+      {{"generate", "--messages", tmp("bad.json")}, 1, {"bad.json", "not valid JSON"}},
+      {{"generate", "--messages", tmp("remote.json")}, 1, {"https://example.com/a.png", "fetches nothing"}},
+      {{"generate", "--messages", tmp("noimage.json"), "--image", img}, 1, {"--image", "1", "0"}},
+      {{"generate", "--prompt", "x", "--quantize", "q3"}, 2, {"--quantize", "q3"}},
+      {{"generate", "--prompt", "Describe every shape and every colour in great detail.", "--ctx", "8"}, 1, {"context of 8"}},
+      {{"tokenize"}, 2, {"--model", "--tokenizer"}},
+      {{"tokenize", "--tokenizer", tmp("missing.json")}, 1, {"missing.json"}},
+      {{"frobnicate"}, 2, {"unknown command 'frobnicate'"}},
+  };
+  for (auto& c : cases) {
+    std::string joined;
+    for (auto& a : c.args) joined += a + " ";
+    SCOPED_TRACE(joined);
+    CliRun r = vkvlm(c.args);
+    EXPECT_EQ(r.rc, c.rc) << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << "one line: " << r.err;
+    for (auto* w : c.words) EXPECT_NE(r.err.find(w), std::string::npos) << "'" << w << "' missing from: " << r.err;
+    EXPECT_TRUE(r.out.empty()) << r.out;
+  }
+}
+
+}  // namespace
+}  // namespace vkvlm::test
