@@ -22,7 +22,9 @@
 #include "gpu/context.h"
 #include "gpu/device.h"
 #include "gpu/error.h"
+#include "host/flags.h"
 #include "host/image.h"
+#include "host/server.h"
 #include "host/tokenizer.h"
 #include "models/model.h"
 
@@ -30,95 +32,6 @@ namespace fs = std::filesystem;
 using namespace vkvlm;
 
 namespace {
-
-struct UsageError : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
-
-// Flags of one command: --name value, --name=value, repeated flags, and switches.
-class Flags {
- public:
-  Flags(int argc, char** argv, int first, const std::map<std::string, bool>& known) {
-    for (int i = first; i < argc; ++i) {
-      std::string a = argv[i];
-      if (a.rfind("--", 0) != 0) throw UsageError("unexpected argument '" + a + "'");
-      std::string name = a.substr(2), value;
-      bool inline_value = false;
-      if (auto eq = name.find('='); eq != std::string::npos) {
-        value = name.substr(eq + 1);
-        name = name.substr(0, eq);
-        inline_value = true;
-      }
-      auto it = known.find(name);
-      if (it == known.end()) throw UsageError("unknown option --" + name);
-      if (it->second) {  // takes a value
-        if (!inline_value) {
-          if (i + 1 >= argc) throw UsageError("--" + name + " needs a value");
-          value = argv[++i];
-        }
-        values_[name].push_back(value);
-      } else {
-        if (inline_value) throw UsageError("--" + name + " takes no value");
-        values_[name].push_back("");
-      }
-    }
-  }
-  bool has(const std::string& n) const { return values_.count(n) > 0; }
-  std::string str(const std::string& n, const std::string& dflt = "") const {
-    auto it = values_.find(n);
-    if (it == values_.end()) return dflt;
-    if (it->second.size() > 1) throw UsageError("--" + n + " was given more than once");
-    return it->second[0];
-  }
-  std::vector<std::string> all(const std::string& n) const {
-    auto it = values_.find(n);
-    return it == values_.end() ? std::vector<std::string>{} : it->second;
-  }
-  int64_t integer(const std::string& n, int64_t dflt, int64_t lo, int64_t hi) const {
-    if (!has(n)) return dflt;
-    const std::string s = str(n);
-    char* end = nullptr;
-    errno = 0;
-    long long v = std::strtoll(s.c_str(), &end, 10);
-    if (s.empty() || *end || errno) throw UsageError("--" + n + " needs a whole number, not '" + s + "'");
-    if (v < lo || v > hi)
-      throw UsageError("--" + n + " must be between " + std::to_string(lo) + " and " + std::to_string(hi) + ", not " + s);
-    return v;
-  }
-  double number(const std::string& n, double dflt, double lo, double hi) const {
-    if (!has(n)) return dflt;
-    const std::string s = str(n);
-    char* end = nullptr;
-    errno = 0;
-    double v = std::strtod(s.c_str(), &end);
-    if (s.empty() || *end || errno || !std::isfinite(v)) throw UsageError("--" + n + " needs a number, not '" + s + "'");
-    if (v < lo || v > hi) {
-      std::ostringstream os;
-      os << "--" << n << " must be between " << lo << " and " << hi << ", not " << s;
-      throw UsageError(os.str());
-    }
-    return v;
-  }
-
- private:
-  std::map<std::string, std::vector<std::string>> values_;
-};
-
-// The bundled demo model: next to the executable's build tree, installed, or in the source tree.
-std::string default_model_dir() {
-  if (const char* env = std::getenv("VKVLM_MODEL"); env && *env) return env;
-  std::vector<fs::path> candidates;
-  std::error_code ec;
-  fs::path exe = fs::read_symlink("/proc/self/exe", ec);
-  if (!ec) {
-    candidates.push_back(exe.parent_path() / "../models/shapes-llava");
-    candidates.push_back(exe.parent_path() / "../share/vkvlm/models/shapes-llava");
-  }
-  candidates.push_back(fs::path(VKVLM_SOURCE_DIR) / "models/shapes-llava");
-  for (auto& c : candidates)
-    if (fs::exists(c / "config.json", ec)) return fs::weakly_canonical(c, ec).string();
-  throw Error("no --model given and the bundled demo model (models/shapes-llava) was not found; pass --model DIR");
-}
 
 std::unique_ptr<gpu::Context> make_context() { return std::make_unique<gpu::Context>(gpu::Device::create()); }
 
@@ -413,6 +326,9 @@ const char* k_usage =
     "  chat      [--model DIR] [--image PATH]... [--system TEXT] [sampling options]   interactive, multi-turn\n"
     "  tokenize  (--model DIR | --tokenizer FILE) [--text TEXT] [--no-special] [--json]   (stdin without --text)\n"
     "  info      [--model DIR] [--ctx N] [--quantize q4|q8]\n"
+    "  serve     [--model DIR] [--host 127.0.0.1] [--port 8080] [--api-key KEY] [--max-concurrency N]\n"
+    "            [--ctx N] [--kv-slots N] [--allow-local-files DIR] [--max-images N] [--quantize q4|q8]\n"
+    "            [--model-name NAME]   OpenAI-compatible server\n"
     "  devices   list Vulkan devices with their feature profiles\n"
     "\n"
     "Without --model, the bundled demo model (models/shapes-llava) is used.\n"
@@ -439,7 +355,8 @@ int main(int argc, char** argv) {
     if (cmd == "tokenize") return cmd_tokenize(argc, argv);
     if (cmd == "info") return cmd_info(argc, argv);
     if (cmd == "devices") return cmd_devices(argc, argv);
-    throw UsageError("unknown command '" + cmd + "' (generate, chat, tokenize, info, devices)");
+    if (cmd == "serve") return server::run_serve(argc, argv, 2);
+    throw UsageError("unknown command '" + cmd + "' (generate, chat, tokenize, info, serve, devices)");
   } catch (const UsageError& e) {
     std::fprintf(stderr, "vkvlm: %s (see vkvlm --help)\n", e.what());
     return 2;

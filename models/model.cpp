@@ -55,6 +55,21 @@ uint64_t image_key(uint64_t image_hash, int64_t offset) {
 
 }  // namespace
 
+std::string default_model_dir() {
+  if (const char* env = std::getenv("VKVLM_MODEL"); env && *env) return env;
+  std::vector<fs::path> candidates;
+  std::error_code ec;
+  fs::path exe = fs::read_symlink("/proc/self/exe", ec);
+  if (!ec) {
+    candidates.push_back(exe.parent_path() / "../models/shapes-llava");
+    candidates.push_back(exe.parent_path() / "../share/vkvlm/models/shapes-llava");
+  }
+  candidates.push_back(fs::path(VKVLM_SOURCE_DIR) / "models/shapes-llava");
+  for (auto& c : candidates)
+    if (fs::exists(c / "config.json", ec)) return fs::weakly_canonical(c, ec).string();
+  fail("no --model given and the bundled demo model (models/shapes-llava) was not found; pass --model DIR");
+}
+
 uint64_t hash_bytes(const void* data, size_t n, uint64_t seed) {
   const auto* p = static_cast<const uint8_t*>(data);
   uint64_t h = seed;

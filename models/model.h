@@ -157,6 +157,10 @@ class Session {
   gpu::Tensor logits_;      // f32 [1, vocab]
 };
 
+// The bundled demo model (models/shapes-llava): $VKVLM_MODEL, next to the executable's build
+// tree, installed under share/vkvlm, or in the source tree. Throws when none is found.
+std::string default_model_dir();
+
 // Hash of a byte string (FNV-1a, 64-bit), for image identity in KV reuse.
 uint64_t hash_bytes(const void* data, size_t n, uint64_t seed = 1469598103934665603ull);
 

@@ -1,0 +1,29 @@
+#pragma once
+// `vkvlm serve`: an OpenAI-compatible HTTP server (chat completions with images, streaming,
+// models, health, Prometheus metrics) on cpp-httplib.
+#include <cstdint>
+#include <string>
+
+#include "models/weights.h"
+
+namespace vkvlm::server {
+
+struct Options {
+  std::string model_dir;
+  std::string model_name;  // the id clients see; defaults to the folder's name
+  std::string host = "127.0.0.1";
+  int port = 8080;
+  std::string api_key;            // when set, /v1/* needs "Authorization: Bearer <key>"
+  int max_concurrency = 16;       // requests admitted at once (running or queued); more get 429
+  int64_t context_tokens = 4096;  // KV cache size per conversation slot
+  int kv_slots = 1;               // conversations whose KV caches are kept for reuse
+  std::string allow_local_files;  // folder image_url file paths may come from (empty: none)
+  size_t max_body_bytes = 64ull << 20;
+  int max_images = 8;             // per request
+  LoadOptions load;
+};
+
+// Parses `vkvlm serve` flags from argv[first..], runs until SIGINT/SIGTERM. Returns the exit code.
+int run_serve(int argc, char** argv, int first);
+
+}  // namespace vkvlm::server
