@@ -6,25 +6,16 @@ set(define_args "")
 foreach(d IN LISTS DEFINES)
   list(APPEND define_args "-D${d}")
 endforeach()
-execute_process(
-  COMMAND "${GLSLANG}" --target-env vulkan1.2 -V -I${INCLUDE_DIR} ${define_args} -o "${raw}" "${SOURCE}"
-  RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
-if(NOT rc EQUAL 0)
-  message(FATAL_ERROR "glslangValidator failed for ${SOURCE} [${DEFINES}]:\n${out}${err}")
-endif()
-execute_process(COMMAND "${SPIRV_VAL}" --target-env vulkan1.2 "${raw}"
-  RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
-if(NOT rc EQUAL 0)
-  message(FATAL_ERROR "spirv-val rejected ${SOURCE} [${DEFINES}]:\n${out}${err}")
-endif()
-execute_process(COMMAND "${SPIRV_OPT}" -O --target-env=vulkan1.2 "${raw}" -o "${OUTPUT}"
-  RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
-if(NOT rc EQUAL 0)
-  message(FATAL_ERROR "spirv-opt failed for ${SOURCE} [${DEFINES}]:\n${out}${err}")
-endif()
-execute_process(COMMAND "${SPIRV_VAL}" --target-env vulkan1.2 "${OUTPUT}"
-  RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
-if(NOT rc EQUAL 0)
-  message(FATAL_ERROR "spirv-val rejected the optimized ${SOURCE} [${DEFINES}]:\n${out}${err}")
-endif()
+# Runs one step; any failure stops the build with the tool's output.
+function(run_step what)
+  execute_process(COMMAND ${ARGN} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+  if(NOT rc EQUAL 0)
+    message(FATAL_ERROR "${what} ${SOURCE} [${DEFINES}]:\n${out}${err}")
+  endif()
+endfunction()
+
+run_step("glslangValidator failed for" "${GLSLANG}" --target-env vulkan1.2 -V -I${INCLUDE_DIR} ${define_args} -o "${raw}" "${SOURCE}")
+run_step("spirv-val rejected" "${SPIRV_VAL}" --target-env vulkan1.2 "${raw}")
+run_step("spirv-opt failed for" "${SPIRV_OPT}" -O --target-env=vulkan1.2 "${raw}" -o "${OUTPUT}")
+run_step("spirv-val rejected the optimized" "${SPIRV_VAL}" --target-env vulkan1.2 "${OUTPUT}")
 file(REMOVE "${raw}")

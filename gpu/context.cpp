@@ -10,8 +10,9 @@ namespace {
 constexpr uint64_t k_staging_slot_bytes = 16ull << 20;
 constexpr size_t k_staging_slots = 4;
 
-// Makes every device write visible to the host and to later transfers and kernels.
-void full_barrier(VkCommandBuffer cb) {
+}  // namespace
+
+void record_full_barrier(VkCommandBuffer cb) {
   VkMemoryBarrier mb{VK_STRUCTURE_TYPE_MEMORY_BARRIER};
   mb.srcAccessMask = VK_ACCESS_SHADER_WRITE_BIT | VK_ACCESS_TRANSFER_WRITE_BIT;
   mb.dstAccessMask = VK_ACCESS_SHADER_READ_BIT | VK_ACCESS_SHADER_WRITE_BIT | VK_ACCESS_TRANSFER_READ_BIT |
@@ -20,7 +21,6 @@ void full_barrier(VkCommandBuffer cb) {
                        VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT | VK_PIPELINE_STAGE_TRANSFER_BIT | VK_PIPELINE_STAGE_HOST_BIT,
                        0, 1, &mb, 0, nullptr, 0, nullptr);
 }
-}  // namespace
 
 Context::Context(std::unique_ptr<Device> device) : device_(std::move(device)) {
   allocator_ = std::make_unique<Allocator>(*device_);
@@ -116,7 +116,7 @@ void Context::upload(const Tensor& dst, const void* data, uint64_t bytes, uint64
     check(vkBeginCommandBuffer(s.cb, &bi), "vkBeginCommandBuffer");
     VkBufferCopy region{0, dst_offset + done, n};
     vkCmdCopyBuffer(s.cb, s.buffer->handle(), dst.buffer(), 1, &region);
-    full_barrier(s.cb);
+    record_full_barrier(s.cb);
     check(vkEndCommandBuffer(s.cb), "vkEndCommandBuffer");
     VkSubmitInfo si{VK_STRUCTURE_TYPE_SUBMIT_INFO};
     si.commandBufferCount = 1;
@@ -141,31 +141,38 @@ void Context::download(const Tensor& src, void* data, uint64_t bytes, uint64_t s
     return;
   }
   std::lock_guard<std::mutex> lock(transfer_mutex_);
-  VkDevice dev = device_->device();
   const uint64_t chunk = k_staging_slot_bytes;
   if (!readback_) readback_ = allocator_->allocate(chunk, MemoryKind::Readback, "readback buffer");
+  char* out = static_cast<char*>(data);
+  for (uint64_t done = 0; done < bytes;) {
+    const uint64_t n = std::min(chunk, bytes - done);
+    VkCommandBuffer cb = begin_one_shot();
+    VkBufferCopy region{src_offset + done, 0, n};
+    vkCmdCopyBuffer(cb, src.buffer(), readback_->handle(), 1, &region);
+    end_and_run(cb);
+    std::memcpy(out + done, readback_->mapped(), n);
+    done += n;
+  }
+}
+
+VkCommandBuffer Context::begin_one_shot() {
   VkCommandBuffer cb;
   VkCommandBufferAllocateInfo ai{VK_STRUCTURE_TYPE_COMMAND_BUFFER_ALLOCATE_INFO};
   ai.commandPool = transfer_pool_;
   ai.level = VK_COMMAND_BUFFER_LEVEL_PRIMARY;
   ai.commandBufferCount = 1;
-  check(vkAllocateCommandBuffers(dev, &ai, &cb), "vkAllocateCommandBuffers");
-  char* out = static_cast<char*>(data);
-  for (uint64_t done = 0; done < bytes;) {
-    uint64_t n = std::min(chunk, bytes - done);
-    VkCommandBufferBeginInfo bi{VK_STRUCTURE_TYPE_COMMAND_BUFFER_BEGIN_INFO};
-    bi.flags = VK_COMMAND_BUFFER_USAGE_ONE_TIME_SUBMIT_BIT;
-    check(vkBeginCommandBuffer(cb, &bi), "vkBeginCommandBuffer");
-    VkBufferCopy region{src_offset + done, 0, n};
-    vkCmdCopyBuffer(cb, src.buffer(), readback_->handle(), 1, &region);
-    full_barrier(cb);
-    check(vkEndCommandBuffer(cb), "vkEndCommandBuffer");
-    submit_and_wait(cb);
-    std::memcpy(out + done, readback_->mapped(), n);
-    check(vkResetCommandBuffer(cb, 0), "vkResetCommandBuffer");
-    done += n;
-  }
-  vkFreeCommandBuffers(dev, transfer_pool_, 1, &cb);
+  check(vkAllocateCommandBuffers(device_->device(), &ai, &cb), "vkAllocateCommandBuffers");
+  VkCommandBufferBeginInfo bi{VK_STRUCTURE_TYPE_COMMAND_BUFFER_BEGIN_INFO};
+  bi.flags = VK_COMMAND_BUFFER_USAGE_ONE_TIME_SUBMIT_BIT;
+  check(vkBeginCommandBuffer(cb, &bi), "vkBeginCommandBuffer");
+  return cb;
+}
+
+void Context::end_and_run(VkCommandBuffer cb) {
+  record_full_barrier(cb);
+  check(vkEndCommandBuffer(cb), "vkEndCommandBuffer");
+  submit_and_wait(cb);
+  vkFreeCommandBuffers(device_->device(), transfer_pool_, 1, &cb);
 }
 
 void Context::fill_bytes(const Tensor& dst, uint8_t byte) {
@@ -174,22 +181,10 @@ void Context::fill_bytes(const Tensor& dst, uint8_t byte) {
     return;
   }
   std::lock_guard<std::mutex> lock(transfer_mutex_);
-  VkDevice dev = device_->device();
-  VkCommandBuffer cb;
-  VkCommandBufferAllocateInfo ai{VK_STRUCTURE_TYPE_COMMAND_BUFFER_ALLOCATE_INFO};
-  ai.commandPool = transfer_pool_;
-  ai.level = VK_COMMAND_BUFFER_LEVEL_PRIMARY;
-  ai.commandBufferCount = 1;
-  check(vkAllocateCommandBuffers(dev, &ai, &cb), "vkAllocateCommandBuffers");
-  VkCommandBufferBeginInfo bi{VK_STRUCTURE_TYPE_COMMAND_BUFFER_BEGIN_INFO};
-  bi.flags = VK_COMMAND_BUFFER_USAGE_ONE_TIME_SUBMIT_BIT;
-  check(vkBeginCommandBuffer(cb, &bi), "vkBeginCommandBuffer");
-  uint32_t word = 0x01010101u * byte;
+  VkCommandBuffer cb = begin_one_shot();
+  const uint32_t word = 0x01010101u * byte;
   vkCmdFillBuffer(cb, dst.buffer(), 0, dst.capacity() / 4 * 4, word);
-  full_barrier(cb);
-  check(vkEndCommandBuffer(cb), "vkEndCommandBuffer");
-  submit_and_wait(cb);
-  vkFreeCommandBuffers(dev, transfer_pool_, 1, &cb);
+  end_and_run(cb);
 }
 
 }  // namespace vkvlm::gpu

@@ -12,6 +12,10 @@
 
 namespace vkvlm::gpu {
 
+// A barrier that makes every earlier shader or transfer write visible to later shaders,
+// transfers and the host.
+void record_full_barrier(VkCommandBuffer cb);
+
 class Context {
  public:
   explicit Context(std::unique_ptr<Device> device);
@@ -57,6 +61,9 @@ class Context {
     bool pending = false;
   };
   void wait_slot(StagingSlot& s);
+  // A one-time command buffer from the transfer pool, begun; end_and_run submits, waits and frees it.
+  VkCommandBuffer begin_one_shot();
+  void end_and_run(VkCommandBuffer cb);
 
   std::unique_ptr<Device> device_;
   std::unique_ptr<Allocator> allocator_;

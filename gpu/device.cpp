@@ -81,29 +81,41 @@ struct FeatureSet {
   bool subgroup_size_control = false, coopmat_nv = false;
 };
 
-FeatureSet supported_features(VkPhysicalDevice pd, uint32_t api, const std::vector<std::string>& exts) {
+// The feature structs vkvlm queries and enables, linked into one chain (Vulkan 1.3 and NV
+// cooperative-matrix structs only where the device has them).
+struct FeatureChain {
   VkPhysicalDeviceCooperativeMatrixFeaturesNV cm{VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_COOPERATIVE_MATRIX_FEATURES_NV};
   VkPhysicalDeviceVulkan13Features f13{VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_VULKAN_1_3_FEATURES};
   VkPhysicalDeviceVulkan12Features f12{VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_VULKAN_1_2_FEATURES};
   VkPhysicalDeviceVulkan11Features f11{VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_VULKAN_1_1_FEATURES};
   VkPhysicalDeviceFeatures2 f2{VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_FEATURES_2};
-  f2.pNext = &f11;
-  f11.pNext = &f12;
-  void** tail = &f12.pNext;
-  if (api >= VK_API_VERSION_1_3) {
-    *tail = &f13;
-    tail = &f13.pNext;
+  bool has13 = false, has_cm = false;
+
+  FeatureChain(uint32_t api, bool with_coopmat) : has13(api >= VK_API_VERSION_1_3), has_cm(with_coopmat) {
+    f2.pNext = &f11;
+    f11.pNext = &f12;
+    void** tail = &f12.pNext;
+    if (has13) {
+      *tail = &f13;
+      tail = &f13.pNext;
+    }
+    if (has_cm) *tail = &cm;
   }
-  if (contains(exts, "VK_NV_cooperative_matrix")) *tail = &cm;
-  vkGetPhysicalDeviceFeatures2(pd, &f2);
+  FeatureChain(const FeatureChain&) = delete;
+  FeatureChain& operator=(const FeatureChain&) = delete;
+};
+
+FeatureSet supported_features(VkPhysicalDevice pd, uint32_t api, const std::vector<std::string>& exts) {
+  FeatureChain c(api, contains(exts, "VK_NV_cooperative_matrix"));
+  vkGetPhysicalDeviceFeatures2(pd, &c.f2);
   FeatureSet s;
-  s.fp16 = f12.shaderFloat16;
-  s.int8 = f12.shaderInt8;
-  s.storage16 = f11.storageBuffer16BitAccess;
-  s.storage8 = f12.storageBuffer8BitAccess;
-  s.bda = f12.bufferDeviceAddress;
-  s.subgroup_size_control = api >= VK_API_VERSION_1_3 && f13.subgroupSizeControl && f13.computeFullSubgroups;
-  s.coopmat_nv = cm.cooperativeMatrix;
+  s.fp16 = c.f12.shaderFloat16;
+  s.int8 = c.f12.shaderInt8;
+  s.storage16 = c.f11.storageBuffer16BitAccess;
+  s.storage8 = c.f12.storageBuffer8BitAccess;
+  s.bda = c.f12.bufferDeviceAddress;
+  s.subgroup_size_control = c.has13 && c.f13.subgroupSizeControl && c.f13.computeFullSubgroups;
+  s.coopmat_nv = c.has_cm && c.cm.cooperativeMatrix;
   return s;
 }
 
@@ -480,31 +492,18 @@ std::unique_ptr<Device> Device::create(DeviceOptions options) {
   if (contains(masked, "coopmat")) want.coopmat_nv = false;
   if (contains(masked, "subgroup")) want.subgroup_size_control = false;
 
-  VkPhysicalDeviceCooperativeMatrixFeaturesNV cm{VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_COOPERATIVE_MATRIX_FEATURES_NV};
-  VkPhysicalDeviceVulkan13Features f13{VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_VULKAN_1_3_FEATURES};
-  VkPhysicalDeviceVulkan12Features f12{VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_VULKAN_1_2_FEATURES};
-  VkPhysicalDeviceVulkan11Features f11{VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_VULKAN_1_1_FEATURES};
-  VkPhysicalDeviceFeatures2 f2{VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_FEATURES_2};
-  f2.pNext = &f11;
-  f11.pNext = &f12;
-  f11.storageBuffer16BitAccess = want.storage16;
-  f12.shaderFloat16 = want.fp16;
-  f12.shaderInt8 = want.int8;
-  f12.storageBuffer8BitAccess = want.storage8;
-  f12.bufferDeviceAddress = want.bda;
-  void** tail = &f12.pNext;
-  if (props[chosen].apiVersion >= VK_API_VERSION_1_3) {
-    f13.subgroupSizeControl = want.subgroup_size_control;
-    f13.computeFullSubgroups = want.subgroup_size_control;
-    *tail = &f13;
-    tail = &f13.pNext;
-  }
+  // Only the features vkvlm uses, and none that is masked, are enabled.
+  FeatureChain chain(props[chosen].apiVersion, want.coopmat_nv);
+  chain.f11.storageBuffer16BitAccess = want.storage16;
+  chain.f12.shaderFloat16 = want.fp16;
+  chain.f12.shaderInt8 = want.int8;
+  chain.f12.storageBuffer8BitAccess = want.storage8;
+  chain.f12.bufferDeviceAddress = want.bda;
+  chain.f13.subgroupSizeControl = want.subgroup_size_control;
+  chain.f13.computeFullSubgroups = want.subgroup_size_control;
+  chain.cm.cooperativeMatrix = want.coopmat_nv;
   std::vector<const char*> enable_exts;
-  if (want.coopmat_nv) {
-    cm.cooperativeMatrix = VK_TRUE;
-    *tail = &cm;
-    enable_exts.push_back("VK_NV_cooperative_matrix");
-  }
+  if (want.coopmat_nv) enable_exts.push_back("VK_NV_cooperative_matrix");
   if (contains(exts, "VK_EXT_memory_budget")) enable_exts.push_back("VK_EXT_memory_budget");
 
   float priority = 1.0f;
@@ -513,7 +512,7 @@ std::unique_ptr<Device> Device::create(DeviceOptions options) {
   qi.queueCount = 1;
   qi.pQueuePriorities = &priority;
   VkDeviceCreateInfo di{VK_STRUCTURE_TYPE_DEVICE_CREATE_INFO};
-  di.pNext = &f2;
+  di.pNext = &chain.f2;
   di.queueCreateInfoCount = 1;
   di.pQueueCreateInfos = &qi;
   di.enabledExtensionCount = uint32_t(enable_exts.size());

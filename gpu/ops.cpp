@@ -123,6 +123,24 @@ const char* w_suffix(WeightFormat f) {
   return "?";
 }
 
+// A weight's data, scales and biases as row views, and how many rows one binding holds of all.
+struct WeightRows {
+  Mat data, scales, biases;
+  int64_t rows_per_chunk = 0;
+};
+
+WeightRows weight_rows(Recorder& rec, const Weight& w) {
+  WeightRows r;
+  r.data = Mat::of(w.data, w.n, w.row_elems());
+  r.rows_per_chunk = rows_per_binding(rec, r.data);
+  if (w.quantized()) {
+    r.scales = Mat::of(w.scales, w.n, w.k / w.group_size);
+    r.biases = Mat::of(w.biases, w.n, w.k / w.group_size);
+    r.rows_per_chunk = std::min(r.rows_per_chunk, rows_per_binding(rec, r.scales));
+  }
+  return r;
+}
+
 struct MatmulPush {
   uint32_t M, N, K;
   uint32_t x_off, x_stride;
@@ -214,14 +232,10 @@ void matmul(Recorder& rec, const Mat& x, const Weight& w, const Tensor* bias, co
                              (gemv && sg ? "_sg" : "");
 
   // Split W by output rows so that each chunk (and its scales) fits one binding.
-  Mat wmat = Mat::of(w.data, w.n, w.row_elems());
-  int64_t n_chunk = rows_per_binding(rec, wmat);
-  Mat smat, bmat;
-  if (w.quantized()) {
-    smat = Mat::of(w.scales, w.n, w.k / w.group_size);
-    bmat = Mat::of(w.biases, w.n, w.k / w.group_size);
-    n_chunk = std::min(n_chunk, rows_per_binding(rec, smat));
-  }
+  const WeightRows wr = weight_rows(rec, w);
+  const Mat& wmat = wr.data;
+  const Mat &smat = wr.scales, &bmat = wr.biases;
+  int64_t n_chunk = wr.rows_per_chunk;
   // Keep W chunk starts 16-byte aligned so vector loads stay aligned.
   const uint64_t wrow_bytes = uint64_t(wmat.cols) * esize(w.data);
   if (n_chunk < N) {
@@ -655,14 +669,10 @@ void get_rows(Recorder& rec, const Weight& table, const Tensor& ids, int64_t ids
   if (y.rows != n || y.cols != table.k) fail("internal: get_rows output is [", y.rows, " x ", y.cols, "], expected [", n, " x ", table.k, "]");
   if (ids_offset + n > ids.numel()) fail("internal: get_rows ids out of range");
   if (n == 0) return;
-  Mat wmat = Mat::of(table.data, table.n, table.row_elems());
-  int64_t row_chunk = rows_per_binding(rec, wmat);
-  Mat smat, bmat;
-  if (table.quantized()) {
-    smat = Mat::of(table.scales, table.n, table.k / table.group_size);
-    bmat = Mat::of(table.biases, table.n, table.k / table.group_size);
-    row_chunk = std::min(row_chunk, rows_per_binding(rec, smat));
-  }
+  const WeightRows wr = weight_rows(rec, table);
+  const Mat& wmat = wr.data;
+  const Mat &smat = wr.scales, &bmat = wr.biases;
+  const int64_t row_chunk = wr.rows_per_chunk;
   const std::string shader = std::string("get_rows_") + w_suffix(table.format);
   const uint32_t wg = pick_wg(rec, 64);
   const auto& pl = rec.context().pipelines().get(shader, {wg, table.scales_bf16 ? 1u : 0u});

@@ -196,7 +196,9 @@ TEST(Session, QuantizeOnLoadKeepsTheModelClose) {
     // q8 barely moves the logits; q4 (group 64) a little more.
     EXPECT_LE(nmse(got, refd), std::string(q) == "q8" ? 1e-4 : 2e-2) << q;
     auto r = s.generate(p, {});
-    if (std::string(q) == "q8") EXPECT_EQ(r.text, "An orange circle at the top left and a black circle at the bottom.");
+    if (std::string(q) == "q8") {
+      EXPECT_EQ(r.text, "An orange circle at the top left and a black circle at the bottom.");
+    }
   }
 }
 
