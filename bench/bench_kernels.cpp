@@ -160,7 +160,8 @@ void Bench::run() {
     auto x = random_tensor(gpu::DType::F32, {c.m, c.k});
     auto y = ctx_.tensor(gpu::DType::F32, {c.m, c.n}, "y");
     double s = time([&](gpu::Recorder& rec) { gpu::matmul(rec, Mat::of(x), w, nullptr, Mat::of(y)); });
-    add({name, dims({c.m, c.n, c.k}), "tiled", s * 1e6, double(w.bytes() + x.bytes() + y.bytes()), 2.0 * c.m * c.n * c.k});
+    const char* variant = gpu::coopmat_usable(ctx_) ? "coopmat" : "tiled";
+    add({name, dims({c.m, c.n, c.k}), variant, s * 1e6, double(w.bytes() + x.bytes() + y.bytes()), 2.0 * c.m * c.n * c.k});
   }
   // Attention, Llama-7B heads (32 x 128): decode at contexts 1, 512, 4096, and a 512-token prefill.
   {

@@ -73,6 +73,17 @@ void Context::submit_and_wait(VkCommandBuffer cb) {
   check(vkWaitForFences(device_->device(), 1, &transfer_fence_, VK_TRUE, UINT64_MAX), "vkWaitForFences");
 }
 
+bool Context::once(const std::string& key, const std::function<bool()>& compute) {
+  {
+    std::lock_guard<std::mutex> lock(once_mutex_);
+    auto it = once_.find(key);
+    if (it != once_.end()) return it->second;
+  }
+  const bool v = compute();
+  std::lock_guard<std::mutex> lock(once_mutex_);
+  return once_.emplace(key, v).first->second;
+}
+
 void Context::wait_slot(StagingSlot& s) {
   if (!s.pending) return;
   check(vkWaitForFences(device_->device(), 1, &s.fence, VK_TRUE, UINT64_MAX), "vkWaitForFences");

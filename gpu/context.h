@@ -1,6 +1,8 @@
 #pragma once
 // Everything a kernel needs to run: the device, its memory, its pipelines and data transfers.
 #include <cstdint>
+#include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -53,6 +55,9 @@ class Context {
   // Submits one command buffer and waits for it.
   void submit_and_wait(VkCommandBuffer cb);
 
+  // A once-per-context verdict (e.g. a kernel's self-check), computed on first use.
+  bool once(const std::string& key, const std::function<bool()>& compute);
+
  private:
   struct StagingSlot {
     std::shared_ptr<Buffer> buffer;
@@ -75,6 +80,8 @@ class Context {
   std::vector<StagingSlot> staging_;
   size_t next_slot_ = 0;
   std::shared_ptr<Buffer> readback_;
+  std::mutex once_mutex_;
+  std::map<std::string, bool> once_;
 };
 
 }  // namespace vkvlm::gpu

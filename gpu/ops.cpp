@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 
 #include "gpu/error.h"
@@ -227,9 +228,14 @@ void matmul(Recorder& rec, const Mat& x, const Weight& w, const Tensor* bias, co
   if (M == 0 || N == 0) return;
 
   const bool gemv = var.matmul == Variant::Matmul::Gemv || (var.matmul == Variant::Matmul::Auto && M <= 8);
+  bool coop = var.matmul == Variant::Matmul::Coopmat;
+  if (coop && (x16 || !coopmat_usable(rec.context())))
+    fail("internal: the cooperative-matrix GEMM is not available here (device, f16 input or failed self-check)");
+  if (var.matmul == Variant::Matmul::Auto && !gemv && !x16 && M >= 64) coop = coopmat_usable(rec.context());
   const bool sg = use_subgroup(rec, var);
-  const std::string shader = std::string(gemv ? "gemv_" : "gemm_") + w_suffix(w.format) + (x16 ? "_x16" : "_x32") +
-                             (gemv && sg ? "_sg" : "");
+  const std::string shader = coop ? std::string("gemm_coopmat_") + w_suffix(w.format)
+                                  : std::string(gemv ? "gemv_" : "gemm_") + w_suffix(w.format) + (x16 ? "_x16" : "_x32") +
+                                        (gemv && sg ? "_sg" : "");
 
   // Split W by output rows so that each chunk (and its scales) fits one binding.
   const WeightRows wr = weight_rows(rec, w);
@@ -298,7 +304,10 @@ void matmul(Recorder& rec, const Mat& x, const Weight& w, const Tensor* bias, co
       if (wvec) pc.flags |= 4;
       if (pc.x_off % 4 == 0 && pc.x_stride % 4 == 0) pc.flags |= 8;
 
-      if (gemv) {
+      if (coop) {
+        const auto& pl = rec.context().pipelines().get(shader, {128, w.scales_bf16 ? 1u : 0u});
+        rec.dispatch(pl, bindings, &pc, sizeof(pc), uint32_t(ceil_div(nn, 64)), uint32_t(ceil_div(mm, 64)));
+      } else if (gemv) {
         const uint32_t rows_per_wg = 2;
         const uint32_t wg = pick_wg(rec, std::clamp<uint32_t>(rec.context().profile().max_subgroup_size * 4, 64, 256));
         const auto& pl = rec.context().pipelines().get(shader, {wg, rows_per_wg, uint32_t(mm), w.scales_bf16 ? 1u : 0u});
@@ -313,6 +322,64 @@ void matmul(Recorder& rec, const Mat& x, const Weight& w, const Tensor* bias, co
         rec.dispatch(pl, bindings, &pc, sizeof(pc), uint32_t(ceil_div(nn, bn)), uint32_t(ceil_div(mm, bm)));
       }
     });
+  });
+}
+
+bool coopmat_usable(Context& ctx) {
+  const auto& pr = ctx.profile();
+  if (!pr.coopmat || pr.subgroup_size != 32 || pr.max_workgroup_size < 128 || pr.max_shared_memory < 24 * 1024) return false;
+  bool shape = false;
+  for (auto& s : pr.coopmat_shapes)
+    shape = shape || (s.m == 16 && s.n == 16 && s.k == 16 && s.a_type == "f16" && s.b_type == "f16" && s.c_type == "f32");
+  if (!shape) return false;
+  return ctx.once("coopmat self-check", [&] {
+    // A product with edges in every dimension, against the tiled GEMM on the same device.
+    const int64_t M = 70, N = 97, K = 96;
+    std::vector<float> xv(size_t(M * K)), wv(size_t(N * K));
+    uint32_t state = 17;
+    for (auto* v : {&xv, &wv})
+      for (auto& e : *v) {
+        state = state * 1664525u + 1013904223u;
+        e = float(int(state >> 20) - 2048) / 2048.0f;
+      }
+    Weight w;
+    w.format = WeightFormat::F32;
+    w.n = N;
+    w.k = K;
+    w.name = "cooperative-matrix self-check";
+    w.data = ctx.tensor(DType::F32, {N, K}, w.name);
+    ctx.upload(w.data, wv.data(), wv.size() * 4);
+    Tensor x = ctx.tensor(DType::F32, {M, K}, "self-check x"), a = ctx.tensor(DType::F32, {M, N}, "self-check tiled"),
+           b = ctx.tensor(DType::F32, {M, N}, "self-check coopmat");
+    ctx.upload(x, xv.data(), xv.size() * 4);
+    Recorder rec(ctx);
+    Variant tiled;
+    tiled.matmul = Variant::Matmul::Gemm;
+    gpu::matmul(rec, Mat::of(x), w, nullptr, Mat::of(a), false, tiled);
+    // Dispatched directly: matmul's coopmat path would ask for this very verdict.
+    MatmulPush pc{};
+    pc.M = uint32_t(M);
+    pc.N = uint32_t(N);
+    pc.K = uint32_t(K);
+    pc.x_stride = uint32_t(K);
+    pc.w_stride = uint32_t(K);
+    pc.y_stride = uint32_t(N);
+    Bound bx = bind_whole(rec, 0, x, false), bw = bind_whole(rec, 1, w.data, false), by = bind_whole(rec, 5, b, true);
+    Binding bias{4, bw.binding.buffer, bw.binding.offset, 16, false};
+    rec.dispatch(ctx.pipelines().get("gemm_coopmat_f32", {128, 0u}), {bx.binding, bw.binding, bias, by.binding}, &pc,
+                 sizeof(pc), uint32_t(ceil_div(N, 64)), uint32_t(ceil_div(M, 64)));
+    rec.submit();
+    auto va = ctx.read<float>(a), vb = ctx.read<float>(b);
+    double num = 0, den = 0;
+    for (size_t i = 0; i < va.size(); ++i) {
+      num += double(vb[i] - va[i]) * double(vb[i] - va[i]);
+      den += double(va[i]) * double(va[i]);
+    }
+    const bool ok = std::isfinite(num) && num <= 1e-5 * den;
+    if (!ok)
+      std::fprintf(stderr, "vkvlm: warning: the cooperative-matrix GEMM disagrees with the tiled GEMM on %s; not using it\n",
+                   pr.device_name.c_str());
+    return ok;
   });
 }
 

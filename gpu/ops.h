@@ -47,13 +47,17 @@ struct Weight {
 // Which variant a kernel runs. The default lets the device profile decide; tests force each one.
 struct Variant {
   bool subgroup = true;  // use subgroup operations where the device has them
-  enum class Matmul { Auto, Gemv, Gemm } matmul = Matmul::Auto;
+  enum class Matmul { Auto, Gemv, Gemm, Coopmat } matmul = Matmul::Auto;
   enum class Attention { Auto, Tiled, Rows } attention = Attention::Auto;
   uint32_t keys_per_split = 0;  // attention rows path: keys per workgroup (0: automatic)
 };
 
 void matmul(Recorder& rec, const Mat& x, const Weight& w, const Tensor* bias, const Mat& y, bool accumulate = false,
             const Variant& v = {});
+// Whether the cooperative-matrix GEMM runs on this device: the driver offers 16x16x16 f16
+// products on subgroups of 32, and a first product agreed with the tiled GEMM (checked once per
+// context, so a driver or kernel fault falls back instead of giving wrong answers).
+bool coopmat_usable(Context& ctx);
 
 void rmsnorm(Recorder& rec, const Mat& x, const Tensor& weight, float eps, bool plus_one, const Mat& y,
              const Variant& v = {});

@@ -65,15 +65,21 @@ TEST_P(MatmulTest, MatchesReference) {
         if (c.accumulate) s += y0[size_t(m * c.N + n)];
         want[size_t(m * c.N + n)] = s;
       }
-    for (bool sg : subgroup_settings()) {
-      Tensor y = c.accumulate ? upload_f32(y0, {c.M, c.N}, "y") : poisoned_f32({c.M, c.N});
-      Variant v;
-      v.subgroup = sg;
-      v.matmul = c.path;
-      run([&](gpu::Recorder& rec) { gpu::matmul(rec, Mat::of(x), tw.w, c.bias ? &bias : nullptr, Mat::of(y), c.accumulate, v); });
-      double e = nmse(ctx().read<float>(y), want);
-      EXPECT_LE(e, x16 ? kTolF16 : kTolF32) << "x16=" << x16 << " subgroup=" << sg;
-    }
+    // The tiled GEMM case also covers the cooperative-matrix GEMM where the device has one.
+    std::vector<Variant::Matmul> paths = {c.path};
+    if (c.path == Variant::Matmul::Gemm && !x16 && gpu::coopmat_usable(ctx())) paths.push_back(Variant::Matmul::Coopmat);
+    for (auto path : paths)
+      for (bool sg : subgroup_settings()) {
+        Tensor y = c.accumulate ? upload_f32(y0, {c.M, c.N}, "y") : poisoned_f32({c.M, c.N});
+        Variant v;
+        v.subgroup = sg;
+        v.matmul = path;
+        run([&](gpu::Recorder& rec) { gpu::matmul(rec, Mat::of(x), tw.w, c.bias ? &bias : nullptr, Mat::of(y), c.accumulate, v); });
+        double e = nmse(ctx().read<float>(y), want);
+        // f16 operands on the cooperative-matrix units.
+        const bool f16_operands = x16 || path == Variant::Matmul::Coopmat;
+        EXPECT_LE(e, f16_operands ? kTolF16 : kTolF32) << "x16=" << x16 << " subgroup=" << sg << " coopmat=" << (path == Variant::Matmul::Coopmat);
+      }
   }
 }
 
