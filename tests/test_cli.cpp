@@ -115,6 +115,22 @@ TEST(Cli, MessagesFileWithImagePartsAndDataUrls) {
   EXPECT_EQ(b.out, a.out);
 }
 
+TEST(Cli, ChatKeepsTheConversation) {
+  const std::string img = k_demo + "/examples/shapes_1.png";
+  CliRun r = vkvlm({"chat"}, "/image " + img + "\nDescribe this image.\nHow many shapes are there?\n/exit\n");
+  ASSERT_EQ(r.rc, 0) << r.err;
+  // The second answer is the one for the whole conversation, as generate gives it.
+  nlohmann::json conv = nlohmann::json::array(
+      {{{"role", "user"}, {"content", {{{"type", "image"}}, {{"type", "text"}, {"text", "Describe this image."}}}}},
+       {{"role", "assistant"},
+        {"content", {{{"type", "text"}, {"text", "An orange circle at the top left and a black circle at the bottom."}}}}},
+       {{"role", "user"}, {"content", {{{"type", "text"}, {"text", "How many shapes are there?"}}}}}});
+  std::ofstream(tmp("conv.json")) << conv.dump();
+  CliRun g = vkvlm({"generate", "--messages", tmp("conv.json"), "--image", img});
+  ASSERT_EQ(g.rc, 0) << g.err;
+  EXPECT_EQ(r.out, "An orange circle at the top left and a black circle at the bottom.\n" + g.out);
+}
+
 TEST(Cli, TokenizeReadsStdinByteForByte) {
   const std::string dir = fixtures_dir() + "/tokenizers/";
   std::ifstream g(dir + "sp-bpe.golden.json");

@@ -204,3 +204,46 @@ TEST(Session, QuantizeOnLoadKeepsTheModelClose) {
 
 }  // namespace
 }  // namespace vkvlm::test
+
+namespace vkvlm::test {
+namespace {
+
+// Phi-3's LongRoPE: once a conversation grows past original_max_position_embeddings (256 in this
+// fixture) the reference switches the whole sequence to the long factors. A generation that
+// crosses the threshold must therefore match fresh computations of each longer sequence.
+TEST(Session, LongRopeSwitchMatchesAFreshComputation) {
+  Model m(ctx(), fixtures_dir() + "/phi3v-long-bf16");
+  std::string text;
+  for (int i = 0; i < 40; ++i) text += "The quick brown fox. ";
+  Messages msgs = Messages::array({{{"role", "user"}, {"content", text}}});
+  Prompt p = m.build_prompt(msgs, {});
+  const int64_t orig = m.config().text.rope.original_max_position;
+  ASSERT_LT(int64_t(p.ids.size()), orig);
+  const int steps = int(orig - int64_t(p.ids.size())) + 4;  // cross the threshold by a few tokens
+  GenerationParams gp;
+  gp.max_tokens = steps;
+  gp.ignore_eos = true;
+  Session s(m, 512);
+  auto r = s.generate(p, gp);
+  ASSERT_EQ(int(r.tokens.size()), steps);
+  // Steps whose input is longer than the threshold: a fresh session on prompt + earlier tokens.
+  for (int step = steps - 4; step < steps; ++step) {
+    Prompt longer = p;
+    for (int t = 0; t < step; ++t) {
+      longer.ids.push_back(r.tokens[size_t(t)]);
+      longer.keys.push_back(uint64_t(uint32_t(r.tokens[size_t(t)])));
+    }
+    ASSERT_TRUE(m.config().text.rope.uses_long_factors(int64_t(longer.ids.size())) ||
+                int64_t(longer.ids.size()) == orig);
+    Session fresh(m, 512);
+    auto logits = fresh.prompt_logits(longer);
+    const int32_t best = int32_t(std::max_element(logits.begin(), logits.end()) - logits.begin());
+    std::vector<float> sorted = logits;
+    std::partial_sort(sorted.begin(), sorted.begin() + 2, sorted.end(), std::greater<float>());
+    if (sorted[0] - sorted[1] < 0.05f) continue;  // a near-tie may flip either way
+    EXPECT_EQ(r.tokens[size_t(step)], best) << "step " << step << " at length " << longer.ids.size();
+  }
+}
+
+}  // namespace
+}  // namespace vkvlm::test
