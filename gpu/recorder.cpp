@@ -173,7 +173,7 @@ void Recorder::copy(const Tensor& src, uint64_t src_offset, const Tensor& dst, u
   auto s = touched_.find(src.buffer());
   auto d = touched_.find(dst.buffer());
   if ((s != touched_.end() && s->second) || d != touched_.end()) barrier();
-  touched_[src.buffer()] = touched_[src.buffer()] || false;
+  touched_.emplace(src.buffer(), false);  // read (keeps a pending write mark)
   touched_[dst.buffer()] = true;
   VkBufferCopy region{src_offset, dst_offset, bytes};
   vkCmdCopyBuffer(current_, src.buffer(), dst.buffer(), 1, &region);

@@ -469,8 +469,6 @@ struct Token {
 std::vector<Token> tokenize(const std::string& s, const std::string& where) {
   std::vector<Token> out;
   size_t i = 0;
-  static const char* ops3[] = {"**=", nullptr};
-  (void)ops3;
   static const char* ops2[] = {"==", "!=", "<=", ">=", "//", "**", nullptr};
   while (i < s.size()) {
     char c = s[i];

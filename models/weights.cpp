@@ -76,7 +76,7 @@ QuantSpec WeightLoader::spec_for(const std::string& module) const {
   return config_.quantization;
 }
 
-static PartInfo describe(const TensorStore& store, const ModelConfig& cfg, const QuantSpec& spec,
+static PartInfo describe(const TensorStore& store, const QuantSpec& spec,
                          const std::string& module, int64_t n, int64_t k, bool may_quantize, int quant_bits) {
   PartInfo p;
   if (const StTensor* sc = store.find(module + ".scales")) {
@@ -104,7 +104,6 @@ static PartInfo describe(const TensorStore& store, const ModelConfig& cfg, const
     p.format = bits == 4 ? gpu::WeightFormat::Q4 : gpu::WeightFormat::Q8;
     p.group = group;
     p.scales_bf16 = sc->dtype == StDType::BF16;
-    (void)cfg;
     return p;
   }
   p.data = &store.get(module + ".weight");
@@ -135,7 +134,7 @@ Projection WeightLoader::projection(const std::vector<std::string>& modules, con
   const int quant_bits = options_.quantize == "q4" ? 4 : options_.quantize == "q8" ? 8 : 0;
   std::vector<PartInfo> infos;
   for (size_t i = 0; i < modules.size(); ++i)
-    infos.push_back(describe(store_, config_, spec_for(modules[i]), modules[i], ns[i], k, quantizable, quant_bits));
+    infos.push_back(describe(store_, spec_for(modules[i]), modules[i], ns[i], k, quantizable, quant_bits));
   Projection proj;
   proj.k = k;
   for (auto n : ns) proj.n_total += n;

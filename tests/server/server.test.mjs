@@ -270,7 +270,7 @@ test("a client that disconnects mid-stream stops its generation and frees its pl
 });
 
 test("a fixture model answers as vkvlm generate does, with logprobs", async () => {
-  const s = await startServer(FIXTURE, ["--ctx", "256"]);
+  const s = await startServer(FIXTURE, ["--ctx", "256", "--max-concurrency", "1"]);
   try {
     const cases = JSON.parse(readFileSync(join(FIXTURE, "cases.json"), "utf8")).cases;
     const textOnly = cases.find((c) => c.name === "text_only");
@@ -288,6 +288,18 @@ test("a fixture model answers as vkvlm generate does, with logprobs", async () =
       // Greedy: the chosen token is the most likely one.
       assert.ok(Math.abs(step.top_logprobs[0].logprob - step.logprob) < 1e-4);
     }
+    // --max-concurrency 1: requests arriving while one is in flight are turned away with 429.
+    const burst = await Promise.allSettled([0, 1, 2].map(() => s.client.chat.completions.create({
+      model: "llava15-f16", messages: textOnly.messages, temperature: 0, max_tokens: 12 })));
+    const ok = burst.filter((b) => b.status === "fulfilled");
+    const busy = burst.filter((b) => b.status === "rejected");
+    assert.ok(ok.length >= 1);
+    assert.ok(busy.length >= 1, "a burst over the limit gets 429");
+    for (const b of busy) {
+      assert.equal(b.reason.status, 429);
+      assert.equal(b.reason.error.code, "server_busy");
+    }
+    for (const b of ok) assert.equal(b.value.choices[0].message.content, want.text);
   } finally {
     await stopServer(s);
   }
