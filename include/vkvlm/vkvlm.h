@@ -1,0 +1,73 @@
+/* vkvlm's C API: load a vision-language model, keep conversations, generate with a streaming
+ * callback. Errors are returned as messages (free them with vkvlm_free); nothing aborts.
+ *
+ *   char* err = NULL;
+ *   vkvlm_engine* e = vkvlm_engine_load("models/shapes-llava", NULL, &err);
+ *   vkvlm_session* s = vkvlm_session_new(e, 4096, &err);
+ *   vkvlm_params p; vkvlm_params_default(&p);
+ *   const char* msgs = "[{\"role\":\"user\",\"content\":[{\"type\":\"image\"},"
+ *                      "{\"type\":\"text\",\"text\":\"Describe the image.\"}]}]";
+ *   char* text = NULL;
+ *   vkvlm_generate(s, msgs, &png_bytes, &png_size, 1, &p, on_text, NULL, &text, &err);
+ */
+#ifndef VKVLM_H
+#define VKVLM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <vulkan/vulkan.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct vkvlm_engine vkvlm_engine;   /* a device and a loaded model */
+typedef struct vkvlm_session vkvlm_session; /* a conversation and its KV cache */
+
+typedef struct vkvlm_params {
+  int max_tokens;        /* default 256 */
+  float temperature;     /* 0: greedy (default) */
+  float top_p;           /* 1: off */
+  int top_k;             /* 0: off */
+  float min_p;           /* 0: off */
+  float repeat_penalty;  /* 1: off */
+  uint64_t seed;
+  int has_seed;          /* 0: a random seed */
+  const char* const* stop; /* stop strings */
+  size_t n_stop;
+} vkvlm_params;
+
+void vkvlm_params_default(vkvlm_params* params);
+
+/* Called with each piece of text as it becomes final; return 0 to stop generating. */
+typedef int (*vkvlm_text_callback)(const char* text, size_t length, int32_t token, void* user);
+
+/* quantize: NULL, "q4" or "q8". On failure returns NULL and sets *error. */
+vkvlm_engine* vkvlm_engine_load(const char* model_dir, const char* quantize, char** error);
+/* The same on the application's Vulkan device; vkvlm creates and destroys none of these.
+ * enabled_features: the chain the device was created with (NULL: no optional features). */
+vkvlm_engine* vkvlm_engine_load_on_device(const char* model_dir, const char* quantize, VkInstance instance,
+                                          VkPhysicalDevice physical_device, VkDevice device, uint32_t queue_family,
+                                          uint32_t queue_index, const VkPhysicalDeviceFeatures2* enabled_features,
+                                          char** error);
+void vkvlm_engine_free(vkvlm_engine* engine);
+
+vkvlm_session* vkvlm_session_new(vkvlm_engine* engine, int64_t context_tokens, char** error);
+void vkvlm_session_free(vkvlm_session* session);
+
+/* messages_json: a JSON array of {"role", "content"} messages; content is a string or a list of
+ * {"type": "text", "text": ...} and {"type": "image"} parts. images: the encoded files (PNG,
+ * JPEG, ...) for the image parts, in order. On success returns 0 and, if text is not NULL, sets
+ * *text to the whole answer (free with vkvlm_free); on failure returns -1 and sets *error. */
+int vkvlm_generate(vkvlm_session* session, const char* messages_json, const unsigned char* const* images,
+                   const size_t* image_sizes, size_t n_images, const vkvlm_params* params, vkvlm_text_callback callback,
+                   void* user, char** text, char** error);
+
+void vkvlm_free(void* p);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* VKVLM_H */

@@ -1,0 +1,82 @@
+/* The C API from C: the demo model answers its reference question; errors come back as messages. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "vkvlm/vkvlm.h"
+
+static int pieces = 0;
+static char streamed[1024];
+
+static int on_text(const char* text, size_t length, int32_t token, void* user) {
+  (void)token;
+  (void)user;
+  if (strlen(streamed) + length < sizeof(streamed)) strncat(streamed, text, length);
+  ++pieces;
+  return 1;
+}
+
+static unsigned char* read_file(const char* path, size_t* size) {
+  FILE* f = fopen(path, "rb");
+  if (!f) return NULL;
+  fseek(f, 0, SEEK_END);
+  *size = (size_t)ftell(f);
+  fseek(f, 0, SEEK_SET);
+  unsigned char* p = malloc(*size);
+  if (fread(p, 1, *size, f) != *size) {
+    free(p);
+    p = NULL;
+  }
+  fclose(f);
+  return p;
+}
+
+#define CHECK(cond, ...)                  \
+  do {                                    \
+    if (!(cond)) {                        \
+      fprintf(stderr, "FAILED: " __VA_ARGS__); \
+      fprintf(stderr, "\n");              \
+      return 1;                           \
+    }                                     \
+  } while (0)
+
+int main(void) {
+  char* err = NULL;
+  vkvlm_engine* bad = vkvlm_engine_load("/nonexistent/model", NULL, &err);
+  CHECK(bad == NULL && err && strstr(err, "/nonexistent/model"), "a missing model is an error naming it (%s)", err ? err : "");
+  vkvlm_free(err);
+  err = NULL;
+
+  vkvlm_engine* e = vkvlm_engine_load(VKVLM_SOURCE_DIR "/models/shapes-llava", NULL, &err);
+  CHECK(e, "load: %s", err ? err : "");
+  vkvlm_session* s = vkvlm_session_new(e, 512, &err);
+  CHECK(s, "session: %s", err ? err : "");
+  size_t size = 0;
+  unsigned char* png = read_file(VKVLM_SOURCE_DIR "/models/shapes-llava/examples/shapes_0.png", &size);
+  CHECK(png, "cannot read the example image");
+  const unsigned char* images[1] = {png};
+  size_t sizes[1] = {size};
+  vkvlm_params p;
+  vkvlm_params_default(&p);
+  char* text = NULL;
+  const char* msgs = "[{\"role\":\"user\",\"content\":[{\"type\":\"image\"},{\"type\":\"text\",\"text\":\"What color is the square?\"}]}]";
+  int rc = vkvlm_generate(s, msgs, images, sizes, 1, &p, on_text, NULL, &text, &err);
+  CHECK(rc == 0, "generate: %s", err ? err : "");
+  CHECK(strcmp(text, "The square is orange.") == 0, "answer '%s'", text);
+  CHECK(strcmp(streamed, text) == 0 && pieces > 1, "streamed '%s' in %d pieces", streamed, pieces);
+  vkvlm_free(text);
+
+  rc = vkvlm_generate(s, "[not json", NULL, NULL, 0, &p, NULL, NULL, NULL, &err);
+  CHECK(rc == -1 && err && strstr(err, "not valid JSON"), "bad JSON is an error (%s)", err ? err : "");
+  vkvlm_free(err);
+  err = NULL;
+  rc = vkvlm_generate(s, msgs, NULL, NULL, 0, &p, NULL, NULL, NULL, &err);
+  CHECK(rc == -1 && err && strstr(err, "image"), "a missing image is an error (%s)", err ? err : "");
+  vkvlm_free(err);
+
+  free(png);
+  vkvlm_session_free(s);
+  vkvlm_engine_free(e);
+  printf("C API: ok\n");
+  return 0;
+}
