@@ -170,6 +170,9 @@ class Server {
   int run() {
     svr_.new_task_queue = [n = opt_.max_concurrency + 8] { return new httplib::ThreadPool(size_t(n)); };
     svr_.set_payload_max_length(opt_.max_body_bytes);
+    // Clients reuse connections for many requests; an idle one holds a pool thread, so not for long.
+    svr_.set_keep_alive_max_count(1000);
+    svr_.set_keep_alive_timeout(10);
     svr_.set_error_handler(httplib::Server::HandlerWithResponse([](const httplib::Request&, httplib::Response& res) {
       if (!res.body.empty()) return httplib::Server::HandlerResponse::Unhandled;
       std::string msg = res.status == 413 ? "the request body is larger than the server accepts"
