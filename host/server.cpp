@@ -183,15 +183,6 @@ class Server {
       res.set_content(error_body(msg, type, "", res.status == 413 ? "request_too_large" : ""), "application/json");
       return httplib::Server::HandlerResponse::Handled;
     }));
-    svr_.set_pre_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
-      if (opt_.api_key.empty() || req.path.rfind("/v1/", 0) != 0) return httplib::Server::HandlerResponse::Unhandled;
-      const std::string auth = req.get_header_value("Authorization");
-      if (auth == "Bearer " + opt_.api_key) return httplib::Server::HandlerResponse::Unhandled;
-      set_error(res, ApiError(401, auth.empty() ? "missing API key: send 'Authorization: Bearer <key>'" : "incorrect API key",
-                              "invalid_request_error", "", "invalid_api_key"));
-      count(401);
-      return httplib::Server::HandlerResponse::Handled;
-    });
     svr_.set_exception_handler([this](const httplib::Request&, httplib::Response& res, std::exception_ptr ep) {
       try {
         std::rethrow_exception(ep);
@@ -209,7 +200,8 @@ class Server {
       }
     });
     svr_.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) { res.set_content(metrics_text(), "text/plain; version=0.0.4"); });
-    svr_.Get("/v1/models", [this](const httplib::Request&, httplib::Response& res) {
+    svr_.Get("/v1/models", [this](const httplib::Request& req, httplib::Response& res) {
+      if (!authorized(req, res)) return;
       json m = {{"id", opt_.model_name}, {"object", "model"}, {"created", started_}, {"owned_by", "vkvlm"}};
       res.set_content(json{{"object", "list"}, {"data", json::array({m})}}.dump(), "application/json");
       count(200);
@@ -528,7 +520,20 @@ class Server {
     return fn();
   }
 
+  // Checks the API key inside the handlers, once the request (and its body) has been read, so a
+  // rejected request leaves its connection clean for the next one.
+  bool authorized(const httplib::Request& req, httplib::Response& res) {
+    if (opt_.api_key.empty()) return true;
+    const std::string auth = req.get_header_value("Authorization");
+    if (auth == "Bearer " + opt_.api_key) return true;
+    set_error(res, ApiError(401, auth.empty() ? "missing API key: send 'Authorization: Bearer <key>'" : "incorrect API key",
+                            "invalid_request_error", "", "invalid_api_key"));
+    count(401);
+    return false;
+  }
+
   void chat(const httplib::Request& req, httplib::Response& res) {
+    if (!authorized(req, res)) return;
     auto admission = std::make_shared<Admission>(metrics_);
     try {
       if (!ready_) throw ApiError(503, "the model is still loading", "server_error", "", "model_loading");
