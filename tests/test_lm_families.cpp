@@ -35,6 +35,8 @@ struct Family {
   int heads = 4, kv_heads = 2;
 };
 
+void PrintTo(const Family& f, std::ostream* os) { *os << f.name; }
+
 constexpr int64_t V = 64, E = 64, I = 96, D = 16, L = 2, T = 23;
 
 // Writes tensors (f32 values, stored as `dtype`) to a safetensors file.
