@@ -255,6 +255,7 @@ class Server {
       ctx_ = std::make_unique<gpu::Context>(gpu::Device::create());
       model_ = std::make_unique<Model>(*ctx_, opt_.model_dir, opt_.load);
       for (int i = 0; i < opt_.kv_slots; ++i) sessions_.push_back(std::make_unique<Session>(*model_, opt_.context_tokens));
+      last_used_.assign(sessions_.size(), 0);
       ready_ = true;
       std::fprintf(stderr, "vkvlm serve: model %s ready on %s\n", opt_.model_name.c_str(), ctx_->profile().device_name.c_str());
     } catch (const std::exception& e) {
@@ -441,18 +442,23 @@ class Server {
     return r;
   }
 
-  // A session for the prompt: the slot whose cache shares the longest prefix with it.
+  // A session for the prompt: the slot this prompt continues (it shares at least half of the
+  // slot's cached tokens, the longest such share winning), else the least recently used slot, so
+  // a shared preamble like "USER:" does not make conversations evict each other.
   Session& pick_session(const Prompt& prompt) {
-    size_t best = 0, best_len = 0;
+    size_t best = sessions_.size(), best_len = 0;
     for (size_t i = 0; i < sessions_.size(); ++i) {
       const auto& keys = sessions_[i]->cached_keys();
       size_t n = 0;
       while (n < keys.size() && n < prompt.keys.size() && keys[n] == prompt.keys[n]) ++n;
-      if (n > best_len || (n == best_len && keys.size() < sessions_[best]->cached_keys().size())) {
+      if (!keys.empty() && 2 * n >= keys.size() && n > best_len) {
         best = i;
         best_len = n;
       }
     }
+    if (best == sessions_.size())
+      best = size_t(std::min_element(last_used_.begin(), last_used_.end()) - last_used_.begin());
+    last_used_[best] = ++use_clock_;
     return *sessions_[best];
   }
 
@@ -633,6 +639,8 @@ class Server {
   std::unique_ptr<gpu::Context> ctx_;
   std::unique_ptr<Model> model_;
   std::vector<std::unique_ptr<Session>> sessions_;
+  std::vector<uint64_t> last_used_;  // per slot, for least-recently-used eviction (under the GPU turn)
+  uint64_t use_clock_ = 0;
   std::atomic<bool> ready_{false}, load_failed_{false}, stop_{false};
   int64_t started_ = 0;
   FifoTurns turns_;

@@ -98,6 +98,7 @@ let demo;
 before(async () => {
   demo = await startServer(DEMO, [
     "--ctx", "1024", "--max-images", "2", "--max-body-mb", "2", "--allow-local-files", join(DEMO, "examples"),
+    "--kv-slots", "2",
   ]);
 });
 after(async () => {
@@ -161,6 +162,22 @@ test("a follow-up turn reuses the KV cache and answers as generate does", async 
   assert.ok(b.usage.prompt_tokens_details.cached_tokens > a.usage.prompt_tokens,
             `cached ${b.usage.prompt_tokens_details.cached_tokens} of ${b.usage.prompt_tokens}`);
   assert.equal(b.choices[0].message.content, generate(DEMO, followUp).text);
+});
+
+test("two interleaved conversations each keep their cache (--kv-slots 2)", async () => {
+  const create = (messages) => demo.client.chat.completions.create({ model: "shapes-llava", messages, temperature: 0 });
+  const a1 = [imageMessage("shapes_0.png", "Describe this image.")];
+  const b1 = [imageMessage("shapes_2.png", "Describe this image.")];
+  const ra = await create(a1);
+  const rb = await create(b1);
+  const a2 = [...a1, { role: "assistant", content: ra.choices[0].message.content }, { role: "user", content: "How many shapes are there?" }];
+  const b2 = [...b1, { role: "assistant", content: rb.choices[0].message.content }, { role: "user", content: "How many shapes are there?" }];
+  const ra2 = await create(a2);
+  const rb2 = await create(b2);
+  assert.ok(ra2.usage.prompt_tokens_details.cached_tokens > ra.usage.prompt_tokens, "conversation A reused its cache");
+  assert.ok(rb2.usage.prompt_tokens_details.cached_tokens > rb.usage.prompt_tokens, "conversation B reused its cache");
+  assert.equal(ra2.choices[0].message.content, generate(DEMO, a2).text);
+  assert.equal(rb2.choices[0].message.content, generate(DEMO, b2).text);
 });
 
 test("local image files only inside --allow-local-files", async () => {
