@@ -95,6 +95,17 @@ TEST(Cli, GenerateJsonMatchesTheReference) {
   }
 }
 
+// --prompt with --image builds the image tags Phi-3-Vision's template expects.
+TEST(Cli, PromptWithImageOnPhi3VisionMatchesTheReferencePrompt) {
+  const std::string model = fixtures_dir() + "/phi3v-long-bf16";
+  CliRun r = vkvlm({"generate", "--model", model, "--image", fixtures_dir() + "/images/astronaut.png", "--prompt",
+                    "What is shown in this image?", "--max-tokens", "1", "--json"});
+  ASSERT_EQ(r.rc, 0) << r.err;
+  auto j = nlohmann::json::parse(r.out);
+  auto ids = TensorStore::open_file(model + "/expected.safetensors").get("describe.input_ids").to_f32();
+  EXPECT_EQ(j["prompt_tokens"].get<std::vector<int>>(), std::vector<int>(ids.begin(), ids.end()));
+}
+
 TEST(Cli, MessagesFileWithImagePartsAndDataUrls) {
   const std::string img = k_demo + "/examples/shapes_1.png";
   std::ifstream in(img, std::ios::binary);
