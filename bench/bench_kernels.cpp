@@ -106,6 +106,22 @@ class Bench {
     return w;
   }
 
+  // The attention kernel reads the first query's position from a device buffer, as the model does.
+  Tensor position_buffer(int32_t position) {
+    auto step = ctx_.tensor(gpu::DType::I32, {1}, "step");
+    ctx_.upload(step, &position, 4);
+    return step;
+  }
+  static gpu::AttentionParams attention_params(int heads, int head_dim, int64_t queries, bool causal) {
+    gpu::AttentionParams ap;
+    ap.heads = ap.kv_heads = heads;
+    ap.head_dim = head_dim;
+    ap.causal = causal;
+    ap.scale = 1.0f / std::sqrt(float(head_dim));
+    ap.T_total = queries;
+    return ap;
+  }
+
   double copy_bandwidth() {
     const uint64_t bytes = std::min<uint64_t>(opt_.quick ? (64ull << 20) : (512ull << 20),
                                               ctx_.profile().device_local_bytes / 8);
@@ -127,7 +143,10 @@ class Bench {
 
 std::string dims(std::initializer_list<int64_t> d) {
   std::string s;
-  for (auto v : d) s += (s.empty() ? "" : "x") + std::to_string(v);
+  for (auto v : d) {
+    if (!s.empty()) s += 'x';
+    s += std::to_string(v);
+  }
   return s;
 }
 
@@ -172,14 +191,8 @@ void Bench::run() {
       auto k = random_tensor(gpu::DType::F16, {ctxlen, H * D});
       auto v = random_tensor(gpu::DType::F16, {ctxlen, H * D});
       auto o = ctx_.tensor(gpu::DType::F32, {1, H * D}, "o");
-      int32_t past = int32_t(ctxlen - 1);
-      auto step = ctx_.tensor(gpu::DType::I32, {1}, "step");
-      ctx_.upload(step, &past, 4);
-      gpu::AttentionParams ap;
-      ap.heads = ap.kv_heads = H;
-      ap.head_dim = D;
-      ap.scale = 1.0f / std::sqrt(float(D));
-      ap.T_total = 1;
+      auto step = position_buffer(int32_t(ctxlen - 1));
+      auto ap = attention_params(H, D, 1, true);
       double s = time([&](gpu::Recorder& rec) {
         gpu::attention(rec, Mat::of(q), Mat::of(k), Mat::of(v), Mat::of(o), step, 0, ap);
       });
@@ -192,14 +205,8 @@ void Bench::run() {
       auto k = random_tensor(gpu::DType::F16, {T, H * D});
       auto v = random_tensor(gpu::DType::F16, {T, H * D});
       auto o = ctx_.tensor(gpu::DType::F32, {T, H * D}, "o");
-      int32_t past = 0;
-      auto step = ctx_.tensor(gpu::DType::I32, {1}, "step");
-      ctx_.upload(step, &past, 4);
-      gpu::AttentionParams ap;
-      ap.heads = ap.kv_heads = H;
-      ap.head_dim = D;
-      ap.scale = 1.0f / std::sqrt(float(D));
-      ap.T_total = T;
+      auto step = position_buffer(0);
+      auto ap = attention_params(H, D, T, true);
       double s = time([&](gpu::Recorder& rec) {
         gpu::attention(rec, Mat::of(q), Mat::of(k), Mat::of(v), Mat::of(o), step, 0, ap);
       });
@@ -213,15 +220,8 @@ void Bench::run() {
     const int H = 16, D = 64;
     auto qkv = random_tensor(gpu::DType::F32, {T, 3 * H * D});
     auto o = ctx_.tensor(gpu::DType::F32, {T, H * D}, "o");
-    int32_t zero = 0;
-    auto step = ctx_.tensor(gpu::DType::I32, {1}, "step");
-    ctx_.upload(step, &zero, 4);
-    gpu::AttentionParams ap;
-    ap.heads = ap.kv_heads = H;
-    ap.head_dim = D;
-    ap.causal = false;
-    ap.scale = 0.125f;
-    ap.T_total = T;
+    auto step = position_buffer(0);
+    auto ap = attention_params(H, D, T, false);
     Mat all = Mat::of(qkv);
     double s = time([&](gpu::Recorder& rec) {
       gpu::attention(rec, all.col_range(0, H * D), all.col_range(H * D, H * D), all.col_range(2 * H * D, H * D), Mat::of(o), step, 0, ap);
