@@ -56,28 +56,7 @@ layout(binding = 5) buffer YBuf { float ys[]; };
 shared float a_sh[BK * BM];  // [k][m]
 shared float b_sh[BK * BN];  // [k][n]
 
-float w_elem(uint row, uint k) {
-#if defined(W_F32)
-  return ws[p.w_off + row * p.w_stride + k];
-#elif defined(W_F16) || defined(W_BF16)
-  uint i = p.w_off + row * p.w_stride + k;
-  uint h = half_of_word(ws[i >> 1], i);
-#if defined(W_F16)
-  return f16_bits_to_float(h);
-#else
-  return bf16_bits_to_float(h);
-#endif
-#else
-  return 0.0;
-#endif
-}
-
-#ifdef QUANTIZED
-float half_elem(uint word, uint i) {
-  uint h = half_of_word(word, i);
-  return SCALES_BF16 ? bf16_bits_to_float(h) : f16_bits_to_float(h);
-}
-#endif
+#include "weight_elem.glsl"
 
 // Eight consecutive weights W[row, k .. k+7] (k a multiple of 8) into b_sh.
 void load_w8(uint row, uint k, uint local_n, uint local_k) {
@@ -86,8 +65,8 @@ void load_w8(uint row, uint k, uint local_n, uint local_k) {
 #ifdef QUANTIZED
   if (in_range) {
     const uint si = p.s_off + row * p.s_stride + k / p.group_size;
-    const float sc = half_elem(scales[si >> 1], si);
-    const float bi = half_elem(qbiases[si >> 1], si);
+    const float sc = quant_scale(si);
+    const float bi = quant_bias(si);
 #if defined(W_Q4)
     const uint word = ws[p.w_off + row * p.w_stride + k / 8];
     [[unroll]] for (uint e = 0; e < 8; ++e) v[e] = sc * float((word >> (4 * e)) & 15u) + bi;
@@ -127,7 +106,7 @@ void load_w8(uint row, uint k, uint local_n, uint local_k) {
       [[unroll]] for (uint e = 0; e < 8; ++e) v[e] = 0.0;
     }
   } else {
-    [[unroll]] for (uint e = 0; e < 8; ++e) v[e] = (in_range && k + e < p.K) ? w_elem(row, k + e) : 0.0;
+    [[unroll]] for (uint e = 0; e < 8; ++e) v[e] = (in_range && k + e < p.K) ? weight_elem(row, k + e) : 0.0;
   }
 #endif
   [[unroll]] for (uint e = 0; e < 8; ++e) b_sh[(local_k + e) * BN + local_n] = v[e];

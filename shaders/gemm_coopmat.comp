@@ -48,30 +48,7 @@ shared float16_t a_sh[BM * BK];  // [m][k]
 shared float16_t b_sh[BN * BK];  // [n][k]
 shared float c_sh[BM * BN];      // [m][n]
 
-float w_elem(uint row, uint k) {
-#if defined(W_F32)
-  return ws[p.w_off + row * p.w_stride + k];
-#elif defined(W_F16) || defined(W_BF16)
-  uint i = p.w_off + row * p.w_stride + k;
-  uint h = half_of_word(ws[i >> 1], i);
-#if defined(W_F16)
-  return f16_bits_to_float(h);
-#else
-  return bf16_bits_to_float(h);
-#endif
-#else
-  const uint si = p.s_off + row * p.s_stride + k / p.group_size;
-  const uint sh = half_of_word(scales[si >> 1], si), bh = half_of_word(qbiases[si >> 1], si);
-  const float sc = SCALES_BF16 ? bf16_bits_to_float(sh) : f16_bits_to_float(sh);
-  const float bi = SCALES_BF16 ? bf16_bits_to_float(bh) : f16_bits_to_float(bh);
-#if defined(W_Q4)
-  const uint q = (ws[p.w_off + row * p.w_stride + k / 8] >> (4 * (k % 8))) & 15u;
-#else
-  const uint q = (ws[p.w_off + row * p.w_stride + k / 4] >> (8 * (k % 4))) & 255u;
-#endif
-  return sc * float(q) + bi;
-#endif
-}
+#include "weight_elem.glsl"
 
 void main() {
   const uint tid = gl_LocalInvocationID.x;
@@ -93,7 +70,7 @@ void main() {
     }
     for (uint e = tid; e < BN * BK; e += WG) {
       const uint r = e / BK, kk = e % BK, n = n0 + r, k = k0 + kk;
-      b_sh[e] = float16_t((n < p.N && k < p.K) ? w_elem(n, k) : 0.0);
+      b_sh[e] = float16_t((n < p.N && k < p.K) ? weight_elem(n, k) : 0.0);
     }
     barrier();
     [[unroll]] for (uint kk = 0; kk < BK; kk += T) {

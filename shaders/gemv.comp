@@ -72,33 +72,7 @@ const uint CHUNK = 8;
 layout(binding = 4) readonly buffer BiasBuf { float bias[]; };
 layout(binding = 5) buffer YBuf { float ys[]; };
 
-// One weight of row n (absolute element index into W) for the scalar path.
-float w_elem(uint row, uint k) {
-#if defined(W_F32)
-  return ws[p.w_off + row * p.w_stride + k];
-#elif defined(W_F16) || defined(W_BF16)
-  uint i = p.w_off + row * p.w_stride + k;
-  uint h = half_of_word(ws[i >> 1], i);
-#if defined(W_F16)
-  return f16_bits_to_float(h);
-#else
-  return bf16_bits_to_float(h);
-#endif
-#else
-  return 0.0;  // quantized rows always take the vector path
-#endif
-}
-
-#ifdef QUANTIZED
-float scale_elem(uint i) {
-  uint h = half_of_word(scales[i >> 1], i);
-  return SCALES_BF16 ? bf16_bits_to_float(h) : f16_bits_to_float(h);
-}
-float qbias_elem(uint i) {
-  uint h = half_of_word(qbiases[i >> 1], i);
-  return SCALES_BF16 ? bf16_bits_to_float(h) : f16_bits_to_float(h);
-}
-#endif
+#include "weight_elem.glsl"
 
 shared float partial_sh[NX * ROWS];
 
@@ -129,8 +103,8 @@ void main() {
           qw[r * WORDS_PER_CHUNK + j * 4 + 3] = v.w;
         }
         const uint si = p.s_off + row * p.s_stride + k0 / p.group_size;
-        sc[r] = scale_elem(si);
-        bi[r] = qbias_elem(si);
+        sc[r] = quant_scale(si);
+        bi[r] = quant_bias(si);
       }
       [[unroll]] for (uint m = 0; m < NX; ++m) {
         const uint xb = p.x_off + m * p.x_stride + k0;
@@ -200,7 +174,7 @@ void main() {
     // Scalar path: any K and any alignment (f32/f16/bf16 only).
     for (uint k = tid; k < p.K; k += gl_WorkGroupSize.x) {
       float wv[ROWS];
-      [[unroll]] for (uint r = 0; r < ROWS; ++r) wv[r] = w_elem(min(row0 + r, p.N - 1), k);
+      [[unroll]] for (uint r = 0; r < ROWS; ++r) wv[r] = weight_elem(min(row0 + r, p.N - 1), k);
       [[unroll]] for (uint m = 0; m < NX; ++m) {
         const float xv = XLOAD(p.x_off + m * p.x_stride + k);
         [[unroll]] for (uint r = 0; r < ROWS; ++r) acc[m * ROWS + r] += xv * wv[r];

@@ -27,12 +27,10 @@ layout(binding = 1) readonly buffer WBuf { uint ws[]; };
 #if defined(W_Q4) || defined(W_Q8)
 layout(binding = 2) readonly buffer ScaleBuf { uint scales[]; };
 layout(binding = 3) readonly buffer QBiasBuf { uint qbiases[]; };
-float qhalf(uint word, uint i) {
-  uint h = half_of_word(word, i);
-  return SCALES_BF16 ? bf16_bits_to_float(h) : f16_bits_to_float(h);
-}
 #endif
 layout(binding = 4) writeonly buffer YBuf { float ys[]; };
+
+#include "weight_elem.glsl"
 
 void main() {
   const uint c = gl_GlobalInvocationID.x, i = gl_GlobalInvocationID.y;
@@ -40,25 +38,5 @@ void main() {
   const uint id = uint(ids[p.ids_off + i]);
   if (id < p.row_begin || id >= p.row_end) return;
   const uint r = id - p.row_begin;
-  float v;
-#if defined(W_F32)
-  v = ws[p.w_off + r * p.w_stride + c];
-#elif defined(W_F16) || defined(W_BF16)
-  const uint e = p.w_off + r * p.w_stride + c;
-  const uint h = half_of_word(ws[e >> 1], e);
-#if defined(W_F16)
-  v = f16_bits_to_float(h);
-#else
-  v = bf16_bits_to_float(h);
-#endif
-#else
-#if defined(W_Q4)
-  const uint q = (ws[p.w_off + r * p.w_stride + c / 8] >> (4 * (c % 8))) & 15u;
-#else
-  const uint q = (ws[p.w_off + r * p.w_stride + c / 4] >> (8 * (c % 4))) & 255u;
-#endif
-  const uint si = p.s_off + r * p.s_stride + c / p.group_size;
-  v = qhalf(scales[si >> 1], si) * float(q) + qhalf(qbiases[si >> 1], si);
-#endif
-  ys[p.y_off + i * p.y_stride + c] = v;
+  ys[p.y_off + i * p.y_stride + c] = weight_elem(r, c);
 }
