@@ -19,7 +19,7 @@
 #include "gpu/device.h"
 #include "gpu/error.h"
 #include "gpu/ops.h"
-#include "host/numeric.h"
+#include "base/numeric.h"
 
 using namespace vkvlm;
 using gpu::Mat;

@@ -1,22 +1,8 @@
 #pragma once
-// Errors are values a user can act on: what failed, on which object, and why.
-#include <stdexcept>
-#include <string>
-
+// Vulkan results as errors: check() turns a failed VkResult into a vkvlm::Error naming the call.
 #include <vulkan/vulkan.h>
 
-namespace vkvlm {
-
-class Error : public std::runtime_error {
- public:
-  using std::runtime_error::runtime_error;
-};
-
-// Concatenates its arguments with operator<< into one message.
-template <typename... Args>
-[[noreturn]] void fail(const Args&... args);
-
-}  // namespace vkvlm
+#include "base/error.h"
 
 namespace vkvlm::gpu {
 
@@ -26,13 +12,5 @@ const char* result_name(VkResult r);
 void check(VkResult r, const char* what);
 
 }  // namespace vkvlm::gpu
-
-#include <sstream>
-template <typename... Args>
-[[noreturn]] void vkvlm::fail(const Args&... args) {
-  std::ostringstream os;
-  (os << ... << args);
-  throw Error(os.str());
-}
 
 #define VKVLM_VK(call) ::vkvlm::gpu::check((call), #call)

@@ -460,12 +460,31 @@ std::vector<float> rope_table(int64_t n_positions, int rot_dim, double theta, co
   return table;
 }
 
+RopeSections RopeSections::of_sizes(const std::vector<int>& sizes, int rot_dim) {
+  if (sizes.empty() || sizes.size() > 4) fail("rope sections: 1 to 4 sections, not ", sizes.size());
+  RopeSections r;
+  r.count = int(sizes.size());
+  int sum = 0;
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    if (sizes[i] < 0) fail("rope sections must not be negative");
+    sum += sizes[i];
+    r.bounds[i] = sum;
+  }
+  if (sum != rot_dim / 2)
+    fail("rope sections add up to ", sum, " frequencies, but the rotary dimension ", rot_dim, " has ", rot_dim / 2);
+  return r;
+}
+
 void rope(Recorder& rec, const Mat& x, int heads, int head_dim, int rot_dim, RopeMode mode, const Tensor& table,
-          const Tensor& step, int step_index) {
+          const Tensor& positions, int64_t first, const RopeSections& sec) {
   check_f32(x, "rope x");
   if (int64_t(heads) * head_dim > x.cols) fail("internal: rope heads exceed the row");
   if (rot_dim > head_dim || rot_dim % 2) fail("internal: rope rotary dimension ", rot_dim, " is invalid");
   if (table.dtype() != DType::F32) fail("internal: rope table must be f32");
+  if (positions.dtype() != DType::I32) fail("internal: rope positions must be i32");
+  if (sec.count < 1 || sec.count > 4) fail("internal: rope takes 1 to 4 positions per token");
+  if (first < 0 || (first + x.rows) * sec.count > positions.numel())
+    fail("internal: rope positions ", positions.shape_string(), " do not cover rows ", first, "..", first + x.rows);
   const int64_t half = rot_dim / 2;
   const int64_t n_positions = table.numel() / (half * 2);
   Mat tmat = Mat::of(table, n_positions, half * 2);
@@ -474,62 +493,58 @@ void rope(Recorder& rec, const Mat& x, int heads, int head_dim, int rot_dim, Rop
   const uint32_t wg = pick_wg(rec, 64);
   const auto& pl = rec.context().pipelines().get("rope", {wg});
   struct {
-    uint32_t T, heads, head_dim, rot_dim, x_off, x_stride, step_off, mode, pos_begin, pos_end, table_off;
+    uint32_t T, heads, head_dim, rot_dim, x_off, x_stride, pos_off, sections, bound0, bound1, bound2, mode;
+    int32_t pos_begin, pos_end;
+    uint32_t table_off;
   } pc;
+  auto bound = [&](int i) { return uint32_t(std::min<int64_t>(sec.bounds[i], half)); };
   for_chunks(x.rows, t_chunk, [&](int64_t t0, int64_t tn) {
     Bound bx = bind_mat(rec, 0, x.row_range(t0, tn), true);
-    Bound bs = bind_whole(rec, 1, step, false);
+    Bound bp = bind_whole(rec, 1, positions, false);
     for_chunks(n_positions, pos_chunk, [&](int64_t p0, int64_t pn) {
       Bound bt = bind_mat(rec, 2, tmat.row_range(p0, pn), false);
-      // The kernel sees row t of this chunk at position step + t; its true position is
-      // step + t0 + t, so the table window [p0, p0 + pn) is expressed relative to t0.
-      int64_t lo = p0 - t0, hi = p0 + pn - t0;
-      uint32_t off = bt.shift / 2;
-      if (lo < 0) {
-        off += u32(-lo * half, "table offset");
-        lo = 0;
-      }
-      if (hi <= 0) return;
+      if (p0 + pn > int64_t(INT32_MAX)) fail("internal: rope table has too many positions");
       pc = {u32(tn, "T"), uint32_t(heads), uint32_t(head_dim), uint32_t(rot_dim), bx.shift, u32(x.stride, "stride"),
-            bs.shift + uint32_t(step_index), uint32_t(mode), u32(lo, "pos"), u32(hi, "pos"), off};
-      rec.dispatch(pl, {bx.binding, bs.binding, bt.binding}, &pc, sizeof(pc), uint32_t(ceil_div(half, wg)),
+            bp.shift + u32((first + t0) * sec.count, "positions offset"), uint32_t(sec.count), bound(0), bound(1),
+            bound(2), uint32_t(mode), int32_t(p0), int32_t(p0 + pn), bt.shift / 2};
+      rec.dispatch(pl, {bx.binding, bp.binding, bt.binding}, &pc, sizeof(pc), uint32_t(ceil_div(half, wg)),
                    uint32_t(heads), uint32_t(tn));
     });
   });
 }
 
-void kv_append(Recorder& rec, const Mat& src, const Tensor& cache, const Tensor& step, int step_index) {
+void kv_append(Recorder& rec, const Mat& src, const Tensor& cache, const Tensor& first_row, int index) {
   check_f32(src, "kv_append source");
   if (cache.dtype() != DType::F16) fail("internal: the KV cache must be f16");
   const int64_t kv_dim = src.cols;
   if (kv_dim % 2) fail("internal: kv_append needs an even row width");
   if (cache.numel() % kv_dim) fail("internal: KV cache width does not match");
-  const int64_t positions = cache.numel() / kv_dim;
-  Mat cmat = Mat::of(cache, positions, kv_dim);
-  const int64_t pos_chunk = rows_per_binding(rec, cmat);
+  const int64_t cache_rows = cache.numel() / kv_dim;
+  Mat cmat = Mat::of(cache, cache_rows, kv_dim);
+  const int64_t row_chunk = rows_per_binding(rec, cmat);
   const int64_t t_chunk = std::min(rows_per_binding(rec, src), k_max_grid_rows);
   const uint32_t wg = pick_wg(rec, 64);
   const auto& pl = rec.context().pipelines().get("kv_append", {wg});
   struct {
-    uint32_t T, kv_dim, src_off, src_stride, step_off, pos_begin, pos_end, cache_off;
+    uint32_t T, kv_dim, src_off, src_stride, row_off, row_begin, row_end, cache_off;
   } pc;
   for_chunks(src.rows, t_chunk, [&](int64_t t0, int64_t tn) {
     Bound bsrc = bind_mat(rec, 0, src.row_range(t0, tn), false);
-    Bound bstep = bind_whole(rec, 1, step, false);
-    for_chunks(positions, pos_chunk, [&](int64_t p0, int64_t pn) {
-      Bound bc = bind_mat(rec, 2, cmat.row_range(p0, pn), true);
+    Bound brow = bind_whole(rec, 1, first_row, false);
+    for_chunks(cache_rows, row_chunk, [&](int64_t r0, int64_t rn) {
+      Bound bc = bind_mat(rec, 2, cmat.row_range(r0, rn), true);
       if (bc.shift % 2) fail("internal: KV cache rows are not word aligned");
-      // Token t0 + t is at position step + t0 + t: express the window relative to step + t0.
-      int64_t lo = p0 - t0, hi = p0 + pn - t0;
+      // Source row t0 + t goes to cache row first + t0 + t: express the window relative to first + t0.
+      int64_t lo = r0 - t0, hi = r0 + rn - t0;
       uint32_t off = bc.shift / 2;
       if (lo < 0) {
         off += u32(-lo * (kv_dim / 2), "cache offset");
         lo = 0;
       }
       if (hi <= 0) return;
-      pc = {u32(tn, "T"), u32(kv_dim, "kv_dim"), bsrc.shift, u32(src.stride, "stride"), bstep.shift + uint32_t(step_index),
-            u32(lo, "pos"), u32(hi, "pos"), off};
-      rec.dispatch(pl, {bsrc.binding, bstep.binding, bc.binding}, &pc, sizeof(pc), uint32_t(ceil_div(kv_dim / 2, wg)),
+      pc = {u32(tn, "T"), u32(kv_dim, "kv_dim"), bsrc.shift, u32(src.stride, "stride"), brow.shift + uint32_t(index),
+            u32(lo, "row"), u32(hi, "row"), off};
+      rec.dispatch(pl, {bsrc.binding, brow.binding, bc.binding}, &pc, sizeof(pc), uint32_t(ceil_div(kv_dim / 2, wg)),
                    uint32_t(tn));
     });
   });
@@ -538,8 +553,8 @@ void kv_append(Recorder& rec, const Mat& src, const Tensor& cache, const Tensor&
 // ---------------------------------------------------------------------------------------------
 // attention
 
-void attention(Recorder& rec, const Mat& q, const Mat& k, const Mat& v, const Mat& out, const Tensor& step,
-               int step_index, const AttentionParams& ap, const Variant& var) {
+void attention(Recorder& rec, const Mat& q, const Mat& k, const Mat& v, const Mat& out, const Tensor& first_row,
+               int index, const AttentionParams& ap, const Variant& var) {
   check_f32(q, "attention q");
   check_f32(out, "attention out");
   check_mat(k, "attention k");
@@ -557,6 +572,7 @@ void attention(Recorder& rec, const Mat& q, const Mat& k, const Mat& v, const Ma
   const int64_t T = q.rows, keys = k.rows;
   if (T == 0) return;
   if (keys == 0) fail("internal: attention over zero keys");
+  if (ap.prefix_end < 0 || ap.block < 0 || ap.window < 0) fail("internal: negative attention mask parameter");
   const auto& prof = rec.context().profile();
   const bool rows_path = var.attention == Variant::Attention::Rows ||
                          (var.attention == Variant::Attention::Auto && T <= 4);
@@ -582,7 +598,7 @@ void attention(Recorder& rec, const Mat& q, const Mat& k, const Mat& v, const Ma
   auto tiled_shared = [&](uint32_t r, uint32_t c) { return 4ull * (r * D + c * D + r * c + 3 * r); };
   while (tiled_shared(br, bc) > prof.max_shared_memory && bc > 8) bc /= 2;
   while (tiled_shared(br, bc) > prof.max_shared_memory && br > 4) br /= 2;
-  const uint32_t wg = rows_path ? pick_wg(rec, 128) : pick_wg(rec, 128);
+  const uint32_t wg = pick_wg(rec, 128);
   const std::string shader = rows_path ? std::string("attn_rows_") + (kv16 ? "kv16" : "kv32") + (use_subgroup(rec, var) ? "_sg" : "")
                                        : std::string("attn_tiled_") + (kv16 ? "kv16" : "kv32");
   const Pipeline& pl = rows_path
@@ -590,17 +606,17 @@ void attention(Recorder& rec, const Mat& q, const Mat& k, const Mat& v, const Ma
                            : rec.context().pipelines().get(shader, {wg, br, bc, uint32_t(D), uint32_t(ceil_div(br * D, wg))});
 
   struct {
-    uint32_t T, H, HKV, q_off, q_stride, k_off, k_stride, v_off, v_stride, o_off, o_stride, step_off, key_begin, key_end,
+    uint32_t T, H, HKV, q_off, q_stride, k_off, k_stride, v_off, v_stride, o_off, o_stride, row_off, key_begin, key_end,
         flags, window;
     float scale;
-    uint32_t part_index, n_parts, q_t0, T_total, split_size;
+    uint32_t part_index, n_parts, q_t0, T_total, split_size, prefix_end, block;
   } pc;
   static_assert(sizeof(pc) <= k_push_constant_bytes);
 
   for_chunks(T, q_chunk, [&](int64_t t0, int64_t tn) {
     Bound bq = bind_mat(rec, 0, q.row_range(t0, tn), false);
     Bound bo = bind_mat(rec, 4, out.row_range(t0, tn), true);
-    Bound bs = bind_whole(rec, 3, step, false);
+    Bound bs = bind_whole(rec, 3, first_row, false);
     Tensor parts;
     Binding bparts = bo.binding;
     bparts.slot = 5;
@@ -616,9 +632,10 @@ void attention(Recorder& rec, const Mat& q, const Mat& k, const Mat& v, const Ma
         fail("internal: f16 keys and values must be word aligned");
       pc = {u32(tn, "T"), u32(H, "H"), u32(HKV, "HKV"), bq.shift, u32(q.stride, "q stride"), bk.shift,
             u32(k.stride, "k stride"), bv.shift, u32(v.stride, "v stride"), bo.shift, u32(out.stride, "o stride"),
-            bs.shift + uint32_t(step_index), u32(j0, "key"), u32(j0 + jn, "key"),
+            bs.shift + uint32_t(index), u32(j0, "key"), u32(j0 + jn, "key"),
             (ap.causal ? 1u : 0u) | (partial ? 2u : 0u), u32(ap.window, "window"), ap.scale, u32(part, "part"),
-            u32(n_parts, "parts"), u32(ap.q_t0 + t0, "q_t0"), u32(ap.T_total, "T_total"), split};
+            u32(n_parts, "parts"), u32(ap.q_t0 + t0, "q_t0"), u32(ap.T_total, "T_total"), split,
+            u32(ap.prefix_end, "prefix_end"), u32(ap.block, "block")};
       std::vector<Binding> b = {bq.binding, bk.binding, bv.binding, bs.binding, bo.binding, bparts};
       if (rows_path) {
         const int64_t splits = ceil_div(jn, split);

@@ -69,26 +69,45 @@ enum class RopeMode { RotateHalf = 0, Interleaved = 1 };
 // angle = pos / (factor[i] * theta^(2i / rot_dim)); entries are (cos, sin) * attn_scale.
 std::vector<float> rope_table(int64_t n_positions, int rot_dim, double theta, const std::vector<double>& factors = {},
                               double attn_scale = 1.0);
-// In place on x [T, heads * head_dim] (row stride allowed); token t is at position
-// step[step_index] + t.
-void rope(Recorder& rec, const Mat& x, int heads, int head_dim, int rot_dim, RopeMode mode, const Tensor& table,
-          const Tensor& step, int step_index);
 
-// Writes src [T, kv_dim] (f32) into an f16 cache [positions, kv_dim] at rows step[step_index] + t.
-void kv_append(Recorder& rec, const Mat& src, const Tensor& cache, const Tensor& step, int step_index);
+// Which of a token's positions each rotary frequency reads. A token carries `count` positions
+// (1 for ordinary RoPE; 3 for Qwen2-VL's M-RoPE: temporal, height, width; 2 for the 2-D vision
+// rotary: row, column); frequency i reads position s where bounds[s-1] <= i < bounds[s]
+// (bounds are cumulative: M-RoPE's mrope_section [16, 24, 24] gives 16, 40, 64).
+struct RopeSections {
+  int count = 1;
+  int bounds[4] = {1 << 30, 1 << 30, 1 << 30, 1 << 30};
+
+  // Sections of the given sizes, in order; their sum must be rot_dim / 2.
+  static RopeSections of_sizes(const std::vector<int>& sizes, int rot_dim);
+};
+
+// In place on x [T, heads * head_dim] (row stride allowed): row t rotates by the table entries
+// of its positions positions[(first + t) * sections.count + s], an I32 buffer (first: the row of
+// positions that x's row 0 reads). Positions outside the table leave their frequencies alone
+// (callers check them).
+void rope(Recorder& rec, const Mat& x, int heads, int head_dim, int rot_dim, RopeMode mode, const Tensor& table,
+          const Tensor& positions, int64_t first, const RopeSections& sections = {});
+
+// Writes src [T, kv_dim] (f32) into an f16 cache [rows, kv_dim] at rows first_row[index] + t
+// (first_row: an I32 buffer, so a recorded step can be replayed with a new row).
+void kv_append(Recorder& rec, const Mat& src, const Tensor& cache, const Tensor& first_row, int index);
 
 struct AttentionParams {
   int heads = 1, kv_heads = 1, head_dim = 64;
   bool causal = true;
-  int window = 0;       // sliding window in positions (0: none)
+  int window = 0;          // sliding window in KV rows (0: none)
   float scale = 0.125f;
-  int64_t T_total = 0;  // queries in this forward pass (keys exist up to step + T_total)
-  int64_t q_t0 = 0;     // index of q's first row within the forward pass
+  int64_t T_total = 0;     // queries in this forward pass (keys exist below first row + T_total)
+  int64_t q_t0 = 0;        // index of q's first row within the forward pass
+  int64_t prefix_end = 0;  // prefix-LM: keys at rows below it are visible to every query (0: none)
+  int64_t block = 0;       // block-diagonal: row i sees key j only when i / block == j / block (0: off)
 };
 // out [T, heads*head_dim] = attention of q [T, heads*head_dim] over keys/values k, v
-// [keys, kv_heads*head_dim] (f16 cache or f32). Query t is at position step[step_index] + q_t0 + t.
-void attention(Recorder& rec, const Mat& q, const Mat& k, const Mat& v, const Mat& out, const Tensor& step,
-               int step_index, const AttentionParams& params, const Variant& var = {});
+// [keys, kv_heads*head_dim] (f16 cache or f32). Query t is at KV row first_row[index] + q_t0 + t;
+// the masks (causal, window, prefix, block) compare KV rows.
+void attention(Recorder& rec, const Mat& q, const Mat& k, const Mat& v, const Mat& out, const Tensor& first_row,
+               int index, const AttentionParams& params, const Variant& var = {});
 
 enum class UnaryOp { Identity = 0, Silu = 1, GeluErf = 2, GeluTanh = 3, QuickGelu = 4 };
 void unary(Recorder& rec, UnaryOp op, const Mat& x, const Mat& y, float alpha = 1.0f);

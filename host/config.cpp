@@ -1,200 +1,329 @@
 #include "host/config.h"
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
 
-#include "gpu/error.h"
+#include "base/error.h"
 
 namespace vkvlm {
 namespace fs = std::filesystem;
 using nlohmann::json;
 
-namespace {
-
-json read_json(const fs::path& p) {
-  std::ifstream in(p);
-  if (!in) fail("cannot read ", p.string());
+json read_json_file(const std::string& path) {
+  std::error_code ec;
+  if (!fs::is_regular_file(path, ec)) fail(path, " is not a readable file");
+  std::ifstream in(path);
+  if (!in) fail("cannot read ", path);
   try {
     return json::parse(in);
   } catch (const json::exception& e) {
-    fail(p.string(), " is not valid JSON: ", e.what());
+    fail(path, " is not valid JSON: ", e.what());
   }
 }
 
-// Typed field access that names the file and field on error.
-struct Fields {
-  const json& j;
-  std::string where;
+// ---------------------------------------------------------------------------------------------
+// ConfigFields
 
-  bool has(const char* k) const { return j.contains(k) && !j[k].is_null(); }
-  int64_t integer(const char* k) const {
-    if (!has(k)) fail(where, " has no '", k, "'");
-    if (!j[k].is_number_integer()) fail(where, ": '", k, "' must be an integer");
-    return j[k].get<int64_t>();
-  }
-  int64_t integer(const char* k, int64_t dflt) const { return has(k) ? integer(k) : dflt; }
-  double number(const char* k, double dflt) const {
-    if (!has(k)) return dflt;
-    if (!j[k].is_number()) fail(where, ": '", k, "' must be a number");
-    return j[k].get<double>();
-  }
-  std::string string(const char* k, const std::string& dflt) const {
-    if (!has(k)) return dflt;
-    if (!j[k].is_string()) fail(where, ": '", k, "' must be a string");
-    return j[k].get<std::string>();
-  }
-  bool boolean(const char* k, bool dflt) const {
-    if (!has(k)) return dflt;
-    if (!j[k].is_boolean()) fail(where, ": '", k, "' must be true or false");
-    return j[k].get<bool>();
-  }
-  std::vector<double> numbers(const json& arr, const char* k) const {
-    if (!arr.is_array()) fail(where, ": '", k, "' must be a list of numbers");
-    std::vector<double> v;
-    for (auto& x : arr) {
-      if (!x.is_number()) fail(where, ": '", k, "' must be a list of numbers");
-      v.push_back(x.get<double>());
-    }
-    return v;
-  }
-};
-
-std::vector<int64_t> id_list(const json& v, const std::string& where, const char* key) {
-  std::vector<int64_t> out;
-  if (v.is_null()) return out;
-  if (v.is_number_integer()) {
-    out.push_back(v.get<int64_t>());
-  } else if (v.is_array()) {
-    for (auto& x : v) {
-      if (!x.is_number_integer()) fail(where, ": '", key, "' must hold token ids");
-      out.push_back(x.get<int64_t>());
-    }
-  } else {
-    fail(where, ": '", key, "' must be a token id or a list of them");
-  }
-  return out;
+ConfigFields::ConfigFields(const json& j, std::string where) : j_(j), where_(std::move(where)) {
+  if (!j_.is_object()) fail(where_, " is not a JSON object");
 }
 
-void parse_rope(const Fields& f, TextConfig& t) {
+bool ConfigFields::has(const char* k) const { return j_.contains(k) && !j_[k].is_null(); }
+
+int64_t ConfigFields::integer(const char* k) const {
+  if (!has(k)) fail(where_, " has no '", k, "'");
+  const json& v = j_[k];
+  // 4096.0 is an integer too (some converters write floats); 4096.5 is not.
+  if (v.is_number_float()) {
+    const double d = v.get<double>();
+    if (std::isfinite(d) && d == std::floor(d) && std::fabs(d) < 9e15) return int64_t(d);
+    fail(where_, ": '", k, "' must be an integer, not ", v.dump());
+  }
+  if (v.is_number_unsigned() && v.get<uint64_t>() > uint64_t(INT64_MAX)) fail(where_, ": '", k, "' is out of range");
+  if (!v.is_number_integer()) fail(where_, ": '", k, "' must be an integer");
+  return v.get<int64_t>();
+}
+
+int64_t ConfigFields::integer(const char* k, int64_t dflt) const { return has(k) ? integer(k) : dflt; }
+
+int64_t ConfigFields::integer_in(const char* k, int64_t lo, int64_t hi) const {
+  const int64_t v = integer(k);
+  if (v < lo || v > hi) fail(where_, ": '", k, "' is ", v, "; it must be between ", lo, " and ", hi);
+  return v;
+}
+
+int64_t ConfigFields::integer_in(const char* k, int64_t dflt, int64_t lo, int64_t hi) const {
+  return has(k) ? integer_in(k, lo, hi) : dflt;
+}
+
+double ConfigFields::number(const char* k, double dflt) const {
+  if (!has(k)) return dflt;
+  if (!j_[k].is_number()) fail(where_, ": '", k, "' must be a number");
+  const double v = j_[k].get<double>();
+  if (!std::isfinite(v)) fail(where_, ": '", k, "' must be finite");
+  return v;
+}
+
+double ConfigFields::number_in(const char* k, double dflt, double lo, double hi) const {
+  const double v = number(k, dflt);
+  if (!(v >= lo && v <= hi)) fail(where_, ": '", k, "' is ", v, "; it must be between ", lo, " and ", hi);
+  return v;
+}
+
+std::string ConfigFields::string(const char* k, const std::string& dflt) const {
+  if (!has(k)) return dflt;
+  if (!j_[k].is_string()) fail(where_, ": '", k, "' must be a string");
+  return j_[k].get<std::string>();
+}
+
+bool ConfigFields::boolean(const char* k, bool dflt) const {
+  if (!has(k)) return dflt;
+  if (!j_[k].is_boolean()) fail(where_, ": '", k, "' must be true or false");
+  return j_[k].get<bool>();
+}
+
+std::vector<double> ConfigFields::numbers(const char* k) const {
+  if (!has(k) || !j_[k].is_array()) fail(where_, ": '", k, "' must be a list of numbers");
+  std::vector<double> v;
+  for (auto& x : j_[k]) {
+    if (!x.is_number() || !std::isfinite(x.get<double>())) fail(where_, ": '", k, "' must be a list of numbers");
+    v.push_back(x.get<double>());
+  }
+  return v;
+}
+
+std::vector<int64_t> ConfigFields::integers(const char* k) const {
+  if (!has(k) || !j_[k].is_array()) fail(where_, ": '", k, "' must be a list of integers");
+  std::vector<int64_t> v;
+  for (auto& x : j_[k]) {
+    if (!x.is_number_integer()) fail(where_, ": '", k, "' must be a list of integers");
+    v.push_back(x.get<int64_t>());
+  }
+  return v;
+}
+
+bool ConfigFields::has_object(const char* k) const { return has(k) && j_[k].is_object(); }
+
+ConfigFields ConfigFields::object(const char* k) const {
+  if (!has(k)) fail(where_, " has no '", k, "'");
+  if (!j_[k].is_object()) fail(where_, ": '", k, "' must be an object");
+  return ConfigFields(j_[k], where_ + " " + k);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Language model
+
+namespace {
+
+// Sizes beyond these are not models but mistakes (and would ask for absurd allocations).
+constexpr int64_t k_max_vocab = int64_t(1) << 22;
+constexpr int64_t k_max_width = int64_t(1) << 20;
+constexpr int64_t k_max_layers = 1024;
+constexpr int64_t k_max_heads = 1024;
+constexpr int64_t k_max_positions = int64_t(1) << 30;
+
+void parse_rope(const ConfigFields& f, TextConfig& t) {
   RopeConfig& r = t.rope;
   r.theta = f.number("rope_theta", 10000.0);
   json scaling;
-  if (f.has("rope_parameters") && f.j["rope_parameters"].is_object()) {
+  if (f.has_object("rope_parameters")) {
     // transformers 5: theta and scaling live together.
-    scaling = f.j["rope_parameters"];
+    scaling = f.raw()["rope_parameters"];
     if (scaling.contains("rope_theta") && scaling["rope_theta"].is_number()) r.theta = scaling["rope_theta"].get<double>();
   }
   if (f.has("rope_scaling")) {
-    if (!f.j["rope_scaling"].is_object()) fail(f.where, ": 'rope_scaling' must be an object");
-    scaling = f.j["rope_scaling"];
+    if (!f.raw()["rope_scaling"].is_object()) fail(f.where(), ": 'rope_scaling' must be an object");
+    scaling = f.raw()["rope_scaling"];
   }
-  const double partial = f.number("partial_rotary_factor", 1.0);
+  if (!(r.theta > 0) || !std::isfinite(r.theta)) fail(f.where(), ": rope_theta must be a positive number");
+  const double partial = f.number_in("partial_rotary_factor", 1.0, 0.0, 1.0);
   r.rot_dim = int(std::lround(t.head_dim * partial));
   if (r.rot_dim % 2) --r.rot_dim;
+  if (r.rot_dim <= 0) fail(f.where(), ": partial_rotary_factor ", partial, " leaves no dimension to rotate");
   if (!scaling.is_object()) return;
-  Fields s{scaling, f.where + " rope scaling"};
+  ConfigFields s(scaling, f.where() + " rope scaling");
   std::string type = s.string("rope_type", s.string("type", "default"));
   if (type == "su") type = "longrope";
+  if (s.has("mrope_section")) {
+    // M-RoPE (Qwen2-VL): written as type "mrope", or as "default" with mrope_section.
+    for (int64_t n : s.integers("mrope_section")) {
+      if (n < 0 || n > r.rot_dim) fail(s.where(), ": mrope_section entries must be between 0 and ", r.rot_dim / 2);
+      r.sections.push_back(int(n));
+    }
+    int sum = 0;
+    for (int n : r.sections) sum += n;
+    if (r.sections.empty() || r.sections.size() > 3 || sum != r.rot_dim / 2)
+      fail(s.where(), ": mrope_section must be up to 3 sizes adding up to head_dim / 2 = ", r.rot_dim / 2, " (they add up to ",
+           sum, ")");
+    if (type == "mrope") type = "default";
+  } else if (type == "mrope") {
+    fail(s.where(), ": mrope scaling needs mrope_section");
+  }
   r.type = type;
   if (type == "default") return;
   if (type == "linear") {
-    r.factor = s.number("factor", 1.0);
+    r.factor = s.number_in("factor", 1.0, 1e-6, 1e6);
   } else if (type == "llama3") {
-    r.factor = s.number("factor", 8.0);
-    r.low_freq_factor = s.number("low_freq_factor", 1.0);
-    r.high_freq_factor = s.number("high_freq_factor", 4.0);
-    r.original_max_position = s.integer("original_max_position_embeddings", 8192);
+    r.factor = s.number_in("factor", 8.0, 1e-6, 1e6);
+    r.low_freq_factor = s.number_in("low_freq_factor", 1.0, 1e-6, 1e6);
+    r.high_freq_factor = s.number_in("high_freq_factor", 4.0, 1e-6, 1e6);
+    if (!(r.high_freq_factor > r.low_freq_factor)) fail(s.where(), ": high_freq_factor must be above low_freq_factor");
+    r.original_max_position = s.integer_in("original_max_position_embeddings", 8192, 1, k_max_positions);
   } else if (type == "longrope") {
-    if (!s.has("short_factor") || !s.has("long_factor")) fail(f.where, ": longrope scaling needs short_factor and long_factor");
-    r.short_factor = s.numbers(scaling["short_factor"], "short_factor");
-    r.long_factor = s.numbers(scaling["long_factor"], "long_factor");
-    r.original_max_position = s.integer("original_max_position_embeddings", f.integer("original_max_position_embeddings", t.max_position));
+    r.short_factor = s.numbers("short_factor");
+    r.long_factor = s.numbers("long_factor");
+    r.original_max_position = s.integer_in("original_max_position_embeddings",
+                                           f.integer_in("original_max_position_embeddings", t.max_position, 1, k_max_positions),
+                                           1, k_max_positions);
     if (int(r.short_factor.size()) != r.rot_dim / 2 || int(r.long_factor.size()) != r.rot_dim / 2)
-      fail(f.where, ": longrope factor lists need ", r.rot_dim / 2, " entries (rotary dimension ", r.rot_dim, ")");
+      fail(f.where(), ": longrope factor lists need ", r.rot_dim / 2, " entries (rotary dimension ", r.rot_dim, ")");
+    for (double x : r.short_factor)
+      if (!(x > 0)) fail(f.where(), ": longrope factors must be positive");
+    for (double x : r.long_factor)
+      if (!(x > 0)) fail(f.where(), ": longrope factors must be positive");
     if (s.has("attention_factor")) {
-      r.attention_factor = s.number("attention_factor", 1.0);
+      r.attention_factor = s.number_in("attention_factor", 1.0, 1e-6, 1e6);
     } else {
       const double scale = double(t.max_position) / double(r.original_max_position);
-      r.attention_factor = scale <= 1.0 ? 1.0 : std::sqrt(1.0 + std::log(scale) / std::log(double(r.original_max_position)));
+      r.attention_factor = scale <= 1.0 || r.original_max_position < 2
+                               ? 1.0
+                               : std::sqrt(1.0 + std::log(scale) / std::log(double(r.original_max_position)));
     }
   } else {
-    fail(f.where, ": rope scaling type '", type, "' is not supported (default, linear, llama3, longrope/su are)");
+    fail(f.where(), ": rope scaling type '", type, "' is not supported (default, linear, llama3, longrope/su, mrope are)");
   }
 }
 
-TextConfig parse_text(const json& j, const std::string& where) {
-  Fields f{j, where};
+MlpActivation mlp_activation(const std::string& act, const std::string& where, const char* key) {
+  if (act == "silu" || act == "swish") return MlpActivation::Silu;
+  if (act == "gelu_pytorch_tanh" || act == "gelu_tanh" || act == "gelu_new" || act == "gelu_fast") return MlpActivation::GeluTanh;
+  fail(where, ": ", key, " '", act, "' is not supported for the language model (silu, gelu_pytorch_tanh are)");
+}
+
+}  // namespace
+
+const std::vector<std::string>& text_families() {
+  static const std::vector<std::string> f = {"llama", "mistral", "phi3", "qwen2", "gemma"};
+  return f;
+}
+
+TextConfig parse_text_config(const json& j, const std::string& where, const std::string& family) {
+  ConfigFields f(j, where);
   TextConfig t;
-  t.model_type = f.string("model_type", "llama");
-  static const char* known[] = {"llama", "mistral", "phi3", "qwen2"};
-  if (std::find(std::begin(known), std::end(known), t.model_type) == std::end(known))
-    fail(where, ": language model type '", t.model_type, "' is not supported (llama, mistral, phi3, qwen2 are)");
-  t.vocab_size = f.integer("vocab_size");
-  t.hidden_size = f.integer("hidden_size");
-  t.intermediate_size = f.integer("intermediate_size");
-  t.num_layers = f.integer("num_hidden_layers");
-  t.num_heads = int(f.integer("num_attention_heads"));
-  t.num_kv_heads = int(f.integer("num_key_value_heads", t.num_heads));
-  t.head_dim = int(f.integer("head_dim", t.num_heads ? t.hidden_size / t.num_heads : 0));
-  t.max_position = f.integer("max_position_embeddings", 4096);
-  t.rms_eps = f.number("rms_norm_eps", 1e-6);
-  t.hidden_act = f.string("hidden_act", "silu");
-  t.attention_bias = f.boolean("attention_bias", t.model_type == "qwen2");
-  t.tie_embeddings = f.boolean("tie_word_embeddings", false);
-  if (f.has("sliding_window") && f.boolean("use_sliding_window", t.model_type != "qwen2")) {
-    if (!j["sliding_window"].is_number_integer()) fail(where, ": 'sliding_window' must be an integer");
-    t.sliding_window = int(j["sliding_window"].get<int64_t>());
+  t.family = family.empty() ? f.string("model_type", "llama") : family;
+  const auto& known = text_families();
+  if (std::find(known.begin(), known.end(), t.family) == known.end()) {
+    std::string list;
+    for (auto& k : known) list += (list.empty() ? "" : ", ") + k;
+    fail(where, ": language model type '", t.family, "' is not supported (", list, " are)");
   }
-  if (t.vocab_size <= 0 || t.hidden_size <= 0 || t.intermediate_size <= 0 || t.num_layers <= 0 || t.num_heads <= 0 ||
-      t.num_kv_heads <= 0 || t.head_dim <= 0)
-    fail(where, ": model sizes must be positive");
+  const bool gemma = t.family == "gemma";
+  t.vocab_size = f.integer_in("vocab_size", 1, k_max_vocab);
+  t.hidden_size = f.integer_in("hidden_size", 1, k_max_width);
+  t.intermediate_size = f.integer_in("intermediate_size", 1, k_max_width);
+  t.num_layers = f.integer_in("num_hidden_layers", 1, k_max_layers);
+  t.num_heads = int(f.integer_in("num_attention_heads", 1, k_max_heads));
+  t.num_kv_heads = int(f.integer_in("num_key_value_heads", t.num_heads, 1, t.num_heads));
+  const int64_t default_head_dim = gemma ? 256 : t.hidden_size / t.num_heads;
+  t.head_dim = int(f.integer_in("head_dim", default_head_dim, 1, 256));
+  if (t.head_dim < 2 || t.head_dim % 2) fail(where, ": head_dim ", t.head_dim, " must be an even number of at least 2");
+  t.max_position = f.integer_in("max_position_embeddings", 4096, 1, k_max_positions);
+  t.rms_eps = f.number_in("rms_norm_eps", 1e-6, 1e-12, 1.0);
+  if (gemma) {
+    // transformers' Gemma takes hidden_activation and falls back to the tanh GELU (not to
+    // hidden_act, which older configs set to "gelu").
+    t.mlp_activation = mlp_activation(f.string("hidden_activation", "gelu_pytorch_tanh"), where, "hidden_activation");
+    t.norm_plus_one = true;
+    t.embed_scale = std::sqrt(double(t.hidden_size));
+  } else {
+    t.mlp_activation = mlp_activation(f.string("hidden_act", "silu"), where, "hidden_act");
+  }
+  t.attention_bias = f.boolean("attention_bias", t.family == "qwen2");
+  t.tie_embeddings = f.boolean("tie_word_embeddings", gemma);
+  if (f.has("sliding_window") && !gemma && f.boolean("use_sliding_window", t.family != "qwen2"))
+    t.sliding_window = int(f.integer_in("sliding_window", 1, k_max_positions));
   if (t.num_heads % t.num_kv_heads)
     fail(where, ": num_attention_heads (", t.num_heads, ") must be a multiple of num_key_value_heads (", t.num_kv_heads, ")");
-  if (t.hidden_act != "silu") fail(where, ": hidden_act '", t.hidden_act, "' is not supported for the language model (silu is)");
   parse_rope(f, t);
   return t;
 }
 
-VisionConfig parse_vision(const json& j, const std::string& where) {
-  Fields f{j, where};
-  VisionConfig v;
-  v.model_type = f.string("model_type", "clip_vision_model");
-  if (v.model_type != "clip_vision_model")
-    fail(where, ": vision tower '", v.model_type, "' is not supported (clip_vision_model is)");
-  v.hidden_size = f.integer("hidden_size", 1024);
-  v.intermediate_size = f.integer("intermediate_size", 4096);
-  v.num_layers = int(f.integer("num_hidden_layers", 24));
-  v.num_heads = int(f.integer("num_attention_heads", 16));
-  v.num_channels = int(f.integer("num_channels", 3));
-  v.image_size = int(f.integer("image_size", 336));
-  v.patch_size = int(f.integer("patch_size", 14));
-  v.layer_norm_eps = f.number("layer_norm_eps", 1e-5);
-  v.hidden_act = f.string("hidden_act", "quick_gelu");
-  if (v.hidden_act != "quick_gelu" && v.hidden_act != "gelu")
-    fail(where, ": vision hidden_act '", v.hidden_act, "' is not supported (quick_gelu, gelu are)");
-  if (v.image_size % v.patch_size) fail(where, ": image_size is not a multiple of patch_size");
-  if (v.hidden_size % v.num_heads) fail(where, ": vision hidden_size is not a multiple of num_attention_heads");
+VisionConfig parse_vision_config(const json& j, const std::string& where, const VisionConfig& d) {
+  ConfigFields f(j, where);
+  VisionConfig v = d;
+  v.model_type = f.string("model_type", d.model_type);
+  v.hidden_size = f.integer_in("hidden_size", d.hidden_size, 1, k_max_width);
+  v.intermediate_size = f.integer_in("intermediate_size", d.intermediate_size, 1, k_max_width);
+  v.num_layers = int(f.integer_in("num_hidden_layers", d.num_layers, 1, k_max_layers));
+  v.num_heads = int(f.integer_in("num_attention_heads", d.num_heads, 1, k_max_heads));
+  v.num_channels = int(f.integer_in("num_channels", d.num_channels, 1, 16));
+  v.image_size = int(f.integer_in("image_size", d.image_size, 1, 8192));
+  v.patch_size = int(f.integer_in("patch_size", d.patch_size, 1, 1024));
+  v.layer_norm_eps = f.number_in("layer_norm_eps", d.layer_norm_eps, 1e-12, 1.0);
+  v.hidden_act = f.string("hidden_act", d.hidden_act);
+  if (v.image_size % v.patch_size) fail(where, ": image_size ", v.image_size, " is not a multiple of patch_size ", v.patch_size);
+  if (v.hidden_size % v.num_heads)
+    fail(where, ": hidden_size ", v.hidden_size, " is not a multiple of num_attention_heads ", v.num_heads);
+  if (v.hidden_size / v.num_heads > 256) fail(where, ": vision heads of ", v.hidden_size / v.num_heads, " dimensions (at most 256)");
   return v;
 }
 
-void parse_quantization(const json& q, ModelConfig& c, const std::string& where) {
-  if (!q.is_object()) fail(where, ": 'quantization' must be an object");
-  Fields f{q, where + " quantization"};
-  c.quantization.bits = int(f.integer("bits", 4));
-  c.quantization.group_size = int(f.integer("group_size", 64));
-  for (auto& [k, v] : q.items()) {
+Quantization parse_quantization(const json& config, const std::string& where) {
+  Quantization q;
+  const json* src = nullptr;
+  if (config.contains("quantization") && !config["quantization"].is_null()) src = &config["quantization"];
+  else if (config.contains("quantization_config") && config["quantization_config"].is_object() &&
+           config["quantization_config"].contains("group_size"))
+    src = &config["quantization_config"];  // MLX writes both; other tools' quantization_config means something else
+  if (!src) return q;
+  if (!src->is_object()) fail(where, ": 'quantization' must be an object");
+  ConfigFields f(*src, where + " quantization");
+  q.spec.bits = int(f.integer_in("bits", 4, 1, 8));
+  q.spec.group_size = int(f.integer_in("group_size", 64, 1, 1 << 16));
+  const std::string mode = f.string("mode", "affine");
+  if (mode != "affine") fail(where, ": quantization mode '", mode, "' is not supported (MLX affine is)");
+  for (auto& [k, v] : src->items()) {
     if (k == "bits" || k == "group_size" || k == "mode") continue;
     if (v.is_object()) {
-      Fields o{v, where + " quantization." + k};
-      c.quantization_overrides[k] = {int(o.integer("bits", c.quantization.bits)), int(o.integer("group_size", c.quantization.group_size))};
+      ConfigFields o(v, where + " quantization." + k);
+      q.overrides[k] = {int(o.integer_in("bits", q.spec.bits, 1, 8)), int(o.integer_in("group_size", q.spec.group_size, 1, 1 << 16))};
     } else if (v.is_boolean() && !v.get<bool>()) {
-      c.quantization_overrides[k] = {0, 0};
+      q.overrides[k] = {0, 0};
     }
   }
+  return q;
 }
 
-}  // namespace
+std::vector<int64_t> eos_token_ids(const json& config, const json* generation, const std::string& where) {
+  std::vector<int64_t> out;
+  auto take = [&](const json& j, const std::string& w) {
+    if (!j.is_object() || !j.contains("eos_token_id") || j["eos_token_id"].is_null()) return;
+    const json& v = j["eos_token_id"];
+    std::vector<int64_t> ids;
+    if (v.is_number_integer()) {
+      ids.push_back(v.get<int64_t>());
+    } else if (v.is_array()) {
+      for (auto& x : v) {
+        if (!x.is_number_integer()) fail(w, ": 'eos_token_id' must hold token ids");
+        ids.push_back(x.get<int64_t>());
+      }
+    } else {
+      fail(w, ": 'eos_token_id' must be a token id or a list of them");
+    }
+    for (int64_t id : ids)
+      if (id < 0 || id >= k_max_vocab) fail(w, ": eos_token_id ", id, " is not a token id");
+    if (!ids.empty()) out = ids;
+  };
+  if (config.contains("text_config")) take(config["text_config"], where + " text_config");
+  take(config, where);
+  if (generation) take(*generation, "generation_config.json");
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// RoPE frequencies
 
 std::vector<double> RopeConfig::factors_for(int64_t seq_len) const {
   const int half = rot_dim / 2;
@@ -221,103 +350,6 @@ std::vector<double> RopeConfig::factors_for(int64_t seq_len) const {
 
 bool RopeConfig::uses_long_factors(int64_t seq_len) const {
   return type == "longrope" && seq_len > original_max_position;
-}
-
-ModelConfig load_model_config(const std::string& dir) {
-  const fs::path d(dir);
-  std::error_code ec;
-  if (!fs::exists(d, ec)) fail("model folder ", dir, " does not exist");
-  if (!fs::is_directory(d, ec)) fail("model path ", dir, " is not a folder (expected a checkpoint folder with config.json)");
-  const fs::path cfg_path = d / "config.json";
-  if (!fs::exists(cfg_path, ec)) fail("model folder ", dir, " has no config.json");
-  ModelConfig c;
-  c.dir = dir;
-  c.raw = read_json(cfg_path);
-  const std::string where = cfg_path.string();
-  if (!c.raw.is_object()) fail(where, " is not a JSON object");
-  Fields top{c.raw, where};
-  c.model_type = top.string("model_type", "");
-  if (c.model_type.empty()) fail(where, " has no model_type");
-  if (top.has("architectures") && c.raw["architectures"].is_array() && !c.raw["architectures"].empty() &&
-      c.raw["architectures"][0].is_string())
-    c.architecture = c.raw["architectures"][0].get<std::string>();
-
-  if (c.model_type == "llava" || c.model_type == "llava_next") {
-    if (!top.has("text_config") || !c.raw["text_config"].is_object()) fail(where, " has no text_config");
-    if (!top.has("vision_config") || !c.raw["vision_config"].is_object()) fail(where, " has no vision_config");
-    c.text = parse_text(c.raw["text_config"], where + " text_config");
-    c.vision = parse_vision(c.raw["vision_config"], where + " vision_config");
-    c.image_token_index = top.integer("image_token_index", top.integer("image_token_id", 32000));
-    if (top.has("vision_feature_layer")) {
-      if (!c.raw["vision_feature_layer"].is_number_integer())
-        fail(where, ": vision_feature_layer must be one layer index (lists of layers are not supported)");
-      c.vision_feature_layer = int(c.raw["vision_feature_layer"].get<int64_t>());
-    }
-    c.vision_feature_select_strategy = top.string("vision_feature_select_strategy", "default");
-    if (c.vision_feature_select_strategy != "default" && c.vision_feature_select_strategy != "full")
-      fail(where, ": vision_feature_select_strategy '", c.vision_feature_select_strategy, "' is not default or full");
-    c.projector_hidden_act = top.string("projector_hidden_act", "gelu");
-    c.projector_bias = top.boolean("multimodal_projector_bias", true);
-    c.image_seq_length = top.integer("image_seq_length", 576);
-    if (c.model_type == "llava_next") {
-      if (!top.has("image_grid_pinpoints") || !c.raw["image_grid_pinpoints"].is_array())
-        fail(where, " has no image_grid_pinpoints");
-      for (auto& p : c.raw["image_grid_pinpoints"]) {
-        if (!p.is_array() || p.size() != 2 || !p[0].is_number_integer() || !p[1].is_number_integer())
-          fail(where, ": image_grid_pinpoints entries must be [height, width]");
-        c.image_grid_pinpoints.push_back({int(p[0].get<int64_t>()), int(p[1].get<int64_t>())});
-      }
-    }
-  } else if (c.model_type == "phi3_v") {
-    json text = c.raw;
-    text["model_type"] = "phi3";
-    c.text = parse_text(text, where);
-    // A real Phi-3-Vision config has no vision_config: it means CLIP ViT-L/14 at 336 pixels.
-    c.vision = top.has("vision_config") ? parse_vision(c.raw["vision_config"], where + " vision_config") : VisionConfig{};
-    if (top.has("img_processor") && c.raw["img_processor"].is_object()) {
-      Fields ip{c.raw["img_processor"], where + " img_processor"};
-      c.phi3v_image_dim_out = ip.integer("image_dim_out", c.vision->hidden_size);
-      c.phi3v_num_img_tokens = int(ip.integer("num_img_tokens", 144));
-    } else {
-      c.phi3v_image_dim_out = c.vision->hidden_size;
-    }
-    if (top.has("embd_layer") && c.raw["embd_layer"].is_object()) {
-      Fields el{c.raw["embd_layer"], where + " embd_layer"};
-      c.phi3v_hd_transform_order = el.string("hd_transform_order", "sub_glb");
-      if (c.phi3v_hd_transform_order != "sub_glb" && c.phi3v_hd_transform_order != "glb_sub")
-        fail(where, ": hd_transform_order '", c.phi3v_hd_transform_order, "' is not sub_glb or glb_sub");
-    }
-    c.vision_feature_layer = -2;
-    c.image_token_index = -1;
-  } else {
-    // A plain causal language model.
-    c.text = parse_text(c.raw, where);
-  }
-  if (top.has("quantization")) parse_quantization(c.raw["quantization"], c, where);
-  else if (top.has("quantization_config") && c.raw["quantization_config"].is_object() &&
-           c.raw["quantization_config"].contains("group_size"))
-    parse_quantization(c.raw["quantization_config"], c, where);
-
-  // Token ids: generation_config.json wins over config.json (as in transformers).
-  const json* idsrc = &c.raw;
-  if (c.raw.contains("text_config") && c.raw["text_config"].is_object()) idsrc = &c.raw["text_config"];
-  auto ids_from = [&](const json& j, const std::string& w) {
-    if (j.contains("eos_token_id")) {
-      auto e = id_list(j["eos_token_id"], w, "eos_token_id");
-      if (!e.empty()) c.eos_token_ids = e;
-    }
-    if (j.contains("bos_token_id") && j["bos_token_id"].is_number_integer()) c.bos_token_id = j["bos_token_id"].get<int64_t>();
-    if (j.contains("pad_token_id") && j["pad_token_id"].is_number_integer()) c.pad_token_id = j["pad_token_id"].get<int64_t>();
-  };
-  ids_from(*idsrc, where);
-  ids_from(c.raw, where);
-  const fs::path gen = d / "generation_config.json";
-  if (fs::exists(gen, ec)) {
-    c.generation = read_json(gen);
-    if (!c.generation.is_object()) fail(gen.string(), " is not a JSON object");
-    ids_from(c.generation, gen.string());
-  }
-  return c;
 }
 
 }  // namespace vkvlm

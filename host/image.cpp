@@ -1,13 +1,17 @@
 #include "host/image.h"
 
+#include <jpeglib.h>
+#include <jerror.h>
 #include <webp/decode.h>
 #include <webp/demux.h>
 
+#include <csetjmp>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 
-#include "gpu/error.h"
+#include "base/error.h"
 
 #define STBI_NO_STDIO
 #include <stb/stb_image.h>
@@ -57,6 +61,78 @@ Image from_channels(const uint8_t* px, int w, int h, int channels, const std::st
   return img;
 }
 
+// JPEG through libjpeg(-turbo) with its defaults (ISLOW IDCT, fancy upsampling), as PIL decodes
+// it, so the pixels are PIL's exactly. libjpeg reports errors by longjmp: nothing in here needs
+// destruction between setjmp and a jump.
+struct JpegErrors {
+  jpeg_error_mgr mgr;
+  jmp_buf jump;
+  char message[JMSG_LENGTH_MAX];
+  bool truncated;
+};
+
+void jpeg_error_exit(j_common_ptr c) {
+  auto* e = reinterpret_cast<JpegErrors*>(c->err);
+  (*c->err->format_message)(c, e->message);
+  longjmp(e->jump, 1);
+}
+
+void jpeg_note_warning(j_common_ptr c, int level) {
+  auto* e = reinterpret_cast<JpegErrors*>(c->err);
+  // Data that ends early is a truncated file (PIL refuses it too); other warnings are not errors.
+  if (level < 0 && c->err->msg_code == JWRN_JPEG_EOF) e->truncated = true;
+}
+
+enum class JpegResult { Ok, Error, Unsupported, TooLarge };
+
+// Decodes baseline/progressive YCbCr, RGB and grayscale JPEGs into RGB; other color spaces (CMYK,
+// YCCK) are left to the fallback decoder.
+JpegResult decode_jpeg(const uint8_t* data, size_t n, uint64_t max_pixels, std::vector<uint8_t>& rgb, int& w, int& h,
+                       char* message) {
+  jpeg_decompress_struct cinfo;
+  JpegErrors err;
+  err.truncated = false;
+  err.message[0] = 0;
+  cinfo.err = jpeg_std_error(&err.mgr);
+  err.mgr.error_exit = jpeg_error_exit;
+  err.mgr.emit_message = jpeg_note_warning;
+  if (setjmp(err.jump)) {
+    std::snprintf(message, JMSG_LENGTH_MAX, "%s", err.message);
+    jpeg_destroy_decompress(&cinfo);
+    return JpegResult::Error;
+  }
+  jpeg_create_decompress(&cinfo);
+  jpeg_mem_src(&cinfo, data, static_cast<unsigned long>(n));
+  jpeg_read_header(&cinfo, TRUE);
+  const J_COLOR_SPACE cs = cinfo.jpeg_color_space;
+  if (cs != JCS_YCbCr && cs != JCS_GRAYSCALE && cs != JCS_RGB) {
+    jpeg_destroy_decompress(&cinfo);
+    return JpegResult::Unsupported;
+  }
+  w = int(cinfo.image_width);
+  h = int(cinfo.image_height);
+  if (w <= 0 || h <= 0 || uint64_t(w) * uint64_t(h) > max_pixels) {
+    jpeg_destroy_decompress(&cinfo);
+    return JpegResult::TooLarge;
+  }
+  cinfo.out_color_space = JCS_RGB;
+  cinfo.dct_method = JDCT_ISLOW;
+  cinfo.do_fancy_upsampling = TRUE;
+  jpeg_start_decompress(&cinfo);
+  rgb.resize(size_t(w) * size_t(h) * 3);
+  while (cinfo.output_scanline < cinfo.output_height) {
+    JSAMPROW row = rgb.data() + size_t(cinfo.output_scanline) * size_t(w) * 3;
+    jpeg_read_scanlines(&cinfo, &row, 1);
+  }
+  jpeg_finish_decompress(&cinfo);
+  jpeg_destroy_decompress(&cinfo);
+  if (err.truncated) {
+    std::snprintf(message, JMSG_LENGTH_MAX, "the file ends before the image data does");
+    return JpegResult::Error;
+  }
+  return JpegResult::Ok;
+}
+
 }  // namespace
 
 Image decode_image(const std::vector<uint8_t>& bytes, const std::string& source, const ImageLimits& limits) {
@@ -93,6 +169,22 @@ Image decode_image(const std::vector<uint8_t>& bytes, const std::string& source,
     Image img = from_channels(px, w, h, 4, source);
     WebPFree(px);
     return img;
+  }
+  if (bytes.size() >= 3 && bytes[0] == 0xFF && bytes[1] == 0xD8 && bytes[2] == 0xFF) {
+    std::vector<uint8_t> rgb;
+    int w = 0, h = 0;
+    char message[JMSG_LENGTH_MAX];
+    switch (decode_jpeg(bytes.data(), bytes.size(), limits.max_pixels, rgb, w, h, message)) {
+      case JpegResult::Ok:
+        return from_channels(rgb.data(), w, h, 3, source);
+      case JpegResult::TooLarge:
+        check_size(w, h, source, limits);
+        fail("image ", source, " has no pixels");
+      case JpegResult::Error:
+        fail("image ", source, " could not be decoded as JPEG (corrupt or truncated): ", message);
+      case JpegResult::Unsupported:
+        break;  // CMYK and YCCK: stb_image below
+    }
   }
   int w = 0, h = 0, channels = 0;
   if (!stbi_info_from_memory(bytes.data(), int(bytes.size()), &w, &h, &channels))

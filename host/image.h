@@ -27,18 +27,4 @@ Image decode_data_url(const std::string& url, const ImageLimits& limits = {});
 std::vector<uint8_t> base64_decode(const std::string& s, const std::string& what);
 std::string base64_encode(const std::vector<uint8_t>& bytes);
 
-// What a vision tower consumes for one image: one or more normalized CHW crops, and how they map
-// onto image tokens in the prompt.
-struct ProcessedImage {
-  std::vector<float> pixels;  // crops x 3 x size x size, normalized
-  int crops = 0, size = 0;
-  int64_t tokens = 0;         // prompt positions the image occupies
-  int orig_width = 0, orig_height = 0;
-  // LLaVA-NeXT: the tile grid (rows, columns) of the best resolution.
-  int grid_rows = 0, grid_cols = 0;
-  // Phi-3-Vision: the HD image in crops of 336 (rows, columns).
-  int hd_rows = 0, hd_cols = 0;
-  uint64_t hash = 0;
-};
-
 }  // namespace vkvlm

@@ -6,7 +6,7 @@
 #include <cstring>
 #include <sstream>
 
-#include "gpu/error.h"
+#include "base/error.h"
 #include "host/unicode.h"
 
 namespace vkvlm::jinja {

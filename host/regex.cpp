@@ -4,7 +4,7 @@
 
 #include <mutex>
 
-#include "gpu/error.h"
+#include "base/error.h"
 #include "host/unicode.h"
 
 namespace vkvlm::unicode {

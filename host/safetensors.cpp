@@ -12,8 +12,8 @@
 
 #include <nlohmann/json.hpp>
 
-#include "gpu/error.h"
-#include "host/numeric.h"
+#include "base/error.h"
+#include "base/numeric.h"
 
 namespace vkvlm {
 namespace fs = std::filesystem;

@@ -3,7 +3,7 @@
 #include <algorithm>
 #include <cmath>
 
-#include "gpu/error.h"
+#include "base/error.h"
 
 namespace vkvlm {
 

@@ -5,7 +5,7 @@
 #include <queue>
 #include <sstream>
 
-#include "gpu/error.h"
+#include "base/error.h"
 #include "host/unicode.h"
 
 namespace vkvlm {

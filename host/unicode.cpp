@@ -6,7 +6,7 @@
 #include <unicode/unistr.h>
 
 
-#include "gpu/error.h"
+#include "base/error.h"
 
 namespace vkvlm::unicode {
 

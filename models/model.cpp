@@ -5,12 +5,12 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
-#include <regex>
 #include <set>
 #include <sstream>
 
 #include "gpu/error.h"
-#include "host/unicode.h"
+#include "gpu/recorder.h"
+#include "host/text_stream.h"
 
 namespace vkvlm {
 namespace fs = std::filesystem;
@@ -19,21 +19,11 @@ using gpu::Tensor;
 
 namespace {
 
-constexpr int64_t k_prefill_chunk = 512;  // tokens per prefill forward pass
+constexpr int64_t k_prefill_chunk = 512;  // rows per prefill forward pass (a bidirectional prefix takes one pass)
 constexpr int k_candidates = 64;          // top candidates read back per sampled step
 
 double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
-
-nlohmann::ordered_json read_json_file(const fs::path& p) {
-  std::ifstream in(p);
-  if (!in) fail("cannot read ", p.string());
-  try {
-    return nlohmann::ordered_json::parse(in);
-  } catch (const std::exception& e) {
-    fail(p.string(), " is not valid JSON: ", e.what());
-  }
 }
 
 // A special token in tokenizer_config.json: a string, or {"content": "..."}.
@@ -45,12 +35,23 @@ std::optional<std::string> token_string(const nlohmann::ordered_json& cfg, const
   return std::nullopt;
 }
 
-// Identity of a prompt position for KV reuse: text tokens by id, image positions by image and offset.
-uint64_t text_key(int32_t id) { return uint64_t(uint32_t(id)); }
-uint64_t image_key(uint64_t image_hash, int64_t offset) {
-  uint64_t h = image_hash ^ (uint64_t(offset) * 0x9E3779B97F4A7C15ull);
-  h ^= h >> 29;
-  return h | (1ull << 63);
+nlohmann::ordered_json read_ordered_json(const fs::path& p) {
+  std::ifstream in(p);
+  if (!in) fail("cannot read ", p.string());
+  try {
+    return nlohmann::ordered_json::parse(in);
+  } catch (const std::exception& e) {
+    fail(p.string(), " is not valid JSON: ", e.what());
+  }
+}
+
+// An image_url part's URL: "image_url": "..." or {"url": "..."}.
+std::string image_url_of(const Messages& part) {
+  if (!part.contains("image_url")) return "";
+  const auto& iu = part["image_url"];
+  if (iu.is_string()) return iu.get<std::string>();
+  if (iu.is_object() && iu.contains("url") && iu["url"].is_string()) return iu["url"].get<std::string>();
+  return "";
 }
 
 }  // namespace
@@ -81,7 +82,7 @@ uint64_t hash_bytes(const void* data, size_t n, uint64_t seed) {
 }
 
 void GenerationParams::validate() const {
-  if (max_tokens < 0) fail("max_tokens must be >= 0, not ", max_tokens);
+  if (max_tokens < 0 || max_tokens > (1 << 24)) fail("max_tokens must be between 0 and 16777216, not ", max_tokens);
   sampling.validate();
   if (top_logprobs < 0 || top_logprobs > 20) fail("top_logprobs must be between 0 and 20, not ", top_logprobs);
   if (top_logits < 0 || top_logits > 64) fail("top_logits must be between 0 and 64, not ", top_logits);
@@ -98,17 +99,19 @@ Model::Model(gpu::Context& ctx, const std::string& dir, LoadOptions options) : c
   std::error_code ec;
   if (!fs::exists(d / "tokenizer.json", ec)) fail("model folder ", dir, " has no tokenizer.json");
   tok_ = std::make_unique<Tokenizer>(Tokenizer::from_file((d / "tokenizer.json").string()));
+  if (tok_->vocab_size() > cfg_.text.vocab_size)
+    fail("tokenizer.json of ", dir, " has ", tok_->vocab_size(), " tokens but the model's vocabulary is ", cfg_.text.vocab_size);
 
   // Chat template: chat_template.jinja, then chat_template.json, then tokenizer_config.json.
   nlohmann::ordered_json tcfg = nlohmann::ordered_json::object();
-  if (fs::exists(d / "tokenizer_config.json", ec)) tcfg = read_json_file(d / "tokenizer_config.json");
+  if (fs::exists(d / "tokenizer_config.json", ec)) tcfg = read_ordered_json(d / "tokenizer_config.json");
   std::string source, where;
   if (fs::exists(d / "chat_template.jinja", ec)) {
     std::ifstream in(d / "chat_template.jinja");
     source.assign(std::istreambuf_iterator<char>(in), {});
     where = "chat_template.jinja";
   } else if (fs::exists(d / "chat_template.json", ec)) {
-    auto j = read_json_file(d / "chat_template.json");
+    auto j = read_ordered_json(d / "chat_template.json");
     if (j.contains("chat_template") && j["chat_template"].is_string()) source = j["chat_template"].get<std::string>();
     where = "chat_template.json";
   } else if (tcfg.contains("chat_template")) {
@@ -117,7 +120,8 @@ Model::Model(gpu::Context& ctx, const std::string& dir, LoadOptions options) : c
       source = t.get<std::string>();
     } else if (t.is_array()) {
       for (auto& e : t)
-        if (e.is_object() && e.value("name", "") == "default" && e.contains("template")) source = e["template"].get<std::string>();
+        if (e.is_object() && e.value("name", "") == "default" && e.contains("template") && e["template"].is_string())
+          source = e["template"].get<std::string>();
     }
     where = "tokenizer_config.json chat_template";
   }
@@ -125,50 +129,63 @@ Model::Model(gpu::Context& ctx, const std::string& dir, LoadOptions options) : c
   for (const char* k : {"bos_token", "eos_token", "unk_token", "pad_token"})
     if (auto s = token_string(tcfg, k)) template_tokens_[k] = jinja::Value(*s);
 
-  for (auto id : cfg_.eos_token_ids) eos_.push_back(int32_t(id));
+  for (auto id : cfg_.eos_token_ids)
+    if (id < cfg_.text.vocab_size) eos_.push_back(int32_t(id));
   if (eos_.empty())
     if (auto s = token_string(tcfg, "eos_token"))
       if (int32_t id = tok_->token_to_id(*s); id >= 0) eos_.push_back(id);
-  add_special_tokens_ = cfg_.is_vlm();
 
   store_ = std::make_unique<TensorStore>(TensorStore::open_directory(dir));
   WeightLoader loader(ctx_, *store_, cfg_, options);
-  lm_ = std::make_unique<LanguageModel>(ctx_, cfg_, loader);
-  if (cfg_.is_vlm()) vision_ = std::make_unique<VisionModel>(ctx_, cfg_, loader);
+  lm_ = std::make_unique<LanguageModel>(ctx_, cfg_.text, loader);
+  vision_ = cfg_.arch->load_vision(ctx_, cfg_, loader);
   loader.finish_progress();
-  if (tok_->vocab_size() > cfg_.text.vocab_size)
-    fail("tokenizer.json of ", dir, " has ", tok_->vocab_size(), " tokens but the model's vocabulary is ",
-         cfg_.text.vocab_size);
 }
 
 Model::~Model() = default;
 
 uint64_t Model::weight_bytes() const { return lm_->weight_bytes() + (vision_ ? vision_->weight_bytes() : 0); }
 
-std::string Model::render_chat(const Messages& messages, bool add_generation_prompt) const {
+std::string Model::render_chat(const Messages& messages, bool add_generation_prompt, const nlohmann::json& vars) const {
   if (!template_)
     fail("model ", cfg_.dir, " has no chat template (no chat_template.jinja, chat_template.json or chat_template in "
          "tokenizer_config.json)");
-  std::map<std::string, jinja::Value> vars = template_tokens_;
-  vars["messages"] = jinja::Value::from_json(messages);
-  vars["add_generation_prompt"] = jinja::Value(add_generation_prompt);
-  return template_->render(vars);
+  std::map<std::string, jinja::Value> v = template_tokens_;
+  if (!vars.is_null()) {
+    if (!vars.is_object()) fail("chat template variables must be a JSON object");
+    for (auto& [k, x] : vars.items()) v[k] = jinja::Value::from_json(Messages(x));
+  }
+  v["messages"] = jinja::Value::from_json(messages);
+  v["add_generation_prompt"] = jinja::Value(add_generation_prompt);
+  return template_->render(v);
 }
 
-Prompt Model::build_raw_prompt(const std::string& text) const {
-  Prompt p;
-  p.text = text;
-  p.ids = tok_->encode(text, true);
-  for (auto id : p.ids) p.keys.push_back(text_key(id));
-  return p;
+std::vector<ImageSlot> image_slots(const ModelConfig& cfg, const Messages& messages) {
+  std::vector<ImageSlot> slots;
+  if (!messages.is_array()) return slots;
+  auto placeholders = [&](const std::string& text) {
+    for (size_t n = cfg.arch->count_placeholders(cfg, text); n > 0; --n) slots.push_back({ImageSlot::Kind::Placeholder, ""});
+  };
+  for (const auto& m : messages) {
+    if (!m.is_object() || !m.contains("content")) continue;
+    const auto& c = m["content"];
+    if (c.is_string()) placeholders(c.get<std::string>());
+    if (!c.is_array()) continue;
+    for (const auto& part : c) {
+      if (!part.is_object() || !part.contains("type") || !part["type"].is_string()) continue;
+      const std::string type = part["type"].get<std::string>();
+      if (type == "text" && part.contains("text") && part["text"].is_string()) placeholders(part["text"].get<std::string>());
+      else if (type == "image") slots.push_back({ImageSlot::Kind::Part, ""});
+      else if (type == "image_url") slots.push_back({ImageSlot::Kind::Url, image_url_of(part)});
+    }
+  }
+  return slots;
 }
 
-Prompt Model::build_prompt(const Messages& messages, const std::vector<Image>& images) const {
+Prompt Model::build_prompt(const Messages& messages, const std::vector<Image>& images, const nlohmann::json& vars) const {
   if (!messages.is_array() || messages.empty()) fail("messages must be a non-empty list");
-  // Count image parts and put them in the form the chat template expects.
+  // Image parts become {"type": "image"}, the form the chat templates expect.
   Messages norm = Messages::array();
-  size_t image_parts = 0;
-  const bool phi3v = cfg_.model_type == "phi3_v";
   for (size_t i = 0; i < messages.size(); ++i) {
     const auto& m = messages[i];
     if (!m.is_object()) fail("message ", i, " is not an object");
@@ -176,7 +193,6 @@ Prompt Model::build_prompt(const Messages& messages, const std::vector<Image>& i
     Messages out = m;
     if (m.contains("content") && m["content"].is_array()) {
       Messages parts = Messages::array();
-      std::string flat;  // Phi-3-Vision's template wants one string with <|image_N|> tags
       for (size_t k = 0; k < m["content"].size(); ++k) {
         const auto& part = m["content"][k];
         if (!part.is_object() || !part.contains("type") || !part["type"].is_string())
@@ -185,90 +201,52 @@ Prompt Model::build_prompt(const Messages& messages, const std::vector<Image>& i
         if (type == "text") {
           if (!part.contains("text") || !part["text"].is_string()) fail("message ", i, " text part ", k, " has no text string");
           parts.push_back(part);
-          flat += part["text"].get<std::string>();
         } else if (type == "image" || type == "image_url") {
-          ++image_parts;
           parts.push_back(Messages{{"type", "image"}});
-          flat += "<|image_" + std::to_string(image_parts) + "|>\n";
         } else {
-          fail("message ", i, " content part ", k, " has unsupported type '", type, "' (text, image, image_url)");
+          fail("message ", i, " content part ", k, " has type '", type, "' (text, image and image_url are supported)");
         }
       }
-      if (phi3v) out["content"] = flat;
-      else out["content"] = parts;
+      out["content"] = parts;
     } else if (m.contains("content") && !m["content"].is_string() && !m["content"].is_null()) {
       fail("message ", i, " content must be a string or a list of parts");
     }
     norm.push_back(out);
   }
   if (!images.empty() && !vision_) fail("model ", cfg_.dir, " is a text model and cannot take images");
-  // Phi-3-Vision prompts may also carry <|image_N|> tags in plain text; those are checked below.
-  if (image_parts != images.size() && !(phi3v && image_parts == 0))
-    fail("the conversation has ", image_parts, " image part(s) but ", images.size(), " image(s) were given");
-
-  Prompt p;
-  p.text = render_chat(norm, true);
-  for (auto& img : images) p.images.push_back(vision_->process(img));
-
-  if (phi3v) {
-    // The prompt splits at <|image_N|> tags; each text chunk is tokenized on its own with its BOS
-    // (as Phi3VProcessor does), and image N takes its token count of positions.
-    static const std::regex tag(R"(<\|image_(\d+)\|>)");
-    std::vector<std::string> chunks;
-    std::vector<int> tags;
-    auto begin = std::sregex_iterator(p.text.begin(), p.text.end(), tag);
-    size_t last = 0;
-    for (auto it = begin; it != std::sregex_iterator(); ++it) {
-      chunks.push_back(p.text.substr(last, size_t(it->position()) - last));
-      tags.push_back(std::stoi((*it)[1].str()));
-      last = size_t(it->position() + it->length());
-    }
-    chunks.push_back(p.text.substr(last));
-    std::set<int> unique(tags.begin(), tags.end());
-    if (unique.size() != images.size() || (!unique.empty() && (*unique.begin() != 1 || *unique.rbegin() != int(images.size()))))
-      fail("the prompt has image tags for ", unique.size(), " image(s) (<|image_1|> ... in order) but ", images.size(),
-           " image(s) were given");
-    for (size_t c = 0; c < chunks.size(); ++c) {
-      for (int32_t id : tok_->encode(chunks[c], true)) {
-        p.ids.push_back(id);
-        p.keys.push_back(text_key(id));
+  const auto slots = image_slots(messages);
+  size_t parts = 0;
+  for (auto& s : slots) parts += s.kind != ImageSlot::Kind::Placeholder;
+  const size_t placeholders = slots.size() - parts;
+  if (parts && parts == placeholders && images.size() == parts) {
+    // The placeholders say where the images go; the parts only carried them.
+    for (auto& m : norm)
+      if (m.contains("content") && m["content"].is_array()) {
+        Messages kept = Messages::array();
+        for (auto& part : m["content"])
+          if (part["type"] != "image") kept.push_back(part);
+        m["content"] = kept;
       }
-      if (c < tags.size()) {
-        const size_t k = size_t(tags[c] - 1);
-        ImageSpan s{int64_t(p.ids.size()), p.images[k].tokens, k};
-        for (int64_t t = 0; t < s.length; ++t) {
-          p.ids.push_back(-int32_t(k) - 1);
-          p.keys.push_back(image_key(p.images[k].hash, t));
-        }
-        p.spans.push_back(s);
-      }
-    }
-    return p;
-  }
-
-  std::vector<int32_t> ids = tok_->encode(p.text, add_special_tokens_);
-  const int32_t image_token = int32_t(cfg_.image_token_index);
-  size_t seen = 0;
-  for (int32_t id : ids) {
-    if (vision_ && id == image_token) {
-      if (seen >= images.size())
-        fail("the prompt has more image placeholders than the ", images.size(), " image(s) given");
-      ImageSpan s{int64_t(p.ids.size()), p.images[seen].tokens, seen};
-      for (int64_t t = 0; t < s.length; ++t) {
-        p.ids.push_back(image_token);
-        p.keys.push_back(image_key(p.images[seen].hash, t));
-      }
-      p.spans.push_back(s);
-      ++seen;
-    } else {
-      p.ids.push_back(id);
-      p.keys.push_back(text_key(id));
-    }
-  }
-  if (seen != images.size() || image_parts != images.size())
-    fail("the conversation has ", image_parts, " image part(s) and the prompt ", seen, " image placeholder(s), but ",
+  } else if (slots.size() != images.size()) {
+    fail("the conversation has ", parts, " image part(s) and ", placeholders, " image placeholder(s) in its text, but ",
          images.size(), " image(s) were given");
+  }
+  std::vector<ImagePlan> plans;
+  for (auto& img : images) plans.push_back(vision_->plan(img));
+  PromptTools tools{cfg_, *tok_, [&](const Messages& msgs) { return render_chat(msgs, true, vars); }};
+  Prompt p = cfg_.arch->build_prompt(tools, norm, std::move(plans));
+  if (p.keys.size() != p.ids.size() || p.positions.size() != p.ids.size() * size_t(p.position_components))
+    fail("internal: the prompt's rows, keys and positions disagree");
+  if (p.position_components != cfg_.text.rope.positions_per_token())
+    fail("internal: the prompt has ", p.position_components, " position(s) per token; the model takes ",
+         cfg_.text.rope.positions_per_token());
   return p;
+}
+
+Prompt Model::build_raw_prompt(const std::string& text) const {
+  PromptBuilder b(cfg_.text.rope.positions_per_token());
+  b.text(tok_->encode(text, true));
+  return b.finish(text, {});
 }
 
 std::string Model::info(int64_t context_tokens) const {
@@ -281,20 +259,24 @@ std::string Model::info(int64_t context_tokens) const {
     return s.str();
   };
   os << "model: " << cfg_.dir << "\n";
-  os << "architecture: " << cfg_.model_type << (cfg_.architecture.empty() ? "" : " (" + cfg_.architecture + ")") << "\n";
-  os << "language model: " << t.model_type << ", " << t.num_layers << " layers, hidden " << t.hidden_size << ", MLP "
-     << t.intermediate_size << ", " << t.num_heads << " heads (" << t.num_kv_heads << " KV) of " << t.head_dim
-     << ", vocabulary " << t.vocab_size << ", max positions " << t.max_position << ", rope " << t.rope.type
-     << " theta " << t.rope.theta << (t.sliding_window ? ", sliding window " + std::to_string(t.sliding_window) : "")
-     << "\n";
-  if (cfg_.vision) {
-    const auto& v = *cfg_.vision;
-    os << "vision tower: CLIP ViT, " << v.num_layers << " layers, width " << v.hidden_size << ", " << v.num_heads
-       << " heads, " << v.image_size << " px, patch " << v.patch_size << ", feature layer " << cfg_.vision_feature_layer
-       << "\n";
+  os << "architecture: " << cfg_.model_type << (cfg_.architecture.empty() ? "" : " (" + cfg_.architecture + ")")
+     << (cfg_.arch->prefix_lm() ? ", prefix-LM attention over the prompt" : "") << "\n";
+  os << "language model: " << t.family << ", " << t.num_layers << " layers, hidden " << t.hidden_size << ", MLP "
+     << t.intermediate_size << (t.mlp_activation == MlpActivation::GeluTanh ? " (GeGLU)" : " (SwiGLU)") << ", " << t.num_heads
+     << " heads (" << t.num_kv_heads << " KV) of " << t.head_dim << ", vocabulary " << t.vocab_size << ", max positions "
+     << t.max_position << ", rope " << t.rope.type << " theta " << t.rope.theta;
+  if (!t.rope.sections.empty()) {
+    os << ", M-RoPE sections";
+    for (int s : t.rope.sections) os << " " << s;
   }
+  if (t.sliding_window) os << ", sliding window " << t.sliding_window;
+  os << "\n";
+  if (vision_)
+    for (auto& line : vision_->describe()) os << line << "\n";
   os << "weights: " << lm_->format_summary() << " (language model); " << gb(weight_bytes()) << " on the GPU\n";
-  if (cfg_.quantization.bits) os << "checkpoint quantization: MLX " << cfg_.quantization.bits << "-bit, group " << cfg_.quantization.group_size << "\n";
+  if (cfg_.quantization.spec.bits)
+    os << "checkpoint quantization: MLX " << cfg_.quantization.spec.bits << "-bit, group " << cfg_.quantization.spec.group_size
+       << "\n";
   const uint64_t kv = uint64_t(t.num_layers) * 2 * uint64_t(context_tokens) * uint64_t(t.num_kv_heads) * uint64_t(t.head_dim) * 2;
   os << "KV cache: " << gb(kv) << " for " << context_tokens << " tokens (f16)\n";
   os << "memory needed: about " << gb(weight_bytes() + kv) << " plus activations\n";
@@ -306,86 +288,125 @@ std::string Model::info(int64_t context_tokens) const {
 // Session
 
 // The recordings replayed during generation: the sampling tail alone (after a prefill), and a
-// whole decode step (embed the token, one forward pass, the sampling tail).
-struct Session::Graphs {
+// whole decode step (embed the token, one forward pass, the sampling tail), with the buffers
+// the host reads back.
+struct Session::DecodeGraphs {
   std::unique_ptr<gpu::Recorder> tail, step;
-  Tensor raw_vals, raw_ids, raw_lse;    // top raw logits (for logprobs / top_logits) and log Z
-  Tensor cand_vals, cand_ids, cand_lse; // sampling candidates and log Z at the temperature
-  Tensor penalty_ids;                   // i32 [vocab], -1 where unused
-  Tensor work;                          // penalized logits (or logits_ itself)
+  Tensor raw_vals, raw_ids, raw_lse;     // top raw logits (for logprobs / top_logits) and log Z
+  Tensor cand_vals, cand_ids, cand_lse;  // sampling candidates and log Z at the temperature
+  Tensor penalty_ids;                    // i32 [vocab], -1 where unused
+  Tensor work;                           // penalized logits (or logits_ itself)
   int raw_k = 0, cand_k = 1;
   bool penalty = false, want_lse = false;
+  std::set<int32_t> seen;                // ids already in penalty_ids
 };
 
 Session::Session(Model& model, int64_t context_tokens) : model_(model), ctx_(model.context()) {
   const auto& t = model.config().text;
-  if (context_tokens < 2) fail("the context must hold at least 2 tokens, not ", context_tokens);
+  if (context_tokens < 2 || context_tokens > (int64_t(1) << 30))
+    fail("the context must hold between 2 and 2^30 tokens, not ", context_tokens);
   // Like the reference, positions past max_position_embeddings are allowed (RoPE extends to
   // them); the CLI warns when a context goes beyond what the model was trained for.
   capacity_ = context_tokens;
   cache_ = KvCache::create(ctx_, t, capacity_);
-  step_ = ctx_.host_tensor(gpu::DType::I32, {1}, "step", gpu::MemoryKind::Upload);
+  kv_row_ = ctx_.host_tensor(gpu::DType::I32, {1}, "kv row", gpu::MemoryKind::Upload);
+  positions_ = ctx_.host_tensor(gpu::DType::I32, {1, t.rope.positions_per_token()}, "positions", gpu::MemoryKind::Upload);
   token_ = ctx_.host_tensor(gpu::DType::I32, {1}, "token", gpu::MemoryKind::Upload);
   logits_ = ctx_.tensor(gpu::DType::F32, {1, t.vocab_size}, "logits");
-  ensure_rope(false);
+  ensure_rope(false, capacity_ + 1);
 }
 
 Session::~Session() = default;
 
-void Session::reset() { cached_keys_.clear(); }
+void Session::reset() {
+  cached_keys_.clear();
+  cached_prefix_end_ = 0;
+}
 
-void Session::ensure_rope(bool long_factors) {
-  if (rope_table_.valid() && long_factors == rope_long_) return;
+void Session::ensure_rope(bool long_factors, int64_t positions) {
+  if (rope_table_.valid() && long_factors == rope_long_ && positions <= rope_positions_) return;
   const auto& r = model_.config().text.rope;
+  const int64_t rows = std::max(positions, rope_positions_);
+  if (rows > (int64_t(1) << 31) - 1) fail("RoPE positions beyond 2^31 are not supported");
   const int64_t seq = long_factors ? r.original_max_position + 1 : 1;
-  auto table = gpu::rope_table(capacity_, r.rot_dim, r.theta, r.factors_for(seq), r.attention_factor);
-  if (!rope_table_.valid()) rope_table_ = ctx_.tensor(gpu::DType::F32, {capacity_, r.rot_dim / 2, 2}, "rope table");
+  auto table = gpu::rope_table(rows, r.rot_dim, r.theta, r.factors_for(seq), r.attention_factor);
+  if (!rope_table_.valid() || rows > rope_positions_)
+    rope_table_ = ctx_.tensor(gpu::DType::F32, {rows, r.rot_dim / 2, 2}, "rope table");
   ctx_.upload(rope_table_, table.data(), table.size() * 4);
   rope_long_ = long_factors;
+  rope_positions_ = rows;
 }
 
 void Session::prefill(const Prompt& prompt, const std::vector<Tensor>& features, int64_t from, int64_t to) {
   const auto& lm = model_.lm();
-  const int64_t E = lm.config().hidden_size;
-  for (int64_t c0 = from; c0 < to; c0 += k_prefill_chunk) {
-    const int64_t n = std::min(k_prefill_chunk, to - c0);
+  const int64_t E = lm.config().hidden_size, V = lm.config().vocab_size;
+  const int comps = prompt.position_components;
+  for (int64_t c0 = from; c0 < to;) {
+    int64_t n = std::min(k_prefill_chunk, to - c0);
+    // A bidirectional prefix's rows see each other: the rest of it goes in one pass.
+    if (c0 < prompt.prefix_end) n = std::max(n, std::min(prompt.prefix_end, to) - c0);
     gpu::Recorder rec(ctx_);
     std::vector<int32_t> ids(prompt.ids.begin() + c0, prompt.ids.begin() + c0 + n);
     for (auto& id : ids)
-      if (id < 0 || id >= lm.config().vocab_size) id = 0;  // image positions: overwritten below
+      if (id < 0 || id >= V) id = 0;  // image rows: overwritten below
     Tensor idt = rec.scratch(gpu::DType::I32, {n}, "prompt ids");
     ctx_.upload(idt, ids.data(), ids.size() * 4);
-    Mat x = Mat::of(rec.scratch(gpu::DType::F32, {n, E}, "embeddings"));
+    Mat x = Mat::of(rec.scratch(gpu::DType::F32, {n, E}, "embeddings"));  // [n, E]
     lm.embed(rec, idt, 0, n, x);
     for (auto& s : prompt.spans) {
       const int64_t a = std::max(s.position, c0), b = std::min(s.position + s.length, c0 + n);
       if (a >= b) continue;
       rec.copy(features[s.image], uint64_t(a - s.position) * E * 4, x.t, uint64_t(a - c0) * E * 4, uint64_t(b - a) * E * 4);
     }
-    int32_t past = int32_t(c0);
-    ctx_.upload(step_, &past, 4);
+    ForwardRows rows;
+    rows.kv_row = rec.scratch(gpu::DType::I32, {1}, "first kv row");
+    const int32_t first = int32_t(c0);
+    ctx_.upload(rows.kv_row, &first, 4);
+    rows.positions = rec.scratch(gpu::DType::I32, {n, comps}, "positions");
+    ctx_.upload(rows.positions, prompt.positions.data() + c0 * comps, size_t(n * comps) * 4);
+    rows.prefix_end = prompt.prefix_end;
     Mat logits = Mat::of(logits_);
-    lm.forward(rec, cache_, x, step_, 0, rope_table_, c0 + n == to ? &logits : nullptr);
+    lm.forward(rec, cache_, x, rows, rope_table_, c0 + n == to ? &logits : nullptr);
     rec.submit();
+    c0 += n;
   }
 }
 
+int64_t Session::reusable_rows(const Prompt& prompt, bool long_factors) const {
+  if (long_factors != rope_long_) return 0;  // cached keys were rotated with the other factors
+  const int64_t N = prompt.size();
+  int64_t common = 0;
+  while (common < int64_t(cached_keys_.size()) && common < N && cached_keys_[size_t(common)] == prompt.keys[size_t(common)])
+    ++common;
+  // A bidirectional prefix's rows depend on the whole prefix: they are reusable only when the
+  // cached rows were computed with the same prefix, whole.
+  if ((prompt.prefix_end || cached_prefix_end_) && (prompt.prefix_end != cached_prefix_end_ || common < prompt.prefix_end))
+    return 0;
+  return common;
+}
+
 Session::Prepared Session::prepare(const Prompt& prompt) {
-  const int64_t N = int64_t(prompt.ids.size());
+  const int64_t N = prompt.size();
   if (N == 0) fail("the prompt is empty");
   if (N >= capacity_)
     fail("the prompt is ", N, " tokens long, which does not fit the context of ", capacity_,
          " tokens (raise the context size, e.g. --ctx)");
-  if (prompt.keys.size() != prompt.ids.size()) fail("internal: prompt keys and ids differ in length");
-  Prepared p;
-  // Reuse the longest cached prefix (at least the last prompt token is recomputed for logits).
+  const int comps = model_.config().text.rope.positions_per_token();
+  if (prompt.keys.size() != prompt.ids.size() || prompt.position_components != comps ||
+      prompt.positions.size() != prompt.ids.size() * size_t(comps) || prompt.prefix_end < 0 || prompt.prefix_end > N)
+    fail("internal: the prompt's rows, keys and positions disagree");
+  // The RoPE table must cover every prompt position and every position decoding can reach.
+  int64_t largest = prompt.next_position + (capacity_ - N);
+  for (int32_t p : prompt.positions) {
+    if (p < 0) fail("internal: negative RoPE position ", p);
+    largest = std::max<int64_t>(largest, p);
+  }
   const bool need_long = model_.config().text.rope.uses_long_factors(N);
-  int64_t common = 0;
-  while (common < int64_t(cached_keys_.size()) && common < N && cached_keys_[size_t(common)] == prompt.keys[size_t(common)]) ++common;
-  if (need_long != rope_long_) common = 0;  // cached keys were rotated with the other factors
-  p.reused = std::min(common, N - 1);
+  Prepared p;
+  // Reuse the longest cached prefix (at least the last prompt row is recomputed for logits).
+  p.reused = std::min(reusable_rows(prompt, need_long), N - 1);
   p.computed = N - p.reused;
-  ensure_rope(need_long);
+  ensure_rope(need_long, largest + 1);
 
   auto t_img = std::chrono::steady_clock::now();
   p.features.resize(prompt.images.size());
@@ -398,6 +419,7 @@ Session::Prepared Session::prepare(const Prompt& prompt) {
   cached_keys_.resize(size_t(p.reused));
   prefill(prompt, p.features, p.reused, N);
   cached_keys_.assign(prompt.keys.begin(), prompt.keys.end());
+  cached_prefix_end_ = prompt.prefix_end;
   p.prefill_seconds = seconds_since(t0);
   return p;
 }
@@ -407,24 +429,10 @@ std::vector<float> Session::prompt_logits(const Prompt& prompt) {
   return ctx_.read<float>(logits_);
 }
 
-GenerationResult Session::generate(const Prompt& prompt, const GenerationParams& params, const StepCallback& on_step) {
-  params.validate();
-  const auto& cfg = model_.config();
-  const auto& tok = model_.tokenizer();
-  const auto& rope = cfg.text.rope;
-  const int64_t N = int64_t(prompt.ids.size());
-  GenerationResult res;
-  res.prompt_tokens = prompt.ids;
-  Prepared prep = prepare(prompt);
-  std::vector<Tensor>& features = prep.features;
-  res.cached_tokens = prep.reused;
-  res.prefill_tokens = prep.computed;
-  res.image_seconds = prep.image_seconds;
-  res.prefill_seconds = prep.prefill_seconds;
-
-  // Record the sampling tail and the decode step once; they are replayed for every token.
-  const int64_t V = cfg.text.vocab_size;
-  Graphs g;
+std::unique_ptr<Session::DecodeGraphs> Session::record_graphs(const Prompt& prompt, const GenerationParams& params) {
+  const int64_t V = model_.config().text.vocab_size;
+  auto gp = std::make_unique<DecodeGraphs>();
+  DecodeGraphs& g = *gp;
   const auto& sp = params.sampling;
   g.raw_k = std::max({params.top_logprobs, params.top_logits, params.logprobs ? 1 : 0});
   g.cand_k = sp.greedy() ? 1 : k_candidates;
@@ -439,14 +447,18 @@ GenerationResult Session::generate(const Prompt& prompt, const GenerationParams&
   g.cand_vals = host(gpu::DType::F32, g.cand_k, "candidate values");
   g.cand_ids = host(gpu::DType::U32, g.cand_k, "candidate ids");
   g.cand_lse = host(gpu::DType::F32, 1, "candidate log z");
-  std::set<int32_t> seen;
-  std::vector<int32_t> penalty_list(size_t(V), -1);
-  size_t penalty_count = 0;
   if (g.penalty) {
-    g.penalty_ids = ctx_.host_tensor(gpu::DType::I32, {V}, "penalty ids", gpu::MemoryKind::Upload);
+    // Every id seen so far: the whole cached sequence (the prompt and anything generated).
+    std::vector<int32_t> list(size_t(V), -1);
+    size_t n = 0;
     for (int32_t id : prompt.ids)
-      if (id >= 0 && id < V && seen.insert(id).second) penalty_list[penalty_count++] = id;
-    ctx_.upload(g.penalty_ids, penalty_list.data(), penalty_list.size() * 4);
+      if (id >= 0 && id < V && g.seen.insert(id).second) list[n++] = id;
+    for (size_t r = prompt.ids.size(); r < cached_keys_.size(); ++r) {
+      const int32_t id = int32_t(cached_keys_[r]);  // generated rows hold text keys
+      if (id >= 0 && id < V && g.seen.insert(id).second) list[n++] = id;
+    }
+    g.penalty_ids = ctx_.host_tensor(gpu::DType::I32, {V}, "penalty ids", gpu::MemoryKind::Upload);
+    ctx_.upload(g.penalty_ids, list.data(), list.size() * 4);
     g.work = ctx_.tensor(gpu::DType::F32, {1, V}, "penalized logits");
   } else {
     g.work = logits_;
@@ -463,93 +475,114 @@ GenerationResult Session::generate(const Prompt& prompt, const GenerationParams&
     gpu::topk(rec, Mat::of(g.work), g.cand_k, g.cand_vals, g.cand_ids);
     if (g.want_lse) gpu::logsumexp(rec, Mat::of(g.work), 1.0f / sp.temperature, g.cand_lse);
   };
-  auto record_graphs = [&]() {
-    g.tail = std::make_unique<gpu::Recorder>(ctx_);
-    record_tail(*g.tail);
-    g.tail->submit();  // evaluates the prefill's logits
-    g.step = std::make_unique<gpu::Recorder>(ctx_);
-    const auto& lm = model_.lm();
-    Mat x = Mat::of(g.step->scratch(gpu::DType::F32, {1, lm.config().hidden_size}, "token embedding"));
-    lm.embed(*g.step, token_, 0, 1, x);
-    Mat logits = Mat::of(logits_);
-    lm.forward(*g.step, cache_, x, step_, 0, rope_table_, &logits);
-    record_tail(*g.step);
-  };
-  record_graphs();
+  g.tail = std::make_unique<gpu::Recorder>(ctx_);
+  record_tail(*g.tail);
+  g.tail->submit();  // evaluates the prefill's logits
+  g.step = std::make_unique<gpu::Recorder>(ctx_);
+  const auto& lm = model_.lm();
+  Mat x = Mat::of(g.step->scratch(gpu::DType::F32, {1, lm.config().hidden_size}, "token embedding"));
+  lm.embed(*g.step, token_, 0, 1, x);
+  ForwardRows rows;
+  rows.kv_row = kv_row_;
+  rows.positions = positions_;
+  Mat logits = Mat::of(logits_);
+  lm.forward(*g.step, cache_, x, rows, rope_table_, &logits);
+  record_tail(*g.step);
+  return gp;
+}
 
-  Sampler sampler(sp);
-  StreamingDetokenizer detok(tok, true);
-  std::string emitted;  // text already handed out (stop strings held back)
-  size_t max_stop = 0;
-  for (auto& s : params.stop) max_stop = std::max(max_stop, s.size());
-  std::set<int32_t> eos(model_.eos_ids().begin(), model_.eos_ids().end());
-  int64_t n_past = N;  // tokens in the cache
+StepOutput Session::sample_step(DecodeGraphs& g, Sampler& sampler, const GenerationParams& params) {
+  Candidates c;
+  c.values = ctx_.read<float>(g.cand_vals);
+  auto ids = ctx_.read<uint32_t>(g.cand_ids);
+  c.ids.assign(ids.begin(), ids.end());
+  for (auto& id : c.ids)
+    if (uint32_t(id) == 0xFFFFFFFFu) id = -1;
+  if (g.want_lse) c.log_norm = ctx_.read<float>(g.cand_lse)[0];
+  StepOutput out;
+  out.token = sampler.sample(c, [&] { return ctx_.read<float>(g.work); });
+  if (g.raw_k) {
+    auto rv = ctx_.read<float>(g.raw_vals);
+    auto ri = ctx_.read<uint32_t>(g.raw_ids);
+    const float lse = ctx_.read<float>(g.raw_lse)[0];
+    float raw = NAN;
+    for (int i = 0; i < g.raw_k; ++i)
+      if (int32_t(ri[size_t(i)]) == out.token) raw = rv[size_t(i)];
+    if (std::isnan(raw)) ctx_.download(logits_, &raw, 4, uint64_t(out.token) * 4);
+    out.logprob = raw - lse;
+    for (int i = 0; i < params.top_logprobs; ++i) out.top_logprobs.push_back({int32_t(ri[size_t(i)]), rv[size_t(i)] - lse});
+    for (int i = 0; i < params.top_logits; ++i) out.top_logits.push_back({int32_t(ri[size_t(i)]), rv[size_t(i)]});
+  }
+  return out;
+}
+
+void Session::feed(DecodeGraphs& g, int32_t token, int64_t row, int64_t position) {
+  if (g.penalty && g.seen.insert(token).second) {
+    const int64_t slot = int64_t(g.seen.size()) - 1;
+    ctx_.upload(g.penalty_ids, &token, 4, uint64_t(slot) * 4);
+  }
+  if (position > int64_t(INT32_MAX)) fail("RoPE position ", position, " does not fit 32 bits");
+  const int32_t r = int32_t(row);
+  std::vector<int32_t> pos(size_t(model_.config().text.rope.positions_per_token()), int32_t(position));
+  ctx_.upload(token_, &token, 4);
+  ctx_.upload(kv_row_, &r, 4);
+  ctx_.upload(positions_, pos.data(), pos.size() * 4);
+  g.step->replay();
+  cached_keys_.push_back(text_key(token));
+}
+
+void Session::switch_to_long_factors(const Prompt& prompt, const std::vector<int32_t>& generated,
+                                     std::vector<Tensor>& features) {
+  Prompt all = prompt;
+  for (int32_t t : generated) {
+    all.ids.push_back(t);
+    all.keys.push_back(text_key(t));
+    for (int c = 0; c < all.position_components; ++c) all.positions.push_back(int32_t(all.next_position));
+    ++all.next_position;
+  }
+  for (size_t k = 0; k < features.size(); ++k)
+    if (!features[k].valid()) features[k] = model_.vision()->encode(prompt.images[k]);
+  ensure_rope(true, rope_positions_);
+  prefill(all, features, 0, all.size());
+  cached_keys_ = all.keys;
+  cached_prefix_end_ = all.prefix_end;
+}
+
+GenerationResult Session::generate(const Prompt& prompt, const GenerationParams& params, const StepCallback& on_step) {
+  params.validate();
+  const auto& rope = model_.config().text.rope;
+  const int64_t N = prompt.size();
+  GenerationResult res;
+  res.prompt_tokens = prompt.ids;
+  Prepared prep = prepare(prompt);
+  res.cached_tokens = prep.reused;
+  res.prefill_tokens = prep.computed;
+  res.image_seconds = prep.image_seconds;
+  res.prefill_seconds = prep.prefill_seconds;
+
+  auto graphs = record_graphs(prompt, params);
+  Sampler sampler(params.sampling);
+  TextStream stream(model_.tokenizer(), params.stop);
+  const std::set<int32_t> eos(model_.eos_ids().begin(), model_.eos_ids().end());
+  const int64_t position_offset = prompt.next_position - N;  // a generated token's position minus its row
+  int64_t row = N;  // the KV row the next fed token takes
   auto t_decode = std::chrono::steady_clock::now();
   double first_token_seconds = 0;
   res.finish_reason = "length";
 
   for (int step = 0; step < params.max_tokens; ++step) {
-    // Read this step's candidates and sample.
-    Candidates c;
-    c.values = ctx_.read<float>(g.cand_vals);
-    auto ids = ctx_.read<uint32_t>(g.cand_ids);
-    c.ids.assign(ids.begin(), ids.end());
-    for (auto& id : c.ids)
-      if (uint32_t(id) == 0xFFFFFFFFu) id = -1;
-    if (g.want_lse) c.log_norm = ctx_.read<float>(g.cand_lse)[0];
-    const int32_t token = sampler.sample(c, [&] { return ctx_.read<float>(g.work); });
+    StepOutput out = sample_step(*graphs, sampler, params);
     if (step == 0) first_token_seconds = seconds_since(t_decode);
-
-    StepOutput out;
-    out.token = token;
-    if (g.raw_k) {
-      auto rv = ctx_.read<float>(g.raw_vals);
-      auto ri = ctx_.read<uint32_t>(g.raw_ids);
-      const float lse = ctx_.read<float>(g.raw_lse)[0];
-      float raw = NAN;
-      for (int i = 0; i < g.raw_k; ++i)
-        if (int32_t(ri[size_t(i)]) == token) raw = rv[size_t(i)];
-      if (std::isnan(raw)) ctx_.download(logits_, &raw, 4, uint64_t(token) * 4);
-      out.logprob = raw - lse;
-      for (int i = 0; i < params.top_logprobs; ++i) out.top_logprobs.push_back({int32_t(ri[size_t(i)]), rv[size_t(i)] - lse});
-      for (int i = 0; i < params.top_logits; ++i) out.top_logits.push_back({int32_t(ri[size_t(i)]), rv[size_t(i)]});
-    }
+    const int32_t token = out.token;
     res.tokens.push_back(token);
     const bool is_eos = eos.count(token) && !params.ignore_eos;
-    bool stop_now = is_eos;
-    if (!is_eos) detok.push(token);
-    const bool last = step + 1 == params.max_tokens || n_past + 1 >= capacity_;
-    if (is_eos || last) detok.flush();
-    // Stop strings: cut the text at the first one; hold back what could still become one.
-    std::string full = detok.text();
-    size_t cut = std::string::npos;
-    for (auto& s : params.stop) {
-      size_t f = full.find(s, emitted.size() > s.size() ? emitted.size() - s.size() : 0);
-      if (f != std::string::npos && f < cut) cut = f;
-    }
-    size_t safe = full.size();
-    if (cut != std::string::npos) {
-      safe = cut;
-      stop_now = true;
-    } else if (!(is_eos || last)) {
-      for (size_t k = std::min(max_stop, full.size()); k > 0; --k) {
-        bool prefix_of_stop = false;
-        for (auto& s : params.stop) prefix_of_stop = prefix_of_stop || (s.size() >= k && full.compare(full.size() - k, k, s, 0, k) == 0);
-        if (prefix_of_stop) {
-          safe = full.size() - k;
-          break;
-        }
-      }
-      safe = unicode::complete_prefix(std::string_view(full).substr(0, safe));
-    }
-    if (safe > emitted.size()) {
-      out.text = full.substr(emitted.size(), safe - emitted.size());
-      emitted += out.text;
-    }
+    const bool last = step + 1 == params.max_tokens || row + 1 >= capacity_;
+    TextStream::Piece piece = stream.push(is_eos ? std::nullopt : std::optional<int32_t>(token), is_eos || last);
+    out.text = piece.text;
     const bool keep_going = on_step ? on_step(out) : true;
     if (params.logprobs || params.top_logprobs || params.top_logits) res.steps.push_back(out);
     else res.steps.push_back({out.token, out.text, 0, {}, {}});
-    if (stop_now) {
+    if (is_eos || piece.stop) {
       res.finish_reason = "stop";
       break;
     }
@@ -558,39 +591,16 @@ GenerationResult Session::generate(const Prompt& prompt, const GenerationParams&
       break;
     }
     if (last) break;
-
-    // Feed the token: one replay of the decode step.
-    if (g.penalty && seen.insert(token).second) {
-      penalty_list[penalty_count] = token;
-      ctx_.upload(g.penalty_ids, &token, 4, uint64_t(penalty_count) * 4);
-      ++penalty_count;
-    }
-    const bool long_now = rope.uses_long_factors(n_past + 1);
-    if (long_now != rope_long_) {
-      // The reference recomputes the whole sequence with the long factors once it is longer than
-      // the original context: do the same, once.
-      Prompt all = prompt;
-      for (int32_t t : res.tokens) {
-        all.ids.push_back(t);
-        all.keys.push_back(text_key(t));
-      }
-      for (size_t k = 0; k < features.size(); ++k)
-        if (!features[k].valid()) features[k] = model_.vision()->encode(prompt.images[k]);
-      ensure_rope(long_now);
-      prefill(all, features, 0, int64_t(all.ids.size()));
-      cached_keys_ = all.keys;
-      record_graphs();
-      n_past = int64_t(all.ids.size());
+    if (rope.uses_long_factors(row + 1) != rope_long_) {
+      switch_to_long_factors(prompt, res.tokens, prep.features);
+      graphs = record_graphs(prompt, params);
+      row = N + int64_t(res.tokens.size());
       continue;
     }
-    ctx_.upload(token_, &token, 4);
-    int32_t past = int32_t(n_past);
-    ctx_.upload(step_, &past, 4);
-    g.step->replay();
-    cached_keys_.push_back(text_key(token));
-    ++n_past;
+    feed(*graphs, token, row, row + position_offset);
+    ++row;
   }
-  res.text = emitted;
+  res.text = stream.text();
   res.decode_seconds = seconds_since(t_decode) - first_token_seconds;
   return res;
 }

@@ -1,9 +1,11 @@
 #pragma once
-// A loaded model (weights, tokenizer, chat template, image processor) and sessions that generate
-// with it: prompt building, prefill, a recorded-once decode step replayed per token, sampling,
-// stop handling and streaming.
+// A loaded model (weights, tokenizer, chat template, architecture and vision path) and sessions
+// that generate with it: prompt building, prefill, a recorded-once decode step replayed per
+// token, sampling, stop handling and streaming. Nothing here knows one architecture from
+// another: it asks the Architecture (models/arch/).
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -12,19 +14,17 @@
 #include <nlohmann/json.hpp>
 
 #include "gpu/context.h"
-#include "gpu/recorder.h"
-#include "host/config.h"
 #include "host/image.h"
 #include "host/jinja.h"
 #include "host/safetensors.h"
 #include "host/sampler.h"
 #include "host/tokenizer.h"
-#include "models/llm.h"
-#include "models/vision.h"
+#include "models/arch/architecture.h"
+#include "models/decoder.h"
+#include "models/model_config.h"
+#include "models/prompt.h"
 
 namespace vkvlm {
-
-using Messages = nlohmann::ordered_json;
 
 struct GenerationParams {
   int max_tokens = 256;
@@ -35,6 +35,7 @@ struct GenerationParams {
   int top_logits = 0;             // raw [id, logit] pairs per step, best first (<= 64)
   bool ignore_eos = false;
 
+  // The one place generation parameters from outside (CLI, server, C API) are range-checked.
   void validate() const;
 };
 
@@ -47,7 +48,7 @@ struct StepOutput {
 };
 
 struct GenerationResult {
-  std::vector<int32_t> prompt_tokens;  // as fed to the model (image positions as the model's image token)
+  std::vector<int32_t> prompt_tokens;  // as fed to the model (image rows as Prompt::ids has them)
   std::vector<int32_t> tokens;         // generated ids
   std::string text;
   std::string finish_reason;           // "stop", "length", or "cancelled"
@@ -60,19 +61,16 @@ struct GenerationResult {
 // Called after each generated token; returning false stops generation ("cancelled").
 using StepCallback = std::function<bool(const StepOutput&)>;
 
-// An image's place in the prompt: `length` positions from `position` take its features.
-struct ImageSpan {
-  int64_t position = 0, length = 0;
-  size_t image = 0;  // index into Prompt::images
+// Where a conversation's images go, in order: an image part that a caller supplies the image
+// for, an image_url part (its URL), or a placeholder written in text (e.g. <|image_1|>).
+struct ImageSlot {
+  enum class Kind { Part, Url, Placeholder } kind = Kind::Part;
+  std::string url;
 };
 
-struct Prompt {
-  std::vector<int32_t> ids;   // what the model sees at text positions; image positions hold image_token
-  std::vector<uint64_t> keys; // per position: identity for KV reuse (token id, or image hash and offset)
-  std::vector<ImageSpan> spans;
-  std::vector<ProcessedImage> images;
-  std::string text;           // the rendered chat prompt
-};
+// The images a conversation asks for, in order: image parts, and the placeholders the
+// architecture recognizes in its text.
+std::vector<ImageSlot> image_slots(const ModelConfig& config, const Messages& messages);
 
 class Model {
  public:
@@ -81,22 +79,30 @@ class Model {
 
   gpu::Context& context() { return ctx_; }
   const ModelConfig& config() const { return cfg_; }
+  const Architecture& architecture() const { return *cfg_.arch; }
   const Tokenizer& tokenizer() const { return *tok_; }
   const LanguageModel& lm() const { return *lm_; }
-  const VisionModel* vision() const { return vision_.get(); }
+  const VisionPath* vision() const { return vision_.get(); }
   const std::string& dir() const { return cfg_.dir; }
   const std::vector<int32_t>& eos_ids() const { return eos_; }
+  bool has_chat_template() const { return template_ != nullptr; }
 
   // The chat template applied to messages (content: a string or a list of parts {"type":
-  // "text"|"image", ...}), as transformers' apply_chat_template renders it.
-  std::string render_chat(const Messages& messages, bool add_generation_prompt = true) const;
-  // The prompt for messages and the images their image parts stand for, in order. Throws when
-  // the counts of images and image parts differ, naming both.
-  Prompt build_prompt(const Messages& messages, const std::vector<Image>& images) const;
+  // "text"|"image", ...}), as transformers' apply_chat_template renders it; `template_vars`
+  // (a JSON object) adds variables, as apply_chat_template's keyword arguments do.
+  std::string render_chat(const Messages& messages, bool add_generation_prompt = true,
+                          const nlohmann::json& template_vars = nullptr) const;
+  std::vector<ImageSlot> image_slots(const Messages& messages) const { return vkvlm::image_slots(cfg_, messages); }
+  // The prompt for messages and the images their slots stand for, in order. When the text has
+  // as many placeholders as there are image parts (Phi-3-Vision's documented prompt sent with
+  // image_url parts), the parts' images fill the placeholders. Throws when the counts differ,
+  // naming both, or when the conversation does not suit the architecture.
+  Prompt build_prompt(const Messages& messages, const std::vector<Image>& images,
+                      const nlohmann::json& template_vars = nullptr) const;
   // A prompt from raw text (no chat template), with the tokenizer's special tokens.
   Prompt build_raw_prompt(const std::string& text) const;
 
-  // One line per fact: architecture, sizes, quantization, memory.
+  // One line per fact: architecture, sizes, processor, image tokens, quantization, memory.
   std::string info(int64_t context_tokens) const;
   uint64_t weight_bytes() const;
 
@@ -108,19 +114,18 @@ class Model {
   std::unique_ptr<jinja::Template> template_;
   std::map<std::string, jinja::Value> template_tokens_;  // bos_token, eos_token, ...
   std::unique_ptr<LanguageModel> lm_;
-  std::unique_ptr<VisionModel> vision_;
+  std::unique_ptr<VisionPath> vision_;
   std::vector<int32_t> eos_;
-  bool add_special_tokens_ = true;  // processors (VLMs) add BOS; plain chat LMs render it in the template
 };
 
 class Session {
  public:
-  // A conversation with a KV cache of `context_tokens` positions.
+  // A conversation with a KV cache of `context_tokens` rows.
   Session(Model& model, int64_t context_tokens);
   ~Session();
 
   int64_t context_tokens() const { return capacity_; }
-  // Generates a continuation of prompt. KV entries shared with the previous call's prompt and
+  // Generates a continuation of prompt. KV rows shared with the previous call's prompt and
   // output are reused. Throws (before touching the cache) when the prompt does not fit.
   GenerationResult generate(const Prompt& prompt, const GenerationParams& params, const StepCallback& on_step = {});
   // Logits [vocab] at the last prompt position (fills the cache like generate does).
@@ -128,33 +133,49 @@ class Session {
   // Forgets the cached conversation.
   void reset();
 
-  // Positions currently in the KV cache.
+  // Rows currently in the KV cache.
   const std::vector<uint64_t>& cached_keys() const { return cached_keys_; }
 
  private:
-  struct Graphs;
+  struct DecodeGraphs;
   struct Prepared {
     std::vector<gpu::Tensor> features;  // per image; computed for images the prefill needed
     int64_t reused = 0, computed = 0;
     double image_seconds = 0, prefill_seconds = 0;
   };
   // Checks the prompt, reuses the cached prefix, encodes images and prefills the rest, leaving
-  // the logits of the last prompt position in logits_.
+  // the logits of the last prompt row in logits_.
   Prepared prepare(const Prompt& prompt);
-  void ensure_rope(bool long_factors);
-  // Fills the cache for prompt positions [from, to) (chunked) and leaves logits of position to-1.
+  // How many cached rows the prompt can keep.
+  int64_t reusable_rows(const Prompt& prompt, bool long_factors) const;
+  // The RoPE table for the current factors, covering positions [0, positions).
+  void ensure_rope(bool long_factors, int64_t positions);
+  // Fills the cache for prompt rows [from, to) and leaves the logits of row to - 1.
   void prefill(const Prompt& prompt, const std::vector<gpu::Tensor>& image_features, int64_t from, int64_t to);
+  // Records the sampling tail and the decode step (replayed for every token).
+  std::unique_ptr<DecodeGraphs> record_graphs(const Prompt& prompt, const GenerationParams& params);
+  // This step's sampled token and what the caller asked to see of it.
+  StepOutput sample_step(DecodeGraphs& g, Sampler& sampler, const GenerationParams& params);
+  // One replay of the decode step: the token at KV row `row`, RoPE position `position`.
+  void feed(DecodeGraphs& g, int32_t token, int64_t row, int64_t position);
+  // Phi-3's LongRoPE: once a conversation grows past the original context, the reference
+  // recomputes it with the long factors; so does this, once.
+  void switch_to_long_factors(const Prompt& prompt, const std::vector<int32_t>& generated,
+                              std::vector<gpu::Tensor>& features);
 
   Model& model_;
   gpu::Context& ctx_;
   int64_t capacity_ = 0;
   KvCache cache_;
   std::vector<uint64_t> cached_keys_;
+  int64_t cached_prefix_end_ = 0;  // the prefix-LM boundary the cached rows were computed with
   bool rope_long_ = false;
-  gpu::Tensor rope_table_;  // f32 [capacity, rot/2, 2] for the current factors
-  gpu::Tensor step_;        // i32 [1], host-visible: position of the first token of a forward
-  gpu::Tensor token_;       // i32 [1], host-visible: the token a decode step embeds
-  gpu::Tensor logits_;      // f32 [1, vocab]
+  int64_t rope_positions_ = 0;     // positions rope_table_ covers
+  gpu::Tensor rope_table_;         // f32 [rope_positions_, rot/2, 2] for the current factors
+  gpu::Tensor kv_row_;             // i32 [1], host-visible: the KV row of a decode step's token
+  gpu::Tensor positions_;          // i32 [1, components], host-visible: its RoPE position(s)
+  gpu::Tensor token_;              // i32 [1], host-visible: the token a decode step embeds
+  gpu::Tensor logits_;             // f32 [1, vocab]
 };
 
 // The bundled demo model (models/shapes-llava): $VKVLM_MODEL, next to the executable's build

@@ -6,7 +6,7 @@
 #include <cstring>
 
 #include "gpu/error.h"
-#include "host/numeric.h"
+#include "base/numeric.h"
 
 namespace vkvlm {
 namespace {
@@ -71,9 +71,9 @@ void WeightLoader::finish_progress() {
 }
 
 QuantSpec WeightLoader::spec_for(const std::string& module) const {
-  auto it = config_.quantization_overrides.find(module);
-  if (it != config_.quantization_overrides.end()) return it->second;
-  return config_.quantization;
+  auto it = config_.quantization.overrides.find(module);
+  if (it != config_.quantization.overrides.end()) return it->second;
+  return config_.quantization.spec;
 }
 
 static PartInfo describe(const TensorStore& store, const QuantSpec& spec,

@@ -9,6 +9,7 @@
 #include "gpu/context.h"
 #include "gpu/ops.h"
 #include "host/config.h"
+#include "models/model_config.h"
 #include "host/safetensors.h"
 
 namespace vkvlm {

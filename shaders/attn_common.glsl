@@ -2,23 +2,26 @@
 //
 // q, o: f32 rows [T, H * D] with row strides; K, V: rows [keys, HKV * D] in f16 (the KV cache,
 // read as packed words) or f32 (vision, straight from the QKV projection). Query t of this
-// dispatch is token q_t0 + t of the forward pass, at position n_past + q_t0 + t, where n_past is
-// read from the step buffer. Keys j in [key_begin, key_end) are bound, the first at k_off/v_off;
-// keys at or past n_past + T_total do not exist yet.
+// dispatch is token q_t0 + t of the forward pass, stored at KV row first + q_t0 + t, where first
+// is read from the row buffer. Masks work on KV rows (not RoPE positions). Keys j in
+// [key_begin, key_end) are bound, the first at k_off/v_off; keys at or past first + T_total do
+// not exist yet.
 layout(push_constant) uniform Params {
   uint T, H, HKV;
   uint q_off, q_stride;
   uint k_off, k_stride;
   uint v_off, v_stride;
   uint o_off, o_stride;
-  uint step_off;
+  uint row_off;
   uint key_begin, key_end;
   uint flags;  // 1: causal, 2: write partial (acc, max, sum) instead of the output
-  uint window;  // sliding window: key j is visible from position i when i - j < window (0: off)
+  uint window;  // sliding window: key j is visible from row i when i - j < window (0: off)
   float scale;
   uint part_index, n_parts;
   uint q_t0, T_total;
   uint split_size;  // keys per workgroup (attn_rows)
+  uint prefix_end;  // prefix-LM: keys below it are visible to every query despite causality
+  uint block;       // block-diagonal: key j is visible from row i only when j / block == i / block (0: off)
 } p;
 
 layout(binding = 0) readonly buffer QBuf { float qs[]; };
@@ -39,14 +42,25 @@ layout(binding = 2) readonly buffer VBuf { float vs[]; };
 float k_at(uint j, uint kvh, uint d) { return ks[p.k_off + (j - p.key_begin) * p.k_stride + kvh * D + d]; }
 float v_at(uint j, uint kvh, uint d) { return vs[p.v_off + (j - p.key_begin) * p.v_stride + kvh * D + d]; }
 #endif
-layout(binding = 3) readonly buffer StepBuf { int step[]; };
+layout(binding = 3) readonly buffer RowBuf { int first_row[]; };
 layout(binding = 4) writeonly buffer OBuf { float os[]; };
 layout(binding = 5) writeonly buffer PartBuf { float parts[]; };
 
-bool key_visible(uint j, uint pos) {
-  if ((p.flags & 1u) != 0u && j > pos) return false;
-  if (p.window != 0u && j + p.window <= pos) return false;
+bool key_visible(uint j, uint row) {
+  if (p.block != 0u && j / p.block != row / p.block) return false;
+  if (p.window != 0u && j + p.window <= row) return false;
+  if ((p.flags & 1u) != 0u && j > row && j >= p.prefix_end) return false;
   return true;
+}
+
+// The keys [kb, ke) that can be visible from rows [first, last], within [kb, ke) given.
+void visible_range(uint first, uint last, inout uint kb, inout uint ke) {
+  if ((p.flags & 1u) != 0u) ke = min(ke, max(last + 1, p.prefix_end));
+  if (p.window != 0u && first + 1 > p.window) kb = max(kb, first + 1 - p.window);
+  if (p.block != 0u) {
+    kb = max(kb, first / p.block * p.block);
+    ke = min(ke, (last / p.block + 1) * p.block);
+  }
 }
 
 // Writes one output element, or the partial result when the keys are split across dispatches.

@@ -23,13 +23,13 @@ void main() {
   const uint h = gl_WorkGroupID.y;
   const uint t = gl_WorkGroupID.z;
   const uint kvh = h / (p.H / p.HKV);
-  const uint n_past = uint(step[p.step_off]);
-  const uint pos = n_past + p.q_t0 + t;
+  const uint first = uint(first_row[p.row_off]);
+  const uint row = first + p.q_t0 + t;
 
+  // The visible keys of one query are contiguous: no per-key mask is needed.
   uint kb = p.key_begin + split * p.split_size;
-  uint ke = min(min(kb + p.split_size, p.key_end), n_past + p.T_total);
-  if ((p.flags & 1u) != 0u) ke = min(ke, pos + 1);
-  if (p.window != 0u && pos + 1 > p.window) kb = max(kb, pos + 1 - p.window);
+  uint ke = min(min(kb + p.split_size, p.key_end), first + p.T_total);
+  visible_range(row, row, kb, ke);
 
   for (uint d = tid; d < D; d += WG) q_sh[d] = qs[p.q_off + t * p.q_stride + h * D + d] * p.scale;
   barrier();

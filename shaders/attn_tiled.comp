@@ -27,9 +27,9 @@ void main() {
   const uint qt0 = gl_WorkGroupID.x * BR;
   const uint h = gl_WorkGroupID.y;
   const uint kvh = h / (p.H / p.HKV);
-  const uint n_past = uint(step[p.step_off]);
-  const uint first_pos = n_past + p.q_t0 + qt0;
-  const uint last_pos = n_past + p.q_t0 + min(qt0 + BR, p.T) - 1;
+  const uint first = uint(first_row[p.row_off]);
+  const uint first_q_row = first + p.q_t0 + qt0;
+  const uint last_q_row = first + p.q_t0 + min(qt0 + BR, p.T) - 1;
 
   for (uint e = tid; e < BR * D; e += WG) {
     const uint r = e / D, d = e % D, t = qt0 + r;
@@ -43,9 +43,8 @@ void main() {
   [[unroll]] for (uint i = 0; i < EPT; ++i) o[i] = 0.0;
 
   uint kb = p.key_begin;
-  uint ke = min(p.key_end, n_past + p.T_total);
-  if ((p.flags & 1u) != 0u) ke = min(ke, last_pos + 1);
-  if (p.window != 0u && first_pos + 1 > p.window) kb = max(kb, first_pos + 1 - p.window);
+  uint ke = min(p.key_end, first + p.T_total);
+  visible_range(first_q_row, last_q_row, kb, ke);
   barrier();
 
   for (uint j0 = kb; j0 < ke; j0 += BC) {
@@ -56,9 +55,8 @@ void main() {
     barrier();
     for (uint e = tid; e < BR * BC; e += WG) {
       const uint r = e / BC, c = e % BC, j = j0 + c;
-      const uint pos = first_pos + r;
       float s = NEG_INF;
-      if (j < ke && key_visible(j, pos)) {
+      if (j < ke && key_visible(j, first_q_row + r)) {
         s = 0.0;
         for (uint d = 0; d < D; ++d) s += q_sh[r * D + d] * kv_sh[c * D + d];
       }

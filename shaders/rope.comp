@@ -1,8 +1,11 @@
 #version 450
 // Rotary position embedding, in place on q or k rows [T, heads * head_dim] (row stride given).
-// Token t sits at position n_past + t, with n_past read from the step buffer so a recorded
-// decode step can be replayed. cos/sin come from a table built on the host in double precision
-// (theta, per-dimension frequency factors, attention scale): table[pos][i] = (cos, sin) * scale.
+// Positions are data: row t reads its position(s) from the positions buffer (uploaded per
+// forward pass, or per decode step, so a recorded step can be replayed). A token may carry
+// several positions (M-RoPE's temporal/height/width, the 2-D vision rotary's row/column):
+// rotary frequency i reads component s of its token's positions, where s is the section holding
+// i (section s covers frequencies [bound[s-1], bound[s])). cos/sin come from a table built on
+// the host in double precision: table[pos][i] = (cos, sin) * attention scale.
 //   mode 0 (rotate-half, Hugging Face Llama): pairs (i, i + rot/2)
 //   mode 1 (interleaved, GPT-J):              pairs (2i, 2i + 1)
 // Dimensions at or past rot_dim are left alone (partial rotary).
@@ -14,14 +17,16 @@ layout(local_size_x_id = 0) in;
 layout(push_constant) uniform Params {
   uint T, heads, head_dim, rot_dim;
   uint x_off, x_stride;
-  uint step_off;
+  uint pos_off;                         // index of row 0's first position in the positions buffer
+  uint sections;                        // positions per token (1..4)
+  uint bound0, bound1, bound2;          // frequency bounds of sections 0..2 (the last ends at rot/2)
   uint mode;
-  uint table_pos_begin, table_pos_end;  // positions this table binding holds
+  int table_pos_begin, table_pos_end;   // positions this table binding holds
   uint table_off;                       // in vec2 units, for table_pos_begin
 } p;
 
 layout(binding = 0) buffer XBuf { float xs[]; };
-layout(binding = 1) readonly buffer StepBuf { int step[]; };
+layout(binding = 1) readonly buffer PosBuf { int positions[]; };
 layout(binding = 2) readonly buffer TableBuf { vec2 cs[]; };
 
 void main() {
@@ -30,9 +35,10 @@ void main() {
   const uint h = gl_GlobalInvocationID.y;
   const uint t = gl_GlobalInvocationID.z;
   if (i >= half_rot || h >= p.heads || t >= p.T) return;
-  const uint pos = uint(step[p.step_off]) + t;
+  const uint s = i < p.bound0 ? 0u : i < p.bound1 ? 1u : i < p.bound2 ? 2u : 3u;
+  const int pos = positions[p.pos_off + t * p.sections + min(s, p.sections - 1u)];
   if (pos < p.table_pos_begin || pos >= p.table_pos_end) return;
-  const vec2 c = cs[p.table_off + (pos - p.table_pos_begin) * half_rot + i];
+  const vec2 c = cs[p.table_off + uint(pos - p.table_pos_begin) * half_rot + i];
   const uint base = p.x_off + t * p.x_stride + h * p.head_dim;
   const uint i0 = p.mode == 0u ? base + i : base + 2 * i;
   const uint i1 = p.mode == 0u ? base + i + half_rot : base + 2 * i + 1;

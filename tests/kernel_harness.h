@@ -14,7 +14,7 @@
 #include "gpu/context.h"
 #include "gpu/ops.h"
 #include "gpu/recorder.h"
-#include "host/numeric.h"
+#include "base/numeric.h"
 
 namespace vkvlm::test {
 

@@ -15,7 +15,7 @@
 
 #include "host/config.h"
 #include "host/image.h"
-#include "host/numeric.h"
+#include "base/numeric.h"
 #include "host/safetensors.h"
 #include "tests/test_paths.h"
 
@@ -159,28 +159,6 @@ TEST(Safetensors, ShardedIndexIsChecked) {
   // The fixture's sharded checkpoint, with shards shared through symlinks.
   auto s = TensorStore::open_directory(fixtures_dir() + "/phi3v-long-bf16");
   EXPECT_TRUE(s.has("model.embed_tokens.weight"));
-}
-
-TEST(Config, MissingAndWrongFieldsAreNamed) {
-  const std::string dir = temp_dir() + "/cfg";
-  fs::create_directories(dir);
-  expect_error([&] { load_model_config(dir + "/nope"); }, {"nope", "does not exist"});
-  expect_error([&] { load_model_config(dir); }, {"config.json"});
-  std::ofstream(dir + "/config.json") << R"({"model_type": "llama", "vocab_size": 10, "hidden_size": 8})";
-  expect_error([&] { load_model_config(dir); }, {"config.json", "intermediate_size"});
-  std::ofstream(dir + "/config.json") << R"({"model_type": "gpt_bigcode"})";
-  expect_error([&] { load_model_config(dir); }, {"gpt_bigcode", "not supported"});
-  std::ofstream(dir + "/config.json") << R"({"model_type": "llama", "vocab_size": 10, "hidden_size": "8"})";
-  expect_error([&] { load_model_config(dir); }, {"hidden_size", "integer"});
-  std::ofstream(dir + "/config.json") << "{not json";
-  expect_error([&] { load_model_config(dir); }, {"config.json", "not valid JSON"});
-  // The real layouts parse: transformers 5 rope_parameters, LongRoPE scaling, MLX quantization.
-  auto c = load_model_config(fixtures_dir() + "/phi3v-bf16");
-  EXPECT_EQ(c.text.rope.type, "longrope");
-  EXPECT_NEAR(c.text.rope.attention_factor, 1.1902380714238083, 1e-12);
-  EXPECT_EQ(load_model_config(fixtures_dir() + "/llava15-mlx4").quantization.bits, 4);
-  EXPECT_EQ(load_model_config(fixtures_dir() + "/llava15-f16").text.rope.theta, 10000.0);
-  EXPECT_EQ(load_model_config(fixtures_dir() + "/llavanext-bf16-legacy").text.sliding_window, 4096);
 }
 
 // ---- images --------------------------------------------------------------------------------

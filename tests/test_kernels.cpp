@@ -229,13 +229,20 @@ INSTANTIATE_TEST_SUITE_P(Kernels, NormTest,
 // ---------------------------------------------------------------------------------------------
 // rope
 
+// Positions are data: every row reads its own position(s) from a buffer, not "first + t".
+// Sections: one position per token; M-RoPE's three (temporal, height, width) over
+// mrope_section-sized runs of frequencies; the 2-D vision rotary's two (row, column).
 struct RopeCase {
+  const char* name;
   int64_t T;
   int heads, head_dim, rot_dim;
   gpu::RopeMode mode;
   bool factors;
-  int n_past;
+  std::vector<int> sections;  // empty: one position per token
+  int first;                  // the positions row of x's row 0
 };
+
+void PrintTo(const RopeCase& c, std::ostream* os) { *os << c.name; }
 
 class RopeTest : public testing::TestWithParam<RopeCase> {};
 
@@ -247,38 +254,53 @@ TEST_P(RopeTest, MatchesReference) {
     auto f = random_floats(size_t(c.rot_dim / 2), 21, 1.0f, 4.0f);
     factors.assign(f.begin(), f.end());
   }
-  const int64_t positions = c.n_past + c.T + 3;
+  const int comps = c.sections.empty() ? 1 : int(c.sections.size());
+  const int64_t positions = 5000;  // a table larger than the 1 MiB binding of the masked run
   auto table = gpu::rope_table(positions, c.rot_dim, theta, factors, scale);
   Tensor tt = upload_f32(table, {positions, c.rot_dim / 2, 2}, "rope table");
-  Tensor step = upload_i32({c.n_past}, "step");
+  // Positions in no particular order, repeated and far apart (as image grids give them).
+  std::mt19937 rng(7);
+  std::vector<int32_t> pos(size_t((c.first + c.T) * comps));
+  for (auto& p : pos) p = int32_t(rng() % positions);
+  Tensor pt = upload_i32(pos, "positions");
   const int64_t row = int64_t(c.heads) * c.head_dim + 5;  // rows wider than the heads
   auto xv = random_floats(size_t(c.T * row), 31);
   Tensor x = upload_f32(xv, {c.T, row});
   std::vector<double> want(xv.begin(), xv.end());
   const int half = c.rot_dim / 2;
+  auto section = [&](int i) {
+    int s = 0, end = c.sections.empty() ? half : c.sections[0];
+    while (i >= end) end += c.sections[size_t(++s)];
+    return s;
+  };
   for (int64_t t = 0; t < c.T; ++t)
     for (int h = 0; h < c.heads; ++h)
       for (int i = 0; i < half; ++i) {
         const double f = factors.empty() ? 1.0 : factors[size_t(i)];
-        const double a = double(c.n_past + t) / (f * std::pow(theta, 2.0 * i / c.rot_dim));
+        const int32_t p = pos[size_t((c.first + t) * comps + section(i))];
+        const double a = double(p) / (f * std::pow(theta, 2.0 * i / c.rot_dim));
         const size_t base = size_t(t * row + h * c.head_dim);
         const size_t i0 = c.mode == gpu::RopeMode::RotateHalf ? base + i : base + 2 * i;
         const size_t i1 = c.mode == gpu::RopeMode::RotateHalf ? base + i + half : base + 2 * i + 1;
         want[i0] = (xv[i0] * std::cos(a) - xv[i1] * std::sin(a)) * scale;
         want[i1] = (xv[i1] * std::cos(a) + xv[i0] * std::sin(a)) * scale;
       }
-  run([&](gpu::Recorder& rec) {
-    gpu::rope(rec, Mat::of(x), c.heads, c.head_dim, c.rot_dim, c.mode, tt, step, 0);
-  });
+  const auto sections = c.sections.empty() ? gpu::RopeSections{} : gpu::RopeSections::of_sizes(c.sections, c.rot_dim);
+  run([&](gpu::Recorder& rec) { gpu::rope(rec, Mat::of(x), c.heads, c.head_dim, c.rot_dim, c.mode, tt, pt, c.first, sections); });
   EXPECT_LE(nmse(ctx().read<float>(x), want), kTolF32);
 }
 
-INSTANTIATE_TEST_SUITE_P(Kernels, RopeTest,
-                         testing::Values(RopeCase{1, 2, 64, 64, gpu::RopeMode::RotateHalf, false, 0},
-                                         RopeCase{3, 4, 96, 96, gpu::RopeMode::RotateHalf, true, 40},
-                                         RopeCase{17, 2, 128, 64, gpu::RopeMode::RotateHalf, false, 7},
-                                         RopeCase{17, 3, 80, 80, gpu::RopeMode::Interleaved, false, 1000},
-                                         RopeCase{5, 2, 64, 32, gpu::RopeMode::Interleaved, true, 3}));
+INSTANTIATE_TEST_SUITE_P(
+    Kernels, RopeTest,
+    testing::Values(RopeCase{"single_decode", 1, 2, 64, 64, gpu::RopeMode::RotateHalf, false, {}, 0},
+                    RopeCase{"longrope_factors", 3, 4, 96, 96, gpu::RopeMode::RotateHalf, true, {}, 40},
+                    RopeCase{"partial_rotary", 17, 2, 128, 64, gpu::RopeMode::RotateHalf, false, {}, 7},
+                    RopeCase{"interleaved", 17, 3, 80, 80, gpu::RopeMode::Interleaved, false, {}, 1},
+                    RopeCase{"interleaved_partial_factors", 5, 2, 64, 32, gpu::RopeMode::Interleaved, true, {}, 3},
+                    RopeCase{"mrope_sections", 23, 4, 64, 64, gpu::RopeMode::RotateHalf, false, {8, 12, 12}, 5},
+                    RopeCase{"mrope_decode", 1, 2, 128, 128, gpu::RopeMode::RotateHalf, false, {16, 24, 24}, 0},
+                    RopeCase{"vision_2d", 37, 2, 32, 32, gpu::RopeMode::RotateHalf, false, {8, 8}, 0}),
+    [](const auto& info) { return std::string(info.param.name); });
 
 // ---------------------------------------------------------------------------------------------
 // attention (with kv_append filling the f16 cache)
@@ -290,6 +312,7 @@ struct AttnCase {
   int window;
   Variant::Attention path;
   uint32_t keys_per_split;
+  int64_t prefix_end = 0, block = 0;
 };
 
 std::string attn_name(const testing::TestParamInfo<AttnCase>& info) {
@@ -299,6 +322,8 @@ std::string attn_name(const testing::TestParamInfo<AttnCase>& info) {
      << "kv" << c.HKV << "_D" << c.D << (c.causal ? "_causal" : "_full");
   if (c.window) os << "_window" << c.window;
   if (c.keys_per_split) os << "_split" << c.keys_per_split;
+  if (c.prefix_end) os << "_prefix" << c.prefix_end;
+  if (c.block) os << "_block" << c.block;
   return os.str();
 }
 
@@ -328,8 +353,9 @@ TEST_P(AttentionTest, CacheMatchesReference) {
       std::vector<double> s;
       std::vector<int64_t> js;
       for (int64_t j = 0; j < c.n_past + c.T; ++j) {
-        if (c.causal && j > pos) continue;
+        if (c.causal && j > pos && j >= c.prefix_end) continue;  // prefix-LM: the prefix is seen whole
         if (c.window && pos - j >= c.window) continue;
+        if (c.block && j / c.block != pos / c.block) continue;  // block-diagonal
         double d = 0;
         for (int e = 0; e < c.D; ++e) d += double(qv[size_t(t * qd + h * c.D + e)]) * kr[size_t(j * kvd + kvh * c.D + e)];
         s.push_back(d * scale);
@@ -354,6 +380,8 @@ TEST_P(AttentionTest, CacheMatchesReference) {
   ap.window = c.window;
   ap.scale = scale;
   ap.T_total = c.T;
+  ap.prefix_end = c.prefix_end;
+  ap.block = c.block;
   for (bool sg : subgroup_settings()) {
     Tensor kcache = upload_f16(kold, {cap, kvd}), vcache = upload_f16(vold, {cap, kvd});
     Tensor out = poisoned_f32({c.T, qd});
@@ -384,6 +412,16 @@ std::vector<AttnCase> attn_cases() {
   }
   out.push_back({1, 300, 2, 1, 64, true, 0, Variant::Attention::Rows, 7});
   out.push_back({3, 61, 4, 2, 96, true, 16, Variant::Attention::Rows, 32});
+  // Prefix-LM (PaliGemma): rows below prefix_end see each other whole; later rows are causal.
+  for (auto path : {Variant::Attention::Tiled, Variant::Attention::Rows}) {
+    out.push_back({37, 0, 4, 1, 32, true, 0, path, 0, 37});   // the whole prompt in one pass
+    out.push_back({20, 0, 2, 1, 64, true, 0, path, 0, 13});   // a prefix, then causal rows
+    out.push_back({3, 4, 2, 2, 64, true, 0, path, 0, 7});     // the rest of a cached prefix
+    out.push_back({1, 40, 4, 1, 32, true, 0, path, 0, 30});   // decoding after the prefix
+    // Block-diagonal (crops batched through a vision tower): uneven last block.
+    out.push_back({37, 0, 2, 2, 64, false, 0, path, 0, 0, 12});
+  }
+  out.push_back({40, 0, 2, 1, 64, true, 0, Variant::Attention::Rows, 16, 29});
   return out;
 }
 

@@ -1,8 +1,9 @@
 // The decoder for each supported family on tiny random checkpoints written in the real layouts
 // (Qwen2 with q/k/v biases and tied embeddings, Mistral with GQA and a sliding window shorter
 // than the sequence, Phi-3 with fused projections and partial rotary, Llama with MLX 4-bit
-// weights), against a double-precision implementation of the Hugging Face formulas; and the
-// cached decode step against a full forward pass.
+// weights, Gemma with RMSNorm (1 + w), the sqrt(hidden) embedding scale, the tanh-GELU gate, MQA
+// and a head_dim that is not hidden / heads), against a double-precision implementation of the
+// Hugging Face formulas; and the cached decode step against a full forward pass.
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -15,9 +16,9 @@
 #include <nlohmann/json.hpp>
 
 #include "host/config.h"
-#include "host/numeric.h"
+#include "base/numeric.h"
 #include "host/safetensors.h"
-#include "models/llm.h"
+#include "models/decoder.h"
 #include "tests/kernel_harness.h"
 
 namespace vkvlm::test {
@@ -33,6 +34,7 @@ struct Family {
   int window = 0;
   double partial = 1.0;
   int heads = 4, kv_heads = 2;
+  bool gemma = false;
 };
 
 void PrintTo(const Family& f, std::ostream* os) { *os << f.name; }
@@ -146,6 +148,10 @@ Checkpoint make_checkpoint(const Family& f, uint32_t seed) {
   if (f.model_type == "qwen2") cfg["use_sliding_window"] = false;
   if (f.partial != 1.0) cfg["partial_rotary_factor"] = f.partial;
   if (f.mlx4) cfg["quantization"] = {{"group_size", 32}, {"bits", 4}};
+  if (f.gemma) {
+    cfg.erase("hidden_act");
+    cfg["hidden_activation"] = "gelu_pytorch_tanh";
+  }
   std::ofstream(c.dir + "/config.json") << cfg.dump();
   return c;
 }
@@ -166,19 +172,20 @@ Mat2 reference_logits(const Family& f, const Checkpoint& c, const std::vector<in
       }
     return y;
   };
-  auto rmsnorm = [](Mat2 x, int64_t rows, const Mat2& w) {
+  auto rmsnorm = [&f](Mat2 x, int64_t rows, const Mat2& w) {
     for (int64_t r = 0; r < rows; ++r) {
       double ss = 0;
       for (int64_t i = 0; i < E; ++i) ss += x[size_t(r * E + i)] * x[size_t(r * E + i)];
       const double inv = 1.0 / std::sqrt(ss / E + 1e-6);
-      for (int64_t i = 0; i < E; ++i) x[size_t(r * E + i)] *= inv * w[size_t(i)];
+      for (int64_t i = 0; i < E; ++i) x[size_t(r * E + i)] *= inv * (f.gemma ? 1.0 + w[size_t(i)] : w[size_t(i)]);
     }
     return x;
   };
   const int64_t n = int64_t(ids.size());
   Mat2 x(size_t(n * E));
   for (int64_t t = 0; t < n; ++t)
-    for (int64_t i = 0; i < E; ++i) x[size_t(t * E + i)] = W("model.embed_tokens.weight")[size_t(ids[size_t(t)] * E + i)];
+    for (int64_t i = 0; i < E; ++i)
+      x[size_t(t * E + i)] = W("model.embed_tokens.weight")[size_t(ids[size_t(t)] * E + i)] * (f.gemma ? std::sqrt(double(E)) : 1.0);
   auto rope = [&](Mat2& m, int heads, int64_t width) {
     for (int64_t t = 0; t < n; ++t)
       for (int h = 0; h < heads; ++h)
@@ -249,7 +256,9 @@ Mat2 reference_logits(const Family& f, const Checkpoint& c, const std::vector<in
       g = linear(h, n, E, W(p + "mlp.gate_proj.weight"), I);
       u = linear(h, n, E, W(p + "mlp.up_proj.weight"), I);
     }
-    for (size_t i = 0; i < g.size(); ++i) g[i] = g[i] / (1 + std::exp(-g[i])) * u[i];
+    for (size_t i = 0; i < g.size(); ++i)
+      g[i] = (f.gemma ? 0.5 * g[i] * (1 + std::tanh(std::sqrt(2 / M_PI) * (g[i] + 0.044715 * g[i] * g[i] * g[i])))
+                      : g[i] / (1 + std::exp(-g[i]))) * u[i];
     Mat2 dn = linear(g, n, I, W(p + "mlp.down_proj.weight"), E);
     for (size_t i = 0; i < x.size(); ++i) x[i] += dn[i];
   }
@@ -265,7 +274,7 @@ TEST_P(LmFamily, MatchesTheReferenceFormulasAndDecodesConsistently) {
   ModelConfig cfg = load_model_config(ck.dir);
   TensorStore store = TensorStore::open_directory(ck.dir);
   WeightLoader loader(ctx(), store, cfg, {});
-  LanguageModel lm(ctx(), cfg, loader);
+  LanguageModel lm(ctx(), cfg.text, loader);
   if (f.mlx4) EXPECT_EQ(lm.format_summary(), "q4 group 32");
 
   std::mt19937 rng(5);
@@ -278,14 +287,18 @@ TEST_P(LmFamily, MatchesTheReferenceFormulasAndDecodesConsistently) {
   auto table = gpu::rope_table(cap, cfg.text.rope.rot_dim, cfg.text.rope.theta);
   gpu::Tensor rope = upload_f32(table, {cap, cfg.text.rope.rot_dim / 2, 2}, "rope");
   gpu::Tensor idt = upload_i32(ids);
-  gpu::Tensor step = upload_i32({0}, "step");
+  std::vector<int32_t> pos(static_cast<size_t>(T));
+  for (int64_t t = 0; t < T; ++t) pos[size_t(t)] = int32_t(t);
+  ForwardRows all;
+  all.kv_row = upload_i32({0}, "first row");
+  all.positions = upload_i32(pos, "positions");
   // Full forward over all positions, logits for every row.
   gpu::Tensor x = ctx().tensor(gpu::DType::F32, {T, E}, "x");
   gpu::Tensor logits = poisoned_f32({T, V}, "logits");
   run([&](gpu::Recorder& rec) {
     lm.embed(rec, idt, 0, T, gpu::Mat::of(x));
     gpu::Mat lg = gpu::Mat::of(logits);
-    lm.forward(rec, cache, gpu::Mat::of(x), step, 0, rope, &lg);
+    lm.forward(rec, cache, gpu::Mat::of(x), all, rope, &lg);
   });
   EXPECT_LE(nmse(ctx().read<float>(logits), want), 1e-5) << f.name;
 
@@ -293,15 +306,19 @@ TEST_P(LmFamily, MatchesTheReferenceFormulasAndDecodesConsistently) {
   KvCache cache2 = KvCache::create(ctx(), cfg.text, cap);
   gpu::Tensor x1 = ctx().tensor(gpu::DType::F32, {T - 1, E}, "x1"), x2 = ctx().tensor(gpu::DType::F32, {1, E}, "x2");
   gpu::Tensor last = poisoned_f32({1, V}, "last");
-  gpu::Tensor step2 = upload_i32({int32_t(T - 1)}, "step2");
+  // The decode step reads its row and position from buffers, as the recorded step does.
+  ForwardRows step;
+  step.kv_row = upload_i32({int32_t(T - 1)}, "decode row");
+  step.positions = all.positions;
+  step.positions_row = T - 1;
   run([&](gpu::Recorder& rec) {
     lm.embed(rec, idt, 0, T - 1, gpu::Mat::of(x1));
-    lm.forward(rec, cache2, gpu::Mat::of(x1), step, 0, rope, nullptr);
+    lm.forward(rec, cache2, gpu::Mat::of(x1), all, rope, nullptr);
   });
   run([&](gpu::Recorder& rec) {
     lm.embed(rec, idt, T - 1, 1, gpu::Mat::of(x2));
     gpu::Mat lg = gpu::Mat::of(last);
-    lm.forward(rec, cache2, gpu::Mat::of(x2), step2, 0, rope, &lg);
+    lm.forward(rec, cache2, gpu::Mat::of(x2), step, rope, &lg);
   });
   std::vector<double> want_last(want.end() - V, want.end());
   EXPECT_LE(nmse(ctx().read<float>(last), want_last), 1e-5) << f.name << " decode step";
@@ -313,7 +330,8 @@ INSTANTIATE_TEST_SUITE_P(
     testing::Values(Family{"qwen2_bias_tied", "qwen2", true, true, false, false, 0, 1.0, 4, 2},
                     Family{"mistral_gqa_window", "mistral", false, false, false, false, 7, 1.0, 4, 1},
                     Family{"phi3_fused_partial_rotary", "phi3", false, false, true, false, 0, 0.5, 4, 4},
-                    Family{"llama_mlx4", "llama", false, false, false, true, 0, 1.0, 4, 2}),
+                    Family{"llama_mlx4", "llama", false, false, false, true, 0, 1.0, 4, 2},
+                    Family{"gemma_mqa_geglu", "gemma", false, true, false, false, 0, 1.0, 2, 1, true}),
     [](const auto& info) { return std::string(info.param.name); });
 
 }  // namespace

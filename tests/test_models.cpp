@@ -13,7 +13,7 @@
 #include <nlohmann/json.hpp>
 
 #include "host/image_processing.h"
-#include "host/numeric.h"
+#include "base/numeric.h"
 #include "host/safetensors.h"
 #include "models/model.h"
 #include "tests/kernel_harness.h"
@@ -54,11 +54,40 @@ void PrintTo(const Case& c, std::ostream* os) { *os << c.model << " " << c.name;
 
 std::vector<Case> all_cases() {
   std::vector<Case> out;
-  for (const char* m : {"llava15-f16", "llava15-mlx4", "llavanext-bf16-legacy", "phi3v-bf16", "phi3v-long-bf16"}) {
+  for (const char* m : {"llava15-f16", "llava15-mlx4", "llavanext-bf16-legacy", "phi3v-bf16", "phi3v-long-bf16", "qwen2vl-bf16",
+                        "qwen2vl-mlx4", "paligemma-bf16", "paligemma-mlx8"}) {
     std::ifstream in(fixtures_dir() + "/" + m + "/cases.json");
     auto j = nlohmann::json::parse(in);
     for (auto& c : j["cases"]) out.push_back({m, c["name"].get<std::string>()});
   }
+  return out;
+}
+
+// The conversation of a case: its messages, or (PaliGemma) one user turn holding the image and
+// the task prefix.
+Messages case_messages(const nlohmann::ordered_json& c) {
+  if (c.contains("messages")) return c["messages"];
+  Messages content = Messages::array();
+  for (size_t i = 0; i < c["images"].size(); ++i) content.push_back({{"type", "image"}});
+  content.push_back({{"type", "text"}, {"text", c["prefix"]}});
+  return Messages::array({{{"role", "user"}, {"content", content}}});
+}
+
+// Per crop and channel: mean and mean |x| of a processor's crops (CHW).
+std::vector<double> crop_stats(const ProcessedImage& px) {
+  std::vector<double> out;
+  const size_t plane = size_t(px.size) * size_t(px.size);
+  for (int64_t crop = 0; crop < px.rows; ++crop)
+    for (int ch = 0; ch < 3; ++ch) {
+      double mean = 0, mean_abs = 0;
+      const float* p = px.pixels.data() + (size_t(crop) * 3 + size_t(ch)) * plane;
+      for (size_t i = 0; i < plane; ++i) {
+        mean += p[i];
+        mean_abs += std::fabs(p[i]);
+      }
+      out.push_back(mean / double(plane));
+      out.push_back(mean_abs / double(plane));
+    }
   return out;
 }
 
@@ -75,22 +104,60 @@ TEST_P(FixtureModel, MatchesReference) {
     if (x["name"] == tc.name) c = x;
   ASSERT_FALSE(c.is_null());
   std::vector<Image> images;
-  std::vector<bool> jpeg;
-  for (auto& f : c["images"]) {
-    images.push_back(load_image_file(fixtures_dir() + "/images/" + f.get<std::string>()));
-    jpeg.push_back(f.get<std::string>().find(".jpg") != std::string::npos);
-  }
+  for (auto& f : c["images"]) images.push_back(load_image_file(fixtures_dir() + "/images/" + f.get<std::string>()));
   const std::string p = tc.name + ".";
+  const bool phi3v = tc.model.rfind("phi3v", 0) == 0, qwen2vl = tc.model.rfind("qwen2vl", 0) == 0;
 
-  // 1. The prompt, token for token (image positions expanded as the processor does).
-  Prompt prompt = model.build_prompt(c["messages"], images);
+  // 1. The prompt, token for token (image rows expanded as the processor does), and for M-RoPE
+  // every token's (t, h, w) position.
+  nlohmann::json vars = c.contains("template_kwargs") ? nlohmann::json(c["template_kwargs"]) : nlohmann::json();
+  Prompt prompt = model.build_prompt(case_messages(c), images, vars);
   EXPECT_EQ(prompt.text, c["prompt_text"].get<std::string>());
   ASSERT_EQ(prompt.ids, exp.i32(p + "input_ids"));
+  const int64_t N = prompt.size();
+  if (qwen2vl) {
+    auto pos = exp.i32(p + "position_ids");  // [3, N]
+    ASSERT_EQ(prompt.position_components, 3);
+    for (int64_t t = 0; t < N; ++t)
+      for (int k = 0; k < 3; ++k)
+        ASSERT_EQ(prompt.positions[size_t(t * 3 + k)], pos[size_t(k * N + t)]) << "token " << t << " component " << k;
+    EXPECT_EQ(prompt.next_position - N, c["rope_delta"].get<int64_t>());
+    auto thw = images.empty() ? std::vector<int32_t>() : exp.i32(p + "image_grid_thw");
+    for (size_t k = 0; k < images.size(); ++k) {
+      const auto& px = prompt.images[k].pixels;
+      EXPECT_EQ((std::vector<int32_t>{1, px.grid_rows, px.grid_cols}),
+                std::vector<int32_t>(thw.begin() + long(k * 3), thw.begin() + long(k * 3 + 3)));
+      EXPECT_EQ(prompt.images[k].tokens, c["image_tokens"][k].get<int64_t>());
+    }
+  } else {
+    for (int64_t t = 0; t < N; ++t) ASSERT_EQ(prompt.positions[size_t(t)], t + (prompt.prefix_end ? 1 : 0)) << "token " << t;
+  }
+  if (tc.model.rfind("paligemma-", 0) == 0) EXPECT_EQ(prompt.prefix_end, N);  // the whole prompt is the prefix
+  else EXPECT_EQ(prompt.prefix_end, 0);
 
-  // 2. The image processor: per crop and channel, mean and mean |x|.
-  const bool phi3v = tc.model.rfind("phi3v", 0) == 0;
+  // 2. The image processor: statistics of every crop (or patch row), and the pixels where the
+  // reference keeps them. JPEGs decode exactly as PIL decodes them (libjpeg). The reference's
+  // resampler rounds a few pixels one 8-bit level differently from PIL's (two at most after
+  // LLaVA-NeXT's upscaling), so pixels may differ by two levels, and at most 1% by more than one.
+  const ProcessorConfig pc;
+  size_t stats_row = 0;  // Qwen2-VL: the cases' images' patch rows, one after another
   for (size_t k = 0; k < images.size(); ++k) {
-    const auto& img = prompt.images[k];
+    const auto& px = prompt.images[k].pixels;
+    const double tol = 2e-2;
+    if (qwen2vl) {
+      auto want = exp.f32(p + "pixel_stats");  // [rows, 2]
+      ASSERT_EQ(px.patch_values, 1176);
+      for (int64_t r = 0; r < px.rows; ++r, ++stats_row) {
+        double mean = 0, mean_abs = 0;
+        for (int64_t i = 0; i < px.patch_values; ++i) {
+          mean += px.pixels[size_t(r * px.patch_values + i)];
+          mean_abs += std::fabs(px.pixels[size_t(r * px.patch_values + i)]);
+        }
+        ASSERT_NEAR(mean / double(px.patch_values), want[stats_row * 2], tol) << "image " << k << " patch " << r;
+        ASSERT_NEAR(mean_abs / double(px.patch_values), want[stats_row * 2 + 1], tol) << "image " << k << " patch " << r;
+      }
+      continue;
+    }
     std::vector<float> want;
     int64_t want_crops;
     if (phi3v) {
@@ -103,50 +170,31 @@ TEST_P(FixtureModel, MatchesReference) {
       const size_t per = size_t(want_crops) * 6;
       want.assign(all.begin() + long(k * per), all.begin() + long((k + 1) * per));
     }
-    ASSERT_LE(img.crops, want_crops) << "image " << k;
-    const double tol = jpeg[k] ? 6e-2 : 2e-2;
-    const size_t plane = size_t(img.size) * size_t(img.size);
-    for (int64_t crop = 0; crop < want_crops; ++crop)
-      for (int ch = 0; ch < 3; ++ch) {
-        double mean = 0, mean_abs = 0;
-        if (crop < img.crops) {
-          const float* px = img.pixels.data() + (size_t(crop) * 3 + size_t(ch)) * plane;
-          for (size_t i = 0; i < plane; ++i) {
-            mean += px[i];
-            mean_abs += std::fabs(px[i]);
-          }
-          mean /= double(plane);
-          mean_abs /= double(plane);
-        }  // crops past the image's are the reference's zero padding
-        EXPECT_NEAR(mean, want[size_t(crop * 6 + ch * 2)], tol) << "image " << k << " crop " << crop << " channel " << ch;
-        EXPECT_NEAR(mean_abs, want[size_t(crop * 6 + ch * 2 + 1)], tol) << "image " << k << " crop " << crop << " channel " << ch;
-      }
+    ASSERT_LE(px.rows, want_crops) << "image " << k;
+    auto got = crop_stats(px);
+    got.resize(size_t(want_crops) * 6, 0.0);  // crops past the image's are the reference's zero padding
+    for (size_t i = 0; i < got.size(); ++i) EXPECT_NEAR(got[i], want[i], tol) << "image " << k << " crop " << i / 6 << " stat " << i % 6;
   }
-  // The describe case also carries pixel values: compare them where the image is a PNG. The
-  // reference's resampler rounds a few pixels one 8-bit level differently from PIL's (two at
-  // most after LLaVA-NeXT's upscaling), so allow two levels, and at most 1% beyond one.
-  if (tc.name == "describe" && !jpeg[0]) {
-    const std::string key = phi3v ? p + "pixel_values_global_first_last.0" : p + "pixel_values";
-    auto want = exp.f32(key);
-    const auto& img = prompt.images[0];
-    const size_t plane = size_t(img.size) * size_t(img.size);
-    // phi3v keeps the global view and the first HD crop (then the last, padding, crop).
-    const int compare_crops = phi3v ? 2 : img.crops;
-    const ProcessorConfig pc;
-    size_t beyond_one = 0, total = 0;
-    for (int crop = 0; crop < compare_crops; ++crop)
-      for (int ch = 0; ch < 3; ++ch) {
-        const double level = 1.0 / 255.0 / pc.std[size_t(ch)];
-        for (size_t i = 0; i < plane; ++i) {
-          const size_t at = (size_t(crop) * 3 + size_t(ch)) * plane + i;
-          const double levels = std::fabs(img.pixels[at] - want[at]) / level;
-          EXPECT_LE(levels, 2.2) << "crop " << crop << " channel " << ch << " pixel " << i;
-          if (levels > 2.2) return;
-          beyond_one += levels > 1.2;
-          ++total;
-        }
-      }
-    EXPECT_LE(double(beyond_one), 0.01 * double(total)) << "pixels more than one level off";
+  if (exp.has(p + "pixel_values") || exp.has(p + "pixel_values_global_first_last.0")) {
+    const auto& px = prompt.images[0].pixels;
+    auto want = exp.f32(phi3v ? p + "pixel_values_global_first_last.0" : p + "pixel_values");
+    // phi3v keeps the global view and the first HD crop (then the last, padding, crop); Qwen2-VL
+    // all its images' patch rows.
+    size_t n = phi3v ? size_t(2) * 3 * 336 * 336 : want.size();
+    std::vector<float> got;
+    for (auto& im : prompt.images) got.insert(got.end(), im.pixels.pixels.begin(), im.pixels.pixels.end());
+    ASSERT_GE(got.size(), n);
+    const bool siglip = tc.model.rfind("paligemma-", 0) == 0;
+    size_t beyond_one = 0;
+    for (size_t i = 0; i < n; ++i) {
+      // Channel of element i: CHW crops, or (channel, t, y, x) patch rows.
+      const size_t ch = qwen2vl ? (i % 1176) / (2 * 14 * 14) : (i / (size_t(px.size) * px.size)) % 3;
+      const double level = siglip ? 2.0 / 255.0 : 1.0 / 255.0 / pc.std[ch];
+      const double levels = std::fabs(got[i] - want[i]) / level;
+      ASSERT_LE(levels, 2.2) << "pixel value " << i;
+      beyond_one += levels > 1.2;
+    }
+    EXPECT_LE(double(beyond_one), 0.01 * double(n)) << "pixels more than one level off";
   }
 
   // 3. Image features (projector output), one row per image token.
@@ -170,7 +218,7 @@ TEST_P(FixtureModel, MatchesReference) {
   }
 
   // 4. Logits at the last prompt position: the reference's top-5 tokens, relative to its largest.
-  Session session(model, int64_t(prompt.ids.size()) + 32);
+  Session session(model, N + 32);
   auto logits = session.prompt_logits(prompt);
   auto ref = exp.f32(p + "logits_last");
   ASSERT_EQ(logits.size(), ref.size());
@@ -187,7 +235,7 @@ TEST_P(FixtureModel, MatchesReference) {
   gp.max_tokens = 12;
   gp.ignore_eos = true;
   auto r = session.generate(prompt, gp);
-  EXPECT_EQ(r.cached_tokens, int64_t(prompt.ids.size()) - 1);
+  EXPECT_EQ(r.cached_tokens, N - 1);
   auto greedy = exp.i32(p + "greedy_ids");
   auto top10 = exp.f32(p + "top10_logits");
   ASSERT_EQ(r.tokens.size(), greedy.size());

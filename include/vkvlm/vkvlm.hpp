@@ -1,25 +1,124 @@
 #pragma once
 // vkvlm's C++ API: run vision-language models on any Vulkan device, on a device vkvlm creates or
-// on the application's own.
+// on the application's own. Self-contained: it includes none of the library's internal headers.
 //
-//   auto ctx = std::make_unique<vkvlm::gpu::Context>(vkvlm::gpu::Device::create());
-//   vkvlm::Model model(*ctx, "path/to/llava-1.5-7b-hf");
-//   vkvlm::Session session(model, 4096);
-//   auto image = vkvlm::load_image_file("photo.jpg");
-//   vkvlm::Messages messages = vkvlm::Messages::parse(R"([{"role": "user", "content":
-//       [{"type": "image"}, {"type": "text", "text": "What is in this picture?"}]}])");
-//   auto result = session.generate(model.build_prompt(messages, {image}), {},
-//       [](const vkvlm::StepOutput& step) { std::cout << step.text << std::flush; return true; });
+//   auto engine = vkvlm::Engine::load("path/to/llava-1.5-7b-hf");
+//   vkvlm::Chat chat(*engine, 4096);
+//   auto result = chat.generate(R"([{"role": "user", "content":
+//       [{"type": "image"}, {"type": "text", "text": "What is in this picture?"}]}])",
+//       {vkvlm::read_file("photo.jpg")}, {},
+//       [](const vkvlm::Step& step) { std::cout << step.text << std::flush; return true; });
 //
-// To run on the application's device instead, fill a vkvlm::gpu::AdoptedDevice (instance,
-// physical device, device, queue family and index, and the feature chain it was created with)
-// and pass vkvlm::gpu::Device::adopt(adopted) to the Context: vkvlm then creates and destroys
-// none of those objects.
-#include "gpu/context.h"
-#include "gpu/device.h"
-#include "gpu/error.h"
-#include "gpu/ops.h"
-#include "gpu/recorder.h"
-#include "host/image.h"
-#include "host/tokenizer.h"
-#include "models/model.h"
+// Errors are thrown as std::runtime_error whose message says what is wrong and where.
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <vulkan/vulkan.h>
+
+namespace vkvlm {
+
+// The application's Vulkan objects, for running on its device: vkvlm creates and destroys none
+// of them. enabled_features: the chain the device was created with (VkPhysicalDeviceFeatures2
+// with Vulkan 1.1/1.2/1.3 feature structs in pNext), since Vulkan cannot be asked for it later
+// (null: vkvlm uses no optional feature).
+struct VulkanDevice {
+  VkInstance instance = VK_NULL_HANDLE;
+  VkPhysicalDevice physical_device = VK_NULL_HANDLE;
+  VkDevice device = VK_NULL_HANDLE;
+  uint32_t queue_family = 0, queue_index = 0;
+  const VkPhysicalDeviceFeatures2* enabled_features = nullptr;
+  std::vector<std::string> enabled_extensions;
+};
+
+struct EngineOptions {
+  std::string quantize;   // "", "q4" or "q8": quantize float language-model weights while loading
+  bool progress = false;  // a progress bar on stderr while loading (when it is a terminal)
+};
+
+struct GenerateOptions {
+  int max_tokens = 256;
+  float temperature = 0.0f;  // 0: greedy
+  float top_p = 1.0f, min_p = 0.0f, repeat_penalty = 1.0f;
+  int top_k = 0;
+  std::optional<uint64_t> seed;   // none: a random seed
+  std::vector<std::string> stop;  // stop strings (not included in the text)
+  bool ignore_eos = false;
+  bool logprobs = false;          // each step's log-probability
+  int top_logprobs = 0;           // alternatives per step (<= 20)
+  std::string template_vars;      // a JSON object of extra chat-template variables, e.g. {"add_vision_id": true}
+};
+
+// One generated token.
+struct Step {
+  int32_t token = -1;
+  std::string text;  // text that became final with this token (may be empty)
+  float logprob = 0;
+  std::vector<std::pair<int32_t, float>> top_logprobs;
+};
+
+struct Result {
+  std::string text;
+  std::string finish_reason;  // "stop", "length" or "cancelled"
+  std::vector<int32_t> prompt_tokens, tokens;
+  int64_t cached_tokens = 0;  // prompt tokens whose KV cache came from the previous turn
+  double image_seconds = 0, prefill_seconds = 0, decode_seconds = 0;
+  std::vector<Step> steps;
+};
+
+// Called for each generated token; return false to stop ("cancelled").
+using OnStep = std::function<bool(const Step&)>;
+
+// A device and a model loaded on it (a Hugging Face or mlx-community checkpoint folder).
+class Engine {
+ public:
+  static std::unique_ptr<Engine> load(const std::string& model_dir, const EngineOptions& options = {});
+  static std::unique_ptr<Engine> load_on_device(const std::string& model_dir, const VulkanDevice& device,
+                                                const EngineOptions& options = {});
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  // The model's description (architecture, sizes, image tokens, memory for a context).
+  std::string info(int64_t context_tokens) const;
+  std::string device_name() const;
+
+  struct Impl;
+  Impl& impl() { return *impl_; }
+
+ private:
+  explicit Engine(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+// A conversation with its own KV cache on the engine's device: a follow-up turn reuses what the
+// previous one computed.
+class Chat {
+ public:
+  Chat(Engine& engine, int64_t context_tokens);
+  ~Chat();
+  Chat(const Chat&) = delete;
+  Chat& operator=(const Chat&) = delete;
+
+  // messages_json: a JSON array of {"role", "content"} messages; content is a string or a list
+  // of {"type": "text", "text"}, {"type": "image"} and {"type": "image_url", "image_url":
+  // {"url": "data:..."}} parts. images: encoded files (PNG, JPEG, WebP, ...) for the image parts
+  // and the placeholders written in the text (e.g. Phi-3-Vision's <|image_1|>), in order.
+  Result generate(const std::string& messages_json, const std::vector<std::vector<uint8_t>>& images,
+                  const GenerateOptions& options = {}, const OnStep& on_step = {});
+  // Forgets the cached conversation.
+  void reset();
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// A file's bytes (for images); throws when it cannot be read.
+std::vector<uint8_t> read_file(const std::string& path);
+
+}  // namespace vkvlm

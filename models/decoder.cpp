@@ -1,4 +1,4 @@
-#include "models/llm.h"
+#include "models/decoder.h"
 
 #include <cmath>
 
@@ -9,13 +9,13 @@ namespace vkvlm {
 using gpu::Mat;
 using gpu::Tensor;
 
-KvCache KvCache::create(gpu::Context& ctx, const TextConfig& cfg, int64_t capacity) {
+KvCache KvCache::create(gpu::Context& ctx, const TextConfig& cfg, int64_t rows) {
   KvCache c;
-  c.capacity = capacity;
+  c.rows = rows;
   const int64_t width = int64_t(cfg.num_kv_heads) * cfg.head_dim;
   for (int64_t l = 0; l < cfg.num_layers; ++l) {
-    c.k.push_back(ctx.tensor(gpu::DType::F16, {capacity, width}, "kv cache k" + std::to_string(l)));
-    c.v.push_back(ctx.tensor(gpu::DType::F16, {capacity, width}, "kv cache v" + std::to_string(l)));
+    c.k.push_back(ctx.tensor(gpu::DType::F16, {rows, width}, "kv cache k" + std::to_string(l)));
+    c.v.push_back(ctx.tensor(gpu::DType::F16, {rows, width}, "kv cache v" + std::to_string(l)));
   }
   return c;
 }
@@ -27,7 +27,7 @@ uint64_t KvCache::bytes() const {
   return b;
 }
 
-LanguageModel::LanguageModel(gpu::Context& ctx, const ModelConfig& mc, WeightLoader& loader) : ctx_(ctx), cfg_(mc.text) {
+LanguageModel::LanguageModel(gpu::Context& ctx, const TextConfig& cfg, WeightLoader& loader) : ctx_(ctx), cfg_(cfg) {
   const auto& store = loader.store();
   // Where the decoder's tensors live, by naming scheme.
   std::string prefix;
@@ -46,7 +46,7 @@ LanguageModel::LanguageModel(gpu::Context& ctx, const ModelConfig& mc, WeightLoa
   const bool fused = store.has(prefix + "layers.0.self_attn.qkv_proj.weight");
   for (int64_t l = 0; l < cfg_.num_layers; ++l) {
     const std::string p = prefix + "layers." + std::to_string(l) + ".";
-    LmLayer L;
+    DecoderLayer L;
     L.attn_norm = loader.f32(p + "input_layernorm.weight", {E});
     L.ffn_norm = loader.f32(p + "post_attention_layernorm.weight", {E});
     if (fused) {
@@ -96,20 +96,28 @@ void LanguageModel::embed(gpu::Recorder& rec, const Tensor& ids, int64_t offset,
   gpu::get_rows(rec, embed_, ids, offset, n, out);
 }
 
-void LanguageModel::forward(gpu::Recorder& rec, const KvCache& cache, const Mat& x, const Tensor& step, int step_index,
+void LanguageModel::forward(gpu::Recorder& rec, const KvCache& cache, const Mat& x, const ForwardRows& rows,
                             const Tensor& rope_table, const Mat* logits) const {
   const int64_t T = x.rows, E = cfg_.hidden_size, I = cfg_.intermediate_size;
   const int H = cfg_.num_heads, KV = cfg_.num_kv_heads, D = cfg_.head_dim;
   const int64_t qd = int64_t(H) * D, kvd = int64_t(KV) * D;
   if (x.cols != E) fail("internal: forward input has ", x.cols, " columns, the model is ", E, " wide");
+  // The gated MLP's [rows, 2 I] intermediate is the largest activation: it runs in row chunks so
+  // that a long prefill (a whole prefix-LM prompt) needs no more than this many rows of it.
+  constexpr int64_t k_mlp_rows = 512;
+  const int64_t mlp_rows = std::min(T, k_mlp_rows);
 
-  Mat h = Mat::of(rec.scratch(gpu::DType::F32, {T, E}, "normed"));               // [T, E]
-  Mat qkv = Mat::of(rec.scratch(gpu::DType::F32, {T, qd + 2 * kvd}, "qkv"));     // [T, (H + 2 KV) D]
-  Mat attn = Mat::of(rec.scratch(gpu::DType::F32, {T, qd}, "attention"));        // [T, H D]
-  Mat gu = Mat::of(rec.scratch(gpu::DType::F32, {T, 2 * I}, "gate_up"));         // [T, 2 I]
-  Mat act = Mat::of(rec.scratch(gpu::DType::F32, {T, I}, "activation"));        // [T, I]
+  Mat h = Mat::of(rec.scratch(gpu::DType::F32, {T, E}, "normed"));                 // [T, E]
+  Mat qkv = Mat::of(rec.scratch(gpu::DType::F32, {T, qd + 2 * kvd}, "qkv"));       // [T, (H + 2 KV) D]
+  Mat attn = Mat::of(rec.scratch(gpu::DType::F32, {T, qd}, "attention"));          // [T, H D]
+  Mat gu = Mat::of(rec.scratch(gpu::DType::F32, {mlp_rows, 2 * I}, "gate_up"));    // [chunk, 2 I]
+  Mat act = Mat::of(rec.scratch(gpu::DType::F32, {mlp_rows, I}, "activation"));   // [chunk, I]
   Mat q = qkv.col_range(0, qd), k = qkv.col_range(qd, kvd), v = qkv.col_range(qd + kvd, kvd);
 
+  const auto sections = cfg_.rope.sections.empty() ? gpu::RopeSections{}
+                                                   : gpu::RopeSections::of_sizes(cfg_.rope.sections, cfg_.rope.rot_dim);
+  const gpu::BinaryOp glu = cfg_.mlp_activation == MlpActivation::GeluTanh ? gpu::BinaryOp::GeluTanhMul : gpu::BinaryOp::SiluMul;
+  const float eps = float(cfg_.rms_eps);
   gpu::AttentionParams ap;
   ap.heads = H;
   ap.kv_heads = KV;
@@ -118,27 +126,34 @@ void LanguageModel::forward(gpu::Recorder& rec, const KvCache& cache, const Mat&
   ap.window = cfg_.sliding_window;
   ap.scale = float(1.0 / std::sqrt(double(D)));
   ap.T_total = T;
+  ap.prefix_end = rows.prefix_end;
 
+  // Gemma scales its input embeddings (image features included) by sqrt(hidden).
+  if (cfg_.embed_scale != 1.0) gpu::unary(rec, gpu::UnaryOp::Identity, x, x, float(cfg_.embed_scale));
   for (size_t l = 0; l < layers_.size(); ++l) {
-    const LmLayer& L = layers_[l];
-    gpu::rmsnorm(rec, x, L.attn_norm, float(cfg_.rms_eps), false, h);
+    const DecoderLayer& L = layers_[l];
+    gpu::rmsnorm(rec, x, L.attn_norm, eps, cfg_.norm_plus_one, h);
     L.qkv.run(rec, h, qkv);
-    gpu::rope(rec, q, H, D, cfg_.rope.rot_dim, gpu::RopeMode::RotateHalf, rope_table, step, step_index);
-    gpu::rope(rec, k, KV, D, cfg_.rope.rot_dim, gpu::RopeMode::RotateHalf, rope_table, step, step_index);
-    gpu::kv_append(rec, k, cache.k[l], step, step_index);
-    gpu::kv_append(rec, v, cache.v[l], step, step_index);
-    gpu::attention(rec, q, Mat::of(cache.k[l]), Mat::of(cache.v[l]), attn, step, step_index, ap);
+    gpu::rope(rec, q, H, D, cfg_.rope.rot_dim, gpu::RopeMode::RotateHalf, rope_table, rows.positions, rows.positions_row, sections);
+    gpu::rope(rec, k, KV, D, cfg_.rope.rot_dim, gpu::RopeMode::RotateHalf, rope_table, rows.positions, rows.positions_row, sections);
+    gpu::kv_append(rec, k, cache.k[l], rows.kv_row, rows.kv_row_index);
+    gpu::kv_append(rec, v, cache.v[l], rows.kv_row, rows.kv_row_index);
+    gpu::attention(rec, q, Mat::of(cache.k[l]), Mat::of(cache.v[l]), attn, rows.kv_row, rows.kv_row_index, ap);
     L.o.run(rec, attn, x, /*accumulate=*/true);  // x += attn W_o^T
-    gpu::rmsnorm(rec, x, L.ffn_norm, float(cfg_.rms_eps), false, h);
-    L.gate_up.run(rec, h, gu);
-    gpu::binary(rec, gpu::BinaryOp::SiluMul, gu.col_range(0, I), gu.col_range(I, I), act);
-    L.down.run(rec, act, x, /*accumulate=*/true);  // x += act W_down^T
+    gpu::rmsnorm(rec, x, L.ffn_norm, eps, cfg_.norm_plus_one, h);
+    for (int64_t r0 = 0; r0 < T; r0 += mlp_rows) {
+      const int64_t n = std::min(mlp_rows, T - r0);
+      Mat g = gu.row_range(0, n), a = act.row_range(0, n);
+      L.gate_up.run(rec, h.row_range(r0, n), g);
+      gpu::binary(rec, glu, g.col_range(0, I), g.col_range(I, I), a);
+      L.down.run(rec, a, x.row_range(r0, n), /*accumulate=*/true);  // x += act W_down^T
+    }
   }
   if (logits) {
     const int64_t R = logits->rows;
     Mat last = x.row_range(T - R, R);
     Mat normed = h.row_range(0, R);
-    gpu::rmsnorm(rec, last, final_norm_, float(cfg_.rms_eps), false, normed);
+    gpu::rmsnorm(rec, last, final_norm_, eps, cfg_.norm_plus_one, normed);
     gpu::matmul(rec, normed, lm_head_, nullptr, *logits);
   }
 }

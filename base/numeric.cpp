@@ -1,10 +1,10 @@
-#include "host/numeric.h"
+#include "base/numeric.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 
-#include "gpu/error.h"
+#include "base/error.h"
 
 namespace vkvlm {
 

@@ -22,9 +22,10 @@
 #include "gpu/context.h"
 #include "gpu/device.h"
 #include "gpu/error.h"
-#include "host/flags.h"
+#include "app/conversation.h"
+#include "app/flags.h"
 #include "host/image.h"
-#include "host/server.h"
+#include "app/server.h"
 #include "host/tokenizer.h"
 #include "models/model.h"
 
@@ -44,17 +45,11 @@ std::string read_file(const std::string& path, const char* what) {
   return std::string(std::istreambuf_iterator<char>(in), {});
 }
 
-// An image_url part's image: a data: URL or a local path (file:// or plain); the CLI fetches nothing.
-Image image_from_url(const std::string& url) {
-  if (url.rfind("data:", 0) == 0) return decode_data_url(url);
-  if (url.rfind("http://", 0) == 0 || url.rfind("https://", 0) == 0)
-    throw Error("image URL " + url + " is remote; vkvlm fetches nothing: download it and pass the file");
-  std::string path = url.rfind("file://", 0) == 0 ? url.substr(7) : url;
-  return load_image_file(path);
-}
-
-// Messages and their images from --messages FILE / --prompt TEXT and --image PATHs.
-void load_conversation(const Flags& f, Messages& messages, std::vector<Image>& images) {
+// Messages and their images from --messages FILE / --prompt TEXT and --image PATHs. The --image
+// files go, in order, to the conversation's {"type": "image"} parts and to the image
+// placeholders its text holds (Phi-3-Vision's documented "<|image_1|>\nWhat is shown?");
+// image_url parts carry their own image.
+void load_conversation(const Flags& f, const ModelConfig& cfg, Messages& messages, std::vector<Image>& images) {
   const auto image_paths = f.all("image");
   if (f.has("messages") == f.has("prompt")) throw UsageError("give exactly one of --prompt TEXT and --messages FILE");
   if (f.has("prompt")) {
@@ -75,32 +70,31 @@ void load_conversation(const Flags& f, Messages& messages, std::vector<Image>& i
   }
   if (!messages.is_array() || messages.empty())
     throw Error("messages file " + path + " must hold a non-empty JSON array of messages");
-  size_t next_path = 0;
   for (size_t i = 0; i < messages.size(); ++i) {
     auto& m = messages[i];
     if (!m.is_object() || !m.contains("role") || !m["role"].is_string())
       throw Error("messages file " + path + ": message " + std::to_string(i) + " needs a \"role\" string");
     if (!m.contains("content")) throw Error("messages file " + path + ": message " + std::to_string(i) + " has no content");
-    if (!m["content"].is_array()) continue;
-    for (auto& part : m["content"]) {
-      if (!part.is_object() || !part.contains("type")) continue;
-      if (part["type"] == "image") {
-        if (next_path >= image_paths.size())
-          throw Error("messages file " + path + " has more {\"type\": \"image\"} parts than --image files (" +
-                      std::to_string(image_paths.size()) + ")");
-        images.push_back(load_image_file(image_paths[next_path++]));
-      } else if (part["type"] == "image_url") {
-        const auto& iu = part.contains("image_url") ? part["image_url"] : Messages();
-        std::string url = iu.is_string() ? iu.get<std::string>()
-                          : iu.is_object() && iu.contains("url") && iu["url"].is_string() ? iu["url"].get<std::string>() : "";
-        if (url.empty()) throw Error("messages file " + path + ": an image_url part has no url");
-        images.push_back(image_from_url(url));
-      }
-    }
   }
-  if (next_path != image_paths.size())
-    throw Error("--image was given " + std::to_string(image_paths.size()) + " time(s) but the messages have " +
-                std::to_string(next_path) + " {\"type\": \"image\"} part(s)");
+  const auto slots = image_slots(cfg, messages);
+  const std::string why = check_supplied_images(slots, image_paths.size(), "--image gave");
+  if (!why.empty()) throw Error(why);
+  std::vector<Image> files;
+  for (auto& p : image_paths) files.push_back(load_image_file(p));
+  images = conversation_images(slots, std::move(files), /*allow_files=*/true);
+}
+
+// --chat-template-kwargs '{"add_vision_id": true}': extra variables for the chat template.
+nlohmann::json template_vars(const Flags& f) {
+  if (!f.has("chat-template-kwargs")) return nullptr;
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(f.str("chat-template-kwargs"));
+  } catch (const nlohmann::json::exception& e) {
+    throw UsageError(std::string("--chat-template-kwargs is not valid JSON: ") + e.what());
+  }
+  if (!j.is_object()) throw UsageError("--chat-template-kwargs takes a JSON object, e.g. '{\"add_vision_id\": true}'");
+  return j;
 }
 
 GenerationParams generation_params(const Flags& f) {
@@ -145,18 +139,20 @@ int64_t context_for(const Flags& f, const Model& m, int64_t prompt_tokens, int m
 const std::map<std::string, bool> k_generate_flags = {
     {"model", true}, {"prompt", true}, {"messages", true}, {"image", true}, {"max-tokens", true}, {"temp", true},
     {"top-p", true}, {"top-k", true}, {"min-p", true}, {"repeat-penalty", true}, {"seed", true}, {"ctx", true},
-    {"quantize", true}, {"json", false}, {"top-logits", true}, {"stop", true}, {"ignore-eos", false}, {"verbose", false}};
+    {"quantize", true}, {"json", false}, {"top-logits", true}, {"stop", true}, {"ignore-eos", false}, {"verbose", false},
+    {"chat-template-kwargs", true}};
 
 int cmd_generate(int argc, char** argv) {
   Flags f(argc, argv, 2, k_generate_flags);
   GenerationParams params = generation_params(f);
+  const std::string dir = f.has("model") ? f.str("model") : default_model_dir();
+  const nlohmann::json vars = template_vars(f);
   Messages messages;
   std::vector<Image> images;
-  load_conversation(f, messages, images);
-  const std::string dir = f.has("model") ? f.str("model") : default_model_dir();
+  load_conversation(f, load_model_config(dir), messages, images);
   auto ctx = make_context();
   Model model(*ctx, dir, load_options(f));
-  Prompt prompt = model.build_prompt(messages, images);
+  Prompt prompt = model.build_prompt(messages, images, vars);
   Session session(model, context_for(f, model, int64_t(prompt.ids.size()), params.max_tokens));
   const bool json = f.has("json");
   auto on_step = [&](const StepOutput& s) {
@@ -209,6 +205,7 @@ int cmd_chat(int argc, char** argv) {
   flags["system"] = true;
   Flags f(argc, argv, 2, flags);
   GenerationParams params = generation_params(f);
+  const nlohmann::json vars = template_vars(f);
   const std::string dir = f.has("model") ? f.str("model") : default_model_dir();
   auto ctx = make_context();
   Model model(*ctx, dir, load_options(f));
@@ -253,7 +250,7 @@ int cmd_chat(int argc, char** argv) {
     content.push_back({{"type", "text"}, {"text", line}});
     history.push_back({{"role", "user"}, {"content", content}});
     try {
-      Prompt prompt = model.build_prompt(history, images);
+      Prompt prompt = model.build_prompt(history, images, vars);
       GenerationResult r = session.generate(prompt, params, [](const StepOutput& s) {
         std::fwrite(s.text.data(), 1, s.text.size(), stdout);
         std::fflush(stdout);
@@ -323,6 +320,7 @@ const char* k_usage =
     "  generate  [--model DIR] (--prompt TEXT | --messages FILE) [--image PATH]... [--max-tokens N]\n"
     "            [--temp T] [--top-p P] [--top-k K] [--min-p P] [--repeat-penalty R] [--seed S] [--ctx N]\n"
     "            [--quantize q4|q8] [--stop TEXT]... [--json] [--top-logits N] [--ignore-eos] [--verbose]\n"
+    "            [--chat-template-kwargs JSON]   (PaliGemma: --prompt is the task prefix, e.g. \"caption en\")\n"
     "  chat      [--model DIR] [--image PATH]... [--system TEXT] [sampling options]   interactive, multi-turn\n"
     "  tokenize  (--model DIR | --tokenizer FILE) [--text TEXT] [--no-special] [--json]   (stdin without --text)\n"
     "  info      [--model DIR] [--ctx N] [--quantize q4|q8]\n"

@@ -8,6 +8,7 @@
 #include "gpu/context.h"
 #include "gpu/device.h"
 #include "gpu/error.h"
+#include "app/conversation.h"
 #include "host/image.h"
 #include "models/model.h"
 
@@ -134,6 +135,7 @@ int vkvlm_generate(vkvlm_session* s, const char* messages_json, const unsigned c
     gp.sampling.has_seed = p.has_seed != 0;
     for (size_t i = 0; i < p.n_stop; ++i)
       if (p.stop && p.stop[i]) gp.stop.push_back(p.stop[i]);
+    imgs = vkvlm::conversation_images(s->engine->model->image_slots(messages), std::move(imgs), /*allow_files=*/false);
     vkvlm::Prompt prompt = s->engine->model->build_prompt(messages, imgs);
     auto r = s->session->generate(prompt, gp, [&](const vkvlm::StepOutput& o) {
       return callback ? callback(o.text.c_str(), o.text.size(), o.token, user) != 0 : true;

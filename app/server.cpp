@@ -1,4 +1,4 @@
-#include "host/server.h"
+#include "app/server.h"
 
 #include <httplib.h>
 #include <unistd.h>
@@ -20,7 +20,7 @@
 
 #include "gpu/device.h"
 #include "gpu/error.h"
-#include "host/flags.h"
+#include "app/flags.h"
 #include "host/image.h"
 #include "models/model.h"
 
@@ -83,6 +83,7 @@ struct Metrics {
 
 struct ChatRequest {
   Messages messages;
+  nlohmann::json template_vars;  // chat_template_kwargs (an extension, as in vLLM)
   std::vector<Image> images;
   GenerationParams params;
   bool stream = false, include_usage = false, logprobs = false;
@@ -394,6 +395,11 @@ class Server {
       }
       r.messages.push_back(out);
     }
+    if (const json* kw = field(body, "chat_template_kwargs")) {
+      if (!kw->is_object())
+        throw ApiError(400, "'chat_template_kwargs' must be an object", "invalid_request_error", "chat_template_kwargs");
+      r.template_vars = nlohmann::json::parse(kw->dump());
+    }
     auto& p = r.params;
     p.sampling.temperature = float(number_field(body, "temperature", 1.0, 0.0, 2.0));
     p.sampling.top_p = float(number_field(body, "top_p", 1.0, 1e-9, 1.0));
@@ -549,7 +555,7 @@ class Server {
       ChatRequest r = parse(req.body);
       Prompt prompt;
       try {
-        prompt = model_->build_prompt(r.messages, r.images);
+        prompt = model_->build_prompt(r.messages, r.images, r.template_vars);
       } catch (const ApiError&) {
         throw;
       } catch (const std::exception& e) {

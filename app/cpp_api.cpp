@@ -1,0 +1,132 @@
+// The C++ API (include/vkvlm/vkvlm.hpp) over Model and Session.
+#include "vkvlm/vkvlm.hpp"
+
+#include <filesystem>
+#include <fstream>
+
+#include "app/conversation.h"
+#include "base/error.h"
+#include "gpu/context.h"
+#include "gpu/device.h"
+#include "models/model.h"
+
+namespace vkvlm {
+
+struct Engine::Impl {
+  std::unique_ptr<gpu::Context> ctx;
+  std::unique_ptr<Model> model;
+  ~Impl() { model.reset(); }  // GPU objects before the context
+};
+
+namespace {
+
+LoadOptions load_options(const EngineOptions& o) {
+  LoadOptions l;
+  l.quantize = o.quantize;
+  l.progress = o.progress;
+  return l;
+}
+
+}  // namespace
+
+Engine::Engine(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Engine::~Engine() = default;
+
+std::unique_ptr<Engine> Engine::load(const std::string& model_dir, const EngineOptions& options) {
+  auto impl = std::make_unique<Impl>();
+  impl->ctx = std::make_unique<gpu::Context>(gpu::Device::create());
+  impl->model = std::make_unique<Model>(*impl->ctx, model_dir, load_options(options));
+  return std::unique_ptr<Engine>(new Engine(std::move(impl)));
+}
+
+std::unique_ptr<Engine> Engine::load_on_device(const std::string& model_dir, const VulkanDevice& d, const EngineOptions& options) {
+  gpu::AdoptedDevice a;
+  a.instance = d.instance;
+  a.physical_device = d.physical_device;
+  a.device = d.device;
+  a.queue_family = d.queue_family;
+  a.queue_index = d.queue_index;
+  a.enabled_features = d.enabled_features;
+  a.enabled_extensions = d.enabled_extensions;
+  auto impl = std::make_unique<Impl>();
+  impl->ctx = std::make_unique<gpu::Context>(gpu::Device::adopt(a));
+  impl->model = std::make_unique<Model>(*impl->ctx, model_dir, load_options(options));
+  return std::unique_ptr<Engine>(new Engine(std::move(impl)));
+}
+
+std::string Engine::info(int64_t context_tokens) const { return impl_->model->info(context_tokens); }
+
+std::string Engine::device_name() const { return impl_->ctx->profile().device_name; }
+
+struct Chat::Impl {
+  Engine& engine;
+  Session session;
+  Impl(Engine& e, int64_t context_tokens) : engine(e), session(*e.impl().model, context_tokens) {}
+};
+
+Chat::Chat(Engine& engine, int64_t context_tokens) : impl_(std::make_unique<Impl>(engine, context_tokens)) {}
+Chat::~Chat() = default;
+
+void Chat::reset() { impl_->session.reset(); }
+
+Result Chat::generate(const std::string& messages_json, const std::vector<std::vector<uint8_t>>& images,
+                      const GenerateOptions& o, const OnStep& on_step) {
+  Model& model = *impl_->engine.impl().model;
+  Messages messages;
+  try {
+    messages = Messages::parse(messages_json);
+  } catch (const std::exception& e) {
+    fail("messages are not valid JSON: ", e.what());
+  }
+  nlohmann::json vars;
+  if (!o.template_vars.empty()) {
+    try {
+      vars = nlohmann::json::parse(o.template_vars);
+    } catch (const std::exception& e) {
+      fail("template_vars is not valid JSON: ", e.what());
+    }
+  }
+  std::vector<Image> decoded;
+  for (size_t i = 0; i < images.size(); ++i) decoded.push_back(decode_image(images[i], "image " + std::to_string(i)));
+  decoded = conversation_images(model.image_slots(messages), std::move(decoded), /*allow_files=*/false);
+  GenerationParams p;
+  p.max_tokens = o.max_tokens;
+  p.sampling.temperature = o.temperature;
+  p.sampling.top_p = o.top_p;
+  p.sampling.top_k = o.top_k;
+  p.sampling.min_p = o.min_p;
+  p.sampling.repeat_penalty = o.repeat_penalty;
+  if (o.seed) {
+    p.sampling.seed = *o.seed;
+    p.sampling.has_seed = true;
+  }
+  p.stop = o.stop;
+  p.ignore_eos = o.ignore_eos;
+  p.logprobs = o.logprobs;
+  p.top_logprobs = o.top_logprobs;
+  auto to_step = [](const StepOutput& s) { return Step{s.token, s.text, s.logprob, s.top_logprobs}; };
+  GenerationResult g = impl_->session.generate(model.build_prompt(messages, decoded, vars), p, [&](const StepOutput& s) {
+    return on_step ? on_step(to_step(s)) : true;
+  });
+  Result r;
+  r.text = g.text;
+  r.finish_reason = g.finish_reason;
+  r.prompt_tokens = g.prompt_tokens;
+  r.tokens = g.tokens;
+  r.cached_tokens = g.cached_tokens;
+  r.image_seconds = g.image_seconds;
+  r.prefill_seconds = g.prefill_seconds;
+  r.decode_seconds = g.decode_seconds;
+  for (auto& s : g.steps) r.steps.push_back(to_step(s));
+  return r;
+}
+
+std::vector<uint8_t> read_file(const std::string& path) {
+  std::error_code ec;
+  if (!std::filesystem::is_regular_file(path, ec)) fail(path, " is not a readable file");
+  std::ifstream in(path, std::ios::binary);
+  if (!in) fail("cannot read ", path);
+  return std::vector<uint8_t>((std::istreambuf_iterator<char>(in)), {});
+}
+
+}  // namespace vkvlm

@@ -1,0 +1,75 @@
+#pragma once
+// The decoder-only language model (Llama, Mistral, Phi-3, Qwen2, Gemma families) as a sequence
+// of GPU ops, reading top to bottom like llama2.c's forward pass. What tells the families apart
+// is data: the traits in TextConfig (RMSNorm (1 + w), embedding scale, SiLU or GeLU-tanh gated
+// MLP, q/k/v biases, tied head, M-RoPE sections).
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "gpu/context.h"
+#include "gpu/ops.h"
+#include "host/config.h"
+#include "models/model_config.h"
+#include "models/weights.h"
+
+namespace vkvlm {
+
+// The KV cache of one session, f16 on the GPU: per layer K and V of [rows, kv_heads * head_dim].
+// Rows are storage slots; a token's RoPE position is separate data.
+struct KvCache {
+  int64_t rows = 0;
+  std::vector<gpu::Tensor> k, v;
+
+  static KvCache create(gpu::Context& ctx, const TextConfig& cfg, int64_t rows);
+  uint64_t bytes() const;
+};
+
+struct DecoderLayer {
+  gpu::Tensor attn_norm, ffn_norm;  // f32 [E]
+  Projection qkv;                   // [T, E] -> [T, (H + 2 KV) * D]: q, then k, then v
+  Projection o;                     // [T, H * D] -> [T, E]
+  Projection gate_up;               // [T, E] -> [T, 2 I]: gate, then up
+  Projection down;                  // [T, I] -> [T, E]
+};
+
+// Where a forward pass's rows go: their KV rows and RoPE positions, and the attention layout.
+struct ForwardRows {
+  gpu::Tensor kv_row;          // I32: element kv_row_index is the KV row of the pass's first row
+  int kv_row_index = 0;
+  gpu::Tensor positions;       // I32 [rows, positions per token]: the RoPE positions
+  int64_t positions_row = 0;   // the row of `positions` the pass's first row reads
+  int64_t prefix_end = 0;      // prefix-LM: KV rows below it are visible to every row
+};
+
+class LanguageModel {
+ public:
+  // Finds the language model's tensors under any of the naming schemes (transformers 4 and 5,
+  // mlx-community, plain causal LMs, Phi-3's fused projections) and loads them.
+  LanguageModel(gpu::Context& ctx, const TextConfig& cfg, WeightLoader& loader);
+
+  const TextConfig& config() const { return cfg_; }
+  const gpu::Weight& embedding() const { return embed_; }
+  uint64_t weight_bytes() const;
+  std::string format_summary() const;  // e.g. "q4 group 64"
+
+  // out [n, E] = embedding rows of ids[offset .. offset + n) (before the family's embedding
+  // scale, which forward applies, so image features written over rows are scaled alike).
+  void embed(gpu::Recorder& rec, const gpu::Tensor& ids, int64_t offset, int64_t n, const gpu::Mat& out) const;
+
+  // One forward pass over x [T, E] (input embeddings, updated in place as the residual stream);
+  // K/V are written to the cache at the rows `rows` gives. When logits is given, its rows
+  // receive the logits [R, vocab] of the last R rows of x.
+  void forward(gpu::Recorder& rec, const KvCache& cache, const gpu::Mat& x, const ForwardRows& rows,
+               const gpu::Tensor& rope_table, const gpu::Mat* logits) const;
+
+ private:
+  gpu::Context& ctx_;
+  TextConfig cfg_;
+  gpu::Weight embed_;
+  std::vector<DecoderLayer> layers_;
+  gpu::Tensor final_norm_;
+  gpu::Weight lm_head_;
+};
+
+}  // namespace vkvlm
