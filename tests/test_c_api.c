@@ -66,6 +66,13 @@ int main(void) {
   CHECK(strcmp(streamed, text) == 0 && pieces > 1, "streamed '%s' in %d pieces", streamed, pieces);
   vkvlm_free(text);
 
+  /* The placeholder a model card writes in text takes the image too. */
+  const char* placeholder = "[{\"role\":\"user\",\"content\":\"<image>\\nWhat color is the square?\"}]";
+  rc = vkvlm_generate(s, placeholder, images, sizes, 1, &p, NULL, NULL, &text, &err);
+  CHECK(rc == 0, "generate with a placeholder: %s", err ? err : "");
+  CHECK(strcmp(text, "The square is orange.") == 0, "answer with a placeholder '%s'", text);
+  vkvlm_free(text);
+
   rc = vkvlm_generate(s, "[not json", NULL, NULL, 0, &p, NULL, NULL, NULL, &err);
   CHECK(rc == -1 && err && strstr(err, "not valid JSON"), "bad JSON is an error (%s)", err ? err : "");
   vkvlm_free(err);

@@ -106,6 +106,112 @@ TEST(Cli, PromptWithImageOnPhi3VisionMatchesTheReferencePrompt) {
   EXPECT_EQ(j["prompt_tokens"].get<std::vector<int>>(), std::vector<int>(ids.begin(), ids.end()));
 }
 
+// Every case of the Qwen2-VL and PaliGemma fixtures, run as a user runs it: the prompt ids, the
+// first step's best logits and the greedy tokens (up to the reference's own near-ties) of
+// `vkvlm generate --json` match the reference. PaliGemma's task prefix is --prompt; Qwen2-VL's
+// cases give their messages (and template variables) as files.
+class CliFixture : public testing::TestWithParam<std::pair<std::string, std::string>> {};
+
+TEST_P(CliFixture, GenerateJsonMatchesTheReference) {
+  const auto& [name, case_name] = GetParam();
+  const std::string model = fixtures_dir() + "/" + name;
+  auto cases = nlohmann::json::parse(slurp(model + "/cases.json"));
+  nlohmann::json c;
+  for (auto& x : cases["cases"])
+    if (x["name"] == case_name) c = x;
+  std::vector<std::string> args = {"generate", "--model", model, "--max-tokens", "12", "--ignore-eos", "--json", "--top-logits", "5"};
+  for (auto& f : c["images"]) {
+    args.push_back("--image");
+    args.push_back(fixtures_dir() + "/images/" + f.get<std::string>());
+  }
+  if (c.contains("prefix")) {
+    args.push_back("--prompt");
+    args.push_back(c["prefix"].get<std::string>());
+  } else {
+    std::ofstream(tmp(case_name + ".json")) << c["messages"].dump();
+    args.push_back("--messages");
+    args.push_back(tmp(case_name + ".json"));
+  }
+  if (c.contains("template_kwargs")) {
+    args.push_back("--chat-template-kwargs");
+    args.push_back(c["template_kwargs"].dump());
+  }
+  CliRun r = vkvlm(args);
+  ASSERT_EQ(r.rc, 0) << r.err;
+  auto j = nlohmann::json::parse(r.out);
+  auto exp = TensorStore::open_file(model + "/expected.safetensors");
+  auto as_ints = [&](const std::string& t) {
+    auto v = exp.get(case_name + "." + t).to_f32();
+    return std::vector<int>(v.begin(), v.end());
+  };
+  EXPECT_EQ(j["prompt_tokens"].get<std::vector<int>>(), as_ints("input_ids"));
+  auto top10 = exp.get(case_name + ".top10_logits").to_f32();
+  auto top10_ids = as_ints("top10_ids");
+  for (int i = 0; i < 5; ++i) {
+    if (i > 0 && top10[size_t(i - 1)] - top10[size_t(i)] < 0.05f) break;  // order among near-ties may differ
+    EXPECT_EQ(j["top_logits"][0][i][0].get<int>(), top10_ids[size_t(i)]) << "rank " << i;
+    EXPECT_NEAR(j["top_logits"][0][i][1].get<double>(), top10[size_t(i)], 2e-2 * std::fabs(top10[0])) << "rank " << i;
+  }
+  auto greedy = as_ints("greedy_ids");
+  ASSERT_EQ(j["tokens"].size(), 12u);
+  for (size_t s = 0; s < 12; ++s) {
+    if (top10[s * 10] - top10[s * 10 + 1] < 0.05f) break;
+    EXPECT_EQ(j["tokens"][s].get<int>(), greedy[s]) << "step " << s;
+  }
+}
+
+std::vector<std::pair<std::string, std::string>> cli_fixture_cases() {
+  std::vector<std::pair<std::string, std::string>> out;
+  for (const char* m : {"qwen2vl-bf16", "qwen2vl-mlx4", "paligemma-bf16", "paligemma-mlx8"}) {
+    const auto cases = nlohmann::json::parse(slurp(fixtures_dir() + "/" + m + "/cases.json"));
+    for (auto& c : cases["cases"]) out.push_back({m, c["name"].get<std::string>()});
+  }
+  return out;
+}
+
+INSTANTIATE_TEST_SUITE_P(Fixtures, CliFixture, testing::ValuesIn(cli_fixture_cases()), [](const auto& info) {
+  std::string n = info.param.first + "_" + info.param.second;
+  for (char& ch : n)
+    if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
+  return n;
+});
+
+// The image placeholders a model card writes in text take the --image files: Phi-3-Vision's
+// documented "<|image_1|>\nWhat is shown in this image?" as a plain string gives the prompt the
+// fixture's own messages give (and its reference ids).
+TEST(Cli, DocumentedPlaceholderFormsTakeTheImages) {
+  const std::string phi = fixtures_dir() + "/phi3v-long-bf16";
+  auto cases = nlohmann::json::parse(slurp(phi + "/cases.json"));
+  nlohmann::json describe;
+  for (auto& x : cases["cases"])
+    if (x["name"] == "describe") describe = x;
+  ASSERT_TRUE(describe["messages"][0]["content"].is_string());  // the fixture itself uses the string form
+  std::ofstream(tmp("phi.json")) << describe["messages"].dump();
+  CliRun r = vkvlm({"generate", "--model", phi, "--messages", tmp("phi.json"), "--image",
+                    fixtures_dir() + "/images/" + describe["images"][0].get<std::string>(), "--max-tokens", "1", "--json"});
+  ASSERT_EQ(r.rc, 0) << r.err;
+  auto ids = TensorStore::open_file(phi + "/expected.safetensors").get("describe.input_ids").to_f32();
+  EXPECT_EQ(nlohmann::json::parse(r.out)["prompt_tokens"].get<std::vector<int>>(), std::vector<int>(ids.begin(), ids.end()));
+  // LLaVA's "<image>" in text, and an image part that carries the image of a placeholder: the
+  // demo model answers as with an image part.
+  const std::string img = k_demo + "/examples/shapes_1.png";
+  std::ofstream(tmp("llava.json")) << R"([{"role": "user", "content": "<image>\nDescribe this image."}])";
+  CliRun a = vkvlm({"generate", "--messages", tmp("llava.json"), "--image", img});
+  ASSERT_EQ(a.rc, 0) << a.err;
+  EXPECT_EQ(a.out, "An orange circle at the top left and a black circle at the bottom.\n");
+  std::ofstream(tmp("carry.json"))
+      << R"([{"role": "user", "content": [{"type": "text", "text": "<image>\nDescribe this image."}, {"type": "image"}]}])";
+  CliRun b = vkvlm({"generate", "--messages", tmp("carry.json"), "--image", img});
+  ASSERT_EQ(b.rc, 0) << b.err;
+  EXPECT_EQ(b.out, a.out);
+  // Too few images for the placeholders: one line naming both counts.
+  CliRun c = vkvlm({"generate", "--messages", tmp("phi.json"), "--model", phi});
+  EXPECT_EQ(c.rc, 1);
+  EXPECT_NE(c.err.find("--image gave 0 image(s), but the conversation has 0 {\"type\": \"image\"} part(s) and 1 image placeholder(s)"),
+            std::string::npos)
+      << c.err;
+}
+
 TEST(Cli, MessagesFileWithImagePartsAndDataUrls) {
   const std::string img = k_demo + "/examples/shapes_1.png";
   std::ifstream in(img, std::ios::binary);
@@ -165,6 +271,16 @@ TEST(Cli, InfoAndDevices) {
   ASSERT_EQ(info.rc, 0) << info.err;
   for (const char* w : {"llava", "q4 group 64", "KV cache", "vision tower", "memory needed"})
     EXPECT_NE(info.out.find(w), std::string::npos) << w << " in\n" << info.out;
+  // The architecture, its processor and how many image tokens an image takes.
+  CliRun qwen = vkvlm({"info", "--model", fixtures_dir() + "/qwen2vl-mlx4"});
+  ASSERT_EQ(qwen.rc, 0) << qwen.err;
+  for (const char* w : {"architecture: qwen2_vl", "M-RoPE sections 4 6 6", "Qwen2VLImageProcessor", "64 to 256 image tokens per image",
+                        "2-D rotary", "q4 group 64"})
+    EXPECT_NE(qwen.out.find(w), std::string::npos) << w << " in\n" << qwen.out;
+  CliRun pali = vkvlm({"info", "--model", fixtures_dir() + "/paligemma-bf16"});
+  ASSERT_EQ(pali.rc, 0) << pali.err;
+  for (const char* w : {"architecture: paligemma", "prefix-LM", "gemma", "GeGLU", "SiglipImageProcessor", "256 image tokens per image"})
+    EXPECT_NE(pali.out.find(w), std::string::npos) << w << " in\n" << pali.out;
   CliRun dev = vkvlm({"devices"});
   ASSERT_EQ(dev.rc, 0) << dev.err;
   EXPECT_NE(dev.out.find("fp16="), std::string::npos);
@@ -182,6 +298,9 @@ TEST(Cli, WrongInputsGetOneClearLine) {
   std::ofstream(tmp("bad.json")) << "[{\"role\": \"user\", \"content\": ";
   std::ofstream(tmp("remote.json")) << R"([{"role":"user","content":[{"type":"image_url","image_url":{"url":"https://example.com/a.png"}},{"type":"text","text":"hi"}]}])";
   std::ofstream(tmp("noimage.json")) << R"([{"role":"user","content":[{"type":"text","text":"hi"}]}])";
+  std::ofstream(tmp("turns.json")) << R"([{"role":"user","content":"caption en"},{"role":"assistant","content":"a cat"},
+                                          {"role":"user","content":"caption es"}])";
+  const std::string pali = fixtures_dir() + "/paligemma-bf16";
   const std::string img = k_demo + "/examples/shapes_0.png";
   std::vector<BadRun> cases = {
       {{"generate", "--model", "/nonexistent/model", "--prompt", "x"}, 1, {"/nonexistent/model", "does not exist"}},
@@ -198,6 +317,11 @@ TEST(Cli, WrongInputsGetOneClearLine) {
       {{"generate", "--messages", tmp("remote.json")}, 1, {"https://example.com/a.png", "fetches nothing"}},
       {{"generate", "--messages", tmp("noimage.json"), "--image", img}, 1, {"--image", "1", "0"}},
       {{"generate", "--prompt", "x", "--quantize", "q3"}, 2, {"--quantize", "q3"}},
+      {{"generate", "--prompt", "x", "--chat-template-kwargs", "{nope"}, 2, {"--chat-template-kwargs", "not valid JSON"}},
+      {{"generate", "--prompt", "x", "--chat-template-kwargs", "[1]"}, 2, {"--chat-template-kwargs", "JSON object"}},
+      // PaliGemma has no chat template: one user turn, at most one image.
+      {{"generate", "--model", pali, "--messages", tmp("turns.json")}, 1, {"PaliGemma", "one user turn", "3 message(s)"}},
+      {{"generate", "--model", pali, "--prompt", "caption en", "--image", img, "--image", img}, 1, {"PaliGemma", "at most one image"}},
       {{"generate", "--prompt", "Describe every shape and every colour in great detail.", "--ctx", "8"}, 1, {"context of 8"}},
       {{"tokenize"}, 2, {"--model", "--tokenizer"}},
       {{"tokenize", "--tokenizer", tmp("missing.json")}, 1, {"missing.json"}},

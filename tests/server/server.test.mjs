@@ -128,6 +128,19 @@ test("non-streaming image request equals vkvlm generate", async () => {
   assert.equal(r.usage.total_tokens, r.usage.prompt_tokens + r.usage.completion_tokens);
 });
 
+test("a placeholder written in the text takes the image the request carries", async () => {
+  // LLaVA's documented "<image>\n..." prompt, its image sent as an image_url part.
+  const messages = [{ role: "user", content: [{ type: "text", text: "<image>\nDescribe this image." },
+                                              { type: "image_url", image_url: { url: png("shapes_1.png") } }] }];
+  const r = await demo.client.chat.completions.create({ model: "shapes-llava", messages, temperature: 0, max_tokens: 64 });
+  assert.equal(r.choices[0].message.content, "An orange circle at the top left and a black circle at the bottom.");
+  // A placeholder without an image is a 400 that counts both.
+  const e = await errorOf(demo.client.chat.completions.create({
+    model: "shapes-llava", messages: [{ role: "user", content: "<image>\nDescribe this image." }] }));
+  assert.equal(e.status, 400);
+  assert.match(e.message, /1 image placeholder\(s\).*0 image\(s\) were given/);
+});
+
 test("streaming sends role, content deltas, finish_reason, usage and [DONE]", async () => {
   const messages = [imageMessage("shapes_2.png", "Describe this image.")];
   const want = generate(DEMO, messages);
@@ -223,6 +236,8 @@ test("errors come in OpenAI's shape with the right status", async () => {
     { name: "empty messages", body: JSON.stringify({ messages: [] }), status: 400, param: "messages" },
     { name: "unknown role", body: JSON.stringify({ messages: [{ role: "wizard", content: "hi" }] }), status: 400, param: "messages[0].role" },
     { name: "n > 1", body: JSON.stringify({ messages: [{ role: "user", content: "hi" }], n: 2 }), status: 400, param: "n" },
+    { name: "chat_template_kwargs not an object", body: JSON.stringify({ messages: [{ role: "user", content: "hi" }], chat_template_kwargs: [1] }),
+      status: 400, param: "chat_template_kwargs" },
     { name: "too many images", status: 400, code: "too_many_images",
       body: JSON.stringify({ messages: [{ role: "user", content: ["shapes_0.png", "shapes_1.png", "shapes_2.png"].map((n) => ({ type: "image_url", image_url: { url: png(n) } })) }] }) },
     { name: "image that does not decode", status: 400, code: "invalid_image",
