@@ -224,6 +224,31 @@ gpu::Weight WeightLoader::linear(const std::string& module, int64_t n, int64_t k
 }
 
 std::vector<float> WeightLoader::host_f32(const std::string& name, int64_t numel) const {
+  // A quantized embedding where a float table is expected (older MLX conversions quantized every
+  // nn.Embedding, SigLIP's position embedding included): dequantized here.
+  const std::string base = name.size() > 7 && name.compare(name.size() - 7, 7, ".weight") == 0 ? name.substr(0, name.size() - 7) : "";
+  if (!base.empty() && store_.has(base + ".scales")) {
+    const StTensor& sc = store_.get(base + ".scales");
+    if (sc.shape.size() != 2 || sc.shape[0] <= 0 || numel % sc.shape[0])
+      fail("quantized tensor ", name, ": scales of shape ", sc.shape_string(), " do not fit ", numel, " values");
+    const int64_t n = sc.shape[0], k = numel / n;
+    const PartInfo p = describe(store_, spec_for(base), base, n, k, false, 0);
+    AffineQuantized q;
+    q.bits = p.format == gpu::WeightFormat::Q4 ? 4 : 8;
+    q.group = p.group;
+    q.scales_bf16 = p.scales_bf16;
+    q.words.resize(size_t(p.data->bytes / 4));
+    std::memcpy(q.words.data(), p.data->data, q.words.size() * 4);
+    for (auto [src, dst] : {std::pair{p.scales, &q.scales}, std::pair{p.biases, &q.biases}}) {
+      if (src->dtype == StDType::F32) {
+        for (float v : src->to_f32()) dst->push_back(f32_to_f16(v));
+      } else {
+        dst->resize(size_t(src->bytes / 2));
+        std::memcpy(dst->data(), src->data, dst->size() * 2);
+      }
+    }
+    return dequantize_affine(q, n, k);
+  }
   const StTensor& t = store_.get(name);
   if (t.numel() != numel) fail("tensor ", name, " has shape ", t.shape_string(), " (", t.numel(), " values); expected ", numel);
   return t.to_f32();

@@ -26,18 +26,24 @@ constexpr double kFeatureNmse = 1e-4;
 constexpr double kLogitTolerance = 2e-2;  // relative to the reference's largest logit
 constexpr double kNearTie = 0.05;
 
+// A fixture model's folder under tests/data: the shared fixtures, and the checkpoints derived
+// from them in other layouts (tests/data/derived, made by tools/derive_mlx2024_fixtures.py).
+std::string model_dir(const std::string& name) {
+  return test_data_dir() + (name.find("-2024") != std::string::npos ? "/derived/" : "/fixtures/") + name;
+}
+
 Model& fixture_model(const std::string& name) {
   // The context first, so it outlives the models at exit.
   gpu::Context& c = ctx();
   static std::map<std::string, std::unique_ptr<Model>> models;
   auto& m = models[name];
-  if (!m) m = std::make_unique<Model>(c, fixtures_dir() + "/" + name);
+  if (!m) m = std::make_unique<Model>(c, model_dir(name));
   return *m;
 }
 
 struct Expected {
   TensorStore store;
-  explicit Expected(const std::string& model) : store(TensorStore::open_file(fixtures_dir() + "/" + model + "/expected.safetensors")) {}
+  explicit Expected(const std::string& model) : store(TensorStore::open_file(model_dir(model) + "/expected.safetensors")) {}
   std::vector<float> f32(const std::string& name) const { return store.get(name).to_f32(); }
   std::vector<int32_t> i32(const std::string& name) const {
     auto v = store.get(name).to_f32();
@@ -55,8 +61,8 @@ void PrintTo(const Case& c, std::ostream* os) { *os << c.model << " " << c.name;
 std::vector<Case> all_cases() {
   std::vector<Case> out;
   for (const char* m : {"llava15-f16", "llava15-mlx4", "llavanext-bf16-legacy", "phi3v-bf16", "phi3v-long-bf16", "qwen2vl-bf16",
-                        "qwen2vl-mlx4", "paligemma-bf16", "paligemma-mlx8"}) {
-    std::ifstream in(fixtures_dir() + "/" + m + "/cases.json");
+                        "qwen2vl-mlx4", "paligemma-bf16", "paligemma-mlx8", "qwen2vl-mlx4-2024", "paligemma-mlx8-2024"}) {
+    std::ifstream in(model_dir(m) + "/cases.json");
     auto j = nlohmann::json::parse(in);
     for (auto& c : j["cases"]) out.push_back({m, c["name"].get<std::string>()});
   }
@@ -97,7 +103,7 @@ TEST_P(FixtureModel, MatchesReference) {
   const Case& tc = GetParam();
   Model& model = fixture_model(tc.model);
   Expected exp(tc.model);
-  std::ifstream in(fixtures_dir() + "/" + tc.model + "/cases.json");
+  std::ifstream in(model_dir(tc.model) + "/cases.json");
   auto cases = nlohmann::ordered_json::parse(in);
   nlohmann::ordered_json c;
   for (auto& x : cases["cases"])
