@@ -1,5 +1,6 @@
 #include "models/vit.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "gpu/error.h"
@@ -36,6 +37,19 @@ std::vector<float> conv_weight_channels_first(const StTensor& t, const std::stri
     for (int64_t k = 0; k < K; ++k)
       for (int c = 0; c < C; ++c) out[size_t((e * C + c) * K + k)] = w[size_t((e * K + k) * C + c)];
   return out;
+}
+
+VitShape vit_shape(const VisionConfig& v, int layers) {
+  VitShape s;
+  s.width = v.hidden_size;
+  s.intermediate = v.intermediate_size;
+  s.heads = v.num_heads;
+  s.layers = layers;
+  s.channels = v.num_channels;
+  s.patch = v.patch_size;
+  s.image_size = v.image_size;
+  s.eps = v.layer_norm_eps;
+  return s;
 }
 
 gpu::UnaryOp vit_activation(const std::string& act, const std::string& where) {
@@ -141,7 +155,11 @@ void VisionTransformer::blocks(gpu::Recorder& rec, const Mat& x, int64_t block, 
   Mat h = Mat::of(rec.scratch(gpu::DType::F32, {rows, E}, "vision normed"));         // [rows, E]
   Mat qkv = Mat::of(rec.scratch(gpu::DType::F32, {rows, 3 * E}, "vision qkv"));      // [rows, 3E]
   Mat attn = Mat::of(rec.scratch(gpu::DType::F32, {rows, E}, "vision attention"));   // [rows, E]
-  Mat mlp = Mat::of(rec.scratch(gpu::DType::F32, {rows, I}, "vision mlp"));          // [rows, I]
+  // The MLP's [rows, I] intermediate runs in row chunks, so a large image (Qwen2-VL's dynamic
+  // resolution) needs no more than this many rows of it.
+  constexpr int64_t k_mlp_rows = 1024;
+  const int64_t mlp_rows = std::min(rows, k_mlp_rows);
+  Mat mlp = Mat::of(rec.scratch(gpu::DType::F32, {mlp_rows, I}, "vision mlp"));      // [chunk, I]
   gpu::AttentionParams ap;
   ap.heads = ap.kv_heads = H;
   ap.head_dim = D;
@@ -162,9 +180,13 @@ void VisionTransformer::blocks(gpu::Recorder& rec, const Mat& x, int64_t block, 
     gpu::attention(rec, q, k, v, attn, zero_row_, 0, ap);
     B.out.run(rec, attn, x, /*accumulate=*/true);
     gpu::layernorm(rec, x, B.ln2_w, B.ln2_b, eps, h);
-    B.fc1.run(rec, h, mlp);
-    gpu::unary(rec, traits_.act, mlp, mlp);
-    B.fc2.run(rec, mlp, x, /*accumulate=*/true);
+    for (int64_t r0 = 0; r0 < rows; r0 += mlp_rows) {
+      const int64_t n = std::min(mlp_rows, rows - r0);
+      Mat m = mlp.row_range(0, n);
+      B.fc1.run(rec, h.row_range(r0, n), m);
+      gpu::unary(rec, traits_.act, m, m);
+      B.fc2.run(rec, m, x.row_range(r0, n), /*accumulate=*/true);
+    }
   }
   if (traits_.post_norm) gpu::layernorm(rec, x, post_w_, post_b_, eps, x);
 }

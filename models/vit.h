@@ -10,6 +10,7 @@
 
 #include "gpu/context.h"
 #include "gpu/ops.h"
+#include "host/config.h"
 #include "models/weights.h"
 
 namespace vkvlm {
@@ -33,6 +34,9 @@ struct VitShape {
   double eps = 1e-5;
   double rope_theta = 10000.0;          // 2-D rotary
 };
+
+// The shape of a CLIP or SigLIP tower from its vision_config, running `layers` of its blocks.
+VitShape vit_shape(const VisionConfig& v, int layers);
 
 // Where the tower's tensors live (module names, without ".weight"/".bias").
 struct VitNames {

@@ -8,23 +8,13 @@
 
 #include "models/arch/architecture.h"
 #include "models/model_config.h"
+#include "tests/expect_error.h"
 #include "tests/test_paths.h"
 
 namespace vkvlm::test {
 namespace {
 namespace fs = std::filesystem;
 
-template <typename F>
-void expect_error(F&& f, std::initializer_list<const char*> words) {
-  try {
-    f();
-    ADD_FAILURE() << "expected an error";
-  } catch (const std::exception& e) {
-    const std::string m = e.what();
-    for (auto* w : words) EXPECT_NE(m.find(w), std::string::npos) << "'" << w << "' missing from: " << m;
-    EXPECT_EQ(m.find('\n'), std::string::npos) << "errors are one line: " << m;
-  }
-}
 
 std::string temp_dir(const std::string& name) {
   std::string d = (fs::temp_directory_path() / ("vkvlm-config-test-" + std::to_string(::getpid())) / name).string();

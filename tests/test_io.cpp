@@ -17,6 +17,7 @@
 #include "host/image.h"
 #include "base/numeric.h"
 #include "host/safetensors.h"
+#include "tests/expect_error.h"
 #include "tests/test_paths.h"
 
 extern "C" int stbi_write_png(const char* filename, int w, int h, int comp, const void* data, int stride_in_bytes);
@@ -48,17 +49,6 @@ std::string safetensors_bytes(const nlohmann::json& header, const std::string& d
   return out + h + data;
 }
 
-template <typename F>
-void expect_error(F&& f, std::initializer_list<const char*> words) {
-  try {
-    f();
-    ADD_FAILURE() << "expected an error";
-  } catch (const std::exception& e) {
-    const std::string m = e.what();
-    for (auto* w : words) EXPECT_NE(m.find(w), std::string::npos) << "'" << w << "' missing from: " << m;
-    EXPECT_EQ(m.find('\n'), std::string::npos) << "errors are one line: " << m;
-  }
-}
 
 // ---- safetensors -------------------------------------------------------------------------------
 

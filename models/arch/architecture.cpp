@@ -27,6 +27,15 @@ Prompt expand_image_tokens(const std::vector<int32_t>& ids, int32_t image_token,
   return b.finish(std::move(text), std::move(images));
 }
 
+gpu::Tensor upload_pixels(gpu::Recorder& rec, const ProcessedImage& px) {
+  const bool crops = px.layout == ProcessedImage::Layout::Crops;
+  gpu::Tensor t = crops ? rec.scratch(gpu::DType::F32, {px.rows, 3, px.size, px.size}, "pixels")
+                        : rec.scratch(gpu::DType::F32, {px.rows, px.patch_values}, "patches");
+  if (size_t(t.numel()) != px.pixels.size()) fail("internal: processed image of ", px.pixels.size(), " values for ", t.shape_string());
+  rec.context().upload(t, px.pixels.data(), px.pixels.size() * 4);
+  return t;
+}
+
 void gather_rows(gpu::Recorder& rec, const gpu::Tensor& table, int64_t rows, int64_t width, const std::vector<int32_t>& order,
                  const gpu::Mat& dst) {
   for (int32_t r : order)

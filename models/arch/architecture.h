@@ -90,6 +90,9 @@ namespace arch {
 // rows (LLaVA, LLaVA-NeXT, Qwen2-VL); the number of placeholders must equal the images given.
 Prompt expand_image_tokens(const std::vector<int32_t>& ids, int32_t image_token, std::vector<ImagePlan> images,
                            std::string text, int position_components);
+// The processor's pixels as a recording's scratch tensor: crops [rows, 3, S, S] or patch rows
+// [rows, patch_values].
+gpu::Tensor upload_pixels(gpu::Recorder& rec, const ProcessedImage& px);
 // dst [order.size(), width] = rows `order` of table (an f32 tensor of `rows` x `width`): the
 // architectures' reordering of feature rows (LLaVA-NeXT's unpadded grid, Phi-3-Vision's merge).
 void gather_rows(gpu::Recorder& rec, const gpu::Tensor& table, int64_t rows, int64_t width, const std::vector<int32_t>& order,

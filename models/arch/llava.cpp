@@ -56,15 +56,7 @@ LlavaTower::LlavaTower(gpu::Context& ctx, const ModelConfig& c, const LlavaSetti
   // layers (num_layers + 1 + L when negative); the layers past it never need to run.
   const int L = s.feature_layer;
   const int run_layers = L < 0 ? v.num_layers + 1 + L : L;
-  VitShape shape;
-  shape.width = v.hidden_size;
-  shape.intermediate = v.intermediate_size;
-  shape.heads = v.num_heads;
-  shape.layers = run_layers;
-  shape.channels = v.num_channels;
-  shape.patch = v.patch_size;
-  shape.image_size = v.image_size;
-  shape.eps = v.layer_norm_eps;
+  VitShape shape = vit_shape(v, run_layers);
   VitTraits traits;
   traits.class_token = !siglip;
   traits.pre_norm = !siglip;
@@ -114,6 +106,16 @@ std::shared_ptr<const ImageProcessor> llava_processor(const std::string& dir, co
   return proc;
 }
 
+size_t LlavaFamily::count_placeholders(const ModelConfig& c, const std::string& text) const {
+  return count_substrings(text, "<image>");
+}
+
+Prompt LlavaFamily::build_prompt(const PromptTools& t, const Messages& messages, std::vector<ImagePlan> images) const {
+  std::string text = t.render(messages);
+  auto ids = t.tokenizer.encode(text, true);
+  return expand_image_tokens(ids, settings(t.config).image_token, std::move(images), std::move(text), 1);
+}
+
 }  // namespace arch
 
 namespace {
@@ -136,8 +138,7 @@ class LlavaVision : public VisionPath {
   Tensor encode(const ImagePlan& plan) const override {
     const auto& px = plan.pixels;
     gpu::Recorder rec(ctx_);
-    Tensor pixels = rec.scratch(gpu::DType::F32, {px.rows, 3, px.size, px.size}, "pixels");
-    ctx_.upload(pixels, px.pixels.data(), px.pixels.size() * 4);
+    Tensor pixels = upload_pixels(rec, px);
     Mat feats = tower_.features(rec, pixels, px.rows);  // [tokens, E]
     Tensor out = ctx_.tensor(gpu::DType::F32, {plan.tokens, c_.text.hidden_size}, "image features");
     tower_.project(rec, feats, Mat::of(out));
@@ -158,7 +159,7 @@ class LlavaVision : public VisionPath {
   LlavaTower tower_;
 };
 
-class Llava : public Architecture {
+class Llava : public LlavaFamily {
  public:
   void read_config(const ConfigFields& top, const std::string& dir, ModelConfig& c) const override {
     auto s = std::make_shared<LlavaSettings>();
@@ -166,23 +167,9 @@ class Llava : public Architecture {
     s->processor = llava_processor(dir, *s, false);
     c.settings = s;
   }
-  bool has_vision() const override { return true; }
   std::unique_ptr<VisionPath> load_vision(gpu::Context& ctx, const ModelConfig& c, WeightLoader& loader) const override {
     return std::make_unique<LlavaVision>(ctx, c, settings(c), loader);
   }
-  size_t count_placeholders(const ModelConfig& c, const std::string& text) const override {
-    return count_substrings(text, "<image>");
-  }
-  // The rendered chat, tokenized with the tokenizer's special tokens (as the processor does),
-  // each <image> token expanded into the image's rows.
-  Prompt build_prompt(const PromptTools& t, const Messages& messages, std::vector<ImagePlan> images) const override {
-    std::string text = t.render(messages);
-    auto ids = t.tokenizer.encode(text, true);
-    return expand_image_tokens(ids, settings(t.config).image_token, std::move(images), std::move(text), 1);
-  }
-
- private:
-  static const LlavaSettings& settings(const ModelConfig& c) { return static_cast<const LlavaSettings&>(*c.settings); }
 };
 
 }  // namespace

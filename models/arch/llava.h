@@ -51,4 +51,16 @@ class LlavaTower {
   std::string kind_;
 };
 
+// What LLaVA and LLaVA-NeXT prompts share: the rendered chat tokenized with the tokenizer's
+// special tokens (as their processors do), each <image> token expanded into its image's rows.
+class LlavaFamily : public Architecture {
+ public:
+  bool has_vision() const override { return true; }
+  size_t count_placeholders(const ModelConfig& c, const std::string& text) const override;
+  Prompt build_prompt(const PromptTools& t, const Messages& messages, std::vector<ImagePlan> images) const override;
+
+ protected:
+  static const LlavaSettings& settings(const ModelConfig& c) { return static_cast<const LlavaSettings&>(*c.settings); }
+};
+
 }  // namespace vkvlm::arch

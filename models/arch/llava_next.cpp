@@ -50,8 +50,7 @@ class LlavaNextVision : public VisionPath {
     const auto& px = plan.pixels;
     const int64_t Et = c_.text.hidden_size;
     gpu::Recorder rec(ctx_);
-    Tensor pixels = rec.scratch(gpu::DType::F32, {px.rows, 3, px.size, px.size}, "pixels");
-    ctx_.upload(pixels, px.pixels.data(), px.pixels.size() * 4);
+    Tensor pixels = upload_pixels(rec, px);
     Mat feats = tower_.features(rec, pixels, px.rows);  // [crops * per_crop, E]
     const int64_t rows = feats.rows;
     // Every crop's features projected, then the newline row after them.
@@ -84,7 +83,7 @@ class LlavaNextVision : public VisionPath {
   Tensor newline_;  // f32 [text E]
 };
 
-class LlavaNext : public Architecture {
+class LlavaNext : public LlavaFamily {
  public:
   void read_config(const ConfigFields& top, const std::string& dir, ModelConfig& c) const override {
     auto s = std::make_shared<LlavaSettings>();
@@ -98,21 +97,9 @@ class LlavaNext : public Architecture {
     s->processor = std::make_shared<AnyresProcessor>(pc);
     c.settings = s;
   }
-  bool has_vision() const override { return true; }
   std::unique_ptr<VisionPath> load_vision(gpu::Context& ctx, const ModelConfig& c, WeightLoader& loader) const override {
     return std::make_unique<LlavaNextVision>(ctx, c, settings(c), loader);
   }
-  size_t count_placeholders(const ModelConfig& c, const std::string& text) const override {
-    return count_substrings(text, "<image>");
-  }
-  Prompt build_prompt(const PromptTools& t, const Messages& messages, std::vector<ImagePlan> images) const override {
-    std::string text = t.render(messages);
-    auto ids = t.tokenizer.encode(text, true);
-    return expand_image_tokens(ids, settings(t.config).image_token, std::move(images), std::move(text), 1);
-  }
-
- private:
-  static const LlavaSettings& settings(const ModelConfig& c) { return static_cast<const LlavaSettings&>(*c.settings); }
 };
 
 }  // namespace

@@ -40,9 +40,7 @@ class PaligemmaVision : public VisionPath {
                                        "embeddings.patch_embedding.weight", "SigLIP vision tower");
     const std::string pp = find_prefix(store, {"multi_modal_projector.", "model.multi_modal_projector."}, "linear.weight",
                                        "multi_modal_projector.linear");
-    VitShape shape;
-    shape.width = v.hidden_size;
-    shape.intermediate = v.intermediate_size;
+    VitShape shape = vit_shape(v, v.num_layers);
     // Conversions of 2024 zero-padded the MLP (4304 -> 4352) to quantize it; the padding adds
     // nothing (gelu(0) = 0 meets zero columns), so take the width the checkpoint has.
     const int64_t stored = stored_rows(store, hf_vit_names(vp).layer(0) + "mlp.fc1");
@@ -51,12 +49,6 @@ class PaligemmaVision : public VisionPath {
         fail(store.where(), ": the vision MLP is ", stored, " wide, but vision_config.intermediate_size is ", v.intermediate_size);
       shape.intermediate = stored;
     }
-    shape.heads = v.num_heads;
-    shape.layers = v.num_layers;
-    shape.channels = v.num_channels;
-    shape.patch = v.patch_size;
-    shape.image_size = v.image_size;
-    shape.eps = v.layer_norm_eps;
     VitTraits traits;
     traits.post_norm = true;
     traits.conv_bias = true;
@@ -77,8 +69,7 @@ class PaligemmaVision : public VisionPath {
     const auto& px = plan.pixels;
     const int64_t Et = c_.text.hidden_size;
     gpu::Recorder rec(ctx_);
-    Tensor pixels = rec.scratch(gpu::DType::F32, {px.rows, 3, px.size, px.size}, "pixels");
-    ctx_.upload(pixels, px.pixels.data(), px.pixels.size() * 4);
+    Tensor pixels = upload_pixels(rec, px);
     Mat x = vit_->run_crops(rec, pixels, px.rows);  // [tokens, E]
     Tensor out = ctx_.tensor(gpu::DType::F32, {plan.tokens, Et}, "image features");
     proj_.run(rec, x, Mat::of(out));

@@ -33,15 +33,7 @@ class Phi3vVision : public VisionPath {
  public:
   Phi3vVision(gpu::Context& ctx, const ModelConfig& c, const Phi3vSettings& s, WeightLoader& loader) : ctx_(ctx), c_(c), s_(s) {
     const VisionConfig& v = s.vision;
-    VitShape shape;
-    shape.width = v.hidden_size;
-    shape.intermediate = v.intermediate_size;
-    shape.heads = v.num_heads;
-    shape.layers = v.num_layers - 1;  // hidden_states[-2]
-    shape.channels = v.num_channels;
-    shape.patch = v.patch_size;
-    shape.image_size = v.image_size;
-    shape.eps = v.layer_norm_eps;
+    VitShape shape = vit_shape(v, v.num_layers - 1);  // hidden_states[-2]
     VitTraits traits;
     traits.class_token = true;
     traits.pre_norm = true;
@@ -104,8 +96,7 @@ class Phi3vVision : public VisionPath {
     const auto& px = plan.pixels;
     const int64_t C = s_.vision.hidden_size, Et = c_.text.hidden_size;
     gpu::Recorder rec(ctx_);
-    Tensor pixels = rec.scratch(gpu::DType::F32, {px.rows, 3, px.size, px.size}, "pixels");
-    ctx_.upload(pixels, px.pixels.data(), px.pixels.size() * 4);
+    Tensor pixels = upload_pixels(rec, px);
     Mat feats = vit_->run_crops(rec, pixels, px.rows, /*drop_first=*/true);  // [crops * patches, C]
     const int64_t rows = feats.rows;
     Tensor src = rec.scratch(gpu::DType::F32, {rows + 8, C}, "phi3v merge source");  // features, then the separators

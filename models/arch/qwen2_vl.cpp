@@ -73,8 +73,7 @@ class Qwen2vlVision : public VisionPath {
     const int M = s_.merge, gh = px.grid_rows, gw = px.grid_cols;
     const int64_t n = px.rows, E = s_.embed_dim, E4 = E * M * M;
     gpu::Recorder rec(ctx_);
-    Tensor patches = rec.scratch(gpu::DType::F32, {n, px.patch_values}, "patches");  // [n, C * T * P * P]
-    ctx_.upload(patches, px.pixels.data(), px.pixels.size() * 4);
+    Tensor patches = upload_pixels(rec, px);  // [n, C * T * P * P]
     // Each patch's (row, column), in the processor's merge-window order.
     std::vector<int32_t> rc;
     rc.reserve(size_t(n) * 2);
