@@ -23,6 +23,7 @@
 #include "gpu/device.h"
 #include "gpu/error.h"
 #include "app/conversation.h"
+#include "base/files.h"
 #include "app/flags.h"
 #include "host/image.h"
 #include "app/server.h"
@@ -36,14 +37,7 @@ namespace {
 
 std::unique_ptr<gpu::Context> make_context() { return std::make_unique<gpu::Context>(gpu::Device::create()); }
 
-std::string read_file(const std::string& path, const char* what) {
-  std::error_code ec;
-  if (!fs::exists(path, ec)) throw Error(std::string(what) + " " + path + " does not exist");
-  if (fs::is_directory(path, ec)) throw Error(std::string(what) + " " + path + " is a folder");
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw Error(std::string("cannot read ") + what + " " + path);
-  return std::string(std::istreambuf_iterator<char>(in), {});
-}
+std::string read_file(const std::string& path, const char* what) { return read_file_bounded(path, uint64_t(64) << 20, what); }
 
 // Messages and their images from --messages FILE / --prompt TEXT and --image PATHs. The --image
 // files go, in order, to the conversation's {"type": "image"} parts and to the image

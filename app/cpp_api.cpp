@@ -6,6 +6,7 @@
 
 #include "app/conversation.h"
 #include "base/error.h"
+#include "base/files.h"
 #include "gpu/context.h"
 #include "gpu/device.h"
 #include "models/model.h"
@@ -122,11 +123,8 @@ Result Chat::generate(const std::string& messages_json, const std::vector<std::v
 }
 
 std::vector<uint8_t> read_file(const std::string& path) {
-  std::error_code ec;
-  if (!std::filesystem::is_regular_file(path, ec)) fail(path, " is not a readable file");
-  std::ifstream in(path, std::ios::binary);
-  if (!in) fail("cannot read ", path);
-  return std::vector<uint8_t>((std::istreambuf_iterator<char>(in)), {});
+  const std::string bytes = read_file_bounded(path, uint64_t(1) << 32, "file");
+  return std::vector<uint8_t>(bytes.begin(), bytes.end());
 }
 
 }  // namespace vkvlm

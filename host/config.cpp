@@ -6,18 +6,16 @@
 #include <fstream>
 
 #include "base/error.h"
+#include "base/files.h"
 
 namespace vkvlm {
 namespace fs = std::filesystem;
 using nlohmann::json;
 
 json read_json_file(const std::string& path) {
-  std::error_code ec;
-  if (!fs::is_regular_file(path, ec)) fail(path, " is not a readable file");
-  std::ifstream in(path);
-  if (!in) fail("cannot read ", path);
+  const std::string text = read_file_bounded(path, uint64_t(256) << 20, "file");
   try {
-    return json::parse(in);
+    return json::parse(text);
   } catch (const json::exception& e) {
     fail(path, " is not valid JSON: ", e.what());
   }

@@ -7,11 +7,13 @@
 
 #include <csetjmp>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 
 #include "base/error.h"
+#include "base/files.h"
 
 #define STBI_NO_STDIO
 #include <stb/stb_image.h>
@@ -36,7 +38,7 @@ bool starts_with(const std::vector<uint8_t>& b, const char* magic, size_t offset
 void check_size(int w, int h, const std::string& source, const ImageLimits& limits) {
   if (w <= 0 || h <= 0) fail("image ", source, " has no pixels");
   if (uint64_t(w) * uint64_t(h) > limits.max_pixels)
-    fail("image ", source, " is ", w, "x", h, " pixels, more than the limit of ", limits.max_pixels);
+    fail("image ", source, " is ", w, "x", h, " pixels, more than the limit of ", limits.max_pixels, " pixels");
 }
 
 // Like PIL's convert("RGB"): grayscale is replicated, alpha is dropped (not composited).
@@ -186,6 +188,22 @@ Image decode_image(const std::vector<uint8_t>& bytes, const std::string& source,
         break;  // CMYK and YCCK: stb_image below
     }
   }
+  // The size from the header of the formats stb_image decodes, checked against the limits before
+  // stb sees the file (its reason for refusing a large image is overwritten by the probes of
+  // other formats that follow).
+  auto be32 = [&](size_t at) { return uint32_t(bytes[at]) << 24 | uint32_t(bytes[at + 1]) << 16 | uint32_t(bytes[at + 2]) << 8 | bytes[at + 3]; };
+  auto le16 = [&](size_t at) { return uint32_t(bytes[at]) | uint32_t(bytes[at + 1]) << 8; };
+  auto le32 = [&](size_t at) { return le16(at) | le16(at + 2) << 16; };
+  if (starts_with(bytes, "\x89PNG\r\n\x1a\n") && bytes.size() >= 24 && starts_with(bytes, "IHDR", 12)) {
+    const uint32_t pw = be32(16), ph = be32(20);
+    if (pw == 0 || ph == 0 || uint64_t(pw) * ph > limits.max_pixels)
+      check_size(int(std::min<uint32_t>(pw, INT32_MAX)), int(std::min<uint32_t>(ph, INT32_MAX)), source, limits);
+  } else if ((starts_with(bytes, "GIF87a") || starts_with(bytes, "GIF89a")) && bytes.size() >= 10) {
+    check_size(int(le16(6)), int(le16(8)), source, limits);
+  } else if (starts_with(bytes, "BM") && bytes.size() >= 26) {
+    const int32_t bw = int32_t(le32(18)), bh = int32_t(le32(22));
+    check_size(bw, bh == INT32_MIN ? 0 : std::abs(bh), source, limits);
+  }
   int w = 0, h = 0, channels = 0;
   if (!stbi_info_from_memory(bytes.data(), int(bytes.size()), &w, &h, &channels))
     fail("image ", source, " is not a supported image (JPEG, PNG, BMP, GIF, TGA, WebP): ", stbi_failure_reason());
@@ -198,16 +216,8 @@ Image decode_image(const std::vector<uint8_t>& bytes, const std::string& source,
 }
 
 Image load_image_file(const std::string& path, const ImageLimits& limits) {
-  std::error_code ec;
-  if (!std::filesystem::exists(path, ec)) fail("image file ", path, " does not exist");
-  if (std::filesystem::is_directory(path, ec)) fail("image path ", path, " is a folder, not an image file");
-  const auto size = std::filesystem::file_size(path, ec);
-  if (!ec && size > limits.max_file_bytes)
-    fail("image ", path, " is ", size, " bytes, more than the limit of ", limits.max_file_bytes);
-  std::ifstream in(path, std::ios::binary);
-  if (!in) fail("cannot read image file ", path);
-  std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(in)), {});
-  return decode_image(bytes, path, limits);
+  const std::string bytes = read_file_bounded(path, limits.max_file_bytes, "image file");
+  return decode_image(std::vector<uint8_t>(bytes.begin(), bytes.end()), path, limits);
 }
 
 std::vector<uint8_t> base64_decode(const std::string& s, const std::string& what) {

@@ -426,10 +426,17 @@ AnyresLayout anyres_layout(int orig_h, int orig_w, int grid_rows, int grid_cols,
 
 AnyresProcessor::AnyresProcessor(ProcessorConfig c) : ImageProcessor(std::move(c)) {
   if (cfg_.crop_h != cfg_.crop_w) fail("image processor ", cfg_.type, ": crops of ", cfg_.crop_h, "x", cfg_.crop_w, " are not square");
-  for (auto [h, w] : cfg_.grid_pinpoints)
+  // Each tile is a whole pass of the vision tower: resolutions of more tiles than any model uses
+  // would only make an image cost minutes.
+  constexpr int k_max_tiles = 64;
+  for (auto [h, w] : cfg_.grid_pinpoints) {
     if (h % cfg_.crop_h || w % cfg_.crop_w)
       fail("image processor ", cfg_.type, ": image_grid_pinpoints entry [", h, ", ", w, "] is not a multiple of the ", cfg_.crop_h,
            "-pixel tile");
+    if (int64_t(h / cfg_.crop_h) * (w / cfg_.crop_w) > k_max_tiles)
+      fail("image processor ", cfg_.type, ": image_grid_pinpoints entry [", h, ", ", w, "] makes ",
+           int64_t(h / cfg_.crop_h) * (w / cfg_.crop_w), " tiles of ", cfg_.crop_h, " px; at most ", k_max_tiles, " are supported");
+  }
 }
 
 ProcessedImage AnyresProcessor::process(const Image& img) const {

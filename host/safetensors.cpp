@@ -13,6 +13,7 @@
 #include <nlohmann/json.hpp>
 
 #include "base/error.h"
+#include "base/files.h"
 #include "base/numeric.h"
 
 namespace vkvlm {
@@ -109,18 +110,9 @@ std::vector<float> StTensor::to_f32() const {
 }
 
 SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) fail("cannot open ", path, ": ", std::strerror(errno));
-  struct stat st {};
-  if (::fstat(fd, &st) != 0) {
-    ::close(fd);
-    fail("cannot stat ", path, ": ", std::strerror(errno));
-  }
-  if (!S_ISREG(st.st_mode)) {
-    ::close(fd);
-    fail(path, " is not a regular file");
-  }
-  map_size_ = size_t(st.st_size);
+  uint64_t size = 0;
+  const int fd = open_regular_file(path, "weights file", size);
+  map_size_ = size_t(size);
   if (map_size_ < 8) {
     ::close(fd);
     fail(path, " is not a safetensors file: it is only ", map_size_, " bytes long (truncated?)");
@@ -231,10 +223,9 @@ TensorStore TensorStore::open_directory(const std::string& dir) {
   if (fs::exists(index, ec)) {
     nlohmann::json j;
     {
-      std::ifstream in(index);
-      if (!in) fail("cannot read ", index.string());
+      const std::string text = read_file_bounded(index.string(), uint64_t(64) << 20, "weights index");
       try {
-        j = nlohmann::json::parse(in);
+        j = nlohmann::json::parse(text);
       } catch (const nlohmann::json::exception& e) {
         fail(index.string(), " is not valid JSON: ", e.what());
       }

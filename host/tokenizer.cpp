@@ -6,6 +6,7 @@
 #include <sstream>
 
 #include "base/error.h"
+#include "base/files.h"
 #include "host/unicode.h"
 
 namespace vkvlm {
@@ -592,6 +593,14 @@ struct PostProcessor {
   std::vector<int32_t> prefix, suffix;
 };
 
+// A token id as tokenizer.json writes it: a non-negative integer below 2^24 (no float, no
+// bool), so that nothing downstream overflows or indexes outside the vocabulary.
+int32_t token_id(const json& v, const std::string& where, const std::string& what) {
+  if (!v.is_number_integer() || (v.is_number_unsigned() ? v.get<uint64_t>() >= (1u << 24) : v.get<int64_t>() < 0 || v.get<int64_t>() >= (1 << 24)))
+    fail(where, ": ", what, " has id ", v.dump(), "; token ids are integers from 0 to 16777215");
+  return int32_t(v.get<int64_t>());
+}
+
 void collect_post(const json& j, PostProcessor& pp, const std::string& where) {
   if (j.is_null()) return;
   const std::string type = j.value("type", "");
@@ -606,12 +615,13 @@ void collect_post(const json& j, PostProcessor& pp, const std::string& where) {
       } else if (item.contains("SpecialToken")) {
         const std::string id = item["SpecialToken"].at("id").get<std::string>();
         if (!special.contains(id)) fail(where, ": post-processor special token '", id, "' has no ids");
-        for (auto& x : special[id].at("ids")) (seen_seq ? pp.suffix : pp.prefix).push_back(x.get<int32_t>());
+        for (auto& x : special[id].at("ids"))
+          (seen_seq ? pp.suffix : pp.prefix).push_back(token_id(x, where, "post-processor token '" + id + "'"));
       }
     }
   } else if (type == "BertProcessing" || type == "RobertaProcessing") {
-    pp.prefix.push_back(j.at("cls").at(1).get<int32_t>());
-    pp.suffix.push_back(j.at("sep").at(1).get<int32_t>());
+    pp.prefix.push_back(token_id(j.at("cls").at(1), where, "post-processor cls"));
+    pp.suffix.push_back(token_id(j.at("sep").at(1), where, "post-processor sep"));
   } else if (type == "ByteLevel") {
     // Only adjusts offsets.
   } else {
@@ -901,11 +911,10 @@ Tokenizer& Tokenizer::operator=(Tokenizer&&) noexcept = default;
 Tokenizer::~Tokenizer() = default;
 
 Tokenizer Tokenizer::from_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) fail("cannot read tokenizer ", path);
+  const std::string text = read_file_bounded(path, uint64_t(512) << 20, "tokenizer");
   json j;
   try {
-    j = json::parse(in);
+    j = json::parse(text);
   } catch (const json::exception& e) {
     fail(path, " is not valid JSON: ", e.what());
   }
@@ -920,10 +929,21 @@ Tokenizer Tokenizer::from_json(const json& j, const std::string& where) {
     const std::string mtype = m.value("type", "BPE");
     if (mtype != "BPE") fail(where, ": tokenizer model '", mtype, "' is not supported (BPE is)");
     Bpe& bpe = impl->bpe;
-    for (auto& [tok, id] : m.at("vocab").items()) {
-      int32_t i = id.get<int32_t>();
-      bpe.vocab[tok] = i;
+    const json& vocab = m.at("vocab");
+    if (!vocab.is_object()) fail(where, ": the model's vocab must be an object of token: id");
+    // Ids may leave gaps, but not so many that the table outgrows the file many times over.
+    const size_t entries = vocab.size() + (j.contains("added_tokens") && j["added_tokens"].is_array() ? j["added_tokens"].size() : 0);
+    const int64_t id_limit = std::min<int64_t>(int64_t(1) << 24, 2 * int64_t(entries) + 1024);
+    auto check_dense = [&](int32_t i, const std::string& what) {
+      if (i >= id_limit)
+        fail(where, ": ", what, " has id ", i, ", far past the ", entries, " tokens the file holds (ids must be nearly dense)");
+    };
+    for (auto& [tok, id] : vocab.items()) {
+      const int32_t i = token_id(id, where, "vocabulary token '" + tok.substr(0, 40) + "'");
+      check_dense(i, "vocabulary token '" + tok.substr(0, 40) + "'");
+      if (!bpe.vocab.emplace(tok, i).second) fail(where, ": vocabulary token '", tok.substr(0, 40), "' appears twice");
       if (size_t(i) >= bpe.id_to_token.size()) bpe.id_to_token.resize(size_t(i) + 1);
+      if (!bpe.id_to_token[size_t(i)].empty()) fail(where, ": id ", i, " is given to two vocabulary tokens");
       bpe.id_to_token[size_t(i)] = tok;
     }
     int32_t rank = 0;
@@ -979,8 +999,10 @@ Tokenizer Tokenizer::from_json(const json& j, const std::string& where) {
     if (j.contains("added_tokens") && j["added_tokens"].is_array()) {
       for (auto& a : j["added_tokens"]) {
         AddedToken t;
-        t.id = a.at("id").get<int32_t>();
         t.content = a.at("content").get<std::string>();
+        t.id = token_id(a.at("id"), where, "added token '" + t.content.substr(0, 40) + "'");
+        check_dense(t.id, "added token '" + t.content.substr(0, 40) + "'");
+        if (impl->added_by_id.count(t.id)) fail(where, ": added tokens share id ", t.id);
         t.single_word = a.value("single_word", false);
         t.lstrip = a.value("lstrip", false);
         t.rstrip = a.value("rstrip", false);
@@ -996,6 +1018,9 @@ Tokenizer Tokenizer::from_json(const json& j, const std::string& where) {
         impl->added.push_back(std::move(t));
       }
     }
+    for (auto* list : {&impl->post.prefix, &impl->post.suffix})
+      for (int32_t id : *list)
+        if (id >= impl->vocab_size) fail(where, ": the post-processor adds id ", id, ", outside the vocabulary of ", impl->vocab_size);
     return Tokenizer(std::move(impl));
   } catch (const json::exception& e) {
     fail(where, " is not a valid tokenizer.json: ", e.what());

@@ -8,6 +8,7 @@
 #include <set>
 #include <sstream>
 
+#include "base/files.h"
 #include "gpu/error.h"
 #include "gpu/recorder.h"
 #include "host/text_stream.h"
@@ -36,10 +37,9 @@ std::optional<std::string> token_string(const nlohmann::ordered_json& cfg, const
 }
 
 nlohmann::ordered_json read_ordered_json(const fs::path& p) {
-  std::ifstream in(p);
-  if (!in) fail("cannot read ", p.string());
+  const std::string text = read_file_bounded(p.string(), uint64_t(64) << 20, "file");
   try {
-    return nlohmann::ordered_json::parse(in);
+    return nlohmann::ordered_json::parse(text);
   } catch (const std::exception& e) {
     fail(p.string(), " is not valid JSON: ", e.what());
   }
@@ -107,8 +107,7 @@ Model::Model(gpu::Context& ctx, const std::string& dir, LoadOptions options) : c
   if (fs::exists(d / "tokenizer_config.json", ec)) tcfg = read_ordered_json(d / "tokenizer_config.json");
   std::string source, where;
   if (fs::exists(d / "chat_template.jinja", ec)) {
-    std::ifstream in(d / "chat_template.jinja");
-    source.assign(std::istreambuf_iterator<char>(in), {});
+    source = read_file_bounded((d / "chat_template.jinja").string(), uint64_t(16) << 20, "chat template");
     where = "chat_template.jinja";
   } else if (fs::exists(d / "chat_template.json", ec)) {
     auto j = read_ordered_json(d / "chat_template.json");

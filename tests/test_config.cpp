@@ -120,6 +120,12 @@ TEST(Config, ProcessorsComeFromTheRegistry) {
   expect_error([&] { image_processor_for(dir, ""); }, {"BlipImageProcessor", "not supported", "Qwen2VLImageProcessor"});
   std::ofstream(dir + "/preprocessor_config.json") << R"({"image_processor_type": "CLIPImageProcessor", "num_crops": 1000000})";
   expect_error([&] { image_processor_for(dir, ""); }, {"num_crops", "between"});
+  std::ofstream(dir + "/preprocessor_config.json")
+      << R"({"image_processor_type": "LlavaNextImageProcessor", "image_grid_pinpoints": [[67200, 67200]]})";
+  expect_error([&] { image_processor_for(dir, ""); }, {"image_grid_pinpoints", "67200"});
+  std::ofstream(dir + "/preprocessor_config.json")
+      << R"({"image_processor_type": "LlavaNextImageProcessor", "image_grid_pinpoints": [[3360, 3360]]})";
+  expect_error([&] { image_processor_for(dir, ""); }, {"100 tiles", "at most 64"});
   fs::remove(dir + "/preprocessor_config.json");
   expect_error([&] { image_processor_for(dir, ""); }, {"preprocessor_config.json"});
   EXPECT_NE(dynamic_cast<const Phi3vProcessor*>(image_processor_for(dir, "Phi3VImageProcessor").get()), nullptr);

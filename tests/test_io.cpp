@@ -4,6 +4,8 @@
 
 #include <webp/encode.h>
 
+#include <sys/resource.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cstdio>
@@ -15,8 +17,10 @@
 
 #include "host/config.h"
 #include "host/image.h"
+#include "host/image_processing.h"
 #include "base/numeric.h"
 #include "host/safetensors.h"
+#include "host/tokenizer.h"
 #include "tests/expect_error.h"
 #include "tests/test_paths.h"
 
@@ -223,9 +227,72 @@ TEST(Images, BadFilesAreClearErrors) {
   ImageLimits small;
   small.max_pixels = 1000;
   expect_error([&] { load_image_file(fixtures_dir() + "/images/astronaut.png", small); }, {"512x512", "limit"});
+  // A valid header of a 30000x30000 PNG: the size is what is wrong, not the type.
+  std::string header("\x89PNG\r\n\x1a\n\0\0\0\x0dIHDR\0\0\x75\x30\0\0\x75\x30\x08\x02\0\0\0", 29);
+  expect_error([&] { decode_image(std::vector<uint8_t>(header.begin(), header.end()), "huge.png"); },
+               {"huge.png", "30000x30000", "limit of 67108864 pixels"});
   small = {};
   small.max_file_bytes = 100;
   expect_error([&] { load_image_file(fixtures_dir() + "/images/astronaut.png", small); }, {"bytes", "limit"});
+}
+
+// A very narrow image resized to the crop's short side would be millions of pixels long; only
+// the crop window is computed, with exactly the pixels resizing everything then cropping gives.
+TEST(Images, NarrowImagesCostTheirOutputNotTheirResize) {
+  auto narrow = [](int w, int h) {
+    Image img;
+    img.width = w;
+    img.height = h;
+    img.source = "narrow";
+    img.rgb.resize(size_t(w) * size_t(h) * 3);
+    for (size_t i = 0; i < img.rgb.size(); ++i) img.rgb[i] = uint8_t((i * 2654435761u) >> 13);
+    return img;
+  };
+  ProcessorConfig pc;  // CLIPImageProcessor at 336
+  pc.type = "CLIPImageProcessor";
+  const ClipProcessor clip(pc);
+  // Small enough to resize whole: the crop equals resize-then-crop.
+  for (auto [w, h] : {std::pair{3, 2000}, std::pair{2000, 5}, std::pair{400, 1000}}) {
+    Image img = narrow(w, h);
+    const int short_side = std::min(w, h), long_side = std::max(w, h);
+    const int new_long = int(int64_t(336) * long_side / short_side);
+    const int rw = w <= h ? 336 : new_long, rh = w <= h ? new_long : 336;
+    Image full = pil_resize(img, rw, rh, PilFilter::Bicubic);
+    auto got = clip.process(img).pixels;
+    const int left = (rw - 336) / 2, top = (rh - 336) / 2;
+    for (int c = 0; c < 3; ++c)
+      for (int y = 0; y < 336; ++y)
+        for (int x = 0; x < 336; ++x) {
+          const uint8_t v = full.rgb[(size_t(top + y) * size_t(rw) + size_t(left + x)) * 3 + size_t(c)];
+          const float want = (float(double(v) * pc.rescale_factor) - pc.mean[size_t(c)]) / pc.std[size_t(c)];
+          ASSERT_EQ(got[(size_t(c) * 336 + size_t(y)) * 336 + size_t(x)], want) << w << "x" << h << " at " << x << "," << y;
+        }
+  }
+  // 1x200000 would resize to 336 x 67 million pixels: the crop costs what a square image costs.
+  struct rusage before {}, after {};
+  getrusage(RUSAGE_SELF, &before);
+  auto px = clip.process(narrow(1, 200000));
+  getrusage(RUSAGE_SELF, &after);
+  EXPECT_EQ(px.rows, 1);
+  EXPECT_EQ(px.pixels.size(), size_t(3) * 336 * 336);
+  EXPECT_LT(after.ru_maxrss - before.ru_maxrss, 64 * 1024) << "KiB of peak memory for one narrow image";
+}
+
+// A FIFO would block a reader forever and /dev/zero never ends: neither is read at all.
+TEST(Files, SpecialFilesAreRefusedWithoutBlocking) {
+  const std::string fifo = temp_dir() + "/fifo";
+  ::unlink(fifo.c_str());
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  for (const std::string& path : {fifo, std::string("/dev/zero")}) {
+    expect_error([&] { load_image_file(path); }, {path.c_str(), "not a regular file"});
+    expect_error([&] { TensorStore::open_file(path); }, {path.c_str(), "not a regular file"});
+    expect_error([&] { Tokenizer::from_file(path); }, {path.c_str(), "not a regular file"});
+    expect_error([&] { read_json_file(path); }, {path.c_str(), "not a regular file"});
+  }
+  // Larger than the limit: refused before reading.
+  ImageLimits small;
+  small.max_file_bytes = 10;
+  expect_error([&] { load_image_file(fixtures_dir() + "/images/camera.png", small); }, {"camera.png", "limit of 10"});
 }
 
 }  // namespace

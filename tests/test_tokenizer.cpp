@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include "host/tokenizer.h"
+#include "tests/expect_error.h"
 #include "tests/test_paths.h"
 
 namespace vkvlm::test {
@@ -76,6 +77,32 @@ TEST(Tokenizer, MalformedFilesAreClearErrors) {
   } catch (const std::exception& e) {
     EXPECT_NE(std::string(e.what()).find("/nonexistent/tokenizer.json"), std::string::npos) << e.what();
   }
+}
+
+// Ids a hostile tokenizer.json can hold: each is refused with the token and the id named, never
+// an out-of-range write, a huge allocation or an overflow.
+TEST(Tokenizer, EveryIdIsValidated) {
+  auto with = [](const std::string& vocab, const std::string& added) {
+    return nlohmann::json::parse(R"({"model": {"type": "BPE", "vocab": )" + vocab + R"(, "merges": []}, "added_tokens": )" + added + "}");
+  };
+  const std::string ok_vocab = R"({"a": 0, "b": 1})";
+  expect_error([&] { Tokenizer::from_json(with(R"({"a": 0, "b": -1})", "[]"), "t.json"); }, {"t.json", "'b'", "-1"});
+  expect_error([&] { Tokenizer::from_json(with(R"({"a": 0, "b": 2147483647})", "[]"), "t.json"); }, {"'b'", "2147483647"});
+  expect_error([&] { Tokenizer::from_json(with(R"({"a": 0, "b": 1.5})", "[]"), "t.json"); }, {"'b'", "1.5"});
+  expect_error([&] { Tokenizer::from_json(with(R"({"a": 0, "b": true})", "[]"), "t.json"); }, {"'b'", "true"});
+  expect_error([&] { Tokenizer::from_json(with(R"({"a": 0, "b": 0})", "[]"), "t.json"); }, {"id 0", "two"});
+  expect_error([&] { Tokenizer::from_json(with(R"({"a": 0, "b": 5000000})", "[]"), "t.json"); }, {"5000000", "dense"});
+  expect_error([&] { Tokenizer::from_json(with(ok_vocab, R"([{"id": -7, "content": "<x>"}])"), "t.json"); }, {"'<x>'", "-7"});
+  expect_error([&] { Tokenizer::from_json(with(ok_vocab, R"([{"id": 2147483647, "content": "<x>"}])"), "t.json"); },
+               {"'<x>'", "2147483647"});
+  expect_error([&] { Tokenizer::from_json(with(ok_vocab, R"([{"id": 2, "content": "<x>"}, {"id": 2, "content": "<y>"}])"), "t.json"); },
+               {"share id 2"});
+  auto post = nlohmann::json::parse(R"({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []},
+      "post_processor": {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<s>"}}, {"Sequence": {"id": "A"}}],
+                         "special_tokens": {"<s>": {"id": "<s>", "ids": [9]}}}})");
+  expect_error([&] { Tokenizer::from_json(post, "t.json"); }, {"post-processor", "9", "outside"});
+  // A valid one with a gap in its ids still loads.
+  EXPECT_EQ(Tokenizer::from_json(with(R"({"a": 0, "b": 3})", R"([{"id": 4, "content": "<x>", "special": true}])"), "t.json").vocab_size(), 5);
 }
 
 }  // namespace
