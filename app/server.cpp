@@ -1,6 +1,5 @@
 #include "app/server.h"
 
-#include <httplib.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -12,15 +11,19 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <random>
+#include <set>
 #include <sstream>
 #include <thread>
 
 #include <nlohmann/json.hpp>
 
+#include "app/flags.h"
+#include "app/http.h"
+#include "base/files.h"
 #include "gpu/device.h"
 #include "gpu/error.h"
-#include "app/flags.h"
 #include "host/image.h"
 #include "models/model.h"
 
@@ -45,25 +48,36 @@ std::string error_body(const std::string& message, const std::string& type, cons
   return json{{"error", e}}.dump(-1, ' ', false, json::error_handler_t::replace);
 }
 
-void set_error(httplib::Response& res, const ApiError& e) {
+void set_error(http::Response& res, const ApiError& e) {
   res.status = e.status;
-  res.set_content(error_body(e.what(), e.type, e.param, e.code), "application/json");
+  res.content_type = "application/json";
+  res.body = error_body(e.what(), e.type, e.param, e.code);
 }
 
-// Serves waiting requests in arrival order, one at a time on the GPU.
+// Serves waiting requests in arrival order, one at a time on the GPU. A request whose client
+// leaves while it waits gives its turn up at once.
 class FifoTurns {
  public:
   uint64_t take() {
     std::lock_guard<std::mutex> l(m_);
     return next_ticket_++;
   }
-  void wait(uint64_t ticket) {
+  // Waits for the ticket's turn; false (the ticket given up) when `gone` says the client left.
+  bool wait(uint64_t ticket, const std::function<bool()>& gone) {
     std::unique_lock<std::mutex> l(m_);
-    cv_.wait(l, [&] { return serving_ == ticket; });
+    while (serving_ != ticket) {
+      if (gone && gone()) {
+        abandoned_.insert(ticket);
+        return false;
+      }
+      cv_.wait_for(l, std::chrono::milliseconds(50));
+    }
+    return true;
   }
   void done() {
     std::lock_guard<std::mutex> l(m_);
     ++serving_;
+    while (abandoned_.erase(serving_)) ++serving_;
     cv_.notify_all();
   }
 
@@ -71,7 +85,23 @@ class FifoTurns {
   std::mutex m_;
   std::condition_variable cv_;
   uint64_t next_ticket_ = 0, serving_ = 0;
+  std::set<uint64_t> abandoned_;
 };
+
+// Whether an Authorization header carries this key: the Bearer scheme, in any case.
+bool bearer_matches(const std::string& header, const std::string& key) {
+  const size_t sp = header.find(' ');
+  if (sp == std::string::npos) return false;
+  std::string scheme = header.substr(0, sp);
+  for (char& c : scheme) c = char(std::tolower(static_cast<unsigned char>(c)));
+  size_t at = sp;
+  while (at < header.size() && header[at] == ' ') ++at;
+  const std::string given = header.substr(at);
+  if (scheme != "bearer" || given.size() != key.size()) return false;
+  unsigned diff = 0;  // compared in constant time
+  for (size_t i = 0; i < key.size(); ++i) diff |= unsigned(uint8_t(given[i]) ^ uint8_t(key[i]));
+  return diff == 0;
+}
 
 struct Metrics {
   std::mutex m;
@@ -169,49 +199,39 @@ class Server {
   }
 
   int run() {
-    svr_.new_task_queue = [n = opt_.max_concurrency + 8] { return new httplib::ThreadPool(size_t(n)); };
-    svr_.set_payload_max_length(opt_.max_body_bytes);
-    // Clients reuse connections for many requests; an idle one holds a pool thread, so not for long.
-    svr_.set_keep_alive_max_count(1000);
-    svr_.set_keep_alive_timeout(10);
-    svr_.set_error_handler(httplib::Server::HandlerWithResponse([](const httplib::Request&, httplib::Response& res) {
-      if (!res.body.empty()) return httplib::Server::HandlerResponse::Unhandled;
-      std::string msg = res.status == 413 ? "the request body is larger than the server accepts"
-                        : res.status == 404 ? "no such endpoint"
-                        : res.status == 405 ? "method not allowed"
-                                            : "request failed";
-      std::string type = res.status == 413 ? "invalid_request_error" : res.status == 404 ? "invalid_request_error" : "server_error";
-      res.set_content(error_body(msg, type, "", res.status == 413 ? "request_too_large" : ""), "application/json");
-      return httplib::Server::HandlerResponse::Handled;
-    }));
-    svr_.set_exception_handler([this](const httplib::Request&, httplib::Response& res, std::exception_ptr ep) {
-      try {
-        std::rethrow_exception(ep);
-      } catch (const std::exception& e) {
-        set_error(res, ApiError(500, e.what(), "server_error"));
-      }
-      count(500);
+    http::Limits limits;
+    limits.max_body_bytes = opt_.max_body_bytes;
+    limits.request_seconds = opt_.request_seconds;
+    // Workers run handlers only (a slow client costs no thread while its request arrives):
+    // enough for every admitted chat request and for the cheap endpoints beside them.
+    limits.workers = opt_.max_concurrency + 8;
+    http_ = std::make_unique<http::Server>(limits, [](int status, const std::string& message) {
+      const std::string type = status >= 500 && status != 503 ? "server_error" : "invalid_request_error";
+      const std::string code = status == 413 ? "request_too_large" : status == 408 ? "request_timeout" : "";
+      return error_body(message, type, "", code);
     });
-    svr_.Get("/health", [this](const httplib::Request&, httplib::Response& res) {
-      if (!ready_) {
-        res.status = 503;
-        res.set_content(json{{"status", "loading"}}.dump(), "application/json");
-      } else {
-        res.set_content(json{{"status", "ok"}}.dump(), "application/json");
-      }
+    http::Server& h = *http_;
+    h.route("GET", "/health", [this](const http::Request&, http::Response& res, http::Connection&) {
+      res.status = ready_ ? 200 : 503;
+      res.body = json{{"status", ready_ ? "ok" : "loading"}}.dump();
     });
-    svr_.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) { res.set_content(metrics_text(), "text/plain; version=0.0.4"); });
-    svr_.Get("/v1/models", [this](const httplib::Request& req, httplib::Response& res) {
+    h.route("GET", "/metrics", [this](const http::Request& req, http::Response& res, http::Connection&) {
+      if (!opt_.metrics_public && !authorized(req, res)) return;
+      res.content_type = "text/plain; version=0.0.4";
+      res.body = metrics_text();
+    });
+    h.route("GET", "/v1/models", [this](const http::Request& req, http::Response& res, http::Connection&) {
       if (!authorized(req, res)) return;
       json m = {{"id", opt_.model_name}, {"object", "model"}, {"created", started_}, {"owned_by", "vkvlm"}};
-      res.set_content(json{{"object", "list"}, {"data", json::array({m})}}.dump(), "application/json");
+      res.body = json{{"object", "list"}, {"data", json::array({m})}}.dump();
       count(200);
     });
-    svr_.Post("/v1/chat/completions", [this](const httplib::Request& req, httplib::Response& res) { chat(req, res); });
+    h.route("POST", "/v1/chat/completions",
+            [this](const http::Request& req, http::Response& res, http::Connection& conn) { chat(req, res, conn); });
 
-    if (!svr_.bind_to_port(opt_.host, opt_.port)) {
-      std::fprintf(stderr, "vkvlm serve: error: cannot listen on %s:%d (in use, or not an address of this machine)\n",
-                   opt_.host.c_str(), opt_.port);
+    std::string why;
+    if (!h.bind(opt_.host, opt_.port, &why)) {
+      std::fprintf(stderr, "vkvlm serve: error: cannot listen on %s:%d: %s\n", opt_.host.c_str(), opt_.port, why.c_str());
       return 1;
     }
     std::fprintf(stderr, "vkvlm serve: listening on http://%s:%d (loading %s)\n", opt_.host.c_str(), opt_.port,
@@ -224,25 +244,21 @@ class Server {
     sigaddset(&set, SIGINT);
     sigaddset(&set, SIGTERM);
     pthread_sigmask(SIG_BLOCK, &set, nullptr);
-    std::thread loader([this] { load(); });
-    std::thread listener([this] { svr_.listen_after_bind(); });
+    std::thread loader([this] {
+      load();
+      if (load_failed_) http_->stop();
+    });
     std::thread watcher([this, set] {
       int sig = 0;
       sigwait(&set, &sig);
       stop_ = true;
-      svr_.stop();
+      http_->stop();
     });
+    h.run();
     loader.join();
-    if (load_failed_) {
-      svr_.stop();
-      listener.join();
-      pthread_kill(watcher.native_handle(), SIGTERM);
-      watcher.join();
-      return 1;
-    }
-    listener.join();
     if (!stop_) pthread_kill(watcher.native_handle(), SIGTERM);
     watcher.join();
+    if (load_failed_) return 1;
     std::fprintf(stderr, "vkvlm serve: stopped\n");
     // The GPU objects go before the context.
     sessions_.clear();
@@ -297,6 +313,9 @@ class Server {
   }
 
   // An image_url part's image: a data: URL, or a file inside --allow-local-files; never fetched.
+  // A local path is resolved whole (every symlink, at every step) and must end inside the
+  // folder; the answer is the same whether an outside file exists or not, and names no path of
+  // the server's.
   Image load_image_url(const std::string& url, const std::string& param) {
     if (url.rfind("data:", 0) == 0) {
       try {
@@ -308,20 +327,35 @@ class Server {
     if (url.rfind("http://", 0) == 0 || url.rfind("https://", 0) == 0)
       throw ApiError(400, "remote image URLs are not fetched; send the image as a data: URL (base64)", "invalid_request_error",
                      param, "invalid_image_url");
+    const size_t scheme = url.find("://");
+    if (scheme != std::string::npos && url.rfind("file://", 0) != 0)
+      throw ApiError(400, "image URLs with the scheme '" + url.substr(0, std::min<size_t>(scheme, 20)) +
+                              "' are not accepted (data: URLs, or file paths with --allow-local-files)",
+                     "invalid_request_error", param, "invalid_image_url");
     if (local_root_.empty())
       throw ApiError(400, "image_url must be a data: URL (local files need the server's --allow-local-files)",
                      "invalid_request_error", param, "invalid_image_url");
-    std::string path = url.rfind("file://", 0) == 0 ? url.substr(7) : url;
+    const std::string path = url.rfind("file://", 0) == 0 ? url.substr(7) : url;
+    if (path.empty() || path.find('\0') != std::string::npos)
+      throw ApiError(400, "the image path is empty or holds a NUL byte", "invalid_request_error", param, "invalid_image_url");
+    const ApiError outside(400, "no such image file in the folder the server allows", "invalid_request_error", param,
+                           "invalid_image_url");
     std::error_code ec;
-    fs::path p = fs::weakly_canonical(fs::path(path).is_absolute() ? fs::path(path) : local_root_ / path, ec);
-    auto rel = p.lexically_relative(local_root_);
-    if (ec || rel.empty() || *rel.begin() == "..")
-      throw ApiError(400, "image file " + path + " is outside the folder the server allows", "invalid_request_error", param,
-                     "invalid_image_url");
+    const fs::path real = fs::canonical(fs::path(path).is_absolute() ? fs::path(path) : local_root_ / path, ec);
+    if (ec) throw outside;
+    const fs::path rel = real.lexically_relative(local_root_);
+    if (rel.empty() || *rel.begin() == ".." || rel.is_absolute()) throw outside;
+    std::string bytes;
     try {
-      return load_image_file(p.string());
+      bytes = read_file_bounded(real.string(), ImageLimits{}.max_file_bytes, "image");
+    } catch (const std::exception&) {
+      throw ApiError(400, "the image file in the allowed folder cannot be read (not a regular file, or too large)",
+                     "invalid_request_error", param, "invalid_image");
+    }
+    try {
+      return decode_image(std::vector<uint8_t>(bytes.begin(), bytes.end()), "file " + rel.string());
     } catch (const std::exception& e) {
-      throw ApiError(400, std::string("image could not be loaded: ") + e.what(), "invalid_request_error", param, "invalid_image");
+      throw ApiError(400, std::string("image could not be decoded: ") + e.what(), "invalid_request_error", param, "invalid_image");
     }
   }
 
@@ -518,13 +552,14 @@ class Server {
     ~Admission() { --m.in_flight; }
   };
 
-  // Runs fn with the GPU, in arrival order.
+  // Runs fn with the GPU, in arrival order; none when the client left while waiting.
   template <typename F>
-  auto on_gpu(F&& fn) {
+  std::optional<GenerationResult> on_gpu(F&& fn, const std::function<bool()>& gone) {
     const uint64_t ticket = turns_.take();
     ++metrics_.queued;
-    turns_.wait(ticket);
+    const bool turn = turns_.wait(ticket, gone);
     --metrics_.queued;
+    if (!turn) return std::nullopt;
     struct Done {
       FifoTurns& t;
       ~Done() { t.done(); }
@@ -532,19 +567,34 @@ class Server {
     return fn();
   }
 
-  // Checks the API key inside the handlers, once the request (and its body) has been read, so a
-  // rejected request leaves its connection clean for the next one.
-  bool authorized(const httplib::Request& req, httplib::Response& res) {
+  // Checks the API key inside the handlers, once the request (and its body) has been read.
+  bool authorized(const http::Request& req, http::Response& res) {
     if (opt_.api_key.empty()) return true;
-    const std::string auth = req.get_header_value("Authorization");
-    if (auth == "Bearer " + opt_.api_key) return true;
+    const std::string auth = req.header("authorization");
+    if (bearer_matches(auth, opt_.api_key)) return true;
     set_error(res, ApiError(401, auth.empty() ? "missing API key: send 'Authorization: Bearer <key>'" : "incorrect API key",
                             "invalid_request_error", "", "invalid_api_key"));
     count(401);
     return false;
   }
 
-  void chat(const httplib::Request& req, httplib::Response& res) {
+  // A client that left (or a server shutting down): its generation stops, its turn and its
+  // admission go at once.
+  std::function<bool()> leaving(const http::Connection& conn) {
+    return [this, &conn] { return stop_ || conn.client_gone(); };
+  }
+
+  void cancelled(const GenerationResult* g) {
+    std::lock_guard<std::mutex> l(metrics_.m);
+    ++metrics_.cancelled;
+    ++metrics_.requests[499];  // the client closed the connection
+    if (g) {
+      metrics_.prompt_tokens += g->prompt_tokens.size();
+      metrics_.completion_tokens += g->tokens.size();
+    }
+  }
+
+  void chat(const http::Request& req, http::Response& res, http::Connection& conn) {
     if (!authorized(req, res)) return;
     auto admission = std::make_shared<Admission>(metrics_);
     try {
@@ -568,17 +618,26 @@ class Server {
                        "invalid_request_error", "messages", "context_length_exceeded");
       const std::string id = random_id();
       if (!r.stream) {
-        GenerationResult g = on_gpu([&] { return pick_session(prompt).generate(prompt, r.params); });
-        record(g);
-        res.set_content(completion_json(id, g, r.logprobs).dump(-1, ' ', false, json::error_handler_t::replace), "application/json");
+        const auto gone = leaving(conn);
+        auto g = on_gpu([&] {
+          return pick_session(prompt).generate(prompt, r.params, [&](const StepOutput&) { return !gone(); }, gone);
+        }, gone);
+        if (!g || g->finish_reason == "cancelled") {
+          cancelled(g ? &*g : nullptr);
+          res.status = 499;
+          return;
+        }
+        record(*g);
+        res.body = completion_json(id, *g, r.logprobs).dump(-1, ' ', false, json::error_handler_t::replace);
         count(200);
-        log_request(g, false);
+        log_request(*g, false);
         return;
       }
       // Streaming: the response starts now; generation runs as the body is written.
       auto shared = std::make_shared<std::pair<ChatRequest, Prompt>>(std::move(r), std::move(prompt));
-      res.set_header("Cache-Control", "no-cache");
-      res.set_chunked_content_provider("text/event-stream", [this, shared, id, admission](size_t, httplib::DataSink& sink) {
+      res.content_type = "text/event-stream";
+      res.headers.push_back({"Cache-Control", "no-cache"});
+      res.stream = [this, shared, id, admission](http::Stream& sink) {
         const auto& [cr, pr] = *shared;
         const int64_t created = now_seconds();
         auto chunk = [&](json delta, json finish, json logprobs) {
@@ -588,46 +647,42 @@ class Server {
           if (cr.include_usage) j["usage"] = nullptr;
           return "data: " + j.dump(-1, ' ', false, json::error_handler_t::replace) + "\n\n";
         };
-        auto send = [&](const std::string& s) { return sink.is_writable() && sink.write(s.data(), s.size()); };
-        bool alive = send(chunk({{"role", "assistant"}, {"content", ""}}, nullptr, nullptr));
-        GenerationResult g;
+        const auto gone = leaving(sink);
+        bool alive = sink.write(chunk({{"role", "assistant"}, {"content", ""}}, nullptr, nullptr));
+        std::optional<GenerationResult> g;
         try {
           g = on_gpu([&] {
             return pick_session(pr).generate(pr, cr.params, [&](const StepOutput& s) {
-              if (!alive) return false;
-              if (s.text.empty() && !cr.logprobs) return true;
+              if (!alive || stop_) return false;
+              if (s.text.empty() && !cr.logprobs) return !sink.client_gone();
               json lp = nullptr;
               if (cr.logprobs) lp = {{"content", logprob_list({s})}};
-              alive = send(chunk({{"content", s.text}}, nullptr, lp));
+              alive = sink.write(chunk({{"content", s.text}}, nullptr, lp));
               return alive;
-            });
-          });
+            }, gone);
+          }, gone);
         } catch (const std::exception& e) {
           // Too late for a status code: report in the stream's own error shape and end it.
-          std::string err = "data: " + error_body(e.what(), "server_error", "", "") + "\n\n";
-          send(err);
-          sink.done();
+          sink.write("data: " + error_body(e.what(), "server_error", "", "") + "\n\n");
           count(500);
-          return true;
+          return;
         }
-        record(g);
-        log_request(g, true);
-        if (g.finish_reason == "cancelled" || !alive) {
-          count(499);  // the client closed the connection
-          sink.done();
-          return false;
+        if (!g || g->finish_reason == "cancelled" || !alive) {
+          cancelled(g ? &*g : nullptr);
+          if (g) log_request(*g, true);
+          return;
         }
-        send(chunk(json::object(), g.finish_reason, nullptr));
+        record(*g);
+        log_request(*g, true);
+        sink.write(chunk(json::object(), g->finish_reason, nullptr));
         if (cr.include_usage) {
           json j = {{"id", id}, {"object", "chat.completion.chunk"}, {"created", created}, {"model", opt_.model_name},
-                    {"system_fingerprint", "vkvlm"}, {"choices", json::array()}, {"usage", usage(g)}};
-          send("data: " + j.dump() + "\n\n");
+                    {"system_fingerprint", "vkvlm"}, {"choices", json::array()}, {"usage", usage(*g)}};
+          sink.write("data: " + j.dump() + "\n\n");
         }
-        send("data: [DONE]\n\n");
-        sink.done();
+        sink.write("data: [DONE]\n\n");
         count(200);
-        return true;
-      });
+      };
     } catch (const ApiError& e) {
       set_error(res, e);
       count(e.status);
@@ -641,7 +696,7 @@ class Server {
 
   Options opt_;
   fs::path local_root_;
-  httplib::Server svr_;
+  std::unique_ptr<http::Server> http_;
   std::unique_ptr<gpu::Context> ctx_;
   std::unique_ptr<Model> model_;
   std::vector<std::unique_ptr<Session>> sessions_;
@@ -659,7 +714,7 @@ int run_serve(int argc, char** argv, int first) {
   Flags f(argc, argv, first,
           {{"model", true}, {"model-name", true}, {"host", true}, {"port", true}, {"api-key", true}, {"max-concurrency", true},
            {"ctx", true}, {"kv-slots", true}, {"allow-local-files", true}, {"max-images", true}, {"max-body-mb", true},
-           {"quantize", true}});
+           {"quantize", true}, {"metrics-public", false}, {"request-timeout", true}});
   Options o;
   o.model_dir = f.has("model") ? f.str("model") : default_model_dir();
   o.model_name = f.str("model-name");
@@ -672,6 +727,8 @@ int run_serve(int argc, char** argv, int first) {
   o.allow_local_files = f.str("allow-local-files");
   o.max_images = int(f.integer("max-images", 8, 0, 256));
   o.max_body_bytes = size_t(f.integer("max-body-mb", 64, 1, 4096)) << 20;
+  o.metrics_public = f.has("metrics-public");
+  o.request_seconds = double(f.integer("request-timeout", 30, 1, 3600));
   o.load.quantize = f.str("quantize");
   if (!o.load.quantize.empty() && o.load.quantize != "q4" && o.load.quantize != "q8")
     throw UsageError("--quantize takes q4 or q8, not '" + o.load.quantize + "'");

@@ -1,6 +1,6 @@
 #pragma once
 // `vkvlm serve`: an OpenAI-compatible HTTP server (chat completions with images, streaming,
-// models, health, Prometheus metrics) on cpp-httplib.
+// models, health, Prometheus metrics) on the HTTP layer in app/http.h.
 #include <cstdint>
 #include <string>
 
@@ -18,7 +18,9 @@ struct Options {
   int64_t context_tokens = 4096;  // KV cache size per conversation slot
   int kv_slots = 1;               // conversations whose KV caches are kept for reuse
   std::string allow_local_files;  // folder image_url file paths may come from (empty: none)
-  size_t max_body_bytes = 64ull << 20;
+  size_t max_body_bytes = 64ull << 20;  // whatever the framing (Content-Length or chunked)
+  double request_seconds = 30;          // to receive a request's headers and body, once it has begun
+  bool metrics_public = false;          // /metrics without the API key
   int max_images = 8;             // per request
   LoadOptions load;
 };

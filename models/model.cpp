@@ -336,11 +336,13 @@ void Session::ensure_rope(bool long_factors, int64_t positions) {
   rope_positions_ = rows;
 }
 
-void Session::prefill(const Prompt& prompt, const std::vector<Tensor>& features, int64_t from, int64_t to) {
+int64_t Session::prefill(const Prompt& prompt, const std::vector<Tensor>& features, int64_t from, int64_t to,
+                         const CancelCheck& cancelled) {
   const auto& lm = model_.lm();
   const int64_t E = lm.config().hidden_size, V = lm.config().vocab_size;
   const int comps = prompt.position_components;
   for (int64_t c0 = from; c0 < to;) {
+    if (cancelled && c0 > from && cancelled()) return c0;
     int64_t n = std::min(k_prefill_chunk, to - c0);
     // A bidirectional prefix's rows see each other: the rest of it goes in one pass.
     if (c0 < prompt.prefix_end) n = std::max(n, std::min(prompt.prefix_end, to) - c0);
@@ -369,6 +371,7 @@ void Session::prefill(const Prompt& prompt, const std::vector<Tensor>& features,
     rec.submit();
     c0 += n;
   }
+  return to;
 }
 
 int64_t Session::reusable_rows(const Prompt& prompt, bool long_factors) const {
@@ -384,7 +387,7 @@ int64_t Session::reusable_rows(const Prompt& prompt, bool long_factors) const {
   return common;
 }
 
-Session::Prepared Session::prepare(const Prompt& prompt) {
+Session::Prepared Session::prepare(const Prompt& prompt, const CancelCheck& cancelled) {
   const int64_t N = prompt.size();
   if (N == 0) fail("the prompt is empty");
   if (N >= capacity_)
@@ -407,18 +410,26 @@ Session::Prepared Session::prepare(const Prompt& prompt) {
   p.computed = N - p.reused;
   ensure_rope(need_long, largest + 1);
 
+  cached_keys_.resize(size_t(p.reused));
   auto t_img = std::chrono::steady_clock::now();
   p.features.resize(prompt.images.size());
-  for (auto& s : prompt.spans)
+  for (auto& s : prompt.spans) {
+    if (cancelled && cancelled()) {
+      p.cancelled = true;
+      return p;
+    }
     if (s.position + s.length > p.reused && !p.features[s.image].valid())
       p.features[s.image] = model_.vision()->encode(prompt.images[s.image]);
+  }
   p.image_seconds = seconds_since(t_img);
 
   auto t0 = std::chrono::steady_clock::now();
-  cached_keys_.resize(size_t(p.reused));
-  prefill(prompt, p.features, p.reused, N);
-  cached_keys_.assign(prompt.keys.begin(), prompt.keys.end());
-  cached_prefix_end_ = prompt.prefix_end;
+  const int64_t reached = prefill(prompt, p.features, p.reused, N, cancelled);
+  // A bidirectional prefix is only whole or nothing; causal rows are kept as far as they got.
+  const int64_t kept = reached < N && prompt.prefix_end > 0 ? 0 : reached;
+  cached_keys_.assign(prompt.keys.begin(), prompt.keys.begin() + kept);
+  cached_prefix_end_ = kept ? prompt.prefix_end : 0;
+  p.cancelled = reached < N;
   p.prefill_seconds = seconds_since(t0);
   return p;
 }
@@ -547,17 +558,22 @@ void Session::switch_to_long_factors(const Prompt& prompt, const std::vector<int
   cached_prefix_end_ = all.prefix_end;
 }
 
-GenerationResult Session::generate(const Prompt& prompt, const GenerationParams& params, const StepCallback& on_step) {
+GenerationResult Session::generate(const Prompt& prompt, const GenerationParams& params, const StepCallback& on_step,
+                                   const CancelCheck& cancelled) {
   params.validate();
   const auto& rope = model_.config().text.rope;
   const int64_t N = prompt.size();
   GenerationResult res;
   res.prompt_tokens = prompt.ids;
-  Prepared prep = prepare(prompt);
+  Prepared prep = prepare(prompt, cancelled);
   res.cached_tokens = prep.reused;
   res.prefill_tokens = prep.computed;
   res.image_seconds = prep.image_seconds;
   res.prefill_seconds = prep.prefill_seconds;
+  if (prep.cancelled) {
+    res.finish_reason = "cancelled";
+    return res;
+  }
 
   auto graphs = record_graphs(prompt, params);
   Sampler sampler(params.sampling);

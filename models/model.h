@@ -60,6 +60,9 @@ struct GenerationResult {
 
 // Called after each generated token; returning false stops generation ("cancelled").
 using StepCallback = std::function<bool(const StepOutput&)>;
+// Asked before the images and between prefill chunks; true stops before the first token (a
+// server's client that went away while its prompt was being read).
+using CancelCheck = std::function<bool()>;
 
 // Where a conversation's images go, in order: an image part that a caller supplies the image
 // for, an image_url part (its URL), or a placeholder written in text (e.g. <|image_1|>).
@@ -127,7 +130,8 @@ class Session {
   int64_t context_tokens() const { return capacity_; }
   // Generates a continuation of prompt. KV rows shared with the previous call's prompt and
   // output are reused. Throws (before touching the cache) when the prompt does not fit.
-  GenerationResult generate(const Prompt& prompt, const GenerationParams& params, const StepCallback& on_step = {});
+  GenerationResult generate(const Prompt& prompt, const GenerationParams& params, const StepCallback& on_step = {},
+                            const CancelCheck& cancelled = {});
   // Logits [vocab] at the last prompt position (fills the cache like generate does).
   std::vector<float> prompt_logits(const Prompt& prompt);
   // Forgets the cached conversation.
@@ -142,16 +146,19 @@ class Session {
     std::vector<gpu::Tensor> features;  // per image; computed for images the prefill needed
     int64_t reused = 0, computed = 0;
     double image_seconds = 0, prefill_seconds = 0;
+    bool cancelled = false;  // stopped before the whole prompt was in the cache
   };
   // Checks the prompt, reuses the cached prefix, encodes images and prefills the rest, leaving
   // the logits of the last prompt row in logits_.
-  Prepared prepare(const Prompt& prompt);
+  Prepared prepare(const Prompt& prompt, const CancelCheck& cancelled = {});
   // How many cached rows the prompt can keep.
   int64_t reusable_rows(const Prompt& prompt, bool long_factors) const;
   // The RoPE table for the current factors, covering positions [0, positions).
   void ensure_rope(bool long_factors, int64_t positions);
-  // Fills the cache for prompt rows [from, to) and leaves the logits of row to - 1.
-  void prefill(const Prompt& prompt, const std::vector<gpu::Tensor>& image_features, int64_t from, int64_t to);
+  // Fills the cache for prompt rows [from, to) and leaves the logits of row to - 1; returns the
+  // row it reached (before `to` only when `cancelled` said so between chunks).
+  int64_t prefill(const Prompt& prompt, const std::vector<gpu::Tensor>& image_features, int64_t from, int64_t to,
+                  const CancelCheck& cancelled = {});
   // Records the sampling tail and the decode step (replayed for every token).
   std::unique_ptr<DecodeGraphs> record_graphs(const Prompt& prompt, const GenerationParams& params);
   // This step's sampled token and what the caller asked to see of it.

@@ -4,8 +4,9 @@
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { spawn, execFileSync } from "node:child_process";
-import { readFileSync, writeFileSync, mkdtempSync } from "node:fs";
-import { createServer } from "node:net";
+import { readFileSync, writeFileSync, mkdtempSync, mkdirSync, symlinkSync, copyFileSync } from "node:fs";
+import { createServer, connect } from "node:net";
+import { deflateSync } from "node:zlib";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import OpenAI from "openai";
@@ -205,7 +206,7 @@ test("local image files only inside --allow-local-files", async () => {
     messages: [{ role: "user", content: [{ type: "image_url", image_url: { url: "../config.json" } }] }],
   }));
   assert.equal(e.status, 400);
-  assert.match(e.error.message, /outside the folder/);
+  assert.match(e.error.message, /no such image file in the folder the server allows/);
 });
 
 test("8 concurrent clients all get their own correct answers", async () => {
@@ -268,7 +269,7 @@ test("errors come in OpenAI's shape with the right status", async () => {
 
 test("a client that disconnects mid-stream stops its generation and frees its place", async () => {
   const metric = async (name) => {
-    const text = await (await fetch(`${demo.base}/metrics`)).text();
+    const text = await (await fetch(`${demo.base}/metrics`, { headers: { Authorization: `Bearer ${KEY}` } })).text();
     const line = text.split("\n").find((l) => l.startsWith(name + " "));
     return Number(line.split(" ")[1]);
   };
@@ -299,6 +300,162 @@ test("a client that disconnects mid-stream stops its generation and frees its pl
     model: "shapes-llava", temperature: 0, messages: [imageMessage("shapes_0.png", "How many shapes are there?")],
   });
   assert.equal(r.choices[0].message.content, "There is 1 shape.");
+});
+
+// ---- what a hostile client can try ------------------------------------------------------------
+
+// One raw HTTP exchange over a socket: what was written, and the status line that came back.
+function raw(port, chunks, { gapMs = 0, timeoutMs = 20000 } = {}) {
+  return new Promise((resolve) => {
+    const sock = connect(port, "127.0.0.1");
+    let data = "";
+    const done = (status) => { sock.destroy(); resolve({ status, data }); };
+    sock.on("data", (d) => { data += d.toString("latin1"); });
+    sock.on("error", () => done(Number((data.match(/^HTTP\/1\.1 (\d+)/) || [])[1]) || -1));
+    sock.on("close", () => done(Number((data.match(/^HTTP\/1\.1 (\d+)/) || [])[1]) || -1));
+    setTimeout(() => done(-2), timeoutMs);
+    sock.on("connect", async () => {
+      for (const c of chunks) {
+        if (sock.destroyed) return;
+        const ok = sock.write(c);
+        if (!ok) await new Promise((r) => sock.once("drain", r));
+        if (gapMs) await new Promise((r) => setTimeout(r, gapMs));
+      }
+    });
+  });
+}
+
+// A PNG of w x h gray pixels, written here (stored, uncompressed deflate is enough).
+function grayPng(w, h) {
+  const crcTable = Array.from({ length: 256 }, (_, n) => {
+    let c = n;
+    for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
+    return c >>> 0;
+  });
+  const crc = (buf) => { let c = 0xffffffff; for (const b of buf) c = crcTable[(c ^ b) & 255] ^ (c >>> 8); return (c ^ 0xffffffff) >>> 0; };
+  const chunk = (type, data) => {
+    const len = Buffer.alloc(4); len.writeUInt32BE(data.length);
+    const td = Buffer.concat([Buffer.from(type), data]);
+    const c = Buffer.alloc(4); c.writeUInt32BE(crc(td));
+    return Buffer.concat([len, td, c]);
+  };
+  const ihdr = Buffer.alloc(13);
+  ihdr.writeUInt32BE(w, 0); ihdr.writeUInt32BE(h, 4); ihdr[8] = 8; ihdr[9] = 0;
+  const rows = Buffer.alloc((w + 1) * h, 128);
+  for (let y = 0; y < h; y++) rows[y * (w + 1)] = 0;
+  return Buffer.concat([Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]), chunk("IHDR", ihdr),
+                        chunk("IDAT", deflateSync(rows)), chunk("IEND", Buffer.alloc(0))]);
+}
+
+const peakRssKiB = (pid) => Number(readFileSync(`/proc/${pid}/status`, "utf8").match(/VmHWM:\s+(\d+)/)[1]);
+
+test("hardening: bodies, paths, slow clients, leaving clients, narrow images, metrics", async () => {
+  // A folder the server may read, with links that lead out of it.
+  const allow = join(tmp, "allow");
+  mkdirSync(join(allow, "sub"), { recursive: true });
+  mkdirSync(join(tmp, "outside"), { recursive: true });
+  copyFileSync(join(DEMO, "examples", "shapes_0.png"), join(allow, "inside.png"));
+  copyFileSync(join(DEMO, "examples", "shapes_0.png"), join(tmp, "outside", "secret.png"));
+  symlinkSync(join(tmp, "outside", "secret.png"), join(allow, "link_out.png"));
+  symlinkSync(join(tmp, "outside"), join(allow, "link_dir"));
+  const s = await startServer(DEMO, ["--ctx", "512", "--allow-local-files", allow, "--max-body-mb", "2", "--request-timeout", "3",
+                                     "--max-concurrency", "4"]);
+  const auth = { Authorization: `Bearer ${KEY}`, "Content-Type": "application/json" };
+  const ask = (url) => fetch(`${s.base}/v1/chat/completions`, { method: "POST", headers: auth, body: JSON.stringify({
+    max_tokens: 4, messages: [{ role: "user", content: [{ type: "image_url", image_url: { url } }, { type: "text", text: "Hi" }] }] }) });
+  try {
+    // 1. Paths: links out of the folder are refused, with the same answer whether the outside
+    // file exists or not, naming no path of the server's; other schemes and NUL bytes too.
+    assert.equal((await ask("inside.png")).status, 200);
+    const refused = [];
+    for (const url of ["nonexistent/../link_out.png", `file://${allow}/nonexistent/../link_out.png`, "nonexistent/../link_dir/secret.png",
+                       "link_out.png", "link_dir/secret.png", "../outside/secret.png", "../outside/absent.png", join(tmp, "outside", "secret.png")]) {
+      const r = await ask(url);
+      assert.equal(r.status, 400, url);
+      const body = await r.json();
+      refused.push(body.error.message);
+      assert.ok(!body.error.message.includes(tmp), `the answer names a server path: ${body.error.message}`);
+    }
+    assert.equal(new Set(refused).size, 1, "every refusal reads the same");
+    for (const url of ["ftp://127.0.0.1/x.png", "gopher://x/y.png", "inside.png\u0000.txt"]) {
+      const r = await ask(url);
+      assert.equal(r.status, 400, url);
+      const body = await r.json();
+      assert.ok(!body.error.message.includes(tmp), body.error.message);
+    }
+    // 2. A chunked body over the limit gets 413 while it arrives; the server does not swallow it.
+    const rssBefore = peakRssKiB(s.proc.pid);
+    const head = `POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEY}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n`;
+    const piece = "x".repeat(1 << 20);
+    const chunks = [head];
+    for (let i = 0; i < 150; i++) chunks.push(`${piece.length.toString(16)}\r\n${piece}\r\n`);
+    const t0 = Date.now();
+    const big = await raw(s.port, chunks);
+    assert.equal(big.status, 413, big.data.slice(0, 200));
+    assert.ok(Date.now() - t0 < 10000, "the refusal comes while the body is still arriving");
+    assert.ok(peakRssKiB(s.proc.pid) - rssBefore < 64 * 1024, "the oversized body was not kept");
+    // 3. A narrow image (1 x 20000) costs what its crop costs, not its 336 x 6.7M resize.
+    const narrow = `data:image/png;base64,${grayPng(1, 20000).toString("base64")}`;
+    const rss0 = peakRssKiB(s.proc.pid);
+    const nr = await ask(narrow);
+    assert.equal(nr.status, 200, await nr.text());
+    assert.ok(peakRssKiB(s.proc.pid) - rss0 < 200 * 1024, "a narrow image's peak memory stays small");
+    // 4. Slow clients: 40 connections that trickle their headers never lock /health out, and
+    // each is closed once the request time limit passes.
+    const slow = Array.from({ length: 40 }, () => raw(s.port, ["POST /v1/chat/completions HTTP/1.1\r\n",
+      ...Array.from({ length: 30 }, (_, i) => `X-Slow-${i}: 1\r\n`)], { gapMs: 500, timeoutMs: 30000 }));
+    await new Promise((r) => setTimeout(r, 500));
+    for (let i = 0; i < 5; i++) {
+      const t = Date.now();
+      const h = await fetch(`${s.base}/health`);
+      assert.equal(h.status, 200);
+      assert.ok(Date.now() - t < 1000, "/health answers under the flood");
+      await new Promise((r) => setTimeout(r, 300));
+    }
+    const slowEnds = await Promise.all(slow);
+    for (const e of slowEnds) assert.equal(e.status, 408, "a request that does not arrive in time is closed with 408");
+    // 5. Clients that leave while queued give their admission back at once: a burst whose
+    // clients all leave early does not keep the next ones out.
+    const leaving = Array.from({ length: 12 }, () => {
+      const c = new AbortController();
+      const p = fetch(`${s.base}/v1/chat/completions`, { method: "POST", headers: auth, signal: c.signal,
+        body: JSON.stringify({ max_tokens: 400, ignore_eos: true, stream: true, messages: [{ role: "user", content: "red" }] }) })
+        .catch(() => null);
+      setTimeout(() => c.abort(), 150);
+      return p;
+    });
+    await Promise.all(leaving);
+    const metric = async (name) => {
+      const text = await (await fetch(`${s.base}/metrics`, { headers: auth })).text();
+      return Number(text.split("\n").find((l) => l.startsWith(name + " ")).split(" ")[1]);
+    };
+    let inFlight = await metric("vkvlm_requests_in_flight");
+    for (let i = 0; i < 50 && inFlight > 0; i++) {
+      await new Promise((r) => setTimeout(r, 100));
+      inFlight = await metric("vkvlm_requests_in_flight");
+    }
+    assert.equal(inFlight, 0, "every leaving client's admission was freed");
+    const after = await Promise.all([0, 1, 2].map(() => s.client.chat.completions.create({
+      model: "shapes-llava", temperature: 0, max_tokens: 8, messages: [imageMessage("shapes_0.png", "How many shapes are there?")] })));
+    for (const r of after) assert.equal(r.choices[0].message.content, "There is 1 shape.");
+    // 6. /metrics needs the key (as /v1 does); the scheme is case-insensitive.
+    assert.equal((await fetch(`${s.base}/metrics`)).status, 401);
+    assert.equal((await fetch(`${s.base}/metrics`, { headers: { Authorization: `bearer ${KEY}` } })).status, 200);
+    assert.equal((await fetch(`${s.base}/v1/models`, { headers: { Authorization: `BEARER ${KEY}` } })).status, 200);
+    assert.equal((await fetch(`${s.base}/v1/models`, { headers: { Authorization: `Basic ${KEY}` } })).status, 401);
+  } finally {
+    await stopServer(s);
+  }
+});
+
+test("--metrics-public opens /metrics alone", async () => {
+  const s = await startServer(DEMO, ["--ctx", "256", "--metrics-public"]);
+  try {
+    assert.equal((await fetch(`${s.base}/metrics`)).status, 200);
+    assert.equal((await fetch(`${s.base}/v1/models`)).status, 401);
+  } finally {
+    await stopServer(s);
+  }
 });
 
 test("a fixture model answers as vkvlm generate does, with logprobs", async () => {
