@@ -44,7 +44,19 @@ Value::Value(int64_t v) : kind_(Kind::Int), i_(v) {}
 Value::Value(double v) : kind_(Kind::Float), f_(v) {}
 Value::Value(const char* s) : kind_(Kind::String), s_(s) {}
 Value::Value(std::string s) : kind_(Kind::String), s_(std::move(s)) {}
-Value::Value(List l) : kind_(Kind::List), list_(std::make_shared<List>(std::move(l))) {}
+Value::Value(List l) : kind_(Kind::List), list_(std::make_shared<List>(std::move(l))) {
+  for (auto& x : *list_) depth_ = std::max(depth_, x.depth_);
+  if (++depth_ > max_nesting) fail("the template built lists nested deeper than ", max_nesting, " levels");
+}
+
+Value& Value::update_depth() {
+  if (kind_ != Kind::Dict) return *this;
+  int d = 0;
+  for (auto& [k, x] : dict_->items) d = std::max(d, x.depth_);
+  depth_ = d + 1;
+  if (depth_ > max_nesting) fail("the template built values nested deeper than ", max_nesting, " levels");
+  return *this;
+}
 Value Value::dict() {
   Value v;
   v.kind_ = Kind::Dict;
@@ -60,7 +72,8 @@ Value Value::function(Function f) {
 
 namespace {
 template <typename Json>
-Value value_from_json(const Json& j) {
+Value value_from_json(const Json& j, int depth = 0) {
+  if (depth > Value::max_nesting) fail("the template's input is nested deeper than ", Value::max_nesting, " levels");
   switch (j.type()) {
     case Json::value_t::null: return Value::none();
     case Json::value_t::boolean: return Value(j.template get<bool>());
@@ -70,13 +83,13 @@ Value value_from_json(const Json& j) {
     case Json::value_t::string: return Value(j.template get<std::string>());
     case Json::value_t::array: {
       List l;
-      for (auto& x : j) l.push_back(value_from_json(x));
+      for (auto& x : j) l.push_back(value_from_json(x, depth + 1));
       return Value(std::move(l));
     }
     case Json::value_t::object: {
       Value d = Value::dict();
-      for (auto& [k, x] : j.items()) d.dict_ref().set(k, value_from_json(x));
-      return d;
+      for (auto& [k, x] : j.items()) d.dict_ref().set(k, value_from_json(x, depth + 1));
+      return d.update_depth();
     }
     default: return Value::none();
   }
@@ -258,9 +271,25 @@ void python_json(std::string& out, const Value& v, int indent, int depth, const 
   }
 }
 
+// Walks over values (repr, tojson, comparisons) go no deeper than this: a namespace can hold
+// itself, which would otherwise recurse without end.
+thread_local int g_walk_depth = 0;
+struct WalkGuard {
+  WalkGuard() {
+    if (++g_walk_depth > 2 * Value::max_nesting) {
+      g_walk_depth = 0;
+      fail("the template's values are nested too deeply (or hold themselves) to be printed or compared");
+    }
+  }
+  ~WalkGuard() {
+    if (g_walk_depth > 0) --g_walk_depth;
+  }
+};
+
 }  // namespace
 
 std::string Value::repr() const {
+  const WalkGuard guard;
   switch (kind_) {
     case Kind::Undefined: return "";
     case Kind::None: return "None";
@@ -293,6 +322,7 @@ std::string Value::to_output() const {
 }
 
 nlohmann::json Value::to_json() const {
+  const WalkGuard guard;
   switch (kind_) {
     case Kind::Undefined: case Kind::None: return nullptr;
     case Kind::Bool: return b_;
@@ -332,7 +362,6 @@ struct Segment {
   int line;
 };
 
-int line_of(const std::string& src, size_t pos) { return 1 + int(std::count(src.begin(), src.begin() + long(pos), '\n')); }
 
 // Finds the end delimiter of a tag, skipping string literals inside it.
 size_t find_tag_end(const std::string& src, size_t from, const char* end) {
@@ -368,6 +397,15 @@ std::vector<Segment> segment(const std::string& src, const std::string& name) {
   std::vector<Segment> out;
   std::string text;
   size_t pos = 0;
+  // Lines are counted as the scan moves forward (counting from the start at every tag would
+  // take quadratic time on a large template).
+  size_t counted_to = 0;
+  int counted_line = 1;
+  auto line_at = [&](size_t at) {
+    counted_line += int(std::count(src.begin() + long(counted_to), src.begin() + long(at), '\n'));
+    counted_to = at;
+    return counted_line;
+  };
   bool strip_next = false;  // a '-' closed the previous tag
   bool trim_newline = false;
   auto flush_text = [&]() {
@@ -396,7 +434,7 @@ std::vector<Segment> segment(const std::string& src, const std::string& name) {
     text += chunk;
     if (open >= src.size()) break;
     const char kind = src[open + 1];
-    const int line = line_of(src, open);
+    const int line = line_at(open);
     size_t inner = open + 2;
     bool left_minus = false, left_plus = false;
     if (inner < src.size() && src[inner] == '-') {
@@ -614,6 +652,37 @@ struct Context {
   std::string out;
   std::string name;
 
+  // What one render may take. Chat templates take a few thousand steps and produce a few
+  // kilobytes; these are far past any of them and far short of hurting the process.
+  static constexpr int64_t max_steps = 1'000'000;   // statements run and loop iterations
+  static constexpr size_t max_output = 16u << 20;   // bytes rendered
+  static constexpr size_t max_string = 16u << 20;   // bytes in one string value
+  static constexpr size_t max_list = 1u << 20;      // items in one list value
+  static constexpr int max_calls = 64;              // macro calls inside macro calls
+  static constexpr uint64_t max_bytes_made = 256u << 20;  // bytes of strings and lists built, all told
+  int64_t steps = 0;
+  int calls = 0;
+  uint64_t bytes_made = 0;
+
+  void charge(uint64_t bytes, int line) {
+    bytes_made += bytes;
+    if (bytes_made > max_bytes_made) error(line, "the template built more than 256 MiB of strings and lists");
+  }
+
+  void step(int line) {
+    if (++steps > max_steps) error(line, "the template ran more than 1000000 steps (a loop that is too long?)");
+  }
+  void check_output(int line) {
+    if (out.size() > max_output) error(line, "the template rendered more than 16 MiB");
+  }
+  // A value a template computed: strings and lists within their limits.
+  const Value& checked(const Value& v, int line) {
+    if (v.is_string() && v.str().size() > max_string) error(line, "the template built a string longer than 16 MiB");
+    if (v.is_list() && v.list().size() > max_list) error(line, "the template built a list of more than 1048576 items");
+    charge(v.is_string() ? v.str().size() : v.is_list() ? v.list().size() * sizeof(Value) : 0, line);
+    return v;
+  }
+
   Value lookup(const std::string& n) const {
     for (auto it = scopes.rbegin(); it != scopes.rend(); ++it) {
       auto f = (*it)->vars.find(n);
@@ -630,6 +699,7 @@ Flow exec_body(const std::vector<std::unique_ptr<Template::Node>>& body, Context
 // ---- value operations -------------------------------------------------------------------------
 
 bool equals(const Value& a, const Value& b) {
+  const WalkGuard guard;
   if (a.is_number() && b.is_number()) return a.as_float() == b.as_float();
   if (a.kind() == Value::Kind::Bool && b.is_number()) return double(a.truthy()) == b.as_float();
   if (b.kind() == Value::Kind::Bool && a.is_number()) return double(b.truthy()) == a.as_float();
@@ -659,6 +729,7 @@ bool equals(const Value& a, const Value& b) {
 }
 
 int compare(const Value& a, const Value& b, int line, Context& ctx) {
+  const WalkGuard guard;
   if (a.is_number() && b.is_number()) {
     double x = a.as_float(), y = b.as_float();
     return x < y ? -1 : x > y ? 1 : 0;
@@ -948,30 +1019,19 @@ Value method(const Value& obj, const std::string& name, int line, Context& ctx) 
         Value* v = k.is_string() ? o.dict_ref().find(k.str()) : nullptr;
         return v ? *v : a.get(1, "default", Value::none());
       });
-    if (name == "update")
-      return bind([](const Value& o, Args& a) {
-        Value other = a.get(0, "other");
-        if (other.is_dict())
-          for (auto& [k, v] : other.dict_ref().items) o.dict_ref().set(k, v);
-        for (auto& [k, v] : a.keyword) o.dict_ref().set(k, v);
-        return Value::none();
-      });
-  } else if (obj.is_list()) {
-    if (name == "append")
-      return bind([](const Value& o, Args& a) {
-        o.list().push_back(a.get(0, "item"));
-        return Value::none();
-      });
-    if (name == "pop")
-      return bind([](const Value& o, Args& a) {
-        if (o.list().empty()) fail("pop() from an empty list");
-        int64_t i = a.get(0, "index", Value(int64_t(-1))).as_int();
-        if (i < 0) i += int64_t(o.list().size());
-        if (i < 0 || i >= int64_t(o.list().size())) fail("pop() index out of range");
-        Value v = o.list()[size_t(i)];
-        o.list().erase(o.list().begin() + long(i));
-        return v;
-      });
+  }
+  // transformers renders in Jinja2's immutable sandbox: methods that change a list or a dict
+  // are refused (SecurityError there), so templates cannot build cycles or grow values in place.
+  static const char* mutating_list[] = {"append", "extend", "insert", "pop", "remove", "reverse", "sort", "clear"};
+  static const char* mutating_dict[] = {"clear", "pop", "popitem", "setdefault", "update"};
+  if ((obj.is_list() && std::find(std::begin(mutating_list), std::end(mutating_list), name) != std::end(mutating_list)) ||
+      (obj.is_dict() && !obj.namespace_object() &&
+       std::find(std::begin(mutating_dict), std::end(mutating_dict), name) != std::end(mutating_dict))) {
+    const std::string what = "access to attribute '" + name + "' of '" + (obj.is_list() ? "list" : "dict") +
+                             "' object is unsafe (chat templates render in an immutable sandbox)";
+    return Value::function([what](Args&) -> Value { fail(what); });
+  }
+  if (obj.is_list()) {
     if (name == "index")
       return bind([](const Value& o, Args& a) {
         Value x = a.get(0, "value");
@@ -1053,7 +1113,7 @@ struct DictExpr : Expr {
       if (!key.is_string()) ctx.error(line, "dict keys must be strings");
       d.dict_ref().set(key.str(), v->eval(ctx));
     }
-    return d;
+    return d.update_depth();
   }
 };
 struct AttrExpr : Expr {
@@ -1088,7 +1148,7 @@ struct CallExpr : Expr {
   Value eval(Context& ctx) const override {
     Value f = callee->eval(ctx);
     Args a = args.eval(ctx);
-    return call_value(f, a, line, ctx);
+    return ctx.checked(call_value(f, a, line, ctx), line);
   }
 };
 
@@ -1102,7 +1162,7 @@ struct FilterExpr : Expr {
   Value eval(Context& ctx) const override {
     Value v = input->eval(ctx);
     Args a = args.eval(ctx);
-    return apply_filter(name, v, a, line, ctx);
+    return ctx.checked(apply_filter(name, v, a, line, ctx), line);
   }
 };
 struct TestExpr : Expr {
@@ -1130,63 +1190,89 @@ struct UnaryExpr : Expr {
     Value v = e->eval(ctx);
     if (op == "not") return Value(!v.truthy());
     if (!v.is_number()) ctx.error(line, "unary " + op + " needs a number, not " + v.type_name());
+    if (op == "-" && v.kind() == Value::Kind::Int && v.as_int() == INT64_MIN)
+      ctx.error(line, "integer overflow in unary - (the result does not fit 64 bits)");
     if (op == "-") return v.kind() == Value::Kind::Int ? Value(-v.as_int()) : Value(-v.as_float());
     return v;
   }
 };
 
 Value arith(const std::string& op, const Value& a, const Value& b, int line, Context& ctx) {
-  if (op == "~") return Value(a.to_output() + b.to_output());
+  if (op == "~") {
+    const std::string x = a.to_output(), y = b.to_output();
+    if (x.size() + y.size() > Context::max_string) ctx.error(line, "the template built a string longer than 16 MiB");
+    ctx.charge(x.size() + y.size(), line);
+    return Value(x + y);
+  }
   if (op == "+") {
-    if (a.is_string() && b.is_string()) return Value(a.str() + b.str());
+    if (a.is_string() && b.is_string()) {
+      if (a.str().size() + b.str().size() > Context::max_string) ctx.error(line, "the template built a string longer than 16 MiB");
+      ctx.charge(a.str().size() + b.str().size(), line);
+      return Value(a.str() + b.str());
+    }
     if (a.is_list() && b.is_list()) {
+      if (a.list().size() + b.list().size() > Context::max_list) ctx.error(line, "the template built a list of more than 1048576 items");
+      ctx.charge((a.list().size() + b.list().size()) * sizeof(Value), line);
       List l = a.list();
       l.insert(l.end(), b.list().begin(), b.list().end());
       return Value(l);
     }
   }
-  if (op == "*" && a.is_string() && b.kind() == Value::Kind::Int) {
-    std::string s;
-    for (int64_t i = 0; i < b.as_int(); ++i) s += a.str();
-    return Value(s);
-  }
-  if (op == "*" && a.is_list() && b.kind() == Value::Kind::Int) {
+  // Repetition: the size is checked before anything is built.
+  if (op == "*" && (a.is_string() || a.is_list()) && b.kind() == Value::Kind::Int) {
+    const int64_t times = std::max<int64_t>(0, b.as_int());
+    const size_t unit = a.is_string() ? a.str().size() : a.list().size();
+    const size_t limit = a.is_string() ? Context::max_string : Context::max_list;
+    if (unit && uint64_t(times) > limit / unit) ctx.error(line, a.is_string() ? "the template built a string longer than 16 MiB"
+                                                                              : "the template built a list of more than 1048576 items");
+    ctx.charge(unit * size_t(times) * (a.is_string() ? 1 : sizeof(Value)), line);
+    if (a.is_string()) {
+      std::string s;
+      s.reserve(unit * size_t(times));
+      for (int64_t i = 0; i < times; ++i) s += a.str();
+      return Value(s);
+    }
     List l;
-    for (int64_t i = 0; i < b.as_int(); ++i) l.insert(l.end(), a.list().begin(), a.list().end());
+    for (int64_t i = 0; i < times; ++i) l.insert(l.end(), a.list().begin(), a.list().end());
     return Value(l);
   }
   const bool numeric = (a.is_number() || a.kind() == Value::Kind::Bool) && (b.is_number() || b.kind() == Value::Kind::Bool);
-  if (!numeric) {
-    auto describe = [](const Value& v) { return v.is_undefined() ? v.type_name() : v.type_name(); };
-    ctx.error(line, "unsupported operand types for " + op + ": " + describe(a) + " and " + describe(b));
-  }
+  if (!numeric) ctx.error(line, "unsupported operand types for " + op + ": " + a.type_name() + " and " + b.type_name());
   const bool ints = a.kind() != Value::Kind::Float && b.kind() != Value::Kind::Float;
   if (op == "/") {
     if (b.as_float() == 0) ctx.error(line, "division by zero");
     return Value(a.as_float() / b.as_float());
   }
   if (ints) {
-    int64_t x = a.as_int(), y = b.as_int();
-    if (op == "+") return Value(x + y);
-    if (op == "-") return Value(x - y);
-    if (op == "*") return Value(x * y);
+    // Python's integers do not overflow; 64 bits do: an overflow is an error, not a wrong number.
+    const int64_t x = a.as_int(), y = b.as_int();
+    int64_t r = 0;
+    auto overflow = [&]() -> Value { ctx.error(line, "integer overflow in " + op + " (the result does not fit 64 bits)"); };
+    if (op == "+") return __builtin_add_overflow(x, y, &r) ? overflow() : Value(r);
+    if (op == "-") return __builtin_sub_overflow(x, y, &r) ? overflow() : Value(r);
+    if (op == "*") return __builtin_mul_overflow(x, y, &r) ? overflow() : Value(r);
     if (op == "//" || op == "%") {
       if (y == 0) ctx.error(line, "division by zero");
-      int64_t q = x / y, r = x % y;
-      if (r != 0 && ((r < 0) != (y < 0))) {
+      if (x == INT64_MIN && y == -1) return op == "//" ? overflow() : Value(int64_t(0));
+      int64_t q = x / y, rem = x % y;
+      if (rem != 0 && ((rem < 0) != (y < 0))) {
         --q;
-        r += y;
+        rem += y;
       }
-      return op == "//" ? Value(q) : Value(r);
+      return op == "//" ? Value(q) : Value(rem);
     }
     if (op == "**") {
       if (y < 0) return Value(std::pow(double(x), double(y)));
+      if (x == 0) return Value(int64_t(y == 0 ? 1 : 0));
+      if (x == 1) return Value(int64_t(1));
+      if (x == -1) return Value(int64_t(y % 2 ? -1 : 1));
       int64_t p = 1;
-      for (int64_t i = 0; i < y; ++i) p *= x;
+      for (int64_t i = 0; i < y; ++i)  // |x| >= 2 overflows within 63 rounds
+        if (__builtin_mul_overflow(p, x, &p)) return overflow();
       return Value(p);
     }
   }
-  double x = a.as_float(), y = b.as_float();
+  const double x = a.as_float(), y = b.as_float();
   if (op == "+") return Value(x + y);
   if (op == "-") return Value(x - y);
   if (op == "*") return Value(x * y);
@@ -1516,6 +1602,9 @@ bool apply_test(const std::string& name, const Value& v, Args& a, int line, Cont
 
 // ---- parser -------------------------------------------------------------------------------
 
+// Expressions and blocks nest at most this deep: parsing and evaluating recurse once per level.
+constexpr int k_max_parse_depth = 100;
+
 class ExprParser {
  public:
   ExprParser(std::vector<Token> toks, int line, std::string where) : t_(std::move(toks)), line_(line), where_(std::move(where)) {}
@@ -1570,7 +1659,15 @@ class ExprParser {
   }
 
  private:
+  struct Nest {
+    ExprParser& p;
+    explicit Nest(ExprParser& pp) : p(pp) {
+      if (++p.depth_ > k_max_parse_depth) p.error("the expression nests deeper than 100 levels");
+    }
+    ~Nest() { --p.depth_; }
+  };
   ExprPtr parse_cond() {
+    const Nest nest(*this);
     ExprPtr e = parse_or();
     while (is_name("if")) {
       ++p_;
@@ -1600,6 +1697,7 @@ class ExprParser {
     return e;
   }
   ExprPtr parse_not() {
+    const Nest nest(*this);
     if (is_name("not")) {
       ++p_;
       auto u = make<UnaryExpr>();
@@ -1658,6 +1756,7 @@ class ExprParser {
   }
   // As Jinja2: in `-x | f` the filter applies to -x.
   ExprPtr parse_unary(bool with_filters = true) {
+    const Nest nest(*this);
     ExprPtr e;
     if (peek().type == Token::Op && (peek().text == "-" || peek().text == "+")) {
       auto u = make<UnaryExpr>();
@@ -1834,6 +1933,7 @@ class ExprParser {
   size_t p_ = 0;
   int line_;
   std::string where_;
+  int depth_ = 0;
 };
 
 using NodePtr = std::unique_ptr<Template::Node>;
@@ -1851,6 +1951,11 @@ class Parser {
  private:
   // Parses nodes until a statement whose first word is in `until`; that word goes to `stopped`.
   std::vector<NodePtr> parse_body(const std::vector<std::string>& until, std::string& stopped) {
+    if (++depth_ > k_max_parse_depth) fail(name_, ": blocks nest deeper than 100 levels");
+    struct Leave {
+      int& d;
+      ~Leave() { --d; }
+    } leave{depth_};
     std::vector<NodePtr> out;
     while (pos_ < segs_.size()) {
       const Segment& s = segs_[pos_];
@@ -2040,6 +2145,7 @@ class Parser {
   std::vector<Segment> segs_;
   size_t pos_ = 0;
   std::string name_;
+  int depth_ = 0;
 };
 
 
@@ -2096,12 +2202,15 @@ Value apply_filter_chain(const Expr& chain, const std::string& text, Context& ct
 
 Flow exec_node(const Template::Node& n, Context& ctx) {
   using K = Template::Node;
+  ctx.step(n.line);
   switch (n.kind) {
     case K::Text:
       ctx.out += n.text;
+      ctx.check_output(n.line);
       return Flow::Normal;
     case K::Output:
       ctx.out += n.expr->eval(ctx).to_output();
+      ctx.check_output(n.line);
       return Flow::Normal;
     case K::If:
       for (auto& [cond, body] : n.branches)
@@ -2112,6 +2221,7 @@ Flow exec_node(const Template::Node& n, Context& ctx) {
       List items;
       if (n.filter_cond) {
         for (auto& x : all) {
+          ctx.step(n.line);
           ctx.scopes.push_back(std::make_shared<Scope>());
           assign_targets(ctx, n.targets, x, n.line);
           bool keep = n.filter_cond->eval(ctx).truthy();
@@ -2123,6 +2233,7 @@ Flow exec_node(const Template::Node& n, Context& ctx) {
       }
       if (items.empty()) return exec_body(n.else_body, ctx);
       for (size_t i = 0; i < items.size(); ++i) {
+        ctx.step(n.line);
         ctx.scopes.push_back(std::make_shared<Scope>());
         ctx.set("loop", make_loop(i, items));
         assign_targets(ctx, n.targets, items[i], n.line);
@@ -2139,6 +2250,7 @@ Flow exec_node(const Template::Node& n, Context& ctx) {
         if (!ns.is_dict() || !ns.namespace_object())
           ctx.error(n.line, "'" + n.text + "' is not a namespace(); cannot set ." + n.attr);
         ns.dict_ref().set(n.attr, v);
+        ns.update_depth();
       } else if (!n.targets.empty()) {
         assign_targets(ctx, n.targets, v, n.line);
       }
@@ -2155,6 +2267,13 @@ Flow exec_node(const Template::Node& n, Context& ctx) {
       // Macros see the scopes where they were defined (template globals) plus their arguments.
       auto defining = ctx.scopes;
       ctx.set(n.text, Value::function([mp, defining, &ctx](Args& a) {
+        if (ctx.calls >= Context::max_calls)
+          ctx.error(mp->line, "macro " + mp->text + " is called more than 64 calls deep (endless recursion?)");
+        struct Depth {
+          int& calls;
+          explicit Depth(int& c) : calls(c) { ++calls; }
+          ~Depth() { --calls; }
+        } depth(ctx.calls);
         std::vector<std::shared_ptr<Scope>> saved = ctx.scopes;
         ctx.scopes = defining;
         ctx.scopes.push_back(std::make_shared<Scope>());
@@ -2182,6 +2301,7 @@ Flow exec_node(const Template::Node& n, Context& ctx) {
     case K::FilterBlock: {
       std::string text = render_body(n.body, ctx);
       ctx.out += apply_filter_chain(*n.filter_call, text, ctx).to_output();
+      ctx.check_output(n.line);
       return Flow::Normal;
     }
     case K::Generation: return exec_body(n.body, ctx);
@@ -2214,11 +2334,12 @@ std::shared_ptr<Scope> globals() {
       fail("range() needs arguments");
     }
     if (step == 0) fail("range() step cannot be zero");
+    // The length first (in 128 bits: the bounds may be anything), against the list limit.
+    const __int128 span = step > 0 ? __int128(stop) - start : __int128(start) - stop;
+    const __int128 n = span <= 0 ? 0 : (span + (step > 0 ? step : -__int128(step)) - 1) / (step > 0 ? step : -__int128(step));
+    if (n > __int128(Context::max_list)) fail("range() of more than 1048576 items");
     List l;
-    for (int64_t i = start; step > 0 ? i < stop : i > stop; i += step) {
-      l.push_back(Value(i));
-      if (l.size() > 1000000) fail("range() is too long");
-    }
+    for (int64_t i = 0; i < int64_t(n); ++i) l.push_back(Value(start + i * step));
     return Value(l);
   });
   g->vars["namespace"] = Value::function([](Args& a) {
@@ -2227,12 +2348,12 @@ std::shared_ptr<Scope> globals() {
     if (!a.positional.empty() && a.positional[0].is_dict())
       for (auto& [k, v] : a.positional[0].dict_ref().items) ns.dict_ref().set(k, v);
     for (auto& [k, v] : a.keyword) ns.dict_ref().set(k, v);
-    return ns;
+    return ns.update_depth();
   });
   g->vars["dict"] = Value::function([](Args& a) {
     Value d = Value::dict();
     for (auto& [k, v] : a.keyword) d.dict_ref().set(k, v);
-    return d;
+    return d.update_depth();
   });
   g->vars["strftime_now"] = Value::function([](Args& a) {
     Value fmt = a.get(0, "format");

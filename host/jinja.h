@@ -3,6 +3,11 @@
 // transformers does: trim_blocks and lstrip_blocks on, loop controls, raise_exception(), and a
 // tojson that keeps non-ASCII characters. Unsupported constructs are errors naming the
 // construct and its line.
+//
+// A template comes from a model folder, so it is data a stranger wrote: parsing and rendering
+// are bounded (nesting, macro calls, steps, output and value sizes, values nested in values) and
+// arithmetic is checked; a template over a limit fails with an error naming the limit, never
+// the process.
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -77,9 +82,16 @@ class Value {
     namespace_ = true;
     return *this;
   }
+  // How deeply lists and dicts nest inside this value (0: a scalar). Containers deeper than
+  // max_nesting are refused when built, so nothing recursive over a value can overflow the stack.
+  int depth() const { return depth_; }
+  static constexpr int max_nesting = 200;
+  // Recomputes a dict's depth after its entries were set (dict literals, namespaces).
+  Value& update_depth();
 
  private:
   Kind kind_ = Kind::Undefined;
+  int depth_ = 0;
   bool b_ = false, namespace_ = false;
   int64_t i_ = 0;
   double f_ = 0;

@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include "host/jinja.h"
+#include "tests/expect_error.h"
 #include "tests/test_paths.h"
 
 namespace vkvlm::test {
@@ -99,6 +100,51 @@ TEST(Jinja, FixtureChatTemplatesReproducePromptText) {
     }
   }
   EXPECT_EQ(checked, 23);
+}
+
+// Templates a stranger wrote (each one a reproduction of a crash, a hang or a blow-up): every one
+// fails with an error naming the limit it hit, and the process goes on.
+TEST(Jinja, HostileTemplatesHitLimitsNotTheProcess) {
+  auto render = [](const std::string& src, std::map<std::string, Value> vars = {}) {
+    return Template(src, "chat template").render(vars);
+  };
+  const std::string deep_parens = "{{ " + std::string(100000, '(') + "1" + std::string(100000, ')') + " }}";
+  const std::string deep_lists = "{{ " + std::string(100000, '[') + std::string(100000, ']') + " }}";
+  std::string deep_ifs;
+  for (int i = 0; i < 100000; ++i) deep_ifs += "{% if true %}";
+  deep_ifs += "x";
+  for (int i = 0; i < 100000; ++i) deep_ifs += "{% endif %}";
+  expect_error([&] { render("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}"); }, {"macro f", "64 calls deep"});
+  expect_error([&] { render(deep_parens); }, {"nests deeper than 100 levels"});
+  expect_error([&] { render(deep_lists); }, {"nests deeper than 100 levels"});
+  expect_error([&] { render(deep_ifs); }, {"blocks nest deeper than 100 levels"});
+  expect_error([&] { render("{{ (-9223372036854775807 - 1) // -1 }}"); }, {"integer overflow in //"});
+  expect_error([&] { render("{{ 9223372036854775807 + 1 }}"); }, {"integer overflow in +"});
+  expect_error([&] { render("{{ -9223372036854775807 - 10 }}"); }, {"integer overflow in -"});
+  expect_error([&] { render("{{ 4611686018427387904 * 4 }}"); }, {"integer overflow in *"});
+  expect_error([&] { render("{{ -(-9223372036854775807 - 1) }}"); }, {"integer overflow in unary -"});
+  expect_error([&] { render("{{ 2 ** 1000000000000 }}"); }, {"integer overflow in **"});
+  EXPECT_EQ(render("{{ 2 ** 62 }} {{ (-1) ** 1000000000001 }} {{ 0 ** 0 }} {{ 7 % -3 }} {{ -7 // 2 }}"),
+            "4611686018427387904 -1 1 -2 -4");
+  expect_error([&] { render("{{ 'x' * 10000000000 }}"); }, {"string longer than 16 MiB"});
+  expect_error([&] { render("{{ [1, 2] * 10000000000 }}"); }, {"list of more than 1048576 items"});
+  expect_error([&] { render("{% for i in range(1000000) %}{% for j in range(1000000) %}{% endfor %}{% endfor %}"); },
+               {"more than 1000000 steps"});
+  expect_error([&] { render("{% for i in range(9223372036854775807) %}{% endfor %}"); }, {"range() of more than 1048576 items"});
+  expect_error([&] { render("{% for i in range(20) %}{{ 'x' * 1000000 }}{% endfor %}"); }, {"rendered more than 16 MiB"});
+  expect_error([&] { render("{% for i in range(1000000) %}{% set x = 'a' * 16000000 %}{% endfor %}"); }, {"more than 256 MiB"});
+  expect_error([&] { render("{% set ns = namespace(x=[]) %}{% for i in range(1000) %}{% set ns.x = [ns.x] %}{% endfor %}"); },
+               {"nested deeper than 200 levels"});
+  expect_error([&] { render("{% set ns = namespace() %}{% set ns.me = ns %}{{ ns }}"); }, {"nested too deeply"});
+  expect_error([&] { render("{% set l = [] %}{{ l.append(1) }}"); }, {"'append'", "unsafe"});
+  expect_error([&] { render("{% set d = {} %}{{ d.update({'a': 1}) }}"); }, {"'update'", "unsafe"});
+  // Input nested past the limit (a request's message content) is refused when it is read.
+  std::string deep_json = std::string(1000, '[') + std::string(1000, ']');
+  expect_error([&] { Value::from_json(nlohmann::json::parse(deep_json)); }, {"nested deeper than 200 levels"});
+  // And an ordinary template still renders.
+  EXPECT_EQ(render("{% for m in messages %}{{ m['role'] }}:{{ m['content'] }};{% endfor %}",
+                   {{"messages", Value::from_json(nlohmann::json::parse(R"([{"role": "user", "content": "hi"}])"))}}),
+            "user:hi;");
 }
 
 }  // namespace
