@@ -14,19 +14,50 @@ namespace vkvlm::jinja {
 // =============================================================================================
 // Values
 
+namespace {
+std::string float_repr(double v);
+}
+
+std::string Dict::hash_key(const Value& k) {
+  switch (k.kind()) {
+    case Value::Kind::String: return "s" + k.str();
+    case Value::Kind::None: return "n";
+    case Value::Kind::Bool:
+    case Value::Kind::Int: return "i" + std::to_string(k.as_int());
+    case Value::Kind::Float: {
+      // 2.0 is the key 2, as in Python.
+      const double f = k.as_float();
+      if (std::isfinite(f) && f == std::floor(f) && std::fabs(f) < 9.2e18) return "i" + std::to_string(int64_t(f));
+      return "f" + float_repr(f);
+    }
+    default: return "";
+  }
+}
+
+Value* Dict::find(const Value& k) {
+  const std::string h = hash_key(k);
+  if (h.empty()) return nullptr;
+  auto it = index.find(h);
+  return it == index.end() ? nullptr : &items[it->second].second;
+}
 Value* Dict::find(const std::string& k) {
-  auto it = index.find(k);
+  auto it = index.find("s" + k);
   return it == index.end() ? nullptr : &items[it->second].second;
 }
 
-void Dict::set(const std::string& k, Value v) {
-  if (auto* p = find(k)) {
-    *p = std::move(v);
+void Dict::set(const Value& k, Value v) {
+  const std::string h = hash_key(k);
+  if (h.empty()) fail("unhashable type: a ", k.type_name(), " cannot be a dict key");
+  auto it = index.find(h);
+  if (it != index.end()) {
+    items[it->second].second = std::move(v);  // the first key stays, as in Python
     return;
   }
-  index[k] = items.size();
+  index.emplace(h, items.size());
   items.push_back({k, std::move(v)});
 }
+void Dict::set(const std::string& k, Value v) { set(Value(k), std::move(v)); }
+void Dict::set(const char* k, Value v) { set(Value(k), std::move(v)); }
 
 Value Value::undefined(std::string name) {
   Value v;
@@ -107,7 +138,7 @@ bool Value::truthy() const {
     case Kind::Int: return i_ != 0;
     case Kind::Float: return f_ != 0;
     case Kind::String: return !s_.empty();
-    case Kind::List: return !list_->empty();
+    case Kind::List: return seq_ == Seq::Iterator || !list_->empty();  // a generator object is always true
     case Kind::Dict: return !dict_->items.empty();
     case Kind::Function: return true;
   }
@@ -140,7 +171,16 @@ std::string Value::type_name() const {
     case Kind::Int: return "integer";
     case Kind::Float: return "float";
     case Kind::String: return "string";
-    case Kind::List: return "list";
+    case Kind::List:
+      switch (seq_) {
+        case Seq::List: return "list";
+        case Seq::Tuple: return "tuple";
+        case Seq::Iterator: return "generator";
+        case Seq::DictItems: return "dict_items";
+        case Seq::DictKeys: return "dict_keys";
+        case Seq::DictValues: return "dict_values";
+      }
+      return "list";
     case Kind::Dict: return namespace_ ? "namespace" : "dict";
     case Kind::Function: return "function";
   }
@@ -215,6 +255,22 @@ void json_escape(std::string& out, const std::string& s) {
   out += '"';
 }
 
+// The text json.dumps makes of a dict key: strings as they are, numbers as Python prints them,
+// true/false/null for the rest.
+std::string json_key_text(const Value& k) {
+  switch (k.kind()) {
+    case Value::Kind::String: return k.str();
+    case Value::Kind::None: return "null";
+    case Value::Kind::Bool: return k.truthy() ? "true" : "false";
+    case Value::Kind::Int: return std::to_string(k.as_int());
+    case Value::Kind::Float: {
+      const double f = k.as_float();
+      return std::isnan(f) ? "NaN" : std::isinf(f) ? (f > 0 ? "Infinity" : "-Infinity") : float_repr(f);
+    }
+    default: fail("keys must be str, int, float, bool or None, not ", k.type_name());
+  }
+}
+
 // json.dumps(x, ensure_ascii=False, indent=indent) as Python formats it.
 void python_json(std::string& out, const Value& v, int indent, int depth, const std::string& item_sep,
                  const std::string& key_sep) {
@@ -234,6 +290,8 @@ void python_json(std::string& out, const Value& v, int indent, int depth, const 
     }
     case Value::Kind::String: json_escape(out, v.str()); break;
     case Value::Kind::List: {
+      if (v.seq() != Value::Seq::List && v.seq() != Value::Seq::Tuple)
+        fail("Object of type ", v.type_name(), " is not JSON serializable (convert it with |list)");
       const auto& l = v.list();
       if (l.empty()) {
         out += "[]";
@@ -259,7 +317,7 @@ void python_json(std::string& out, const Value& v, int indent, int depth, const 
       for (size_t i = 0; i < d.items.size(); ++i) {
         if (i) out += item_sep;
         if (indent >= 0) newline(depth + 1);
-        json_escape(out, d.items[i].first);
+        json_escape(out, json_key_text(d.items[i].first));
         out += key_sep;
         python_json(out, d.items[i].second, indent, depth + 1, item_sep, key_sep);
       }
@@ -298,14 +356,19 @@ std::string Value::repr() const {
     case Kind::Float: return float_repr(f_);
     case Kind::String: return py_str_repr(s_);
     case Kind::List: {
-      std::string s = "[";
+      // Jinja2 prints a generator as its memory address, which no prompt can use.
+      if (seq_ == Seq::Iterator) fail("a generator cannot be printed (convert it with |list)");
+      const bool tuple = seq_ == Seq::Tuple;
+      std::string s = tuple ? "(" : "[";
       for (size_t i = 0; i < list_->size(); ++i) s += (i ? ", " : "") + (*list_)[i].repr();
-      return s + "]";
+      s += tuple ? (list_->size() == 1 ? ",)" : ")") : "]";
+      if (seq_ == Seq::DictItems || seq_ == Seq::DictKeys || seq_ == Seq::DictValues) s = type_name() + "(" + s + ")";
+      return s;
     }
     case Kind::Dict: {
       std::string s = "{";
       for (size_t i = 0; i < dict_->items.size(); ++i)
-        s += (i ? ", " : "") + py_str_repr(dict_->items[i].first) + ": " + dict_->items[i].second.repr();
+        s += (i ? ", " : "") + dict_->items[i].first.repr() + ": " + dict_->items[i].second.repr();
       return s + "}";
     }
     case Kind::Function: return "<function>";
@@ -336,7 +399,7 @@ nlohmann::json Value::to_json() const {
     }
     case Kind::Dict: {
       auto o = nlohmann::json::object();
-      for (auto& [k, x] : dict_->items) o[k] = x.to_json();
+      for (auto& [k, x] : dict_->items) o[json_key_text(k)] = x.to_json();
       return o;
     }
     case Kind::Function: return nullptr;
@@ -386,13 +449,6 @@ void rstrip_all(std::string& s) {
   while (!s.empty() && std::isspace(static_cast<unsigned char>(s.back()))) s.pop_back();
 }
 
-// lstrip_blocks: spaces and tabs between the start of the line and a block tag go away.
-void lstrip_line(std::string& s, bool at_template_start) {
-  size_t i = s.size();
-  while (i > 0 && (s[i - 1] == ' ' || s[i - 1] == '\t')) --i;
-  if ((i == 0 && at_template_start) || (i > 0 && s[i - 1] == '\n')) s.resize(i);
-}
-
 std::vector<Segment> segment(const std::string& src, const std::string& name) {
   std::vector<Segment> out;
   std::string text;
@@ -406,8 +462,12 @@ std::vector<Segment> segment(const std::string& src, const std::string& name) {
     counted_to = at;
     return counted_line;
   };
-  bool strip_next = false;  // a '-' closed the previous tag
-  bool trim_newline = false;
+  // Whitespace control works on the text between two tags only, as Jinja2's lexer does: a
+  // '-' never strips across a comment, and lstrip_blocks counts a line as started when the
+  // previous tag's match ended with a newline (trim_blocks ate it) or at the template start.
+  bool strip_next = false;    // the previous tag closed with '-'
+  bool trim_newline = false;  // the previous tag was a block or comment (trim_blocks)
+  bool line_starting = true;
   auto flush_text = [&]() {
     if (!text.empty()) out.push_back({Segment::Text, text, 0});
     text.clear();
@@ -422,17 +482,17 @@ std::vector<Segment> segment(const std::string& src, const std::string& name) {
     if (strip_next) {
       size_t k = 0;
       while (k < chunk.size() && std::isspace(static_cast<unsigned char>(chunk[k]))) ++k;
+      line_starting = k > 0 && chunk[k - 1] == '\n';
       chunk.erase(0, k);
     } else if (trim_newline && !chunk.empty() && chunk[0] == '\n') {
       chunk.erase(0, 1);
+      line_starting = true;
     }
-    // Only the first chunk after a tag is affected.
-    if (!chunk.empty() || open < src.size()) {
-      strip_next = false;
-      trim_newline = false;
+    strip_next = trim_newline = false;
+    if (open >= src.size()) {
+      text += chunk;
+      break;
     }
-    text += chunk;
-    if (open >= src.size()) break;
     const char kind = src[open + 1];
     const int line = line_at(open);
     size_t inner = open + 2;
@@ -457,12 +517,21 @@ std::vector<Segment> segment(const std::string& src, const std::string& name) {
       right_plus = true;
       --inner_end;
     }
-    if (left_minus) rstrip_all(text);
-    else if (kind != '{' && !left_plus) lstrip_line(text, out.empty() && pos == 0);
+    if (left_minus) {
+      rstrip_all(chunk);
+    } else if (kind != '{' && !left_plus) {
+      // lstrip_blocks: only spaces and tabs between the line start and the tag go away.
+      size_t line_start = chunk.rfind('\n');
+      line_start = line_start == std::string::npos ? 0 : line_start + 1;
+      if ((line_start > 0 || line_starting) && chunk.find_first_not_of(" \t", line_start) == std::string::npos)
+        chunk.resize(line_start);
+    }
+    text += chunk;
+    line_starting = false;
     std::string body = src.substr(inner, inner_end - inner);
     pos = end + 2;
     if (kind == '#') {
-      // Comments disappear but keep their whitespace control.
+      flush_text();  // a comment ends the text before it; whitespace control stops there
     } else if (kind == '{') {
       flush_text();
       out.push_back({Segment::Output, body, line});
@@ -476,10 +545,19 @@ std::vector<Segment> segment(const std::string& src, const std::string& name) {
         size_t tag = e == std::string::npos ? e : src.rfind("{%", e);
         if (tag == std::string::npos) fail(name, " line ", line, ": {% raw %} without {% endraw %}");
         std::string raw = src.substr(pos, tag - pos);
-        if (!right_minus && !right_plus && !raw.empty() && raw[0] == '\n') raw.erase(0, 1);
+        // Unlike other blocks, {% raw %} keeps the newline after it (Jinja2 gives it no
+        // trim_blocks suffix); '-' strips all whitespace.
+        if (right_minus) raw.erase(0, std::min(raw.size(), raw.find_first_not_of(" \t\r\n")));
         size_t close_raw = src.find("%}", e);
-        bool raw_left_minus = tag + 2 < src.size() && src[tag + 2] == '-';
-        if (raw_left_minus) rstrip_all(raw);
+        if (close_raw == std::string::npos) fail(name, " line ", line, ": {% endraw %} is never closed");
+        const char raw_left = tag + 2 < src.size() ? src[tag + 2] : 0;
+        if (raw_left == '-') {
+          rstrip_all(raw);
+        } else if (raw_left != '+') {
+          size_t line_start = raw.rfind('\n');
+          if (line_start != std::string::npos && raw.find_first_not_of(" \t", line_start + 1) == std::string::npos)
+            raw.resize(line_start + 1);
+        }
         text += raw;
         pos = close_raw + 2;
         bool raw_right_minus = close_raw > 0 && src[close_raw - 1] == '-';
@@ -719,7 +797,7 @@ bool equals(const Value& a, const Value& b) {
       auto& db = b.dict_ref();
       if (da.items.size() != db.items.size()) return false;
       for (auto& [k, v] : da.items) {
-        auto* o = db.find(k);
+        auto* o = db.find(k);  // equal keys have equal hash keys
         if (!o || !equals(v, *o)) return false;
       }
       return true;
@@ -755,17 +833,25 @@ bool contains(const Value& container, const Value& item, int line, Context& ctx)
       if (equals(x, item)) return true;
     return false;
   }
-  if (container.is_dict()) return item.is_string() && container.dict_ref().find(item.str()) != nullptr;
-  if (container.is_undefined()) ctx.error(line, "'in' on " + container.type_name());
+  if (container.is_dict()) {
+    if (Dict::hash_key(item).empty()) ctx.error(line, "unhashable type: a " + item.type_name() + " cannot be a dict key");
+    return container.dict_ref().find(item) != nullptr;
+  }
+  if (container.is_undefined()) return false;  // Jinja2's Undefined is an empty container
   ctx.error(line, "'in' needs a string, list or dict, not " + container.type_name());
 }
 
-// The items a for loop or a filter walks over.
+// The items a for loop or a filter walks over. A generator is used up by it.
 List iterate(const Value& v, int line, Context& ctx) {
-  if (v.is_list()) return v.list();
+  if (v.is_list()) {
+    if (v.seq() != Value::Seq::Iterator) return v.list();
+    List items = std::move(v.list());
+    v.list().clear();
+    return items;
+  }
   if (v.is_dict()) {
     List keys;
-    for (auto& [k, x] : v.dict_ref().items) keys.push_back(Value(k));
+    for (auto& [k, x] : v.dict_ref().items) keys.push_back(k);
     return keys;
   }
   if (v.is_string()) {
@@ -773,7 +859,9 @@ List iterate(const Value& v, int line, Context& ctx) {
     for (auto c : unicode::chars(v.str())) chars.push_back(Value(std::string(c)));
     return chars;
   }
-  if (v.is_undefined() || v.is_none()) return {};
+  if (v.is_undefined()) return {};
+  // None is not iterable in Jinja2 either; a template guards optional lists with {% if %}.
+  if (v.is_none()) ctx.error(line, "'NoneType' object is not iterable");
   ctx.error(line, "cannot iterate over " + v.type_name());
 }
 
@@ -812,6 +900,47 @@ std::string str_lower(const std::string& s) {
   std::string o = s;
   for (auto& c : o) c = char(std::tolower(static_cast<unsigned char>(c)));
   return o;
+}
+
+// str.splitlines(): \n, \r, \r\n, \v, \f, \x1c-\x1e, U+0085, U+2028 and U+2029 end a line.
+std::vector<std::string> py_splitlines(const std::string& s) {
+  std::vector<std::string> out;
+  std::string cur;
+  for (size_t i = 0; i < s.size();) {
+    const unsigned char c = static_cast<unsigned char>(s[i]);
+    size_t brk = 0;
+    if (c == '\r') brk = i + 1 < s.size() && s[i + 1] == '\n' ? 2 : 1;
+    else if (c == '\n' || c == '\v' || c == '\f' || (c >= 0x1c && c <= 0x1e)) brk = 1;
+    else if (c == 0xC2 && i + 1 < s.size() && static_cast<unsigned char>(s[i + 1]) == 0x85) brk = 2;
+    else if (c == 0xE2 && i + 2 < s.size() && static_cast<unsigned char>(s[i + 1]) == 0x80 &&
+             (static_cast<unsigned char>(s[i + 2]) == 0xA8 || static_cast<unsigned char>(s[i + 2]) == 0xA9))
+      brk = 3;
+    if (brk) {
+      out.push_back(std::move(cur));
+      cur.clear();
+      i += brk;
+    } else {
+      cur += s[i++];
+    }
+  }
+  if (!cur.empty()) out.push_back(std::move(cur));
+  return out;
+}
+
+// markupsafe.escape.
+std::string html_escape(const std::string& s) {
+  std::string out;
+  for (char c : s) {
+    switch (c) {
+      case '&': out += "&amp;"; break;
+      case '<': out += "&lt;"; break;
+      case '>': out += "&gt;"; break;
+      case '"': out += "&#34;"; break;
+      case '\'': out += "&#39;"; break;
+      default: out += c;
+    }
+  }
+  return out;
 }
 
 std::string str_replace(const std::string& s, const std::string& from, const std::string& to, int64_t count) {
@@ -919,6 +1048,206 @@ Value call_value(const Value& f, Args& args, int line, Context& ctx) {
   }
 }
 
+// One replacement field of str.format: [[fill]align][sign][0][width][,][.precision][type].
+std::string format_field(const Value& v, const std::string& spec) {
+  size_t i = 0;
+  char fill = ' ', align = 0, sign = '-';
+  auto is_align = [](char c) { return c == '<' || c == '>' || c == '^' || c == '='; };
+  if (spec.size() >= 2 && is_align(spec[1])) {
+    fill = spec[0];
+    align = spec[1];
+    i = 2;
+  } else if (!spec.empty() && is_align(spec[0])) {
+    align = spec[0];
+    i = 1;
+  }
+  if (i < spec.size() && (spec[i] == '+' || spec[i] == '-' || spec[i] == ' ')) sign = spec[i++];
+  if (i < spec.size() && spec[i] == '0') {
+    if (!align) {
+      fill = '0';
+      align = '=';
+    }
+    ++i;
+  }
+  int64_t width = 0, precision = -1;
+  while (i < spec.size() && std::isdigit(static_cast<unsigned char>(spec[i])) && width < 100000) width = width * 10 + (spec[i++] - '0');
+  bool thousands = false;
+  if (i < spec.size() && spec[i] == ',') {
+    thousands = true;
+    ++i;
+  }
+  if (i < spec.size() && spec[i] == '.') {
+    precision = 0;
+    ++i;
+    while (i < spec.size() && std::isdigit(static_cast<unsigned char>(spec[i])) && precision < 1000)
+      precision = precision * 10 + (spec[i++] - '0');
+  }
+  char type = i < spec.size() ? spec[i++] : 0;
+  if (i != spec.size() || width >= 100000 || precision >= 1000)
+    fail("format spec '", spec, "' is not supported (fill, align, sign, 0, width, ',', precision and one of s d f e g % are)");
+  std::string body;
+  bool numeric = false;
+  const bool is_int = v.kind() == Value::Kind::Int || v.kind() == Value::Kind::Bool;
+  if (type == 's' || (type == 0 && !v.is_number() && v.kind() != Value::Kind::Bool)) {
+    if (v.is_number() || v.kind() == Value::Kind::Bool) fail("format code 's' is for strings, not ", v.type_name());
+    body = v.to_output();
+    if (precision >= 0) {
+      auto cs = unicode::chars(body);
+      if (int64_t(cs.size()) > precision) {
+        std::string cut;
+        for (int64_t k = 0; k < precision; ++k) cut += std::string(cs[size_t(k)]);
+        body = cut;
+      }
+    }
+  } else {
+    if (!v.is_number() && v.kind() != Value::Kind::Bool) fail("format code '", std::string(1, type), "' is for numbers, not ", v.type_name());
+    numeric = true;
+    char buf[512];
+    const double f = v.as_float();
+    if (type == 'd' || (type == 0 && is_int && precision < 0)) {
+      if (!is_int) fail("format code 'd' is for integers, not float");
+      body = std::to_string(v.as_int());
+    } else if (type == 'f' || type == 'F' || type == '%') {
+      std::snprintf(buf, sizeof(buf), "%.*f", int(precision < 0 ? 6 : precision), type == '%' ? f * 100 : f);
+      body = std::string(buf) + (type == '%' ? "%" : "");
+    } else if (type == 'e' || type == 'E') {
+      std::snprintf(buf, sizeof(buf), type == 'e' ? "%.*e" : "%.*E", int(precision < 0 ? 6 : precision), f);
+      body = buf;
+    } else if (type == 'g' || type == 'G') {
+      std::snprintf(buf, sizeof(buf), type == 'g' ? "%.*g" : "%.*G", int(precision < 0 ? 6 : precision == 0 ? 1 : precision), f);
+      body = buf;
+    } else if (type == 0) {
+      if (precision >= 0) {
+        std::snprintf(buf, sizeof(buf), "%.*g", int(precision == 0 ? 1 : precision), f);
+        body = buf;
+        if (body.find_first_of(".e") == std::string::npos) body += ".0";
+      } else {
+        body = float_repr(f);
+      }
+    } else {
+      fail("format code '", std::string(1, type), "' is not supported");
+    }
+    if (thousands) {
+      size_t start = body[0] == '-' ? 1 : 0;
+      size_t end = body.find_first_not_of("0123456789", start);
+      if (end == std::string::npos) end = body.size();
+      for (int64_t k = int64_t(end) - 3; k > int64_t(start); k -= 3) body.insert(size_t(k), ",");
+    }
+    if (body[0] != '-' && sign != '-') body = std::string(1, sign) + body;
+  }
+  if (!align) align = numeric ? '>' : '<';
+  const int64_t n = int64_t(unicode::chars(body).size());
+  if (n >= width) return body;
+  const size_t pad = size_t(width - n);
+  if (align == '<') return body + std::string(pad, fill);
+  if (align == '>') return std::string(pad, fill) + body;
+  if (align == '^') return std::string(pad / 2, fill) + body + std::string(pad - pad / 2, fill);
+  // '=': padding between the sign and the digits.
+  size_t after_sign = !body.empty() && (body[0] == '-' || body[0] == '+' || body[0] == ' ') ? 1 : 0;
+  return body.substr(0, after_sign) + std::string(pad, fill) + body.substr(after_sign);
+}
+
+// str.format: {} (numbered in order), {0}, {name}, {name.attr}, {0[key]}, !r / !s, a format
+// spec, and {{ }} for braces.
+std::string py_format(const std::string& fmt, const Args& args, bool escape_args) {
+  std::string out;
+  int auto_index = 0;
+  bool manual = false;
+  for (size_t i = 0; i < fmt.size();) {
+    const char c = fmt[i];
+    if (c == '}') {
+      if (i + 1 < fmt.size() && fmt[i + 1] == '}') {
+        out += '}';
+        i += 2;
+        continue;
+      }
+      fail("format string: single '}' encountered");
+    }
+    if (c != '{') {
+      out += c;
+      ++i;
+      continue;
+    }
+    if (i + 1 < fmt.size() && fmt[i + 1] == '{') {
+      out += '{';
+      i += 2;
+      continue;
+    }
+    const size_t close = fmt.find('}', i + 1);
+    if (close == std::string::npos) fail("format string: '{' is never closed");
+    std::string field = fmt.substr(i + 1, close - i - 1);
+    i = close + 1;
+    std::string spec, conversion;
+    if (size_t colon = field.find(':'); colon != std::string::npos) {
+      spec = field.substr(colon + 1);
+      field.resize(colon);
+    }
+    if (size_t bang = field.find('!'); bang != std::string::npos) {
+      conversion = field.substr(bang + 1);
+      field.resize(bang);
+      if (conversion != "r" && conversion != "s") fail("format string: unknown conversion '!", conversion, "'");
+    }
+    size_t name_end = field.find_first_of(".[");
+    std::string name = field.substr(0, name_end);
+    Value v;
+    if (name.empty()) {
+      if (manual) fail("format string: cannot switch from manual field numbering to automatic");
+      if (size_t(auto_index) >= args.positional.size()) fail("format string: replacement index ", auto_index, " out of range");
+      v = args.positional[size_t(auto_index++)];
+    } else if (std::all_of(name.begin(), name.end(), ::isdigit)) {
+      if (auto_index) fail("format string: cannot switch from automatic field numbering to manual");
+      manual = true;
+      const size_t k = name.size() > 9 ? SIZE_MAX : size_t(std::stoul(name));
+      if (k >= args.positional.size()) fail("format string: replacement index ", name, " out of range");
+      v = args.positional[k];
+    } else {
+      bool found = false;
+      for (auto& [k, x] : args.keyword)
+        if (k == name) v = x, found = true;
+      if (!found) fail("format string: no argument named '", name, "'");
+    }
+    // .attr and [key] after the name.
+    for (size_t p = name_end; p != std::string::npos && p < field.size();) {
+      if (field[p] == '.') {
+        size_t e = field.find_first_of(".[", p + 1);
+        std::string attr = field.substr(p + 1, e == std::string::npos ? std::string::npos : e - p - 1);
+        Value* x = v.is_dict() ? v.dict_ref().find(attr) : nullptr;
+        if (!x) fail("format string: ", v.type_name(), " has no attribute '", attr, "'");
+        v = *x;
+        p = e;
+      } else {
+        size_t e = field.find(']', p);
+        if (e == std::string::npos) fail("format string: '[' without ']'");
+        std::string key = field.substr(p + 1, e - p - 1);
+        const bool digits = !key.empty() && key.size() < 10 && std::all_of(key.begin(), key.end(), ::isdigit);
+        if (v.is_list() && digits && std::stoul(key) < v.list().size()) {
+          v = v.list()[std::stoul(key)];
+        } else if (Value* x = v.is_dict() ? (digits ? v.dict_ref().find(Value(int64_t(std::stoul(key)))) : nullptr) : nullptr) {
+          v = *x;
+        } else if (Value* y = v.is_dict() ? v.dict_ref().find(key) : nullptr) {
+          v = *y;
+        } else {
+          fail("format string: no item [", key, "]");
+        }
+        p = e + 1;
+      }
+    }
+    if (conversion == "r") v = Value(v.repr());
+    else if (conversion == "s") v = Value(v.to_output());
+    std::string piece = format_field(v, spec);
+    out += escape_args && !v.markup() ? html_escape(piece) : piece;
+    if (out.size() > (16u << 20)) fail("format string: the result is longer than 16 MiB");
+  }
+  return out;
+}
+
+// A dict's (key, value) pairs as tuples.
+Value dict_items(const Dict& d) {
+  List l;
+  for (auto& [k, v] : d.items) l.push_back(Value(List{k, v}).set_seq(Value::Seq::Tuple));
+  return Value(std::move(l));
+}
+
 // Methods of strings, lists and dicts, bound to their object.
 Value method(const Value& obj, const std::string& name, int line, Context& ctx) {
   auto bind = [&](auto&& f) { return Value::function([obj, f](Args& a) { return f(obj, a); }); };
@@ -929,6 +1258,8 @@ Value method(const Value& obj, const std::string& name, int line, Context& ctx) 
         std::string chars = c.is_string() ? c.str() : "";
         return Value(str_strip(o.str(), chars, name != "rstrip", name != "lstrip"));
       });
+    if (name == "format")
+      return bind([](const Value& o, Args& a) { return Value(py_format(o.str(), a, o.markup())).set_markup(o.markup()); });
     if (name == "upper") return bind([](const Value& o, Args&) { return Value(str_upper(o.str())); });
     if (name == "lower") return bind([](const Value& o, Args&) { return Value(str_lower(o.str())); });
     if (name == "title") return bind([](const Value& o, Args&) { return Value(str_title(o.str())); });
@@ -996,27 +1327,22 @@ Value method(const Value& obj, const std::string& name, int line, Context& ctx) 
       });
   } else if (obj.is_dict() && !obj.namespace_object()) {
     if (name == "items")
-      return bind([](const Value& o, Args&) {
-        List l;
-        for (auto& [k, v] : o.dict_ref().items) l.push_back(Value(List{Value(k), v}));
-        return Value(l);
-      });
+      return bind([](const Value& o, Args&) { return dict_items(o.dict_ref()).set_seq(Value::Seq::DictItems); });
     if (name == "keys")
       return bind([](const Value& o, Args&) {
         List l;
-        for (auto& [k, v] : o.dict_ref().items) l.push_back(Value(k));
-        return Value(l);
+        for (auto& [k, v] : o.dict_ref().items) l.push_back(k);
+        return Value(l).set_seq(Value::Seq::DictKeys);
       });
     if (name == "values")
       return bind([](const Value& o, Args&) {
         List l;
         for (auto& [k, v] : o.dict_ref().items) l.push_back(v);
-        return Value(l);
+        return Value(l).set_seq(Value::Seq::DictValues);
       });
     if (name == "get")
       return bind([](const Value& o, Args& a) {
-        Value k = a.get(0, "key");
-        Value* v = k.is_string() ? o.dict_ref().find(k.str()) : nullptr;
+        Value* v = o.dict_ref().find(a.get(0, "key"));
         return v ? *v : a.get(1, "default", Value::none());
       });
   }
@@ -1060,12 +1386,11 @@ Value get_attr(const Value& obj, const std::string& name, int line, Context& ctx
 
 Value get_item(const Value& obj, const Value& key, int line, Context& ctx) {
   if (obj.is_dict()) {
-    if (key.is_string()) {
-      if (Value* v = obj.dict_ref().find(key.str())) return *v;
-      return Value::undefined(key.str());
-    }
-    return Value::undefined();
+    if (Value* v = obj.dict_ref().find(key)) return *v;
+    return Value::undefined(key.is_string() ? key.str() : key.repr());
   }
+  // A generator has no items (Jinja2 falls back to an undefined attribute).
+  if (obj.is_list() && obj.seq() != Value::Seq::List && obj.seq() != Value::Seq::Tuple) return Value::undefined();
   if (obj.is_list() || obj.is_string()) {
     if (key.is_string()) return get_attr(obj, key.str(), line, ctx);
     if (!key.is_number()) ctx.error(line, "list indices must be integers, not " + key.type_name());
@@ -1098,10 +1423,11 @@ struct NameExpr : Expr {
 };
 struct ListExpr : Expr {
   std::vector<ExprPtr> items;
+  bool tuple = false;  // (a, b) rather than [a, b]: prints with parentheses
   Value eval(Context& ctx) const override {
     List l;
     for (auto& e : items) l.push_back(e->eval(ctx));
-    return Value(l);
+    return Value(std::move(l)).set_seq(tuple ? Value::Seq::Tuple : Value::Seq::List);
   }
 };
 struct DictExpr : Expr {
@@ -1110,8 +1436,8 @@ struct DictExpr : Expr {
     Value d = Value::dict();
     for (auto& [k, v] : items) {
       Value key = k->eval(ctx);
-      if (!key.is_string()) ctx.error(line, "dict keys must be strings");
-      d.dict_ref().set(key.str(), v->eval(ctx));
+      if (Dict::hash_key(key).empty()) ctx.error(line, "unhashable type: a " + key.type_name() + " cannot be a dict key");
+      d.dict_ref().set(key, v->eval(ctx));
     }
     return d.update_depth();
   }
@@ -1206,16 +1532,22 @@ Value arith(const std::string& op, const Value& a, const Value& b, int line, Con
   }
   if (op == "+") {
     if (a.is_string() && b.is_string()) {
-      if (a.str().size() + b.str().size() > Context::max_string) ctx.error(line, "the template built a string longer than 16 MiB");
-      ctx.charge(a.str().size() + b.str().size(), line);
-      return Value(a.str() + b.str());
+      // Markup + str escapes the str (and str + Markup too: Markup.__radd__ runs first).
+      const bool markup = a.markup() || b.markup();
+      const std::string x = markup && !a.markup() ? html_escape(a.str()) : a.str();
+      const std::string y = markup && !b.markup() ? html_escape(b.str()) : b.str();
+      if (x.size() + y.size() > Context::max_string) ctx.error(line, "the template built a string longer than 16 MiB");
+      ctx.charge(x.size() + y.size(), line);
+      return Value(x + y).set_markup(markup);
     }
     if (a.is_list() && b.is_list()) {
+      const bool sequences = (a.seq() == Value::Seq::List || a.seq() == Value::Seq::Tuple) && a.seq() == b.seq();
+      if (!sequences) ctx.error(line, "can only concatenate " + a.type_name() + " (not \"" + b.type_name() + "\") to " + a.type_name());
       if (a.list().size() + b.list().size() > Context::max_list) ctx.error(line, "the template built a list of more than 1048576 items");
       ctx.charge((a.list().size() + b.list().size()) * sizeof(Value), line);
       List l = a.list();
       l.insert(l.end(), b.list().begin(), b.list().end());
-      return Value(l);
+      return Value(std::move(l)).set_seq(a.seq());
     }
   }
   // Repetition: the size is checked before anything is built.
@@ -1230,7 +1562,7 @@ Value arith(const std::string& op, const Value& a, const Value& b, int line, Con
       std::string s;
       s.reserve(unit * size_t(times));
       for (int64_t i = 0; i < times; ++i) s += a.str();
-      return Value(s);
+      return Value(s).set_markup(a.markup());
     }
     List l;
     for (int64_t i = 0; i < times; ++i) l.insert(l.end(), a.list().begin(), a.list().end());
@@ -1330,30 +1662,33 @@ Value attribute_path(const Value& v, const std::string& path, int line, Context&
 }
 
 Value apply_filter(const std::string& name, const Value& v, Args& a, int line, Context& ctx) {
-  auto need_string = [&](const Value& x) -> const std::string& {
-    if (!x.is_string()) ctx.error(line, "filter '" + name + "' needs a string, not " + x.type_name());
-    return x.str();
-  };
+  // String filters take str() of anything (Jinja2's soft_str): 42|trim is '42', none|lower 'none'.
+  const auto text = [&]() { return v.to_output(); };
+  // The case and whitespace filters keep a safe string safe, as Markup's methods do.
+  const auto same_safety = [&](std::string s) { return Value(std::move(s)).set_markup(v.markup()); };
   if (name == "trim") {
     Value c = a.get(0, "chars");
-    return Value(str_strip(need_string(v), c.is_string() ? c.str() : "", true, true));
+    return same_safety(str_strip(text(), c.is_string() ? c.str() : "", true, true));
   }
-  if (name == "upper") return Value(str_upper(need_string(v)));
-  if (name == "lower") return Value(str_lower(need_string(v)));
-  if (name == "title") return Value(str_title(need_string(v)));
+  if (name == "upper") return same_safety(str_upper(text()));
+  if (name == "lower") return same_safety(str_lower(text()));
+  if (name == "title") return same_safety(str_title(text()));
   if (name == "capitalize") {
-    std::string s = str_lower(need_string(v));
+    std::string s = str_lower(text());
     if (!s.empty()) s[0] = char(std::toupper(static_cast<unsigned char>(s[0])));
-    return Value(s);
+    return same_safety(s);
   }
   if (name == "length" || name == "count") {
     if (v.is_string()) return Value(int64_t(unicode::chars(v.str()).size()));
+    if (v.is_list() && v.seq() == Value::Seq::Iterator) ctx.error(line, "object of type 'generator' has no len() (convert it with |list)");
     if (v.is_list()) return Value(int64_t(v.list().size()));
     if (v.is_dict()) return Value(int64_t(v.dict_ref().items.size()));
     if (v.is_undefined()) return Value(int64_t(0));
     ctx.error(line, "length of a " + v.type_name());
   }
   if (name == "first" || name == "last") {
+    if (name == "last" && v.is_list() && v.seq() == Value::Seq::Iterator)
+      ctx.error(line, "'generator' object is not reversible (convert it with |list before |last)");
     List l = iterate(v, line, ctx);
     if (l.empty()) return Value::undefined();
     return name == "first" ? l.front() : l.back();
@@ -1382,7 +1717,7 @@ Value apply_filter(const std::string& name, const Value& v, Args& a, int line, C
     python_json(out, v, ind, 0, ind >= 0 ? "," : ", ", ": ");
     return Value(out);
   }
-  if (name == "string") return Value(v.to_output());
+  if (name == "string") return Value(v.to_output()).set_markup(v.markup());
   if (name == "int") {
     if (v.is_string()) {
       try {
@@ -1417,14 +1752,15 @@ Value apply_filter(const std::string& name, const Value& v, Args& a, int line, C
   if (name == "replace") {
     Value from = a.get(0, "old"), to = a.get(1, "new");
     if (!from.is_string() || !to.is_string()) ctx.error(line, "replace takes two strings");
-    return Value(str_replace(need_string(v), from.str(), to.str(), a.get(2, "count", Value(int64_t(-1))).as_int()));
+    return Value(str_replace(text(), from.str(), to.str(), a.get(2, "count", Value(int64_t(-1))).as_int()));
   }
   if (name == "list") return Value(iterate(v, line, ctx));
   if (name == "items") {
+    if (v.is_undefined()) return Value(List{}).set_seq(Value::Seq::Iterator);
     if (!v.is_dict()) ctx.error(line, "items needs a dict");
     List l;
-    for (auto& [k, x] : v.dict_ref().items) l.push_back(Value(List{Value(k), x}));
-    return Value(l);
+    for (auto& [k, x] : v.dict_ref().items) l.push_back(Value(List{k, x}).set_seq(Value::Seq::Tuple));
+    return Value(l).set_seq(Value::Seq::Iterator);
   }
   if (name == "reverse") {
     if (v.is_string()) {
@@ -1433,20 +1769,42 @@ Value apply_filter(const std::string& name, const Value& v, Args& a, int line, C
       for (auto it = cs.rbegin(); it != cs.rend(); ++it) s += *it;
       return Value(s);
     }
+    if (v.is_list() && v.seq() == Value::Seq::Iterator) ctx.error(line, "'generator' object is not reversible");
     List l = iterate(v, line, ctx);
     std::reverse(l.begin(), l.end());
-    return Value(l);
+    // reversed() of a list is an iterator; of a dict, its keys.
+    return Value(std::move(l)).set_seq(Value::Seq::Iterator);
   }
+  // Sorting is stable and, unless case_sensitive, compares strings lower-cased, as Jinja2 does.
+  const auto sort_key = [&](Value k, bool case_sensitive) {
+    return !case_sensitive && k.is_string() ? Value(str_lower(k.str())) : k;
+  };
   if (name == "sort") {
     List l = iterate(v, line, ctx);
-    bool rev = a.get(0, "reverse", Value(false)).truthy();
+    const bool rev = a.get(0, "reverse", Value(false)).truthy();
+    const bool case_sensitive = a.get(1, "case_sensitive", Value(false)).truthy();
     Value attr = a.get(2, "attribute");
     std::stable_sort(l.begin(), l.end(), [&](const Value& x, const Value& y) {
-      Value kx = attr.is_string() ? attribute_path(x, attr.str(), line, ctx) : x;
-      Value ky = attr.is_string() ? attribute_path(y, attr.str(), line, ctx) : y;
+      Value kx = sort_key(attr.is_string() ? attribute_path(x, attr.str(), line, ctx) : x, case_sensitive);
+      Value ky = sort_key(attr.is_string() ? attribute_path(y, attr.str(), line, ctx) : y, case_sensitive);
       return rev ? compare(ky, kx, line, ctx) < 0 : compare(kx, ky, line, ctx) < 0;
     });
     return Value(l);
+  }
+  if (name == "dictsort") {
+    if (!v.is_dict()) ctx.error(line, "dictsort needs a dict, not " + v.type_name());
+    const bool case_sensitive = a.get(0, "case_sensitive", Value(false)).truthy();
+    const Value by = a.get(1, "by", Value("key"));
+    const bool rev = a.get(2, "reverse", Value(false)).truthy();
+    if (!by.is_string() || (by.str() != "key" && by.str() != "value"))
+      ctx.error(line, "dictsort: you can only sort by either \"key\" or \"value\"");
+    const size_t pos = by.str() == "key" ? 0 : 1;
+    List l = dict_items(v.dict_ref()).list();
+    std::stable_sort(l.begin(), l.end(), [&](const Value& x, const Value& y) {
+      Value kx = sort_key(x.list()[pos], case_sensitive), ky = sort_key(y.list()[pos], case_sensitive);
+      return rev ? compare(ky, kx, line, ctx) < 0 : compare(kx, ky, line, ctx) < 0;
+    });
+    return Value(std::move(l));
   }
   if (name == "unique") {
     List out;
@@ -1455,7 +1813,7 @@ Value apply_filter(const std::string& name, const Value& v, Args& a, int line, C
       for (auto& y : out) seen = seen || equals(x, y);
       if (!seen) out.push_back(x);
     }
-    return Value(out);
+    return Value(std::move(out)).set_seq(Value::Seq::Iterator);
   }
   if (name == "sum") {
     Value total = a.get(1, "start", Value(int64_t(0)));
@@ -1481,7 +1839,7 @@ Value apply_filter(const std::string& name, const Value& v, Args& a, int line, C
         Value r = attribute_path(x, attr.str(), line, ctx);
         out.push_back(r.is_undefined() && !dflt.is_undefined() ? dflt : r);
       }
-      return Value(out);
+      return Value(std::move(out)).set_seq(Value::Seq::Iterator);
     }
     if (a.positional.empty() || !a.positional[0].is_string()) ctx.error(line, "map needs a filter name or attribute=");
     std::string f = a.positional[0].str();
@@ -1489,7 +1847,7 @@ Value apply_filter(const std::string& name, const Value& v, Args& a, int line, C
     rest.positional.assign(a.positional.begin() + 1, a.positional.end());
     rest.keyword = a.keyword;
     for (auto& x : iterate(v, line, ctx)) out.push_back(apply_filter(f, x, rest, line, ctx));
-    return Value(out);
+    return Value(std::move(out)).set_seq(Value::Seq::Iterator);
   }
   if (name == "select" || name == "reject" || name == "selectattr" || name == "rejectattr") {
     const bool by_attr = name == "selectattr" || name == "rejectattr";
@@ -1510,7 +1868,7 @@ Value apply_filter(const std::string& name, const Value& v, Args& a, int line, C
       bool pass = test.empty() ? subject.truthy() : apply_test(test, subject, targs, line, ctx);
       if (pass == keep) out.push_back(x);
     }
-    return Value(out);
+    return Value(std::move(out)).set_seq(Value::Seq::Iterator);
   }
   if (name == "batch") {
     int64_t n = a.get(0, "linecount").as_int();
@@ -1524,45 +1882,48 @@ Value apply_filter(const std::string& name, const Value& v, Args& a, int line, C
       }
     }
     if (!cur.empty()) out.push_back(Value(cur));
-    return Value(out);
+    return Value(std::move(out)).set_seq(Value::Seq::Iterator);
   }
   if (name == "indent") {
-    int64_t width = a.get(0, "width", Value(int64_t(4))).as_int();
-    bool first = a.get(1, "first", Value(false)).truthy();
-    std::string pad(size_t(std::max<int64_t>(0, width)), ' ');
-    const std::string& s = need_string(v);
-    std::string out;
-    bool line_start = first;
-    for (char c : s) {
-      if (line_start && c != '\n') out += pad;
-      out += c;
-      line_start = c == '\n';
+    // Jinja2: lines split as str.splitlines() splits them, joined with '\n'; blank lines stay
+    // blank unless blank=true; the first line only with first=true.
+    const Value width = a.get(0, "width", Value(int64_t(4)));
+    const bool first = a.get(1, "first", Value(false)).truthy();
+    const bool blank = a.get(2, "blank", Value(false)).truthy();
+    std::string pad;
+    if (width.is_string()) {
+      pad = width.str();
+    } else {
+      const int64_t w = width.as_int();
+      if (w > int64_t(Context::max_string)) ctx.error(line, "the template built a string longer than 16 MiB");
+      pad.assign(size_t(std::max<int64_t>(0, w)), ' ');
     }
-    return Value(out);
-  }
-  if (name == "safe" || name == "e" || name == "escape" || name == "forceescape") {
-    if (name == "safe") return v;
-    std::string out;
-    for (char c : v.to_output()) {
-      switch (c) {
-        case '&': out += "&amp;"; break;
-        case '<': out += "&lt;"; break;
-        case '>': out += "&gt;"; break;
-        case '"': out += "&#34;"; break;
-        case '\'': out += "&#39;"; break;
-        default: out += c;
+    const std::vector<std::string> lines = py_splitlines(text() + "\n");
+    std::string out = first ? pad : "";
+    for (size_t i = 0; i < lines.size(); ++i) {
+      if (i) {
+        out += '\n';
+        if (blank || !lines[i].empty()) out += pad;
       }
+      out += lines[i];
+      if (out.size() > Context::max_string) ctx.error(line, "the template built a string longer than 16 MiB");
     }
     return Value(out);
   }
-  if (name == "wordcount") return Value(int64_t(str_split(need_string(v), Value(), -1).size()));
+  if (name == "safe") return Value(v.to_output()).set_markup(true);
+  if (name == "e" || name == "escape" || name == "forceescape") {
+    if (v.markup() && name != "forceescape") return v;
+    return Value(html_escape(v.to_output())).set_markup(true);
+  }
+  if (name == "wordcount") return Value(int64_t(str_split(text(), Value(), -1).size()));
   if (name == "center") {
     int64_t width = a.get(0, "width", Value(int64_t(80))).as_int();
-    std::string s = need_string(v);
+    if (width > int64_t(Context::max_string)) ctx.error(line, "the template built a string longer than 16 MiB");
+    std::string s = text();
     int64_t n = int64_t(unicode::chars(s).size());
-    if (n >= width) return Value(s);
-    int64_t left = (width - n) / 2;
-    return Value(std::string(size_t(left), ' ') + s + std::string(size_t(width - n - left), ' '));
+    if (n >= width) return same_safety(s);
+    const int64_t margin = width - n, left = margin / 2 + (margin & width & 1);  // as CPython's str.center
+    return same_safety(std::string(size_t(left), ' ') + s + std::string(size_t(margin - left), ' '));
   }
   ctx.error(line, "filter '" + name + "' is not supported");
 }
@@ -1579,7 +1940,8 @@ bool apply_test(const std::string& name, const Value& v, Args& a, int line, Cont
   if (name == "true") return v.kind() == Value::Kind::Bool && v.truthy();
   if (name == "false") return v.kind() == Value::Kind::Bool && !v.truthy();
   if (name == "mapping") return v.is_dict();
-  if (name == "sequence") return v.is_list() || v.is_string() || v.is_dict();
+  if (name == "sequence")
+    return (v.is_list() && (v.seq() == Value::Seq::List || v.seq() == Value::Seq::Tuple)) || v.is_string() || v.is_dict();
   if (name == "iterable") return v.is_list() || v.is_string() || v.is_dict();
   if (name == "callable") return v.is_function();
   if (name == "even") return v.as_int() % 2 == 0;
@@ -1618,9 +1980,10 @@ class ExprParser {
     ExprPtr first = parse_expression();
     if (!is_op(",")) return first;
     auto l = make<ListExpr>();
+    l->tuple = true;
     l->items.push_back(std::move(first));
     while (accept_op(",")) {
-      if (at_end()) break;
+      if (at_end() || is_op(")")) break;  // (1,) is a one-item tuple
       l->items.push_back(parse_expression());
     }
     return l;
@@ -1897,6 +2260,11 @@ class ExprParser {
       return n;
     }
     if (accept_op("(")) {
+      if (accept_op(")")) {
+        auto empty = make<ListExpr>();
+        empty->tuple = true;
+        return empty;
+      }
       ExprPtr e = parse_tuple_or_expression();
       expect_op(")");
       return e;
@@ -2370,8 +2738,21 @@ std::shared_ptr<Scope> globals() {
 
 }  // namespace
 
+// Jinja2's lexer first turns every \r\n and lone \r into \n and drops one trailing newline
+// (keep_trailing_newline is off in transformers).
+static std::string normalize_newlines(const std::string& source) {
+  std::string s;
+  s.reserve(source.size());
+  for (size_t i = 0; i < source.size(); ++i) {
+    if (source[i] != '\r') s += source[i];
+    else if (i + 1 >= source.size() || source[i + 1] != '\n') s += '\n';
+  }
+  if (!s.empty() && s.back() == '\n') s.pop_back();
+  return s;
+}
+
 Template::Template(const std::string& source, std::string name) : name_(std::move(name)) {
-  Parser p(segment(source, name_), name_);
+  Parser p(segment(normalize_newlines(source), name_), name_);
   body_ = p.parse_all();
 }
 

@@ -23,12 +23,19 @@ namespace vkvlm::jinja {
 class Value;
 using List = std::vector<Value>;
 
-// An insertion-ordered string-keyed dictionary (Python dict / Jinja namespace).
+// An insertion-ordered dictionary (Python dict / Jinja namespace). Keys are strings, numbers,
+// booleans or none, equal as in Python (1, 1.0 and true are one key).
 struct Dict {
-  std::vector<std::pair<std::string, Value>> items;
-  std::unordered_map<std::string, size_t> index;
+  std::vector<std::pair<Value, Value>> items;     // (key, value) in insertion order
+  std::unordered_map<std::string, size_t> index;  // hash_key(key) -> position in items
   Value* find(const std::string& k);
+  Value* find(const char* k) { return find(std::string(k)); }
+  Value* find(const Value& k);  // nullptr also for a key that cannot be a dict key
   void set(const std::string& k, Value v);
+  void set(const char* k, Value v);
+  void set(const Value& k, Value v);  // fails for a list, dict or function key ("unhashable")
+  // The index key of a value, or "" (never a valid index key) when it cannot be a dict key.
+  static std::string hash_key(const Value& k);
 };
 
 struct Args;
@@ -37,6 +44,11 @@ using Function = std::function<Value(Args&)>;
 class Value {
  public:
   enum class Kind { Undefined, None, Bool, Int, Float, String, List, Dict, Function };
+  // Which Python sequence a List value stands for: they differ in how they print, convert to
+  // JSON, count and test true. An Iterator (a generator from map/select/..., reversed()) is
+  // always true, has no length, cannot be printed or turned into JSON, and is used up by the
+  // first loop or filter that walks it, as in Jinja2.
+  enum class Seq : uint8_t { List, Tuple, Iterator, DictItems, DictKeys, DictValues };
 
   Value() = default;  // undefined
   static Value undefined(std::string name = "");
@@ -82,6 +94,18 @@ class Value {
     namespace_ = true;
     return *this;
   }
+  Seq seq() const { return seq_; }
+  Value& set_seq(Seq s) {
+    seq_ = s;
+    return *this;
+  }
+  // A string marked safe (Jinja2's Markup, from |safe or |escape): a plain string added to it
+  // is HTML-escaped first.
+  bool markup() const { return markup_; }
+  Value& set_markup(bool m) {
+    markup_ = m;
+    return *this;
+  }
   // How deeply lists and dicts nest inside this value (0: a scalar). Containers deeper than
   // max_nesting are refused when built, so nothing recursive over a value can overflow the stack.
   int depth() const { return depth_; }
@@ -92,7 +116,8 @@ class Value {
  private:
   Kind kind_ = Kind::Undefined;
   int depth_ = 0;
-  bool b_ = false, namespace_ = false;
+  bool b_ = false, namespace_ = false, markup_ = false;
+  Seq seq_ = Seq::List;
   int64_t i_ = 0;
   double f_ = 0;
   std::string s_;
