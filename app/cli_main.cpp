@@ -1,5 +1,10 @@
-// The vkvlm command line: generate, chat, tokenize, info, devices, serve.
+// The vkvlm command line: generate, chat, tokenize, render-template, info, devices, serve.
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
 #include <unistd.h>
+
+#include <csignal>
 
 #include <algorithm>
 #include <cerrno>
@@ -25,7 +30,9 @@
 #include "app/conversation.h"
 #include "base/files.h"
 #include "app/flags.h"
+#include "host/chat_template.h"
 #include "host/image.h"
+#include "host/jinja.h"
 #include "app/server.h"
 #include "host/tokenizer.h"
 #include "models/model.h"
@@ -38,6 +45,29 @@ namespace {
 std::unique_ptr<gpu::Context> make_context() { return std::make_unique<gpu::Context>(gpu::Device::create()); }
 
 std::string read_file(const std::string& path, const char* what) { return read_file_bounded(path, uint64_t(64) << 20, what); }
+
+// A JSON file, key order kept (tojson in a template shows it).
+Messages read_json_file(const std::string& path, const char* what) {
+  try {
+    return Messages::parse(read_file(path, what));
+  } catch (const nlohmann::json::exception& e) {
+    throw Error(std::string(what) + " " + path + " is not valid JSON: " + e.what());
+  }
+}
+
+// --messages FILE: a non-empty array of {"role": ..., "content": ...}.
+Messages read_messages_file(const std::string& path) {
+  Messages messages = read_json_file(path, "messages file");
+  if (!messages.is_array() || messages.empty())
+    throw Error("messages file " + path + " must hold a non-empty JSON array of messages");
+  for (size_t i = 0; i < messages.size(); ++i) {
+    auto& m = messages[i];
+    if (!m.is_object() || !m.contains("role") || !m["role"].is_string())
+      throw Error("messages file " + path + ": message " + std::to_string(i) + " needs a \"role\" string");
+    if (!m.contains("content")) throw Error("messages file " + path + ": message " + std::to_string(i) + " has no content");
+  }
+  return messages;
+}
 
 // Messages and their images from --messages FILE / --prompt TEXT and --image PATHs. The --image
 // files go, in order, to the conversation's {"type": "image"} parts and to the image
@@ -56,20 +86,7 @@ void load_conversation(const Flags& f, const ModelConfig& cfg, Messages& message
     messages = Messages::array({Messages{{"role", "user"}, {"content", content}}});
     return;
   }
-  const std::string path = f.str("messages");
-  try {
-    messages = Messages::parse(read_file(path, "messages file"));
-  } catch (const nlohmann::json::exception& e) {
-    throw Error("messages file " + path + " is not valid JSON: " + e.what());
-  }
-  if (!messages.is_array() || messages.empty())
-    throw Error("messages file " + path + " must hold a non-empty JSON array of messages");
-  for (size_t i = 0; i < messages.size(); ++i) {
-    auto& m = messages[i];
-    if (!m.is_object() || !m.contains("role") || !m["role"].is_string())
-      throw Error("messages file " + path + ": message " + std::to_string(i) + " needs a \"role\" string");
-    if (!m.contains("content")) throw Error("messages file " + path + ": message " + std::to_string(i) + " has no content");
-  }
+  messages = read_messages_file(f.str("messages"));
   const auto slots = image_slots(cfg, messages);
   const std::string why = check_supplied_images(slots, image_paths.size(), "--image gave");
   if (!why.empty()) throw Error(why);
@@ -190,6 +207,77 @@ int cmd_generate(int argc, char** argv) {
   return 0;
 }
 
+// Ctrl-C in `vkvlm chat`: during a reply it stops the reply (the conversation stays, the
+// partial reply with it); at the prompt, a second Ctrl-C in a row exits.
+// The handler sets a flag (polled by generation) and writes to a pipe (polled beside stdin at the
+// prompt, so no signal is lost between a check and a blocking read).
+volatile std::sig_atomic_t g_interrupted = 0;
+int g_interrupt_pipe[2] = {-1, -1};
+void on_sigint(int) {
+  g_interrupted = 1;
+  const int saved = errno;
+  [[maybe_unused]] ssize_t n = ::write(g_interrupt_pipe[1], "i", 1);
+  errno = saved;
+}
+
+void install_sigint_handler() {
+  if (::pipe(g_interrupt_pipe) != 0) throw Error(std::string("cannot create a pipe: ") + std::strerror(errno));
+  for (int fd : g_interrupt_pipe) ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) | O_NONBLOCK);
+  struct sigaction sa {};
+  sa.sa_handler = on_sigint;
+  sigemptyset(&sa.sa_mask);
+  sa.sa_flags = SA_RESTART;
+  sigaction(SIGINT, &sa, nullptr);
+}
+
+// Forgets interrupts that came before now.
+void clear_interrupts() {
+  char buf[64];
+  while (::read(g_interrupt_pipe[0], buf, sizeof(buf)) > 0) {
+  }
+  g_interrupted = 0;
+}
+
+// One line from stdin, unless Ctrl-C comes first.
+class PromptReader {
+ public:
+  enum class Got { Line, End, Interrupted };
+  Got read_line(std::string& line) {
+    for (;;) {
+      if (size_t nl = buf_.find('\n'); nl != std::string::npos) {
+        line = buf_.substr(0, nl);
+        buf_.erase(0, nl + 1);
+        return Got::Line;
+      }
+      if (eof_) {
+        if (buf_.empty()) return Got::End;
+        line = std::move(buf_);
+        buf_.clear();
+        return Got::Line;
+      }
+      pollfd fds[2] = {{0, POLLIN, 0}, {g_interrupt_pipe[0], POLLIN, 0}};
+      if (::poll(fds, 2, -1) < 0) {
+        if (errno == EINTR) continue;
+        return Got::End;
+      }
+      if (fds[1].revents & POLLIN) {
+        clear_interrupts();
+        return Got::Interrupted;
+      }
+      if (fds[0].revents & (POLLIN | POLLHUP | POLLERR)) {
+        char chunk[4096];
+        const ssize_t n = ::read(0, chunk, sizeof(chunk));
+        if (n > 0) buf_.append(chunk, size_t(n));
+        else if (n == 0 || errno != EINTR) eof_ = true;
+      }
+    }
+  }
+
+ private:
+  std::string buf_;
+  bool eof_ = false;
+};
+
 int cmd_chat(int argc, char** argv) {
   auto flags = k_generate_flags;
   flags.erase("prompt");
@@ -211,11 +299,23 @@ int cmd_chat(int argc, char** argv) {
   std::vector<Image> pending;
   for (auto& p : f.all("image")) pending.push_back(load_image_file(p));
   const bool tty = isatty(0);
-  std::fprintf(stderr, "vkvlm chat: %s. Commands: /image PATH (attach to the next message), /reset, /exit.\n", dir.c_str());
+  std::fprintf(stderr, "vkvlm chat: %s. Commands: /image PATH (attach to the next message), /reset, /exit. "
+               "Ctrl-C stops a reply.\n", dir.c_str());
+  install_sigint_handler();
+  PromptReader reader;
+  bool interrupted_at_prompt = false;
   for (;;) {
     if (tty) std::fprintf(stderr, "> ");
     std::string line;
-    if (!std::getline(std::cin, line)) break;
+    const auto got = reader.read_line(line);
+    if (got == PromptReader::Got::End) break;
+    if (got == PromptReader::Got::Interrupted) {
+      if (interrupted_at_prompt) break;
+      interrupted_at_prompt = true;
+      std::fprintf(stderr, "\n(Ctrl-C again to exit)\n");
+      continue;
+    }
+    interrupted_at_prompt = false;
     if (line.empty()) continue;
     if (line == "/exit" || line == "/quit") break;
     if (line == "/reset") {
@@ -245,13 +345,23 @@ int cmd_chat(int argc, char** argv) {
     history.push_back({{"role", "user"}, {"content", content}});
     try {
       Prompt prompt = model.build_prompt(history, images, vars);
-      GenerationResult r = session.generate(prompt, params, [](const StepOutput& s) {
-        std::fwrite(s.text.data(), 1, s.text.size(), stdout);
-        std::fflush(stdout);
-        return true;
-      });
+      clear_interrupts();
+      GenerationResult r = session.generate(
+          prompt, params,
+          [](const StepOutput& s) {
+            std::fwrite(s.text.data(), 1, s.text.size(), stdout);
+            std::fflush(stdout);
+            return !g_interrupted;
+          },
+          [] { return g_interrupted != 0; });
       std::printf("\n");
       std::fflush(stdout);
+      clear_interrupts();  // a Ctrl-C that stopped this reply is not one at the prompt
+      if (r.finish_reason == "cancelled") std::fprintf(stderr, "(reply stopped)\n");
+      if (f.has("verbose"))
+        std::fprintf(stderr, "prompt %zu tokens (%lld from the cache), generated %zu tokens, finish: %s\n",
+                     r.prompt_tokens.size(), (long long)r.cached_tokens, r.tokens.size(), r.finish_reason.c_str());
+      // What was shown stays in the conversation, a stopped reply too.
       history.push_back({{"role", "assistant"}, {"content", Messages::array({{{"type", "text"}, {"text", r.text}}})}});
     } catch (const std::exception& e) {
       history.erase(history.size() - 1);
@@ -290,6 +400,43 @@ int cmd_tokenize(int argc, char** argv) {
   return 0;
 }
 
+// The text a chat template renders, byte for byte, without weights or a GPU: a model folder's
+// template over --messages, or any template file over a --context JSON object whose top-level
+// keys are the template's variables.
+int cmd_render_template(int argc, char** argv) {
+  Flags f(argc, argv, 2,
+          {{"model", true}, {"messages", true}, {"tools", true}, {"no-generation-prompt", false},
+           {"chat-template-kwargs", true}, {"template", true}, {"context", true}});
+  std::string text;
+  if (f.has("template") || f.has("context")) {
+    if (!f.has("template") || !f.has("context") || f.has("model") || f.has("messages") || f.has("tools") ||
+        f.has("no-generation-prompt") || f.has("chat-template-kwargs"))
+      throw UsageError("give either --model DIR --messages FILE [--tools FILE] [--no-generation-prompt] or --template FILE --context FILE");
+    const std::string path = f.str("template");
+    const jinja::Template tmpl(read_file_bounded(path, uint64_t(16) << 20, "template"), path);
+    const Messages context = read_json_file(f.str("context"), "context file");
+    if (!context.is_object()) throw Error("context file " + f.str("context") + " must hold a JSON object (its keys are the template's variables)");
+    std::map<std::string, jinja::Value> vars;
+    for (auto& [k, v] : context.items()) vars[k] = jinja::Value::from_json(v);
+    text = tmpl.render(vars);
+  } else {
+    if (!f.has("messages")) throw UsageError("give either --model DIR --messages FILE [--tools FILE] [--no-generation-prompt] or --template FILE --context FILE");
+    const std::string dir = f.has("model") ? f.str("model") : default_model_dir();
+    const ChatTemplate chat = ChatTemplate::from_model_dir(dir);
+    const Messages messages = read_messages_file(f.str("messages"));
+    Messages vars = Messages(template_vars(f));
+    if (vars.is_null()) vars = Messages::object();
+    if (f.has("tools")) {
+      Messages tools = read_json_file(f.str("tools"), "tools file");
+      if (!tools.is_array()) throw Error("tools file " + f.str("tools") + " must hold a JSON array of tool definitions");
+      vars["tools"] = std::move(tools);
+    }
+    text = chat.render(messages, !f.has("no-generation-prompt"), vars);
+  }
+  std::fwrite(text.data(), 1, text.size(), stdout);
+  return 0;
+}
+
 int cmd_info(int argc, char** argv) {
   Flags f(argc, argv, 2, {{"model", true}, {"ctx", true}, {"quantize", true}});
   const std::string dir = f.has("model") ? f.str("model") : default_model_dir();
@@ -315,8 +462,12 @@ const char* k_usage =
     "            [--temp T] [--top-p P] [--top-k K] [--min-p P] [--repeat-penalty R] [--seed S] [--ctx N]\n"
     "            [--quantize q4|q8] [--stop TEXT]... [--json] [--top-logits N] [--ignore-eos] [--verbose]\n"
     "            [--chat-template-kwargs JSON]   (PaliGemma: --prompt is the task prefix, e.g. \"caption en\")\n"
-    "  chat      [--model DIR] [--image PATH]... [--system TEXT] [sampling options]   interactive, multi-turn\n"
+    "  chat      [--model DIR] [--image PATH]... [--system TEXT] [sampling options] [--verbose]   interactive,\n"
+    "            multi-turn; Ctrl-C stops a reply, a second Ctrl-C at the prompt exits\n"
     "  tokenize  (--model DIR | --tokenizer FILE) [--text TEXT] [--no-special] [--json]   (stdin without --text)\n"
+    "  render-template [--model DIR] --messages FILE [--tools FILE] [--no-generation-prompt]\n"
+    "            [--chat-template-kwargs JSON]  |  --template FILE --context FILE.json\n"
+    "            print the text the chat template renders (no weights, no GPU)\n"
     "  info      [--model DIR] [--ctx N] [--quantize q4|q8]\n"
     "  serve     [--model DIR] [--host 127.0.0.1] [--port 8080] [--api-key KEY] [--max-concurrency N]\n"
     "            [--ctx N] [--kv-slots N] [--allow-local-files DIR] [--max-images N] [--quantize q4|q8]\n"
@@ -346,9 +497,10 @@ int main(int argc, char** argv) {
     if (cmd == "chat") return cmd_chat(argc, argv);
     if (cmd == "tokenize") return cmd_tokenize(argc, argv);
     if (cmd == "info") return cmd_info(argc, argv);
+    if (cmd == "render-template") return cmd_render_template(argc, argv);
     if (cmd == "devices") return cmd_devices(argc, argv);
     if (cmd == "serve") return server::run_serve(argc, argv, 2);
-    throw UsageError("unknown command '" + cmd + "' (generate, chat, tokenize, info, serve, devices)");
+    throw UsageError("unknown command '" + cmd + "' (generate, chat, tokenize, render-template, info, serve, devices)");
   } catch (const UsageError& e) {
     std::fprintf(stderr, "vkvlm: %s (see vkvlm --help)\n", e.what());
     return 2;

@@ -27,24 +27,6 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
-// A special token in tokenizer_config.json: a string, or {"content": "..."}.
-std::optional<std::string> token_string(const nlohmann::ordered_json& cfg, const char* key) {
-  if (!cfg.contains(key)) return std::nullopt;
-  const auto& v = cfg[key];
-  if (v.is_string()) return v.get<std::string>();
-  if (v.is_object() && v.contains("content") && v["content"].is_string()) return v["content"].get<std::string>();
-  return std::nullopt;
-}
-
-nlohmann::ordered_json read_ordered_json(const fs::path& p) {
-  const std::string text = read_file_bounded(p.string(), uint64_t(64) << 20, "file");
-  try {
-    return nlohmann::ordered_json::parse(text);
-  } catch (const std::exception& e) {
-    fail(p.string(), " is not valid JSON: ", e.what());
-  }
-}
-
 // An image_url part's URL: "image_url": "..." or {"url": "..."}.
 std::string image_url_of(const Messages& part) {
   if (!part.contains("image_url")) return "";
@@ -102,36 +84,12 @@ Model::Model(gpu::Context& ctx, const std::string& dir, LoadOptions options) : c
   if (tok_->vocab_size() > cfg_.text.vocab_size)
     fail("tokenizer.json of ", dir, " has ", tok_->vocab_size(), " tokens but the model's vocabulary is ", cfg_.text.vocab_size);
 
-  // Chat template: chat_template.jinja, then chat_template.json, then tokenizer_config.json.
-  nlohmann::ordered_json tcfg = nlohmann::ordered_json::object();
-  if (fs::exists(d / "tokenizer_config.json", ec)) tcfg = read_ordered_json(d / "tokenizer_config.json");
-  std::string source, where;
-  if (fs::exists(d / "chat_template.jinja", ec)) {
-    source = read_file_bounded((d / "chat_template.jinja").string(), uint64_t(16) << 20, "chat template");
-    where = "chat_template.jinja";
-  } else if (fs::exists(d / "chat_template.json", ec)) {
-    auto j = read_ordered_json(d / "chat_template.json");
-    if (j.contains("chat_template") && j["chat_template"].is_string()) source = j["chat_template"].get<std::string>();
-    where = "chat_template.json";
-  } else if (tcfg.contains("chat_template")) {
-    const auto& t = tcfg["chat_template"];
-    if (t.is_string()) {
-      source = t.get<std::string>();
-    } else if (t.is_array()) {
-      for (auto& e : t)
-        if (e.is_object() && e.value("name", "") == "default" && e.contains("template") && e["template"].is_string())
-          source = e["template"].get<std::string>();
-    }
-    where = "tokenizer_config.json chat_template";
-  }
-  if (!source.empty()) template_ = std::make_unique<jinja::Template>(source, (d / where).string());
-  for (const char* k : {"bos_token", "eos_token", "unk_token", "pad_token"})
-    if (auto s = token_string(tcfg, k)) template_tokens_[k] = jinja::Value(*s);
+  template_ = ChatTemplate::from_model_dir(dir);
 
   for (auto id : cfg_.eos_token_ids)
     if (id < cfg_.text.vocab_size) eos_.push_back(int32_t(id));
   if (eos_.empty())
-    if (auto s = token_string(tcfg, "eos_token"))
+    if (auto& s = template_.eos_token())
       if (int32_t id = tok_->token_to_id(*s); id >= 0) eos_.push_back(id);
 
   store_ = std::make_unique<TensorStore>(TensorStore::open_directory(dir));
@@ -146,17 +104,7 @@ Model::~Model() = default;
 uint64_t Model::weight_bytes() const { return lm_->weight_bytes() + (vision_ ? vision_->weight_bytes() : 0); }
 
 std::string Model::render_chat(const Messages& messages, bool add_generation_prompt, const nlohmann::json& vars) const {
-  if (!template_)
-    fail("model ", cfg_.dir, " has no chat template (no chat_template.jinja, chat_template.json or chat_template in "
-         "tokenizer_config.json)");
-  std::map<std::string, jinja::Value> v = template_tokens_;
-  if (!vars.is_null()) {
-    if (!vars.is_object()) fail("chat template variables must be a JSON object");
-    for (auto& [k, x] : vars.items()) v[k] = jinja::Value::from_json(Messages(x));
-  }
-  v["messages"] = jinja::Value::from_json(messages);
-  v["add_generation_prompt"] = jinja::Value(add_generation_prompt);
-  return template_->render(v);
+  return template_.render(messages, add_generation_prompt, Messages(vars));
 }
 
 std::vector<ImageSlot> image_slots(const ModelConfig& cfg, const Messages& messages) {
@@ -279,7 +227,7 @@ std::string Model::info(int64_t context_tokens) const {
   const uint64_t kv = uint64_t(t.num_layers) * 2 * uint64_t(context_tokens) * uint64_t(t.num_kv_heads) * uint64_t(t.head_dim) * 2;
   os << "KV cache: " << gb(kv) << " for " << context_tokens << " tokens (f16)\n";
   os << "memory needed: about " << gb(weight_bytes() + kv) << " plus activations\n";
-  os << "tokenizer: " << tok_->vocab_size() << " tokens; chat template: " << (template_ ? "yes" : "no") << "\n";
+  os << "tokenizer: " << tok_->vocab_size() << " tokens; chat template: " << (template_.available() ? "yes" : "no") << "\n";
   return os.str();
 }
 

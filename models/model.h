@@ -15,7 +15,7 @@
 
 #include "gpu/context.h"
 #include "host/image.h"
-#include "host/jinja.h"
+#include "host/chat_template.h"
 #include "host/safetensors.h"
 #include "host/sampler.h"
 #include "host/tokenizer.h"
@@ -88,7 +88,7 @@ class Model {
   const VisionPath* vision() const { return vision_.get(); }
   const std::string& dir() const { return cfg_.dir; }
   const std::vector<int32_t>& eos_ids() const { return eos_; }
-  bool has_chat_template() const { return template_ != nullptr; }
+  bool has_chat_template() const { return template_.available(); }
 
   // The chat template applied to messages (content: a string or a list of parts {"type":
   // "text"|"image", ...}), as transformers' apply_chat_template renders it; `template_vars`
@@ -114,8 +114,7 @@ class Model {
   ModelConfig cfg_;
   std::unique_ptr<TensorStore> store_;
   std::unique_ptr<Tokenizer> tok_;
-  std::unique_ptr<jinja::Template> template_;
-  std::map<std::string, jinja::Value> template_tokens_;  // bos_token, eos_token, ...
+  ChatTemplate template_;
   std::unique_ptr<LanguageModel> lm_;
   std::unique_ptr<VisionPath> vision_;
   std::vector<int32_t> eos_;

@@ -2,8 +2,14 @@
 // the demo model's answers, and every wrong input answered with one clear line and a non-zero
 // exit code.
 #include <gtest/gtest.h>
+#include <poll.h>
+#include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
+
+#include <chrono>
+#include <functional>
+#include <thread>
 
 #include <cstdio>
 #include <filesystem>
@@ -47,7 +53,10 @@ std::string slurp(const std::string& path) {
 
 CliRun vkvlm(const std::vector<std::string>& args, const std::string& stdin_data = "") {
   std::string cmd = quote(VKVLM_CLI);
-  for (auto& a : args) cmd += " " + quote(a);
+  for (auto& a : args) {
+    cmd += ' ';
+    cmd += quote(a);
+  }
   std::ofstream(tmp("stdin"), std::ios::binary) << stdin_data;
   cmd += " < " + quote(tmp("stdin")) + " > " + quote(tmp("stdout")) + " 2> " + quote(tmp("stderr"));
   int status = std::system(cmd.c_str());
@@ -248,6 +257,126 @@ TEST(Cli, ChatKeepsTheConversation) {
   EXPECT_EQ(r.out, "An orange circle at the top left and a black circle at the bottom.\n" + g.out);
 }
 
+// A `vkvlm chat` process driven through pipes, with signals, as a terminal user drives it.
+class ChatProcess {
+ public:
+  explicit ChatProcess(const std::vector<std::string>& args) {
+    int in[2], out[2], err[2];
+    EXPECT_EQ(::pipe(in), 0);
+    EXPECT_EQ(::pipe(out), 0);
+    EXPECT_EQ(::pipe(err), 0);
+    pid_ = ::fork();
+    if (pid_ == 0) {
+      ::dup2(in[0], 0);
+      ::dup2(out[1], 1);
+      ::dup2(err[1], 2);
+      for (int fd : {in[0], in[1], out[0], out[1], err[0], err[1]}) ::close(fd);
+      std::vector<char*> argv{const_cast<char*>(VKVLM_CLI)};
+      for (auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+      argv.push_back(nullptr);
+      ::execv(VKVLM_CLI, argv.data());
+      ::_exit(127);
+    }
+    ::close(in[0]);
+    ::close(out[1]);
+    ::close(err[1]);
+    in_ = in[1];
+    out_ = out[0];
+    err_ = err[0];
+  }
+  ~ChatProcess() {
+    if (pid_ > 0 && !exited_) {
+      ::kill(pid_, SIGKILL);
+      ::waitpid(pid_, nullptr, 0);
+    }
+    for (int fd : {in_, out_, err_}) ::close(fd);
+  }
+  void type(const std::string& s) { EXPECT_EQ(::write(in_, s.data(), s.size()), ssize_t(s.size())); }
+  void interrupt() { ::kill(pid_, SIGINT); }
+  // Reads until `done` holds (or the time runs out); false on timeout.
+  bool read_until(const std::function<bool()>& done, int seconds = 180) {
+    const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(seconds);
+    while (!done()) {
+      if (std::chrono::steady_clock::now() > until) return false;
+      pollfd fds[2] = {{out_, POLLIN, 0}, {err_, POLLIN, 0}};
+      if (::poll(fds, 2, 100) <= 0) continue;
+      char buf[4096];
+      for (int i = 0; i < 2; ++i)
+        if (fds[i].revents & (POLLIN | POLLHUP)) {
+          ssize_t n = ::read(fds[i].fd, buf, sizeof(buf));
+          if (n > 0) (i ? err : out).append(buf, size_t(n));
+          else if (n == 0 && (fds[0].revents & POLLHUP) && (fds[1].revents & POLLHUP)) return done();
+        }
+    }
+    return true;
+  }
+  // The exit code, or -1 when it has not exited within `seconds`.
+  int wait_exit(int seconds = 30) {
+    for (int i = 0; i < seconds * 10; ++i) {
+      int status = 0;
+      if (::waitpid(pid_, &status, WNOHANG) == pid_) {
+        exited_ = true;
+        return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+      }
+      read_until([] { return true; }, 0);
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+    return -1;
+  }
+  std::string out, err;
+
+ private:
+  pid_t pid_ = -1;
+  int in_ = -1, out_ = -1, err_ = -1;
+  bool exited_ = false;
+};
+
+size_t count_of(const std::string& s, const std::string& what) {
+  size_t n = 0;
+  for (size_t p = s.find(what); p != std::string::npos; p = s.find(what, p + 1)) ++n;
+  return n;
+}
+
+// Ctrl-C during a reply stops that reply, not the process; the conversation goes on with the
+// stopped reply in it (the next prompt holds both turns and reuses the cached rows); a second
+// Ctrl-C at the prompt exits.
+TEST(Cli, ChatCtrlCStopsTheReplyAndKeepsTheConversation) {
+  ChatProcess chat({"chat", "--image", k_demo + "/examples/shapes_1.png", "--max-tokens", "1000", "--ignore-eos", "--verbose"});
+  chat.type("Describe this image.\n");
+  ASSERT_TRUE(chat.read_until([&] { return chat.out.size() >= 12; })) << chat.err;
+  chat.interrupt();
+  ASSERT_TRUE(chat.read_until([&] { return count_of(chat.err, "generated ") == 1; })) << chat.err;
+  EXPECT_EQ(count_of(chat.err, "(reply stopped)"), 1u) << chat.err;
+  const size_t first_reply_end = chat.out.size();
+  chat.type("How many shapes are there?\n");
+  ASSERT_TRUE(chat.read_until([&] { return chat.out.size() >= first_reply_end + 12; })) << chat.err;
+  chat.interrupt();
+  ASSERT_TRUE(chat.read_until([&] { return count_of(chat.err, "generated ") == 2; })) << chat.err;
+  EXPECT_EQ(count_of(chat.err, "(reply stopped)"), 2u) << chat.err;
+
+  // "prompt P tokens (C from the cache), generated G tokens, finish: cancelled", per turn.
+  std::vector<long> prompt, cached, generated;
+  std::istringstream lines(chat.err);
+  for (std::string l; std::getline(lines, l);) {
+    long p = 0, c = 0, g = 0;
+    if (std::sscanf(l.c_str(), "prompt %ld tokens (%ld from the cache), generated %ld tokens", &p, &c, &g) == 3) {
+      prompt.push_back(p);
+      cached.push_back(c);
+      generated.push_back(g);
+      EXPECT_NE(l.find("finish: cancelled"), std::string::npos) << l;
+    }
+  }
+  ASSERT_EQ(prompt.size(), 2u) << chat.err;
+  EXPECT_LT(generated[0], 1000);  // stopped, not run to --max-tokens
+  EXPECT_GT(prompt[1], prompt[0] + generated[0]);  // the second prompt holds the first turn and its stopped reply
+  EXPECT_GE(cached[1], prompt[0]);                  // whose rows came from the cache
+
+  chat.interrupt();
+  ASSERT_TRUE(chat.read_until([&] { return chat.err.find("Ctrl-C again") != std::string::npos; })) << chat.err;
+  chat.interrupt();
+  EXPECT_EQ(chat.wait_exit(), 0) << chat.err;
+}
+
 TEST(Cli, TokenizeReadsStdinByteForByte) {
   const std::string dir = fixtures_dir() + "/tokenizers/";
   std::ifstream g(dir + "sp-bpe.golden.json");
@@ -287,6 +416,48 @@ TEST(Cli, InfoAndDevices) {
   EXPECT_NE(dev.out.find("max_binding="), std::string::npos);
 }
 
+// `vkvlm render-template` prints what Jinja2 set up as transformers sets it up renders, byte for
+// byte: every case of tests/data/jinja_golden.json (tools/jinja_golden.py) through --template
+// and --context, and the model folders' own templates, rendered by transformers'
+// apply_chat_template, through --model and --messages.
+TEST(Cli, RenderTemplateMatchesJinja2ByteForByte) {
+  std::ifstream in(test_data_dir() + "/jinja_golden.json");
+  ASSERT_TRUE(in);
+  const auto golden = nlohmann::ordered_json::parse(in);
+  ASSERT_GT(golden["cases"].size(), 150u);
+  ASSERT_GE(golden["model_cases"].size(), 24u);
+  auto check = [](const nlohmann::ordered_json& c, const CliRun& r) {
+    if (c.contains("error")) {
+      EXPECT_EQ(r.rc, 1) << "Jinja2 raised " << c["error"];
+      EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+      EXPECT_TRUE(r.out.empty()) << r.out;
+    } else {
+      ASSERT_EQ(r.rc, 0) << r.err;
+      EXPECT_EQ(r.out, c["expected"].get<std::string>());
+    }
+  };
+  for (auto& c : golden["cases"]) {
+    SCOPED_TRACE(c["name"].get<std::string>());
+    std::string tmpl = tmp("template.jinja");
+    if (c.contains("template_file")) tmpl = test_data_dir() + "/chat_templates/" + c["template_file"].get<std::string>();
+    else std::ofstream(tmpl, std::ios::binary) << c["template"].get<std::string>();
+    std::ofstream(tmp("context.json"), std::ios::binary) << c["variables"].dump();
+    check(c, vkvlm({"render-template", "--template", tmpl, "--context", tmp("context.json")}));
+  }
+  for (auto& c : golden["model_cases"]) {
+    SCOPED_TRACE(c["name"].get<std::string>());
+    std::ofstream(tmp("messages.json"), std::ios::binary) << c["messages"].dump();
+    std::vector<std::string> args = {"render-template", "--model", test_data_dir() + "/" + c["model"].get<std::string>(),
+                                     "--messages", tmp("messages.json")};
+    if (!c["tools"].is_null()) {
+      std::ofstream(tmp("tools.json"), std::ios::binary) << c["tools"].dump();
+      args.insert(args.end(), {"--tools", tmp("tools.json")});
+    }
+    if (!c["add_generation_prompt"].get<bool>()) args.push_back("--no-generation-prompt");
+    check(c, vkvlm(args));
+  }
+}
+
 struct BadRun {
   std::vector<std::string> args;
   int rc;
@@ -324,6 +495,13 @@ TEST(Cli, WrongInputsGetOneClearLine) {
       {{"generate", "--model", pali, "--prompt", "caption en", "--image", img, "--image", img}, 1, {"PaliGemma", "at most one image"}},
       {{"generate", "--prompt", "Describe every shape and every colour in great detail.", "--ctx", "8"}, 1, {"context of 8"}},
       {{"tokenize"}, 2, {"--model", "--tokenizer"}},
+      {{"render-template", "--template", tmp("bad.json")}, 2, {"--template FILE --context FILE"}},
+      {{"render-template", "--model", pali, "--messages", tmp("noimage.json")}, 1, {"paligemma-bf16", "has no chat template"}},
+      {{"render-template", "--messages", tmp("noimage.json"), "--tools", tmp("bad.json")}, 1, {"tools file", "not valid JSON"}},
+      {{"render-template", "--messages", tmp("noimage.json"), "--tools", tmp("noimage.json"), "--context", tmp("x")}, 2, {"either"}},
+      {{"render-template", "--template", tmp("notimage.png"), "--context", tmp("noimage.json")}, 1, {"context file", "JSON object"}},
+      {{"render-template", "--template", tmp("missing.j2"), "--context", tmp("noimage.json")}, 1, {"missing.j2"}},
+      {{"generate", "--prompt", "x", "--image", "/dev/zero"}, 1, {"/dev/zero", "not a regular file"}},
       {{"tokenize", "--tokenizer", tmp("missing.json")}, 1, {"missing.json"}},
       {{"frobnicate"}, 2, {"unknown command 'frobnicate'"}},
   };
