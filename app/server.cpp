@@ -19,6 +19,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "app/chat_request.h"
 #include "app/flags.h"
 #include "app/http.h"
 #include "base/files.h"
@@ -32,21 +33,6 @@ namespace fs = std::filesystem;
 using json = nlohmann::ordered_json;
 
 namespace {
-
-// An OpenAI-shaped error: {"error": {"message", "type", "param", "code"}} with its HTTP status.
-struct ApiError : std::runtime_error {
-  int status;
-  std::string type, param, code;
-  ApiError(int s, std::string message, std::string t = "invalid_request_error", std::string p = "", std::string c = "")
-      : std::runtime_error(std::move(message)), status(s), type(std::move(t)), param(std::move(p)), code(std::move(c)) {}
-};
-
-std::string error_body(const std::string& message, const std::string& type, const std::string& param, const std::string& code) {
-  json e = {{"message", message}, {"type", type}, {"param", nullptr}, {"code", nullptr}};
-  if (!param.empty()) e["param"] = param;
-  if (!code.empty()) e["code"] = code;
-  return json{{"error", e}}.dump(-1, ' ', false, json::error_handler_t::replace);
-}
 
 void set_error(http::Response& res, const ApiError& e) {
   res.status = e.status;
@@ -111,15 +97,6 @@ struct Metrics {
   std::atomic<int> in_flight{0}, queued{0};
 };
 
-struct ChatRequest {
-  Messages messages;
-  nlohmann::json template_vars;  // chat_template_kwargs (an extension, as in vLLM)
-  std::vector<Image> images;
-  GenerationParams params;
-  bool stream = false, include_usage = false, logprobs = false;
-  std::string model;
-};
-
 std::string random_id() {
   static std::mt19937_64 rng(std::random_device{}());
   static std::mutex m;
@@ -131,41 +108,6 @@ std::string random_id() {
 
 int64_t now_seconds() {
   return std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count();
-}
-
-// Typed access to request fields; errors are 400s naming the field.
-const json* field(const json& body, const char* name) {
-  auto it = body.find(name);
-  if (it == body.end() || it->is_null()) return nullptr;
-  return &*it;
-}
-double number_field(const json& body, const char* name, double dflt, double lo, double hi) {
-  const json* v = field(body, name);
-  if (!v) return dflt;
-  if (!v->is_number()) throw ApiError(400, std::string("'") + name + "' must be a number", "invalid_request_error", name);
-  double x = v->get<double>();
-  if (!(x >= lo && x <= hi)) {
-    std::ostringstream os;
-    os << "'" << name << "' must be between " << lo << " and " << hi << ", got " << x;
-    throw ApiError(400, os.str(), "invalid_request_error", name);
-  }
-  return x;
-}
-int64_t int_field(const json& body, const char* name, int64_t dflt, int64_t lo, int64_t hi) {
-  const json* v = field(body, name);
-  if (!v) return dflt;
-  if (!v->is_number_integer()) throw ApiError(400, std::string("'") + name + "' must be an integer", "invalid_request_error", name);
-  int64_t x = v->get<int64_t>();
-  if (x < lo || x > hi)
-    throw ApiError(400, std::string("'") + name + "' must be between " + std::to_string(lo) + " and " + std::to_string(hi),
-                   "invalid_request_error", name);
-  return x;
-}
-bool bool_field(const json& body, const char* name, bool dflt) {
-  const json* v = field(body, name);
-  if (!v) return dflt;
-  if (!v->is_boolean()) throw ApiError(400, std::string("'") + name + "' must be true or false", "invalid_request_error", name);
-  return v->get<bool>();
 }
 
 // A token as text for logprobs: its decoded piece, keeping the leading space its vocabulary
@@ -312,174 +254,12 @@ class Server {
     return os.str();
   }
 
-  // An image_url part's image: a data: URL, or a file inside --allow-local-files; never fetched.
-  // A local path is resolved whole (every symlink, at every step) and must end inside the
-  // folder; the answer is the same whether an outside file exists or not, and names no path of
-  // the server's.
-  Image load_image_url(const std::string& url, const std::string& param) {
-    if (url.rfind("data:", 0) == 0) {
-      try {
-        return decode_data_url(url);
-      } catch (const std::exception& e) {
-        throw ApiError(400, std::string("image could not be decoded: ") + e.what(), "invalid_request_error", param, "invalid_image");
-      }
-    }
-    if (url.rfind("http://", 0) == 0 || url.rfind("https://", 0) == 0)
-      throw ApiError(400, "remote image URLs are not fetched; send the image as a data: URL (base64)", "invalid_request_error",
-                     param, "invalid_image_url");
-    const size_t scheme = url.find("://");
-    if (scheme != std::string::npos && url.rfind("file://", 0) != 0)
-      throw ApiError(400, "image URLs with the scheme '" + url.substr(0, std::min<size_t>(scheme, 20)) +
-                              "' are not accepted (data: URLs, or file paths with --allow-local-files)",
-                     "invalid_request_error", param, "invalid_image_url");
-    if (local_root_.empty())
-      throw ApiError(400, "image_url must be a data: URL (local files need the server's --allow-local-files)",
-                     "invalid_request_error", param, "invalid_image_url");
-    const std::string path = url.rfind("file://", 0) == 0 ? url.substr(7) : url;
-    if (path.empty() || path.find('\0') != std::string::npos)
-      throw ApiError(400, "the image path is empty or holds a NUL byte", "invalid_request_error", param, "invalid_image_url");
-    const ApiError outside(400, "no such image file in the folder the server allows", "invalid_request_error", param,
-                           "invalid_image_url");
-    std::error_code ec;
-    const fs::path real = fs::canonical(fs::path(path).is_absolute() ? fs::path(path) : local_root_ / path, ec);
-    if (ec) throw outside;
-    const fs::path rel = real.lexically_relative(local_root_);
-    if (rel.empty() || *rel.begin() == ".." || rel.is_absolute()) throw outside;
-    std::string bytes;
-    try {
-      bytes = read_file_bounded(real.string(), ImageLimits{}.max_file_bytes, "image");
-    } catch (const std::exception&) {
-      throw ApiError(400, "the image file in the allowed folder cannot be read (not a regular file, or too large)",
-                     "invalid_request_error", param, "invalid_image");
-    }
-    try {
-      return decode_image(std::vector<uint8_t>(bytes.begin(), bytes.end()), "file " + rel.string());
-    } catch (const std::exception& e) {
-      throw ApiError(400, std::string("image could not be decoded: ") + e.what(), "invalid_request_error", param, "invalid_image");
-    }
-  }
-
-  ChatRequest parse(const std::string& raw) {
-    json body;
-    try {
-      body = json::parse(raw);
-    } catch (const json::exception& e) {
-      throw ApiError(400, std::string("the request body is not valid JSON: ") + e.what(), "invalid_request_error", "",
-                     "invalid_json");
-    }
-    if (!body.is_object()) throw ApiError(400, "the request body must be a JSON object", "invalid_request_error", "", "invalid_json");
-    ChatRequest r;
-    if (const json* m = field(body, "model")) {
-      if (!m->is_string()) throw ApiError(400, "'model' must be a string", "invalid_request_error", "model");
-      r.model = m->get<std::string>();
-    }
-    const json* msgs = field(body, "messages");
-    if (!msgs) throw ApiError(400, "'messages' is required", "invalid_request_error", "messages");
-    if (!msgs->is_array()) throw ApiError(400, "'messages' must be a list", "invalid_request_error", "messages");
-    if (msgs->empty()) throw ApiError(400, "'messages' must not be empty", "invalid_request_error", "messages");
-    static const char* roles[] = {"system", "user", "assistant", "tool", "developer"};
-    r.messages = json::array();
-    for (size_t i = 0; i < msgs->size(); ++i) {
-      const json& m = (*msgs)[i];
-      const std::string at = "messages[" + std::to_string(i) + "]";
-      if (!m.is_object()) throw ApiError(400, at + " must be an object", "invalid_request_error", at);
-      if (!m.contains("role") || !m["role"].is_string())
-        throw ApiError(400, at + ".role must be a string", "invalid_request_error", at + ".role");
-      const std::string role = m["role"].get<std::string>();
-      if (std::find(std::begin(roles), std::end(roles), role) == std::end(roles))
-        throw ApiError(400, at + ".role '" + role + "' is not one of system, user, assistant, tool, developer",
-                       "invalid_request_error", at + ".role");
-      json out = {{"role", role}};
-      const json* content = field(m, "content");
-      if (!content) {
-        if (role != "assistant") throw ApiError(400, at + ".content is required", "invalid_request_error", at + ".content");
-        out["content"] = "";
-      } else if (content->is_string()) {
-        out["content"] = *content;
-      } else if (content->is_array()) {
-        json parts = json::array();
-        for (size_t k = 0; k < content->size(); ++k) {
-          const json& part = (*content)[k];
-          const std::string pat = at + ".content[" + std::to_string(k) + "]";
-          if (!part.is_object() || !part.contains("type") || !part["type"].is_string())
-            throw ApiError(400, pat + " must be an object with a 'type'", "invalid_request_error", pat);
-          const std::string type = part["type"].get<std::string>();
-          if (type == "text") {
-            if (!part.contains("text") || !part["text"].is_string())
-              throw ApiError(400, pat + ".text must be a string", "invalid_request_error", pat + ".text");
-            parts.push_back({{"type", "text"}, {"text", part["text"]}});
-          } else if (type == "image_url") {
-            const json* iu = field(part, "image_url");
-            std::string url;
-            if (iu && iu->is_string()) url = iu->get<std::string>();
-            else if (iu && iu->is_object() && iu->contains("url") && (*iu)["url"].is_string()) url = (*iu)["url"].get<std::string>();
-            else throw ApiError(400, pat + ".image_url must hold a 'url' string", "invalid_request_error", pat + ".image_url");
-            if (int(r.images.size()) >= opt_.max_images)
-              throw ApiError(400, "a request may hold at most " + std::to_string(opt_.max_images) + " images",
-                             "invalid_request_error", "messages", "too_many_images");
-            r.images.push_back(load_image_url(url, pat + ".image_url"));
-            parts.push_back({{"type", "image"}});
-          } else {
-            throw ApiError(400, pat + ".type '" + type + "' is not supported (text, image_url)", "invalid_request_error", pat + ".type");
-          }
-        }
-        out["content"] = parts;
-      } else {
-        throw ApiError(400, at + ".content must be a string or a list of parts", "invalid_request_error", at + ".content");
-      }
-      r.messages.push_back(out);
-    }
-    if (const json* kw = field(body, "chat_template_kwargs")) {
-      if (!kw->is_object())
-        throw ApiError(400, "'chat_template_kwargs' must be an object", "invalid_request_error", "chat_template_kwargs");
-      r.template_vars = nlohmann::json::parse(kw->dump());
-    }
-    auto& p = r.params;
-    p.sampling.temperature = float(number_field(body, "temperature", 1.0, 0.0, 2.0));
-    p.sampling.top_p = float(number_field(body, "top_p", 1.0, 1e-9, 1.0));
-    p.sampling.top_k = int(int_field(body, "top_k", 0, 0, 1 << 20));
-    p.sampling.min_p = float(number_field(body, "min_p", 0.0, 0.0, 1.0));
-    p.sampling.repeat_penalty = float(number_field(body, "repetition_penalty", 1.0, 1e-3, 100.0));
-    for (const char* unsupported : {"frequency_penalty", "presence_penalty"})
-      if (number_field(body, unsupported, 0.0, -2.0, 2.0) != 0.0)
-        throw ApiError(400, std::string("'") + unsupported + "' is not supported (use repetition_penalty)", "invalid_request_error",
-                       unsupported);
-    const int64_t max_ctx = opt_.context_tokens;
-    int64_t max_tokens = int_field(body, "max_tokens", -1, 1, max_ctx);
-    max_tokens = int_field(body, "max_completion_tokens", max_tokens, 1, max_ctx);
-    p.max_tokens = int(max_tokens < 0 ? max_ctx : max_tokens);
-    if (const json* seed = field(body, "seed")) {
-      if (!seed->is_number_integer()) throw ApiError(400, "'seed' must be an integer", "invalid_request_error", "seed");
-      p.sampling.seed = uint64_t(seed->get<int64_t>());
-      p.sampling.has_seed = true;
-    }
-    if (const json* stop = field(body, "stop")) {
-      if (stop->is_string()) {
-        p.stop.push_back(stop->get<std::string>());
-      } else if (stop->is_array() && stop->size() <= 4) {
-        for (auto& s : *stop) {
-          if (!s.is_string()) throw ApiError(400, "'stop' must be a string or a list of up to 4 strings", "invalid_request_error", "stop");
-          p.stop.push_back(s.get<std::string>());
-        }
-      } else {
-        throw ApiError(400, "'stop' must be a string or a list of up to 4 strings", "invalid_request_error", "stop");
-      }
-      for (auto& s : p.stop)
-        if (s.empty()) throw ApiError(400, "'stop' strings must not be empty", "invalid_request_error", "stop");
-    }
-    p.ignore_eos = bool_field(body, "ignore_eos", false);  // vendor extension, as in vLLM
-    r.logprobs = bool_field(body, "logprobs", false);
-    p.top_logprobs = int(int_field(body, "top_logprobs", 0, 0, 20));
-    if (p.top_logprobs && !r.logprobs)
-      throw ApiError(400, "'top_logprobs' needs 'logprobs': true", "invalid_request_error", "top_logprobs");
-    p.logprobs = r.logprobs;
-    if (int_field(body, "n", 1, 1, 1) != 1) throw ApiError(400, "only n = 1 is supported", "invalid_request_error", "n");
-    r.stream = bool_field(body, "stream", false);
-    if (const json* so = field(body, "stream_options")) {
-      if (!so->is_object()) throw ApiError(400, "'stream_options' must be an object", "invalid_request_error", "stream_options");
-      r.include_usage = bool_field(*so, "include_usage", false);
-    }
-    return r;
+  RequestLimits request_limits() const {
+    RequestLimits l;
+    l.max_images = opt_.max_images;
+    l.context_tokens = opt_.context_tokens;
+    l.local_root = local_root_;
+    return l;
   }
 
   // A session for the prompt: the slot this prompt continues (it shares at least half of the
@@ -602,7 +382,7 @@ class Server {
       if (metrics_.in_flight > opt_.max_concurrency)
         throw ApiError(429, "the server is busy (" + std::to_string(opt_.max_concurrency) + " requests in flight); retry later",
                        "rate_limit_exceeded", "", "server_busy");
-      ChatRequest r = parse(req.body);
+      ChatRequest r = parse_chat_request(req.body, request_limits());
       Prompt prompt;
       try {
         prompt = model_->build_prompt(r.messages, r.images, r.template_vars);
@@ -638,7 +418,8 @@ class Server {
       res.content_type = "text/event-stream";
       res.headers.push_back({"Cache-Control", "no-cache"});
       res.stream = [this, shared, id, admission](http::Stream& sink) {
-        const auto& [cr, pr] = *shared;
+        const ChatRequest& cr = shared->first;
+        const Prompt& pr = shared->second;
         const int64_t created = now_seconds();
         auto chunk = [&](json delta, json finish, json logprobs) {
           json c = {{"index", 0}, {"delta", std::move(delta)}, {"logprobs", std::move(logprobs)}, {"finish_reason", std::move(finish)}};

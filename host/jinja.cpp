@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstring>
 #include <sstream>
+#include <unordered_set>
 
 #include "base/error.h"
 #include "host/unicode.h"
@@ -729,6 +730,32 @@ struct Context {
   std::vector<std::shared_ptr<Scope>> scopes;
   std::string out;
   std::string name;
+
+  // Reference cycles a render can make: a macro holds the scopes it was defined in (which hold
+  // the macro), and a namespace can be given a value that holds it. They are broken when the
+  // render ends, so nothing a template built outlives it.
+  std::vector<std::shared_ptr<Scope>> macro_scopes;
+  std::vector<Value> cyclic_candidates;
+  std::unordered_set<const void*> tracked;
+  ~Context() {
+    for (auto& s : macro_scopes) s->vars.clear();
+    for (auto& v : cyclic_candidates) {
+      v.dict_ref().items.clear();
+      v.dict_ref().index.clear();
+    }
+  }
+  void track_macro_scopes(const std::vector<std::shared_ptr<Scope>>& defining, int line) {
+    for (size_t i = 1; i < defining.size(); ++i)  // scopes[0] is the shared globals: never cleared
+      if (tracked.insert(defining[i].get()).second) {
+        charge(256, line);
+        macro_scopes.push_back(defining[i]);
+      }
+  }
+  void track_namespace(const Value& ns, int line) {
+    if (!tracked.insert(&ns.dict_ref()).second) return;
+    charge(256, line);
+    cyclic_candidates.push_back(ns);
+  }
 
   // What one render may take. Chat templates take a few thousand steps and produce a few
   // kilobytes; these are far past any of them and far short of hurting the process.
@@ -2617,6 +2644,7 @@ Flow exec_node(const Template::Node& n, Context& ctx) {
         Value ns = ctx.lookup(n.text);
         if (!ns.is_dict() || !ns.namespace_object())
           ctx.error(n.line, "'" + n.text + "' is not a namespace(); cannot set ." + n.attr);
+        if (v.is_dict() || v.is_list() || v.is_function()) ctx.track_namespace(ns, n.line);
         ns.dict_ref().set(n.attr, v);
         ns.update_depth();
       } else if (!n.targets.empty()) {
@@ -2634,6 +2662,7 @@ Flow exec_node(const Template::Node& n, Context& ctx) {
       const Template::Node* mp = &n;
       // Macros see the scopes where they were defined (template globals) plus their arguments.
       auto defining = ctx.scopes;
+      ctx.track_macro_scopes(defining, n.line);
       ctx.set(n.text, Value::function([mp, defining, &ctx](Args& a) {
         if (ctx.calls >= Context::max_calls)
           ctx.error(mp->line, "macro " + mp->text + " is called more than 64 calls deep (endless recursion?)");

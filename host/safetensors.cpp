@@ -149,7 +149,7 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
           if (mv.is_string()) metadata_[k] = mv.get<std::string>();
         continue;
       }
-      auto bad = [&](const std::string& why) { fail(path, ": tensor '", name, "' ", why); };
+      auto bad = [&, tensor = name](const std::string& why) { fail(path, ": tensor '", tensor, "' ", why); };
       if (!v.is_object()) bad("has a malformed header entry");
       if (!v.contains("dtype") || !v["dtype"].is_string()) bad("has no dtype");
       if (!v.contains("shape") || !v["shape"].is_array()) bad("has no shape");

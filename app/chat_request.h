@@ -1,0 +1,49 @@
+#pragma once
+// The body of POST /v1/chat/completions into a ChatRequest: every field type- and range-checked,
+// image parts decoded (data: URLs, or files inside the folder --allow-local-files names; nothing
+// is fetched). Errors are ApiErrors: an OpenAI-shaped message naming the field, with its status.
+#include <filesystem>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "host/image.h"
+#include "models/model.h"
+
+namespace vkvlm::server {
+
+// An OpenAI-shaped error: {"error": {"message", "type", "param", "code"}} with its HTTP status.
+struct ApiError : std::runtime_error {
+  int status;
+  std::string type, param, code;
+  ApiError(int s, std::string message, std::string t = "invalid_request_error", std::string p = "", std::string c = "")
+      : std::runtime_error(std::move(message)), status(s), type(std::move(t)), param(std::move(p)), code(std::move(c)) {}
+};
+
+std::string error_body(const std::string& message, const std::string& type, const std::string& param, const std::string& code);
+
+struct ChatRequest {
+  Messages messages;
+  nlohmann::json template_vars;  // chat_template_kwargs (an extension, as in vLLM)
+  std::vector<Image> images;
+  GenerationParams params;
+  bool stream = false, include_usage = false, logprobs = false;
+  std::string model;
+};
+
+struct RequestLimits {
+  int max_images = 8;                  // image parts per request
+  int64_t context_tokens = 4096;       // max_tokens may not exceed it
+  std::filesystem::path local_root;    // canonical --allow-local-files folder; empty: data: URLs only
+};
+
+ChatRequest parse_chat_request(const std::string& body, const RequestLimits& limits);
+
+// An image_url part's image: a data: URL, or a file inside local_root; never fetched. A local
+// path is resolved whole (every symlink, at every step) and must end inside the folder; the
+// answer is the same whether an outside file exists or not, and names no path of the server's.
+Image load_image_url(const std::string& url, const std::string& param, const std::filesystem::path& local_root);
+
+}  // namespace vkvlm::server
