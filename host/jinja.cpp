@@ -150,7 +150,11 @@ int64_t Value::as_int() const {
   switch (kind_) {
     case Kind::Bool: return b_;
     case Kind::Int: return i_;
-    case Kind::Float: return int64_t(f_);
+    case Kind::Float:
+      // Python's int() of a float: truncation; past 64 bits (or NaN, inf) it is an error here.
+      if (!(f_ >= -9.223372036854775808e18 && f_ < 9.223372036854775808e18))
+        fail("the number ", float_repr(f_), " does not fit a 64-bit integer");
+      return int64_t(f_);
     default: fail("expected a number, got ", type_name());
   }
 }
@@ -1768,7 +1772,10 @@ Value apply_filter(const std::string& name, const Value& v, Args& a, int line, C
     return a.get(0, "default", Value(0.0));
   }
   if (name == "abs") {
-    if (v.kind() == Value::Kind::Int) return Value(int64_t(std::llabs(v.as_int())));
+    if (v.kind() == Value::Kind::Int) {
+      if (v.as_int() == INT64_MIN) ctx.error(line, "integer overflow in abs (the result does not fit 64 bits)");
+      return Value(int64_t(std::llabs(v.as_int())));
+    }
     return Value(std::fabs(v.as_float()));
   }
   if (name == "round") {

@@ -1106,11 +1106,39 @@ std::string StreamingDetokenizer::push(int32_t id) {
   std::vector<int32_t> all(ids_.begin() + long(prefix_offset_), ids_.end());
   const std::string prefix_text = tok_.decode(prefix, skip_special_);
   const std::string new_text = tok_.decode(all, skip_special_);
-  if (new_text.size() <= prefix_text.size() || new_text.compare(0, prefix_text.size(), prefix_text) != 0) return "";
-  std::string delta = new_text.substr(prefix_text.size());
-  const std::string_view replacement = "\xEF\xBF\xBD";
-  if (delta.size() >= 3 && std::string_view(delta).substr(delta.size() - 3) == replacement) return "";
-  prefix_offset_ = read_offset_;
+  // Holding back is bounded, so that a token costs the same however long the output runs: a
+  // valid UTF-8 character completes within k_max_pending tokens (4 bytes at most). Past that
+  // (a run of invalid bytes), what is held is emitted as it decodes, replacement characters
+  // included, with the last token kept as context.
+  constexpr size_t k_max_pending = 4;
+  const size_t pending = ids_.size() - read_offset_;
+  const bool extends = new_text.size() > prefix_text.size() && new_text.compare(0, prefix_text.size(), prefix_text) == 0;
+  std::string delta;
+  if (extends) {
+    delta = new_text.substr(prefix_text.size());
+    const std::string_view replacement = "\xEF\xBF\xBD";
+    const bool incomplete = delta.size() >= 3 && std::string_view(delta).substr(delta.size() - 3) == replacement;
+    if (incomplete && pending <= k_max_pending) return "";
+    prefix_offset_ = incomplete ? ids_.size() - 1 : read_offset_;
+  } else {
+    if (new_text == prefix_text) {
+      // Skipped special tokens are forgotten; other tokens that show nothing yet may still
+      // matter to the next one (a leading "▁" before a word), up to the bound.
+      bool all_skipped = skip_special_;
+      for (size_t i = read_offset_; i < ids_.size() && all_skipped; ++i) all_skipped = tok_.is_special(ids_[i]);
+      if (all_skipped) ids_.resize(read_offset_);
+      else if (pending > k_max_pending) prefix_offset_ = ids_.size() - 1, read_offset_ = ids_.size();
+      return "";
+    }
+    if (pending <= k_max_pending) return "";
+    // The new tokens rewrote the context's text (a held character completed after it was given
+    // up on): emit what differs from what the context showed.
+    size_t common = 0;
+    while (common < prefix_text.size() && common < new_text.size() && prefix_text[common] == new_text[common]) ++common;
+    while (common > 0 && (static_cast<unsigned char>(new_text[common]) & 0xC0) == 0x80) --common;
+    delta = new_text.substr(common);
+    prefix_offset_ = ids_.size() - 1;
+  }
   read_offset_ = ids_.size();
   text_ += delta;
   return delta;

@@ -131,6 +131,10 @@ TEST(Jinja, HostileTemplatesHitLimitsNotTheProcess) {
   expect_error([&] { render("{{ 4611686018427387904 * 4 }}"); }, {"integer overflow in *"});
   expect_error([&] { render("{{ -(-9223372036854775807 - 1) }}"); }, {"integer overflow in unary -"});
   expect_error([&] { render("{{ 2 ** 1000000000000 }}"); }, {"integer overflow in **"});
+  expect_error([&] { render("{{ (-9223372036854775807 - 1) | abs }}"); }, {"integer overflow in abs"});
+  // Found by the fuzzer: a float past 64 bits made an integer (undefined behaviour before).
+  expect_error([&] { render("{{ 3.141 | round(2) }}{{ 1e300 | int }}"); }, {"does not fit a 64-bit integer"});
+  expect_error([&] { render("{{ range(1e30) }}"); }, {"does not fit a 64-bit integer"});
   EXPECT_EQ(render("{{ 2 ** 62 }} {{ (-1) ** 1000000000001 }} {{ 0 ** 0 }} {{ 7 % -3 }} {{ -7 // 2 }}"),
             "4611686018427387904 -1 1 -2 -4");
   expect_error([&] { render("{{ 'x' * 10000000000 }}"); }, {"string longer than 16 MiB"});

@@ -64,6 +64,38 @@ TEST(StreamingDetokenizer, HoldsBackIncompleteCharacters) {
   EXPECT_EQ(all, "a\xF0\x9F\xA4\x97" "b");
 }
 
+// What a model can emit for a long time: invalid byte tokens and skipped special tokens. The
+// stream still equals the full decode, and it holds back no more than a character's worth of
+// tokens (it used to re-decode everything since the last emitted piece at every token: hours
+// for a long run).
+TEST(StreamingDetokenizer, LongRunsOfInvalidBytesAndSkippedTokensStreamAsTheyDecode) {
+  auto tok = Tokenizer::from_file(fixtures_dir() + "/tokenizers/sp-bpe-phi3.tokenizer.json");
+  const int32_t invalid = tok.token_to_id("<0xFF>"), eos = tok.token_to_id("<|endoftext|>");
+  ASSERT_GE(invalid, 0);
+  ASSERT_GE(eos, 0);
+  std::vector<int32_t> ids = tok.encode("Hello", false);
+  ids.insert(ids.end(), 20000, invalid);
+  for (int32_t id : tok.encode(" world \xC3\xA9t\xC3\xA9", false)) ids.push_back(id);
+  ids.insert(ids.end(), 20000, eos);
+  for (int32_t id : tok.encode(" again", false)) ids.push_back(id);
+  for (bool skip : {true, false}) {
+    StreamingDetokenizer stream(tok, skip);
+    std::string streamed;
+    size_t longest_silence = 0, silence = 0;
+    for (int32_t id : ids) {
+      const std::string piece = stream.push(id);
+      silence = piece.empty() ? silence + 1 : 0;
+      longest_silence = std::max(longest_silence, silence);
+      streamed += piece;
+    }
+    streamed += stream.flush();
+    EXPECT_EQ(streamed, tok.decode(ids, skip)) << "skip_special_tokens " << skip;
+    if (!skip) {
+      EXPECT_LE(longest_silence, 5u);
+    }
+  }
+}
+
 TEST(Tokenizer, MalformedFilesAreClearErrors) {
   try {
     Tokenizer::from_json(nlohmann::json::parse(R"({"model": {"type": "Unigram", "vocab": []}})"), "t.json");
