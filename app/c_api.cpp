@@ -14,6 +14,7 @@ struct vkvlm_engine {
 
 struct vkvlm_session {
   std::unique_ptr<vkvlm::Chat> chat;
+  vkvlm_stats last{};  // of the last vkvlm_generate
 };
 
 namespace {
@@ -40,6 +41,7 @@ void vkvlm_params_default(vkvlm_params* p) {
   p->max_tokens = 256;
   p->top_p = 1.0f;
   p->repeat_penalty = 1.0f;
+  p->num_draft_tokens = 3;
 }
 
 vkvlm_engine* vkvlm_engine_load(const char* model_dir, const char* quantize, char** error) {
@@ -78,6 +80,17 @@ vkvlm_engine* vkvlm_engine_load_on_device(const char* model_dir, const char* qua
 
 void vkvlm_engine_free(vkvlm_engine* e) { delete e; }
 
+int vkvlm_engine_set_draft(vkvlm_engine* e, const char* draft_model_dir, const char* quantize, char** error) {
+  try {
+    if (!e || !draft_model_dir) throw std::runtime_error("vkvlm_engine_set_draft needs an engine and a draft model folder");
+    e->engine->load_draft(draft_model_dir, engine_options(quantize));
+    return 0;
+  } catch (const std::exception& ex) {
+    set_error(error, ex.what());
+    return -1;
+  }
+}
+
 vkvlm_session* vkvlm_session_new(vkvlm_engine* e, int64_t context_tokens, char** error) {
   try {
     if (!e) throw std::runtime_error("no engine given");
@@ -113,17 +126,25 @@ int vkvlm_generate(vkvlm_session* s, const char* messages_json, const unsigned c
     o.min_p = p.min_p;
     o.repeat_penalty = p.repeat_penalty;
     if (p.has_seed) o.seed = p.seed;
+    o.num_draft_tokens = p.num_draft_tokens;
+    o.lookup_ngram = p.lookup_ngram;
     for (size_t i = 0; i < p.n_stop; ++i)
       if (p.stop && p.stop[i]) o.stop.push_back(p.stop[i]);
     auto r = s->chat->generate(messages_json, imgs, o, [&](const vkvlm::Step& step) {
       return callback ? callback(step.text.c_str(), step.text.size(), step.token, user) != 0 : true;
     });
+    s->last = vkvlm_stats{int64_t(r.prompt_tokens.size()), r.cached_tokens, int64_t(r.tokens.size()), r.draft_tokens,
+                          r.accepted_tokens, r.image_seconds, r.prefill_seconds, r.decode_seconds};
     if (text) *text = copy_string(r.text);
     return 0;
   } catch (const std::exception& ex) {
     set_error(error, ex.what());
     return -1;
   }
+}
+
+void vkvlm_session_stats(const vkvlm_session* s, vkvlm_stats* stats) {
+  if (stats) *stats = s ? s->last : vkvlm_stats{};
 }
 
 void vkvlm_free(void* p) { std::free(p); }

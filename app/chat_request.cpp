@@ -209,6 +209,12 @@ ChatRequest parse_chat_request(const std::string& raw, const RequestLimits& limi
       if (s.empty()) throw ApiError(400, "'stop' strings must not be empty", "invalid_request_error", "stop");
   }
   p.ignore_eos = bool_field(body, "ignore_eos", false);  // vendor extension, as in vLLM
+  // Speculative decoding: drafts per round (as mlx-lm's server), prompt lookup (an extension).
+  p.num_draft_tokens = int(int_field(body, "num_draft_tokens", limits.num_draft_tokens, 1, 16));
+  p.lookup_ngram = int(int_field(body, "lookup_ngram", limits.has_draft_model ? 0 : limits.lookup_ngram, 0, 16));
+  if (p.lookup_ngram && limits.has_draft_model)
+    throw ApiError(400, "'lookup_ngram' is not available: this server drafts with its draft model", "invalid_request_error",
+                   "lookup_ngram");
   r.logprobs = bool_field(body, "logprobs", false);
   p.top_logprobs = int(int_field(body, "top_logprobs", 0, 0, 20));
   if (p.top_logprobs && !r.logprobs)

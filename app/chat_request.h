@@ -37,6 +37,9 @@ struct RequestLimits {
   int max_images = 8;                  // image parts per request
   int64_t context_tokens = 4096;       // max_tokens may not exceed it
   std::filesystem::path local_root;    // canonical --allow-local-files folder; empty: data: URLs only
+  int num_draft_tokens = 3;            // the server's defaults for speculative decoding
+  int lookup_ngram = 0;
+  bool has_draft_model = false;        // then requests may not ask for prompt lookup
 };
 
 ChatRequest parse_chat_request(const std::string& body, const RequestLimits& limits);

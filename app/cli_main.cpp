@@ -123,6 +123,9 @@ GenerationParams generation_params(const Flags& f) {
   p.top_logits = int(f.integer("top-logits", 0, 0, 64));
   p.stop = f.all("stop");
   p.ignore_eos = f.has("ignore-eos");
+  p.num_draft_tokens = int(f.integer("num-draft-tokens", 3, 1, 16));
+  p.lookup_ngram = int(f.integer("lookup-ngram", 0, 0, 16));
+  if (f.has("draft-model") && p.lookup_ngram) throw UsageError("give --draft-model or --lookup-ngram, not both");
   return p;
 }
 
@@ -133,6 +136,20 @@ LoadOptions load_options(const Flags& f) {
     throw UsageError("--quantize takes q4 or q8, not '" + o.quantize + "'");
   o.progress = true;
   return o;
+}
+
+// --draft-model DIR: the draft model and a session of it (its own KV cache) beside the model's.
+struct DraftModel {
+  std::unique_ptr<Model> model;
+  std::unique_ptr<Session> session;
+};
+DraftModel load_draft(const Flags& f, gpu::Context& ctx, const Model& target, int64_t context_tokens) {
+  DraftModel d;
+  if (!f.has("draft-model")) return d;
+  d.model = std::make_unique<Model>(ctx, f.str("draft-model"), load_options(f));
+  check_draft_model(target, *d.model);
+  d.session = std::make_unique<Session>(*d.model, context_tokens);
+  return d;
 }
 
 // The context: --ctx, or enough for this prompt and its answer (at least 4096 when the model
@@ -151,7 +168,7 @@ const std::map<std::string, bool> k_generate_flags = {
     {"model", true}, {"prompt", true}, {"messages", true}, {"image", true}, {"max-tokens", true}, {"temp", true},
     {"top-p", true}, {"top-k", true}, {"min-p", true}, {"repeat-penalty", true}, {"seed", true}, {"ctx", true},
     {"quantize", true}, {"json", false}, {"top-logits", true}, {"stop", true}, {"ignore-eos", false}, {"verbose", false},
-    {"chat-template-kwargs", true}};
+    {"chat-template-kwargs", true}, {"draft-model", true}, {"num-draft-tokens", true}, {"lookup-ngram", true}};
 
 int cmd_generate(int argc, char** argv) {
   Flags f(argc, argv, 2, k_generate_flags);
@@ -164,7 +181,15 @@ int cmd_generate(int argc, char** argv) {
   auto ctx = make_context();
   Model model(*ctx, dir, load_options(f));
   Prompt prompt = model.build_prompt(messages, images, vars);
-  Session session(model, context_for(f, model, int64_t(prompt.ids.size()), params.max_tokens));
+  const int64_t context_tokens = context_for(f, model, int64_t(prompt.ids.size()), params.max_tokens);
+  Session session(model, context_tokens);
+  DraftModel draft = load_draft(f, *ctx, model, context_tokens);
+  Prompt draft_prompt;
+  Speculation spec;
+  if (draft.model) {
+    draft_prompt = draft.model->build_draft_prompt(messages, images, vars);
+    spec = {draft.session.get(), &draft_prompt};
+  }
   const bool json = f.has("json");
   auto on_step = [&](const StepOutput& s) {
     if (!json && !s.text.empty()) {
@@ -173,7 +198,7 @@ int cmd_generate(int argc, char** argv) {
     }
     return true;
   };
-  GenerationResult r = session.generate(prompt, params, on_step);
+  GenerationResult r = session.generate(prompt, params, on_step, {}, spec);
   const double prefill_tps = r.prefill_seconds > 0 ? double(r.prefill_tokens) / r.prefill_seconds : 0;
   const double decode_tps = r.decode_seconds > 0 && r.tokens.size() > 1 ? double(r.tokens.size() - 1) / r.decode_seconds : 0;
   if (json) {
@@ -182,6 +207,10 @@ int cmd_generate(int argc, char** argv) {
     j["tokens"] = r.tokens;
     j["text"] = r.text;
     j["finish_reason"] = r.finish_reason;
+    if (spec.draft || params.lookup_ngram) {
+      j["draft_tokens"] = r.draft_tokens;
+      j["accepted_tokens"] = r.accepted_tokens;
+    }
     j["timings"] = {{"prompt_tokens", r.prompt_tokens.size()},
                     {"image_seconds", r.image_seconds},
                     {"prefill_seconds", r.prefill_seconds},
@@ -293,6 +322,7 @@ int cmd_chat(int argc, char** argv) {
   Model model(*ctx, dir, load_options(f));
   const int64_t ctx_tokens = context_for(f, model, 0, 0);
   Session session(model, ctx_tokens);
+  DraftModel draft = load_draft(f, *ctx, model, ctx_tokens);
   Messages history = Messages::array();
   if (f.has("system")) history.push_back({{"role", "system"}, {"content", f.str("system")}});
   std::vector<Image> images;
@@ -345,6 +375,12 @@ int cmd_chat(int argc, char** argv) {
     history.push_back({{"role", "user"}, {"content", content}});
     try {
       Prompt prompt = model.build_prompt(history, images, vars);
+      Prompt draft_prompt;
+      Speculation spec;
+      if (draft.model) {
+        draft_prompt = draft.model->build_draft_prompt(history, images, vars);
+        spec = {draft.session.get(), &draft_prompt};
+      }
       clear_interrupts();
       GenerationResult r = session.generate(
           prompt, params,
@@ -353,7 +389,7 @@ int cmd_chat(int argc, char** argv) {
             std::fflush(stdout);
             return !g_interrupted;
           },
-          [] { return g_interrupted != 0; });
+          [] { return g_interrupted != 0; }, spec);
       std::printf("\n");
       std::fflush(stdout);
       clear_interrupts();  // a Ctrl-C that stopped this reply is not one at the prompt
@@ -361,6 +397,8 @@ int cmd_chat(int argc, char** argv) {
       if (f.has("verbose"))
         std::fprintf(stderr, "prompt %zu tokens (%lld from the cache), generated %zu tokens, finish: %s\n",
                      r.prompt_tokens.size(), (long long)r.cached_tokens, r.tokens.size(), r.finish_reason.c_str());
+      if (f.has("verbose") && (spec.draft || params.lookup_ngram))
+        std::fprintf(stderr, "drafted %lld tokens, %lld accepted\n", (long long)r.draft_tokens, (long long)r.accepted_tokens);
       // What was shown stays in the conversation, a stopped reply too.
       history.push_back({{"role", "assistant"}, {"content", Messages::array({{{"type", "text"}, {"text", r.text}}})}});
     } catch (const std::exception& e) {
@@ -462,8 +500,9 @@ const char* k_usage =
     "            [--temp T] [--top-p P] [--top-k K] [--min-p P] [--repeat-penalty R] [--seed S] [--ctx N]\n"
     "            [--quantize q4|q8] [--stop TEXT]... [--json] [--top-logits N] [--ignore-eos] [--verbose]\n"
     "            [--chat-template-kwargs JSON]   (PaliGemma: --prompt is the task prefix, e.g. \"caption en\")\n"
-    "  chat      [--model DIR] [--image PATH]... [--system TEXT] [sampling options] [--verbose]   interactive,\n"
-    "            multi-turn; Ctrl-C stops a reply, a second Ctrl-C at the prompt exits\n"
+    "            [--draft-model DIR | --lookup-ngram N] [--num-draft-tokens N]   speculative decoding\n"
+    "  chat      [--model DIR] [--image PATH]... [--system TEXT] [sampling and drafting options] [--verbose]\n"
+    "            interactive, multi-turn; Ctrl-C stops a reply, a second Ctrl-C at the prompt exits\n"
     "  tokenize  (--model DIR | --tokenizer FILE) [--text TEXT] [--no-special] [--json]   (stdin without --text)\n"
     "  render-template [--model DIR] --messages FILE [--tools FILE] [--no-generation-prompt]\n"
     "            [--chat-template-kwargs JSON]  |  --template FILE --context FILE.json\n"
@@ -471,7 +510,8 @@ const char* k_usage =
     "  info      [--model DIR] [--ctx N] [--quantize q4|q8]\n"
     "  serve     [--model DIR] [--host 127.0.0.1] [--port 8080] [--api-key KEY] [--max-concurrency N]\n"
     "            [--ctx N] [--kv-slots N] [--allow-local-files DIR] [--max-images N] [--quantize q4|q8]\n"
-    "            [--model-name NAME]   OpenAI-compatible server\n"
+    "            [--model-name NAME] [--draft-model DIR | --lookup-ngram N] [--num-draft-tokens N]\n"
+    "            OpenAI-compatible server\n"
     "  devices   list Vulkan devices with their feature profiles\n"
     "\n"
     "Without --model, the bundled demo model (models/shapes-llava) is used.\n"

@@ -16,7 +16,13 @@ namespace vkvlm {
 struct Engine::Impl {
   std::unique_ptr<gpu::Context> ctx;
   std::unique_ptr<Model> model;
-  ~Impl() { model.reset(); }  // GPU objects before the context
+  std::unique_ptr<Model> draft;  // EngineOptions::draft_model
+  ~Impl() {  // GPU objects before the context
+    draft.reset();
+    model.reset();
+  }
+  void load(const std::string& model_dir, const EngineOptions& options);
+  void load_draft(const std::string& dir, const EngineOptions& options);
 };
 
 namespace {
@@ -30,13 +36,24 @@ LoadOptions load_options(const EngineOptions& o) {
 
 }  // namespace
 
+void Engine::Impl::load(const std::string& model_dir, const EngineOptions& options) {
+  model = std::make_unique<Model>(*ctx, model_dir, load_options(options));
+  if (!options.draft_model.empty()) load_draft(options.draft_model, options);
+}
+
+void Engine::Impl::load_draft(const std::string& dir, const EngineOptions& options) {
+  auto d = std::make_unique<Model>(*ctx, dir, load_options(options));
+  check_draft_model(*model, *d);
+  draft = std::move(d);
+}
+
 Engine::Engine(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Engine::~Engine() = default;
 
 std::unique_ptr<Engine> Engine::load(const std::string& model_dir, const EngineOptions& options) {
   auto impl = std::make_unique<Impl>();
   impl->ctx = std::make_unique<gpu::Context>(gpu::Device::create());
-  impl->model = std::make_unique<Model>(*impl->ctx, model_dir, load_options(options));
+  impl->load(model_dir, options);
   return std::unique_ptr<Engine>(new Engine(std::move(impl)));
 }
 
@@ -51,7 +68,7 @@ std::unique_ptr<Engine> Engine::load_on_device(const std::string& model_dir, con
   a.enabled_extensions = d.enabled_extensions;
   auto impl = std::make_unique<Impl>();
   impl->ctx = std::make_unique<gpu::Context>(gpu::Device::adopt(a));
-  impl->model = std::make_unique<Model>(*impl->ctx, model_dir, load_options(options));
+  impl->load(model_dir, options);
   return std::unique_ptr<Engine>(new Engine(std::move(impl)));
 }
 
@@ -59,16 +76,26 @@ std::string Engine::info(int64_t context_tokens) const { return impl_->model->in
 
 std::string Engine::device_name() const { return impl_->ctx->profile().device_name; }
 
+void Engine::load_draft(const std::string& draft_model_dir, const EngineOptions& options) {
+  impl_->load_draft(draft_model_dir, options);
+}
+
 struct Chat::Impl {
   Engine& engine;
   Session session;
-  Impl(Engine& e, int64_t context_tokens) : engine(e), session(*e.impl().model, context_tokens) {}
+  std::unique_ptr<Session> draft;  // the draft model's cache of this conversation
+  Impl(Engine& e, int64_t context_tokens) : engine(e), session(*e.impl().model, context_tokens) {
+    if (e.impl().draft) draft = std::make_unique<Session>(*e.impl().draft, context_tokens);
+  }
 };
 
 Chat::Chat(Engine& engine, int64_t context_tokens) : impl_(std::make_unique<Impl>(engine, context_tokens)) {}
 Chat::~Chat() = default;
 
-void Chat::reset() { impl_->session.reset(); }
+void Chat::reset() {
+  impl_->session.reset();
+  if (impl_->draft) impl_->draft->reset();
+}
 
 Result Chat::generate(const std::string& messages_json, const std::vector<std::vector<uint8_t>>& images,
                       const GenerateOptions& o, const OnStep& on_step) {
@@ -105,16 +132,27 @@ Result Chat::generate(const std::string& messages_json, const std::vector<std::v
   p.ignore_eos = o.ignore_eos;
   p.logprobs = o.logprobs;
   p.top_logprobs = o.top_logprobs;
+  p.num_draft_tokens = o.num_draft_tokens;
+  p.lookup_ngram = o.lookup_ngram;
+  if (impl_->draft && o.lookup_ngram) fail("lookup_ngram is not available: the engine drafts with its draft model");
+  Prompt draft_prompt;
+  Speculation spec;
+  if (impl_->draft) {
+    draft_prompt = impl_->engine.impl().draft->build_draft_prompt(messages, decoded, vars);
+    spec = {impl_->draft.get(), &draft_prompt};
+  }
   auto to_step = [](const StepOutput& s) { return Step{s.token, s.text, s.logprob, s.top_logprobs}; };
   GenerationResult g = impl_->session.generate(model.build_prompt(messages, decoded, vars), p, [&](const StepOutput& s) {
     return on_step ? on_step(to_step(s)) : true;
-  });
+  }, {}, spec);
   Result r;
   r.text = g.text;
   r.finish_reason = g.finish_reason;
   r.prompt_tokens = g.prompt_tokens;
   r.tokens = g.tokens;
   r.cached_tokens = g.cached_tokens;
+  r.draft_tokens = g.draft_tokens;
+  r.accepted_tokens = g.accepted_tokens;
   r.image_seconds = g.image_seconds;
   r.prefill_seconds = g.prefill_seconds;
   r.decode_seconds = g.decode_seconds;

@@ -93,8 +93,15 @@ struct Metrics {
   std::mutex m;
   std::map<int, uint64_t> requests;  // by HTTP status
   uint64_t prompt_tokens = 0, completion_tokens = 0, cached_tokens = 0, cancelled = 0;
+  uint64_t draft_tokens = 0, accepted_tokens = 0;  // speculative decoding
   double prefill_tps = 0, decode_tps = 0;
   std::atomic<int> in_flight{0}, queued{0};
+};
+
+// A streaming request as its generation needs it, kept alive by the response's writer.
+struct Prepared {
+  ChatRequest request;
+  Prompt prompt, draft_prompt;
 };
 
 std::string random_id() {
@@ -203,7 +210,9 @@ class Server {
     if (load_failed_) return 1;
     std::fprintf(stderr, "vkvlm serve: stopped\n");
     // The GPU objects go before the context.
+    draft_sessions_.clear();
     sessions_.clear();
+    draft_model_.reset();
     model_.reset();
     return 0;
   }
@@ -214,6 +223,12 @@ class Server {
       ctx_ = std::make_unique<gpu::Context>(gpu::Device::create());
       model_ = std::make_unique<Model>(*ctx_, opt_.model_dir, opt_.load);
       for (int i = 0; i < opt_.kv_slots; ++i) sessions_.push_back(std::make_unique<Session>(*model_, opt_.context_tokens));
+      if (!opt_.draft_model_dir.empty()) {
+        draft_model_ = std::make_unique<Model>(*ctx_, opt_.draft_model_dir, opt_.load);
+        check_draft_model(*model_, *draft_model_);
+        for (int i = 0; i < opt_.kv_slots; ++i)
+          draft_sessions_.push_back(std::make_unique<Session>(*draft_model_, opt_.context_tokens));
+      }
       last_used_.assign(sessions_.size(), 0);
       ready_ = true;
       std::fprintf(stderr, "vkvlm serve: model %s ready on %s\n", opt_.model_name.c_str(), ctx_->profile().device_name.c_str());
@@ -241,6 +256,11 @@ class Server {
        << "# TYPE vkvlm_cached_prompt_tokens_total counter\nvkvlm_cached_prompt_tokens_total " << metrics_.cached_tokens << "\n";
     os << "# HELP vkvlm_generated_tokens_total Generated tokens.\n# TYPE vkvlm_generated_tokens_total counter\n"
        << "vkvlm_generated_tokens_total " << metrics_.completion_tokens << "\n";
+    os << "# HELP vkvlm_draft_tokens_total Tokens proposed by speculative decoding (draft model or prompt lookup).\n"
+       << "# TYPE vkvlm_draft_tokens_total counter\nvkvlm_draft_tokens_total " << metrics_.draft_tokens << "\n";
+    os << "# HELP vkvlm_accepted_draft_tokens_total Proposed tokens the model accepted.\n"
+       << "# TYPE vkvlm_accepted_draft_tokens_total counter\nvkvlm_accepted_draft_tokens_total " << metrics_.accepted_tokens
+       << "\n";
     os << "# HELP vkvlm_cancelled_requests_total Generations stopped because the client went away.\n"
        << "# TYPE vkvlm_cancelled_requests_total counter\nvkvlm_cancelled_requests_total " << metrics_.cancelled << "\n";
     os << "# HELP vkvlm_prefill_tokens_per_second Prompt processing speed of the last request.\n"
@@ -259,13 +279,16 @@ class Server {
     l.max_images = opt_.max_images;
     l.context_tokens = opt_.context_tokens;
     l.local_root = local_root_;
+    l.num_draft_tokens = opt_.num_draft_tokens;
+    l.lookup_ngram = opt_.lookup_ngram;
+    l.has_draft_model = draft_model_ != nullptr;
     return l;
   }
 
   // A session for the prompt: the slot this prompt continues (it shares at least half of the
   // slot's cached tokens, the longest such share winning), else the least recently used slot, so
   // a shared preamble like "USER:" does not make conversations evict each other.
-  Session& pick_session(const Prompt& prompt) {
+  size_t pick_slot(const Prompt& prompt) {
     size_t best = sessions_.size(), best_len = 0;
     for (size_t i = 0; i < sessions_.size(); ++i) {
       const auto& keys = sessions_[i]->cached_keys();
@@ -279,7 +302,7 @@ class Server {
     if (best == sessions_.size())
       best = size_t(std::min_element(last_used_.begin(), last_used_.end()) - last_used_.begin());
     last_used_[best] = ++use_clock_;
-    return *sessions_[best];
+    return best;
   }
 
   json completion_json(const std::string& id, const GenerationResult& r, bool logprobs) {
@@ -309,10 +332,25 @@ class Server {
   }
 
   json usage(const GenerationResult& r) {
-    return json{{"prompt_tokens", r.prompt_tokens.size()},
-                {"completion_tokens", r.tokens.size()},
-                {"total_tokens", r.prompt_tokens.size() + r.tokens.size()},
-                {"prompt_tokens_details", {{"cached_tokens", r.cached_tokens}}}};
+    json u = {{"prompt_tokens", r.prompt_tokens.size()},
+              {"completion_tokens", r.tokens.size()},
+              {"total_tokens", r.prompt_tokens.size() + r.tokens.size()},
+              {"prompt_tokens_details", {{"cached_tokens", r.cached_tokens}}}};
+    if (draft_model_ || r.draft_tokens) {  // an extension: how speculative decoding went
+      u["draft_tokens"] = r.draft_tokens;
+      u["accepted_tokens"] = r.accepted_tokens;
+    }
+    return u;
+  }
+
+  // Generates on the slot the prompt continues, with the draft model's session of that slot
+  // when there is one.
+  GenerationResult run_on_slot(const Prompt& prompt, const Prompt& draft_prompt, const GenerationParams& params,
+                               const std::function<bool(const StepOutput&)>& on_step, const std::function<bool()>& gone) {
+    const size_t slot = pick_slot(prompt);
+    Speculation spec;
+    if (draft_model_) spec = {draft_sessions_[slot].get(), &draft_prompt};
+    return sessions_[slot]->generate(prompt, params, on_step, gone, spec);
   }
 
   void record(const GenerationResult& r) {
@@ -320,6 +358,8 @@ class Server {
     metrics_.prompt_tokens += r.prompt_tokens.size();
     metrics_.completion_tokens += r.tokens.size();
     metrics_.cached_tokens += uint64_t(r.cached_tokens);
+    metrics_.draft_tokens += uint64_t(r.draft_tokens);
+    metrics_.accepted_tokens += uint64_t(r.accepted_tokens);
     if (r.finish_reason == "cancelled") ++metrics_.cancelled;
     if (r.prefill_seconds > 0) metrics_.prefill_tps = double(r.prefill_tokens) / r.prefill_seconds;
     if (r.decode_seconds > 0 && r.tokens.size() > 1) metrics_.decode_tps = double(r.tokens.size() - 1) / r.decode_seconds;
@@ -396,11 +436,19 @@ class Server {
                        "the prompt is " + std::to_string(prompt.ids.size()) + " tokens, more than the context of " +
                            std::to_string(opt_.context_tokens) + " tokens",
                        "invalid_request_error", "messages", "context_length_exceeded");
+      Prompt draft_prompt;
+      if (draft_model_) {
+        try {
+          draft_prompt = draft_model_->build_draft_prompt(r.messages, r.images, r.template_vars);
+        } catch (const std::exception& e) {
+          throw ApiError(400, std::string("the draft model: ") + e.what(), "invalid_request_error", "messages");
+        }
+      }
       const std::string id = random_id();
       if (!r.stream) {
         const auto gone = leaving(conn);
         auto g = on_gpu([&] {
-          return pick_session(prompt).generate(prompt, r.params, [&](const StepOutput&) { return !gone(); }, gone);
+          return run_on_slot(prompt, draft_prompt, r.params, [&](const StepOutput&) { return !gone(); }, gone);
         }, gone);
         if (!g || g->finish_reason == "cancelled") {
           cancelled(g ? &*g : nullptr);
@@ -414,12 +462,12 @@ class Server {
         return;
       }
       // Streaming: the response starts now; generation runs as the body is written.
-      auto shared = std::make_shared<std::pair<ChatRequest, Prompt>>(std::move(r), std::move(prompt));
+      auto shared = std::make_shared<Prepared>(Prepared{std::move(r), std::move(prompt), std::move(draft_prompt)});
       res.content_type = "text/event-stream";
       res.headers.push_back({"Cache-Control", "no-cache"});
       res.stream = [this, shared, id, admission](http::Stream& sink) {
-        const ChatRequest& cr = shared->first;
-        const Prompt& pr = shared->second;
+        const ChatRequest& cr = shared->request;
+        const Prompt& pr = shared->prompt;
         const int64_t created = now_seconds();
         auto chunk = [&](json delta, json finish, json logprobs) {
           json c = {{"index", 0}, {"delta", std::move(delta)}, {"logprobs", std::move(logprobs)}, {"finish_reason", std::move(finish)}};
@@ -433,7 +481,7 @@ class Server {
         std::optional<GenerationResult> g;
         try {
           g = on_gpu([&] {
-            return pick_session(pr).generate(pr, cr.params, [&](const StepOutput& s) {
+            return run_on_slot(pr, shared->draft_prompt, cr.params, [&](const StepOutput& s) {
               if (!alive || stop_) return false;
               if (s.text.empty() && !cr.logprobs) return !sink.client_gone();
               json lp = nullptr;
@@ -481,6 +529,8 @@ class Server {
   std::unique_ptr<gpu::Context> ctx_;
   std::unique_ptr<Model> model_;
   std::vector<std::unique_ptr<Session>> sessions_;
+  std::unique_ptr<Model> draft_model_;                     // --draft-model, if any
+  std::vector<std::unique_ptr<Session>> draft_sessions_;   // one per slot, beside sessions_
   std::vector<uint64_t> last_used_;  // per slot, for least-recently-used eviction (under the GPU turn)
   uint64_t use_clock_ = 0;
   std::atomic<bool> ready_{false}, load_failed_{false}, stop_{false};
@@ -495,7 +545,8 @@ int run_serve(int argc, char** argv, int first) {
   Flags f(argc, argv, first,
           {{"model", true}, {"model-name", true}, {"host", true}, {"port", true}, {"api-key", true}, {"max-concurrency", true},
            {"ctx", true}, {"kv-slots", true}, {"allow-local-files", true}, {"max-images", true}, {"max-body-mb", true},
-           {"quantize", true}, {"metrics-public", false}, {"request-timeout", true}});
+           {"quantize", true}, {"metrics-public", false}, {"request-timeout", true}, {"draft-model", true},
+           {"num-draft-tokens", true}, {"lookup-ngram", true}});
   Options o;
   o.model_dir = f.has("model") ? f.str("model") : default_model_dir();
   o.model_name = f.str("model-name");
@@ -510,6 +561,10 @@ int run_serve(int argc, char** argv, int first) {
   o.max_body_bytes = size_t(f.integer("max-body-mb", 64, 1, 4096)) << 20;
   o.metrics_public = f.has("metrics-public");
   o.request_seconds = double(f.integer("request-timeout", 30, 1, 3600));
+  o.draft_model_dir = f.str("draft-model");
+  o.num_draft_tokens = int(f.integer("num-draft-tokens", 3, 1, 16));
+  o.lookup_ngram = int(f.integer("lookup-ngram", 0, 0, 16));
+  if (!o.draft_model_dir.empty() && o.lookup_ngram) throw UsageError("give --draft-model or --lookup-ngram, not both");
   o.load.quantize = f.str("quantize");
   if (!o.load.quantize.empty() && o.load.quantize != "q4" && o.load.quantize != "q8")
     throw UsageError("--quantize takes q4 or q8, not '" + o.load.quantize + "'");

@@ -22,6 +22,9 @@ struct Options {
   double request_seconds = 30;          // to receive a request's headers and body, once it has begun
   bool metrics_public = false;          // /metrics without the API key
   int max_images = 8;             // per request
+  std::string draft_model_dir;    // speculative decoding with this draft model (empty: none)
+  int num_draft_tokens = 3;       // drafts per round, unless a request says
+  int lookup_ngram = 0;           // prompt-lookup drafting by default (no draft model)
   LoadOptions load;
 };
 

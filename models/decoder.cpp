@@ -127,26 +127,31 @@ void LanguageModel::forward(gpu::Recorder& rec, const KvCache& cache, const Mat&
   ap.scale = float(1.0 / std::sqrt(double(D)));
   ap.T_total = T;
   ap.prefix_end = rows.prefix_end;
+  gpu::Variant var;
+  if (rows.as_decode_steps) {
+    var.matmul = gpu::Variant::Matmul::Gemv;
+    var.attention = gpu::Variant::Attention::Rows;
+  }
 
   // Gemma scales its input embeddings (image features included) by sqrt(hidden).
   if (cfg_.embed_scale != 1.0) gpu::unary(rec, gpu::UnaryOp::Identity, x, x, float(cfg_.embed_scale));
   for (size_t l = 0; l < layers_.size(); ++l) {
     const DecoderLayer& L = layers_[l];
     gpu::rmsnorm(rec, x, L.attn_norm, eps, cfg_.norm_plus_one, h);
-    L.qkv.run(rec, h, qkv);
+    L.qkv.run(rec, h, qkv, false, var);
     gpu::rope(rec, q, H, D, cfg_.rope.rot_dim, gpu::RopeMode::RotateHalf, rope_table, rows.positions, rows.positions_row, sections);
     gpu::rope(rec, k, KV, D, cfg_.rope.rot_dim, gpu::RopeMode::RotateHalf, rope_table, rows.positions, rows.positions_row, sections);
     gpu::kv_append(rec, k, cache.k[l], rows.kv_row, rows.kv_row_index);
     gpu::kv_append(rec, v, cache.v[l], rows.kv_row, rows.kv_row_index);
-    gpu::attention(rec, q, Mat::of(cache.k[l]), Mat::of(cache.v[l]), attn, rows.kv_row, rows.kv_row_index, ap);
-    L.o.run(rec, attn, x, /*accumulate=*/true);  // x += attn W_o^T
+    gpu::attention(rec, q, Mat::of(cache.k[l]), Mat::of(cache.v[l]), attn, rows.kv_row, rows.kv_row_index, ap, var);
+    L.o.run(rec, attn, x, /*accumulate=*/true, var);  // x += attn W_o^T
     gpu::rmsnorm(rec, x, L.ffn_norm, eps, cfg_.norm_plus_one, h);
     for (int64_t r0 = 0; r0 < T; r0 += mlp_rows) {
       const int64_t n = std::min(mlp_rows, T - r0);
       Mat g = gu.row_range(0, n), a = act.row_range(0, n);
-      L.gate_up.run(rec, h.row_range(r0, n), g);
+      L.gate_up.run(rec, h.row_range(r0, n), g, false, var);
       gpu::binary(rec, glu, g.col_range(0, I), g.col_range(I, I), a);
-      L.down.run(rec, a, x.row_range(r0, n), /*accumulate=*/true);  // x += act W_down^T
+      L.down.run(rec, a, x.row_range(r0, n), /*accumulate=*/true, var);  // x += act W_down^T
     }
   }
   if (logits) {
@@ -154,7 +159,7 @@ void LanguageModel::forward(gpu::Recorder& rec, const KvCache& cache, const Mat&
     Mat last = x.row_range(T - R, R);
     Mat normed = h.row_range(0, R);
     gpu::rmsnorm(rec, last, final_norm_, eps, cfg_.norm_plus_one, normed);
-    gpu::matmul(rec, normed, lm_head_, nullptr, *logits);
+    gpu::matmul(rec, normed, lm_head_, nullptr, *logits, false, var);
   }
 }
 

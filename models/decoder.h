@@ -40,6 +40,9 @@ struct ForwardRows {
   gpu::Tensor positions;       // I32 [rows, positions per token]: the RoPE positions
   int64_t positions_row = 0;   // the row of `positions` the pass's first row reads
   int64_t prefix_end = 0;      // prefix-LM: KV rows below it are visible to every row
+  // Compute each row exactly as a one-row decode step does (the GEMV and the per-row attention
+  // kernels whatever the row count), so that speculative verification reproduces decoding.
+  bool as_decode_steps = false;
 };
 
 class LanguageModel {

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <numeric>
 #include <set>
 #include <sstream>
 
@@ -70,6 +71,8 @@ void GenerationParams::validate() const {
   if (top_logits < 0 || top_logits > 64) fail("top_logits must be between 0 and 64, not ", top_logits);
   for (auto& s : stop)
     if (s.empty()) fail("stop strings must not be empty");
+  if (num_draft_tokens < 1 || num_draft_tokens > 16) fail("num_draft_tokens must be between 1 and 16, not ", num_draft_tokens);
+  if (lookup_ngram < 0 || lookup_ngram > 16) fail("lookup_ngram must be between 0 (off) and 16, not ", lookup_ngram);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -127,6 +130,20 @@ std::vector<ImageSlot> image_slots(const ModelConfig& cfg, const Messages& messa
     }
   }
   return slots;
+}
+
+Prompt Model::build_draft_prompt(const Messages& messages, const std::vector<Image>& images, const nlohmann::json& vars) const {
+  if (vision_) return build_prompt(messages, images, vars);
+  // A text-only draft sees the conversation's text: image parts go.
+  Messages text = messages;
+  for (auto& m : text)
+    if (m.is_object() && m.contains("content") && m["content"].is_array()) {
+      Messages kept = Messages::array();
+      for (auto& part : m["content"])
+        if (part.is_object() && part.value("type", "") == "text") kept.push_back(part);
+      m["content"] = kept;
+    }
+  return build_prompt(text, {}, vars);
 }
 
 Prompt Model::build_prompt(const Messages& messages, const std::vector<Image>& images, const nlohmann::json& vars) const {
@@ -247,6 +264,42 @@ struct Session::DecodeGraphs {
   bool penalty = false, want_lse = false;
   std::set<int32_t> seen;                // ids already in penalty_ids
 };
+
+struct Session::VerifyGraph {
+  std::unique_ptr<gpu::Recorder> rec;
+  Tensor ids;        // i32 [rows], host-visible: the token and the drafts
+  Tensor kv_row;     // i32 [1], host-visible: the KV row of the first
+  Tensor positions;  // i32 [rows, components], host-visible
+  Tensor logits;     // f32 [rows, vocab], read back
+  int64_t rows = 0;
+};
+
+struct Session::Drafting {
+  Prompt prompt;
+  std::unique_ptr<DecodeGraphs> graphs;
+  std::vector<int32_t> fed;          // tokens fed after the prompt
+  size_t logits_after = SIZE_MAX;    // logits_ follow this many of `fed` (SIZE_MAX: none)
+};
+
+void check_draft_model(const Model& target, const Model& draft) {
+  const auto& a = target.tokenizer();
+  const auto& b = draft.tokenizer();
+  const int64_t va = target.config().text.vocab_size, vb = draft.config().text.vocab_size;
+  auto names = [&] { return " (model " + target.dir() + ", draft " + draft.dir() + ")"; };
+  if (a.vocab_size() != b.vocab_size())
+    fail("the draft model's tokenizer has ", b.vocab_size(), " tokens and the model's ", a.vocab_size(),
+         ": a draft must share the model's vocabulary", names());
+  if (vb < a.vocab_size() || va < a.vocab_size())
+    fail("the draft model's vocabulary (", vb, ") does not cover the model's tokenizer (", a.vocab_size(), " tokens)", names());
+  for (const auto& t : a.added_tokens())
+    if (t.special && b.token_to_id(t.content) != t.id)
+      fail("the special token ", t.content, " is ", t.id, " in the model but ", b.token_to_id(t.content),
+           " in the draft: a draft must share the model's vocabulary", names());
+  for (const auto& t : b.added_tokens())
+    if (t.special && a.token_to_id(t.content) != t.id)
+      fail("the draft's special token ", t.content, " is ", t.id, " there but ", a.token_to_id(t.content),
+           " in the model: a draft must share the model's vocabulary", names());
+}
 
 Session::Session(Model& model, int64_t context_tokens) : model_(model), ctx_(model.context()) {
   const auto& t = model.config().text;
@@ -474,11 +527,70 @@ StepOutput Session::sample_step(DecodeGraphs& g, Sampler& sampler, const Generat
   return out;
 }
 
-void Session::feed(DecodeGraphs& g, int32_t token, int64_t row, int64_t position) {
+void Session::note_seen(DecodeGraphs& g, int32_t token) {
   if (g.penalty && g.seen.insert(token).second) {
     const int64_t slot = int64_t(g.seen.size()) - 1;
     ctx_.upload(g.penalty_ids, &token, 4, uint64_t(slot) * 4);
   }
+}
+
+std::unique_ptr<Session::VerifyGraph> Session::record_verify(int64_t rows) {
+  const auto& lm = model_.lm();
+  const int64_t V = lm.config().vocab_size, E = lm.config().hidden_size;
+  const int comps = lm.config().rope.positions_per_token();
+  auto v = std::make_unique<VerifyGraph>();
+  v->rows = rows;
+  v->ids = ctx_.host_tensor(gpu::DType::I32, {rows}, "verify ids", gpu::MemoryKind::Upload);
+  v->kv_row = ctx_.host_tensor(gpu::DType::I32, {1}, "verify kv row", gpu::MemoryKind::Upload);
+  v->positions = ctx_.host_tensor(gpu::DType::I32, {rows, comps}, "verify positions", gpu::MemoryKind::Upload);
+  v->logits = ctx_.host_tensor(gpu::DType::F32, {rows, V}, "verify logits", gpu::MemoryKind::Readback);
+  v->rec = std::make_unique<gpu::Recorder>(ctx_);
+  Mat x = Mat::of(v->rec->scratch(gpu::DType::F32, {rows, E}, "verify embeddings"));  // [rows, E]
+  lm.embed(*v->rec, v->ids, 0, rows, x);
+  ForwardRows fr;
+  fr.kv_row = v->kv_row;
+  fr.positions = v->positions;
+  fr.as_decode_steps = true;
+  Mat logits = Mat::of(v->logits);
+  lm.forward(*v->rec, cache_, x, fr, rope_table_, &logits);
+  return v;
+}
+
+void Session::draft_begin(const Prompt& prompt) {
+  prepare(prompt);
+  drafting_ = std::make_unique<Drafting>();
+  drafting_->prompt = prompt;
+  drafting_->graphs = record_graphs(prompt, GenerationParams{});
+  drafting_->logits_after = 0;
+}
+
+bool Session::draft_can_feed(size_t tokens) const {
+  return drafting_ && drafting_->prompt.size() + int64_t(tokens) < capacity_;
+}
+
+std::vector<float> Session::draft_logits(const std::vector<int32_t>& tokens) {
+  Drafting& d = *drafting_;
+  size_t common = 0;
+  while (common < d.fed.size() && common < tokens.size() && d.fed[common] == tokens[common]) ++common;
+  if (!(common == tokens.size() && d.logits_after == tokens.size())) {
+    // Roll back to what is shared (at least one token is fed, for its logits) and feed the rest.
+    const size_t keep = std::min(common, tokens.empty() ? 0 : tokens.size() - 1);
+    if (tokens.empty()) fail("internal: a draft needs a token to continue from");
+    d.fed.resize(keep);
+    cached_keys_.resize(size_t(d.prompt.size()) + keep);
+    const int64_t offset = d.prompt.next_position - d.prompt.size();
+    for (size_t i = keep; i < tokens.size(); ++i) {
+      const int64_t row = d.prompt.size() + int64_t(i);
+      feed(*d.graphs, tokens[i], row, row + offset);
+      d.fed.push_back(tokens[i]);
+    }
+    d.logits_after = tokens.size();
+  }
+  return ctx_.read<float>(logits_);
+}
+
+void Session::feed(DecodeGraphs& g, int32_t token, int64_t row, int64_t position) {
+  note_seen(g, token);
   if (position > int64_t(INT32_MAX)) fail("RoPE position ", position, " does not fit 32 bits");
   const int32_t r = int32_t(row);
   std::vector<int32_t> pos(size_t(model_.config().text.rope.positions_per_token()), int32_t(position));
@@ -506,11 +618,50 @@ void Session::switch_to_long_factors(const Prompt& prompt, const std::vector<int
   cached_prefix_end_ = all.prefix_end;
 }
 
+namespace {
+
+// Prompt lookup: the tokens that followed the last earlier occurrence of the context's final n
+// tokens (up to `max`), or none. Image rows (negative here) match nothing.
+std::vector<int32_t> lookup_drafts(const std::vector<int32_t>& context, int n, int max) {
+  const size_t N = context.size();
+  if (n <= 0 || N <= size_t(n)) return {};
+  const int32_t* tail = context.data() + N - size_t(n);
+  for (size_t start = N - size_t(n); start-- > 0;) {
+    bool match = true;
+    for (int k = 0; k < n && match; ++k) match = context[start + size_t(k)] == tail[k] && tail[k] >= 0;
+    if (!match) continue;
+    std::vector<int32_t> out;
+    for (size_t i = start + size_t(n); i < N && out.size() < size_t(max); ++i) {
+      if (context[i] < 0) break;
+      out.push_back(context[i]);
+    }
+    if (!out.empty()) return out;  // else an image follows this match: look further back
+  }
+  return {};
+}
+
+// log(sum(exp(row))) in double.
+double log_sum_exp(const float* row, int64_t n) {
+  double m = -INFINITY;
+  for (int64_t i = 0; i < n; ++i)
+    if (!std::isnan(row[i])) m = std::max(m, double(row[i]));
+  double z = 0;
+  for (int64_t i = 0; i < n; ++i)
+    if (!std::isnan(row[i])) z += std::exp(double(row[i]) - m);
+  return m + std::log(z);
+}
+
+}  // namespace
+
 GenerationResult Session::generate(const Prompt& prompt, const GenerationParams& params, const StepCallback& on_step,
-                                   const CancelCheck& cancelled) {
+                                   const CancelCheck& cancelled, const Speculation& speculation) {
   params.validate();
+  const bool speculative = speculation.draft || params.lookup_ngram > 0;
+  if (speculation.draft && !speculation.draft_prompt) fail("internal: a draft session needs the draft's prompt");
+  if (speculation.draft == this) fail("internal: a session cannot draft for itself");
   const auto& rope = model_.config().text.rope;
   const int64_t N = prompt.size();
+  const int64_t V = model_.config().text.vocab_size;
   GenerationResult res;
   res.prompt_tokens = prompt.ids;
   Prepared prep = prepare(prompt, cancelled);
@@ -533,13 +684,13 @@ GenerationResult Session::generate(const Prompt& prompt, const GenerationParams&
   double first_token_seconds = 0;
   res.finish_reason = "length";
 
-  for (int step = 0; step < params.max_tokens; ++step) {
-    StepOutput out = sample_step(*graphs, sampler, params);
-    if (step == 0) first_token_seconds = seconds_since(t_decode);
+  // One generated token to the result, the stream and the caller; false once generation ends.
+  auto emit = [&](StepOutput out) {
+    if (res.tokens.empty()) first_token_seconds = seconds_since(t_decode);
     const int32_t token = out.token;
     res.tokens.push_back(token);
     const bool is_eos = eos.count(token) && !params.ignore_eos;
-    const bool last = step + 1 == params.max_tokens || row + 1 >= capacity_;
+    const bool last = int64_t(res.tokens.size()) >= params.max_tokens || row + 1 >= capacity_;
     TextStream::Piece piece = stream.push(is_eos ? std::nullopt : std::optional<int32_t>(token), is_eos || last);
     out.text = piece.text;
     const bool keep_going = on_step ? on_step(out) : true;
@@ -547,21 +698,130 @@ GenerationResult Session::generate(const Prompt& prompt, const GenerationParams&
     else res.steps.push_back({out.token, out.text, 0, {}, {}});
     if (is_eos || piece.stop) {
       res.finish_reason = "stop";
-      break;
+      return false;
     }
     if (!keep_going) {
       res.finish_reason = "cancelled";
-      break;
+      return false;
     }
-    if (last) break;
+    return !last;
+  };
+  // Feeds the token the last step chose, one row, switching to Phi-3's long RoPE factors when
+  // the conversation crosses them (which recomputes the cache and re-records the graphs).
+  auto feed_one = [&](int32_t token) {
     if (rope.uses_long_factors(row + 1) != rope_long_) {
       switch_to_long_factors(prompt, res.tokens, prep.features);
       graphs = record_graphs(prompt, params);
       row = N + int64_t(res.tokens.size());
-      continue;
+      return;
     }
     feed(*graphs, token, row, row + position_offset);
     ++row;
+  };
+
+  if (params.max_tokens > 0 && !speculative) {
+    while (emit(sample_step(*graphs, sampler, params))) feed_one(res.tokens.back());
+  } else if (params.max_tokens > 0) {
+    const int D = params.num_draft_tokens;
+    std::unique_ptr<VerifyGraph> verify = record_verify(D + 1);
+    SamplingParams draft_sampling = params.sampling;
+    draft_sampling.seed = params.sampling.seed + 1;
+    Sampler draft_sampler(draft_sampling);
+    if (speculation.draft) speculation.draft->draft_begin(*speculation.draft_prompt);
+    // The context prompt lookup searches: the prompt's text tokens, then what is generated.
+    std::vector<int32_t> context;
+    if (params.lookup_ngram > 0)
+      for (int64_t r = 0; r < N; ++r) context.push_back(prompt.keys[size_t(r)] == text_key(prompt.ids[size_t(r)]) ? prompt.ids[size_t(r)] : -1);
+    const double penalty = params.sampling.repeat_penalty;
+    bool going = emit(sample_step(*graphs, sampler, params));  // the first token, from the prefill's logits
+    while (going) {
+      const int32_t x = res.tokens.back();  // chosen, not yet fed
+      // Drafts, when the verification pass fits the context and the RoPE factors stay.
+      std::vector<int32_t> drafts;
+      std::vector<std::vector<double>> q;
+      const bool room = row + D + 1 < capacity_ && rope.uses_long_factors(row + D + 1) == rope_long_ &&
+                        int64_t(res.tokens.size()) < params.max_tokens;
+      if (room && speculation.draft && speculation.draft->draft_can_feed(res.tokens.size() + size_t(D))) {
+        std::vector<int32_t> seq = res.tokens;
+        for (int i = 0; i < D; ++i) {
+          q.push_back(draft_sampler.distribution(speculation.draft->draft_logits(seq)));
+          drafts.push_back(draft_sampler.draw(q.back()));
+          seq.push_back(drafts.back());
+        }
+      } else if (room && params.lookup_ngram > 0) {
+        context.push_back(x);
+        drafts = lookup_drafts(context, params.lookup_ngram, D);
+        context.pop_back();
+        for (int32_t d : drafts) {
+          q.emplace_back(size_t(V), 0.0);
+          if (d >= 0 && d < V) q.back()[size_t(d)] = 1.0;
+        }
+      }
+      if (drafts.empty()) {  // one plain step
+        feed_one(x);
+        if (params.lookup_ngram > 0) context.push_back(x);
+        going = emit(sample_step(*graphs, sampler, params));
+        continue;
+      }
+      // Verify x and the drafts in one pass: row i's logits follow x, d_1 .. d_i.
+      std::vector<int32_t> ids(size_t(D + 1), 0);
+      ids[0] = x;
+      for (size_t i = 0; i < drafts.size(); ++i) ids[i + 1] = drafts[i] >= 0 && drafts[i] < V ? drafts[i] : 0;
+      const int comps = prompt.position_components;
+      std::vector<int32_t> pos(size_t((D + 1) * comps));
+      for (int i = 0; i <= D; ++i)
+        for (int c = 0; c < comps; ++c) pos[size_t(i * comps + c)] = int32_t(row + i + position_offset);
+      const int32_t first_row = int32_t(row);
+      ctx_.upload(verify->ids, ids.data(), ids.size() * 4);
+      ctx_.upload(verify->kv_row, &first_row, 4);
+      ctx_.upload(verify->positions, pos.data(), pos.size() * 4);
+      verify->rec->replay();
+      const std::vector<float> logits = ctx_.read<float>(verify->logits);  // [D + 1, V]
+      // The model's distribution after each prefix, the repetition penalty counting the drafts
+      // before it (as if they had been fed one at a time).
+      std::vector<std::vector<double>> p;
+      std::set<int32_t> seen = graphs->seen;
+      for (size_t i = 0; i <= drafts.size(); ++i) {
+        seen.insert(ids[i]);
+        std::vector<float> r(logits.begin() + int64_t(i) * V, logits.begin() + int64_t(i + 1) * V);
+        if (penalty != 1.0)
+          for (int32_t id : seen)
+            if (id >= 0 && id < V) r[size_t(id)] = r[size_t(id)] < 0 ? r[size_t(id)] * float(penalty) : r[size_t(id)] / float(penalty);
+        p.push_back(sampler.distribution(r));
+      }
+      const std::vector<int32_t> chosen = speculative_accept(p, q, drafts, sampler);
+      const size_t accepted = chosen.size() - 1;
+      res.draft_tokens += int64_t(drafts.size());
+      res.accepted_tokens += int64_t(accepted);
+      // x's row is now in the cache; so is each accepted draft's, once the one after it is emitted.
+      auto commit = [&](int32_t token) {
+        cached_keys_.push_back(text_key(token));
+        note_seen(*graphs, token);
+        if (params.lookup_ngram > 0) context.push_back(token);
+        ++row;
+      };
+      commit(x);
+      for (size_t i = 0; i < chosen.size() && going; ++i) {
+        StepOutput out;
+        out.token = chosen[i];
+        if (params.logprobs || params.top_logprobs || params.top_logits) {
+          const float* raw = logits.data() + int64_t(i) * V;
+          const double lse = log_sum_exp(raw, V);
+          out.logprob = float(double(raw[out.token]) - lse);
+          const int k = std::max(params.top_logprobs, params.top_logits);
+          std::vector<int32_t> order(static_cast<size_t>(V));
+          std::iota(order.begin(), order.end(), 0);
+          std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int32_t a, int32_t b) {
+            return raw[a] > raw[b] || (raw[a] == raw[b] && a < b);
+          });
+          for (int j = 0; j < params.top_logprobs; ++j)
+            out.top_logprobs.push_back({order[size_t(j)], float(double(raw[order[size_t(j)]]) - lse)});
+          for (int j = 0; j < params.top_logits; ++j) out.top_logits.push_back({order[size_t(j)], raw[order[size_t(j)]]});
+        }
+        going = emit(out);
+        if (going && i < accepted) commit(chosen[i]);
+      }
+    }
   }
   res.text = stream.text();
   res.decode_seconds = seconds_since(t_decode) - first_token_seconds;

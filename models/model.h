@@ -34,6 +34,10 @@ struct GenerationParams {
   int top_logprobs = 0;           // alternatives per step, with their log-probabilities (<= 20)
   int top_logits = 0;             // raw [id, logit] pairs per step, best first (<= 64)
   bool ignore_eos = false;
+  // Speculative decoding: tokens a draft (a draft model, or prompt lookup) proposes per step,
+  // all verified by the model in one forward pass.
+  int num_draft_tokens = 3;
+  int lookup_ngram = 0;  // prompt lookup: drafts follow the last earlier match of the context's last N tokens
 
   // The one place generation parameters from outside (CLI, server, C API) are range-checked.
   void validate() const;
@@ -54,6 +58,8 @@ struct GenerationResult {
   std::string finish_reason;           // "stop", "length", or "cancelled"
   int64_t cached_tokens = 0;           // prompt tokens whose KV came from the previous turn
   int64_t prefill_tokens = 0;          // prompt tokens computed
+  int64_t draft_tokens = 0;            // tokens a draft proposed (speculative decoding)
+  int64_t accepted_tokens = 0;         // of those, the ones the model accepted
   double prefill_seconds = 0, decode_seconds = 0, image_seconds = 0;
   std::vector<StepOutput> steps;
 };
@@ -102,6 +108,10 @@ class Model {
   // naming both, or when the conversation does not suit the architecture.
   Prompt build_prompt(const Messages& messages, const std::vector<Image>& images,
                       const nlohmann::json& template_vars = nullptr) const;
+  // The conversation as this model sees it when it drafts for another: with its images when it
+  // has a vision tower, its text alone otherwise.
+  Prompt build_draft_prompt(const Messages& messages, const std::vector<Image>& images,
+                            const nlohmann::json& template_vars = nullptr) const;
   // A prompt from raw text (no chat template), with the tokenizer's special tokens.
   Prompt build_raw_prompt(const std::string& text) const;
 
@@ -120,6 +130,20 @@ class Model {
   std::vector<int32_t> eos_;
 };
 
+class Session;
+
+// Speculative decoding with a draft model: a session of the draft (its own KV cache, kept across
+// turns like the model's) and the conversation as the draft sees it (a text-only draft of a
+// vision model sees its text). The draft must share the model's vocabulary.
+struct Speculation {
+  Session* draft = nullptr;
+  const Prompt* draft_prompt = nullptr;
+};
+
+// Throws unless `draft` can draft for `target`: the same vocabulary size and the same ids for
+// the special tokens, naming both models.
+void check_draft_model(const Model& target, const Model& draft);
+
 class Session {
  public:
   // A conversation with a KV cache of `context_tokens` rows.
@@ -129,8 +153,10 @@ class Session {
   int64_t context_tokens() const { return capacity_; }
   // Generates a continuation of prompt. KV rows shared with the previous call's prompt and
   // output are reused. Throws (before touching the cache) when the prompt does not fit.
+  // With a draft (or params.lookup_ngram), speculative decoding: greedy tokens are identical to
+  // generating without it, sampled ones are distributed identically.
   GenerationResult generate(const Prompt& prompt, const GenerationParams& params, const StepCallback& on_step = {},
-                            const CancelCheck& cancelled = {});
+                            const CancelCheck& cancelled = {}, const Speculation& speculation = {});
   // Logits [vocab] at the last prompt position (fills the cache like generate does).
   std::vector<float> prompt_logits(const Prompt& prompt);
   // Forgets the cached conversation.
@@ -141,6 +167,8 @@ class Session {
 
  private:
   struct DecodeGraphs;
+  struct VerifyGraph;
+  struct Drafting;
   struct Prepared {
     std::vector<gpu::Tensor> features;  // per image; computed for images the prefill needed
     int64_t reused = 0, computed = 0;
@@ -164,6 +192,16 @@ class Session {
   StepOutput sample_step(DecodeGraphs& g, Sampler& sampler, const GenerationParams& params);
   // One replay of the decode step: the token at KV row `row`, RoPE position `position`.
   void feed(DecodeGraphs& g, int32_t token, int64_t row, int64_t position);
+  // Adds a token to the repetition penalty's list (feed does it for the tokens it feeds).
+  void note_seen(DecodeGraphs& g, int32_t token);
+  // The verification pass of speculative decoding: `rows` tokens at consecutive KV rows and
+  // positions from one forward, their logits [rows, vocab] read back.
+  std::unique_ptr<VerifyGraph> record_verify(int64_t rows);
+  // As a draft: starts drafting after `prompt` (prefilled, reusing the cache), and the logits
+  // after feeding `tokens` past it (rolled back to what they share with what was fed before).
+  void draft_begin(const Prompt& prompt);
+  std::vector<float> draft_logits(const std::vector<int32_t>& tokens);
+  bool draft_can_feed(size_t tokens) const;
   // Phi-3's LongRoPE: once a conversation grows past the original context, the reference
   // recomputes it with the long factors; so does this, once.
   void switch_to_long_factors(const Prompt& prompt, const std::vector<int32_t>& generated,
@@ -172,6 +210,7 @@ class Session {
   Model& model_;
   gpu::Context& ctx_;
   int64_t capacity_ = 0;
+  std::unique_ptr<Drafting> drafting_;  // while this session drafts for another
   KvCache cache_;
   std::vector<uint64_t> cached_keys_;
   int64_t cached_prefix_end_ = 0;  // the prefix-LM boundary the cached rows were computed with

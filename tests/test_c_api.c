@@ -81,6 +81,38 @@ int main(void) {
   CHECK(rc == -1 && err && strstr(err, "image"), "a missing image is an error (%s)", err ? err : "");
   vkvlm_free(err);
 
+  /* Prompt lookup drafts ('square' recurs) and answers the same; the stats say so. */
+  p.lookup_ngram = 1;
+  vkvlm_session* fresh = vkvlm_session_new(e, 512, &err);
+  rc = vkvlm_generate(fresh, msgs, images, sizes, 1, &p, NULL, NULL, &text, &err);
+  CHECK(rc == 0 && strcmp(text, "The square is orange.") == 0, "lookup answer '%s'", text ? text : "");
+  vkvlm_free(text);
+  vkvlm_stats st;
+  vkvlm_session_stats(fresh, &st);
+  CHECK(st.draft_tokens > 0 && st.accepted_tokens <= st.draft_tokens && st.completion_tokens > 0 && st.prompt_tokens > 0,
+        "lookup stats: %lld drafted, %lld accepted", (long long)st.draft_tokens, (long long)st.accepted_tokens);
+  vkvlm_session_free(fresh);
+  p.lookup_ngram = 0;
+
+  /* A draft model: the demo model drafting for itself has every draft accepted. A draft with
+   * another vocabulary is refused, naming both. */
+  rc = vkvlm_engine_set_draft(e, VKVLM_SOURCE_DIR "/tests/data/fixtures/qwen2vl-bf16", NULL, &err);
+  CHECK(rc == -1 && err && strstr(err, "vocabulary") && strstr(err, "qwen2vl-bf16"), "a foreign draft is refused (%s)",
+        err ? err : "");
+  vkvlm_free(err);
+  err = NULL;
+  rc = vkvlm_engine_set_draft(e, VKVLM_SOURCE_DIR "/models/shapes-llava", NULL, &err);
+  CHECK(rc == 0, "set_draft: %s", err ? err : "");
+  vkvlm_session* drafted = vkvlm_session_new(e, 512, &err);
+  p.num_draft_tokens = 4;
+  rc = vkvlm_generate(drafted, msgs, images, sizes, 1, &p, NULL, NULL, &text, &err);
+  CHECK(rc == 0 && strcmp(text, "The square is orange.") == 0, "drafted answer '%s'", text ? text : "");
+  vkvlm_free(text);
+  vkvlm_session_stats(drafted, &st);
+  CHECK(st.draft_tokens > 0 && st.accepted_tokens == st.draft_tokens, "self-draft stats: %lld drafted, %lld accepted",
+        (long long)st.draft_tokens, (long long)st.accepted_tokens);
+  vkvlm_session_free(drafted);
+
   free(png);
   vkvlm_session_free(s);
   vkvlm_engine_free(e);

@@ -105,6 +105,33 @@ TEST(Cli, GenerateJsonMatchesTheReference) {
 }
 
 // --prompt with --image builds the image tags Phi-3-Vision's template expects.
+// Speculative decoding from the command line: a model drafting for itself is accepted whole,
+// prompt lookup drafts from the question it quotes, and both answer as plain decoding does.
+TEST(Cli, DraftsChangeNothingButTheCounts) {
+  const std::vector<std::string> base = {"generate", "--image", k_demo + "/examples/shapes_0.png", "--prompt",
+                                         "What color is the square?", "--json"};
+  CliRun plain = vkvlm(base);
+  ASSERT_EQ(plain.rc, 0) << plain.err;
+  const auto want = nlohmann::json::parse(plain.out);
+  EXPECT_EQ(want["text"], "The square is orange.");
+  EXPECT_FALSE(want.contains("draft_tokens"));
+  auto with = [&](std::vector<std::string> extra) {
+    std::vector<std::string> args = base;
+    args.insert(args.end(), extra.begin(), extra.end());
+    CliRun r = vkvlm(args);
+    EXPECT_EQ(r.rc, 0) << r.err;
+    return r.rc == 0 ? nlohmann::json::parse(r.out) : nlohmann::json::object();
+  };
+  const auto self = with({"--draft-model", k_demo, "--num-draft-tokens", "4"});
+  EXPECT_EQ(self["tokens"], want["tokens"]);
+  EXPECT_GT(self["draft_tokens"].get<int>(), 0);
+  EXPECT_EQ(self["accepted_tokens"], self["draft_tokens"]) << "a model drafting for itself is always right";
+  const auto lookup = with({"--lookup-ngram", "1"});
+  EXPECT_EQ(lookup["tokens"], want["tokens"]);
+  EXPECT_GT(lookup["draft_tokens"].get<int>(), 0) << "'square' occurs in the question";
+  EXPECT_LE(lookup["accepted_tokens"].get<int>(), lookup["draft_tokens"].get<int>());
+}
+
 TEST(Cli, PromptWithImageOnPhi3VisionMatchesTheReferencePrompt) {
   const std::string model = fixtures_dir() + "/phi3v-long-bf16";
   CliRun r = vkvlm({"generate", "--model", model, "--image", fixtures_dir() + "/images/astronaut.png", "--prompt",
@@ -504,6 +531,10 @@ TEST(Cli, WrongInputsGetOneClearLine) {
       {{"generate", "--prompt", "x", "--image", "/dev/zero"}, 1, {"/dev/zero", "not a regular file"}},
       {{"tokenize", "--tokenizer", tmp("missing.json")}, 1, {"missing.json"}},
       {{"frobnicate"}, 2, {"unknown command 'frobnicate'"}},
+      {{"generate", "--prompt", "x", "--draft-model", k_demo, "--lookup-ngram", "2"}, 2, {"--draft-model", "--lookup-ngram"}},
+      {{"generate", "--prompt", "x", "--num-draft-tokens", "0"}, 2, {"--num-draft-tokens"}},
+      {{"generate", "--prompt", "x", "--lookup-ngram", "17"}, 2, {"--lookup-ngram"}},
+      {{"generate", "--prompt", "x", "--draft-model", fixtures_dir() + "/qwen2vl-bf16"}, 1, {"draft", "vocabulary", "qwen2vl-bf16"}},
   };
   for (auto& c : cases) {
     std::string joined;

@@ -275,7 +275,9 @@ TEST_P(LmFamily, MatchesTheReferenceFormulasAndDecodesConsistently) {
   TensorStore store = TensorStore::open_directory(ck.dir);
   WeightLoader loader(ctx(), store, cfg, {});
   LanguageModel lm(ctx(), cfg.text, loader);
-  if (f.mlx4) EXPECT_EQ(lm.format_summary(), "q4 group 32");
+  if (f.mlx4) {
+    EXPECT_EQ(lm.format_summary(), "q4 group 32");
+  }
 
   std::mt19937 rng(5);
   std::vector<int32_t> ids(static_cast<size_t>(T));

@@ -16,6 +16,7 @@
 #include "base/numeric.h"
 #include "host/safetensors.h"
 #include "models/model.h"
+#include "tests/fixture_models.h"
 #include "tests/kernel_harness.h"
 #include "tests/test_paths.h"
 
@@ -25,21 +26,6 @@ namespace {
 constexpr double kFeatureNmse = 1e-4;
 constexpr double kLogitTolerance = 2e-2;  // relative to the reference's largest logit
 constexpr double kNearTie = 0.05;
-
-// A fixture model's folder under tests/data: the shared fixtures, and the checkpoints derived
-// from them in other layouts (tests/data/derived, made by tools/derive_mlx2024_fixtures.py).
-std::string model_dir(const std::string& name) {
-  return test_data_dir() + (name.find("-2024") != std::string::npos ? "/derived/" : "/fixtures/") + name;
-}
-
-Model& fixture_model(const std::string& name) {
-  // The context first, so it outlives the models at exit.
-  gpu::Context& c = ctx();
-  static std::map<std::string, std::unique_ptr<Model>> models;
-  auto& m = models[name];
-  if (!m) m = std::make_unique<Model>(c, model_dir(name));
-  return *m;
-}
 
 struct Expected {
   TensorStore store;
@@ -67,16 +53,6 @@ std::vector<Case> all_cases() {
     for (auto& c : j["cases"]) out.push_back({m, c["name"].get<std::string>()});
   }
   return out;
-}
-
-// The conversation of a case: its messages, or (PaliGemma) one user turn holding the image and
-// the task prefix.
-Messages case_messages(const nlohmann::ordered_json& c) {
-  if (c.contains("messages")) return c["messages"];
-  Messages content = Messages::array();
-  for (size_t i = 0; i < c["images"].size(); ++i) content.push_back({{"type", "image"}});
-  content.push_back({{"type", "text"}, {"text", c["prefix"]}});
-  return Messages::array({{{"role", "user"}, {"content", content}}});
 }
 
 // Per crop and channel: mean and mean |x| of a processor's crops (CHW).

@@ -116,14 +116,19 @@ TEST_P(SamplerDistribution, MatchesReferenceWarpers) {
   }
   double max_dev = 0;
   for (size_t i = 0; i < logits.size(); ++i) {
-    if (want[i] == 0.0) EXPECT_EQ(count[i], 0) << "token " << i << " is outside the kept set";
+    if (want[i] == 0.0) {
+      EXPECT_EQ(count[i], 0) << "token " << i << " is outside the kept set";
+    }
     // Standard deviations of the frequency, plus an absolute floor.
     const double sd = std::sqrt(want[i] * (1 - want[i]) / draws);
     max_dev = std::max(max_dev, std::fabs(double(count[i]) / draws - want[i]) / (sd + 1e-4));
   }
   EXPECT_LT(max_dev, 5.5) << "frequencies stray from the reference distribution";
-  if (sc.needs_full_row) EXPECT_GT(full_rows, 0);
-  else if (sc.top_k > 0 || sc.top_p < 1.0f || sc.min_p > 0.0f) EXPECT_EQ(full_rows, 0) << "the candidates should have sufficed";
+  if (sc.needs_full_row) {
+    EXPECT_GT(full_rows, 0);
+  } else if (sc.top_k > 0 || sc.top_p < 1.0f || sc.min_p > 0.0f) {
+    EXPECT_EQ(full_rows, 0) << "the candidates should have sufficed";
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Sampling, SamplerDistribution,
@@ -188,6 +193,119 @@ TEST(Sampler, InvalidParametersAreNamed) {
   p = {};
   p.top_k = -3;
   bad(p, "top_k");
+}
+
+}  // namespace
+}  // namespace vkvlm::test
+
+namespace vkvlm::test {
+namespace {
+
+// The distribution the sampler draws from, as a whole row: the reference warpers' exactly.
+TEST(Sampler, DistributionIsTheReferenceWarpers) {
+  std::mt19937 rng(11);
+  std::normal_distribution<float> d(0.0f, 2.0f);
+  std::vector<float> logits(300);
+  for (auto& v : logits) v = d(rng);
+  for (auto [t, k, top_p, min_p] : {std::tuple{1.0f, 0, 1.0f, 0.0f}, {0.7f, 20, 1.0f, 0.0f}, {1.2f, 0, 0.9f, 0.0f},
+                                    {1.0f, 0, 1.0f, 0.1f}, {0.9f, 50, 0.95f, 0.05f}}) {
+    SamplingParams p;
+    p.temperature = t;
+    p.top_k = k;
+    p.top_p = top_p;
+    p.min_p = min_p;
+    const auto want = reference_distribution(logits, p);
+    const auto got = Sampler(p).distribution(logits);
+    ASSERT_EQ(got.size(), want.size());
+    for (size_t i = 0; i < want.size(); ++i) EXPECT_NEAR(got[i], want[i], 1e-9) << "token " << i;
+  }
+  // Greedy: all the mass on the first largest logit.
+  std::vector<float> tie = {1.0f, 3.0f, 2.0f, 3.0f};
+  EXPECT_EQ(Sampler(SamplingParams{}).distribution(tie), (std::vector<double>{0, 1, 0, 0}));
+}
+
+// Frequencies of `draws` tokens against a distribution, in standard deviations (worst token).
+double worst_deviation(const std::vector<int>& count, int draws, const std::vector<double>& want) {
+  double worst = 0;
+  for (size_t i = 0; i < want.size(); ++i) {
+    const double sd = std::sqrt(want[i] * (1 - want[i]) / draws);
+    worst = std::max(worst, std::fabs(double(count[i]) / draws - want[i]) / (sd + 1e-4));
+  }
+  return worst;
+}
+
+// Speculative sampling must give each position's token the target's distribution, whatever the
+// draft proposes. Drawing the replacement from p instead of the residual max(0, p - q) fails
+// this: in the first case p = (.5, .5, 0, ...) and the draft always proposes token 0, which
+// would then come out 75% of the time instead of 50%.
+TEST(SpeculativeSampling, TokensAreDistributedAsTheTarget) {
+  const size_t V = 8;
+  std::mt19937 gen(5);
+  auto random_row = [&](double zero_share) {
+    std::vector<double> r(V);
+    std::uniform_real_distribution<double> u(0.0, 1.0);
+    double total = 0;
+    for (auto& x : r) total += x = u(gen) < zero_share ? 0.0 : u(gen);
+    for (auto& x : r) x /= total;
+    return r;
+  };
+  struct Case {
+    std::vector<std::vector<double>> p, q;
+  };
+  std::vector<double> half(V, 0.0), first(V, 0.0);
+  half[0] = half[1] = 0.5;
+  first[0] = 1.0;
+  std::vector<Case> cases = {{{half, half}, {first}},
+                             {{random_row(0.0), random_row(0.3), random_row(0.0)}, {random_row(0.0), random_row(0.5)}},
+                             {{random_row(0.5), random_row(0.0), random_row(0.2), random_row(0.0)},
+                              {random_row(0.0), random_row(0.0), random_row(0.6)}}};
+  SamplingParams sp;
+  sp.temperature = 1.0f;
+  sp.seed = 99;
+  sp.has_seed = true;
+  Sampler sampler(sp);
+  const int trials = 60000;
+  for (size_t ci = 0; ci < cases.size(); ++ci) {
+    SCOPED_TRACE("case " + std::to_string(ci));
+    const auto& c = cases[ci];
+    std::vector<std::vector<int>> count(c.p.size(), std::vector<int>(V, 0));
+    std::vector<int> reached(c.p.size(), 0);
+    for (int t = 0; t < trials; ++t) {
+      std::vector<int32_t> drafts;
+      for (auto& q : c.q) drafts.push_back(sampler.draw(q));
+      const auto out = speculative_accept(c.p, c.q, drafts, sampler);
+      ASSERT_GE(out.size(), 1u);
+      ASSERT_LE(out.size(), c.p.size());
+      for (size_t i = 0; i < out.size(); ++i) {
+        ++count[i][size_t(out[i])];
+        ++reached[i];
+        if (i + 1 < out.size()) {
+          EXPECT_EQ(out[i], drafts[i]) << "only accepted drafts come before the last token";
+        }
+      }
+    }
+    for (size_t i = 0; i < c.p.size(); ++i) {
+      if (reached[i] > 2000) {
+        EXPECT_LT(worst_deviation(count[i], reached[i], c.p[i]), 5.5) << "position " << i;
+      }
+    }
+  }
+}
+
+// Greedy rows: the longest prefix of drafts the target agrees with, then the target's choice.
+TEST(SpeculativeSampling, GreedyIsTheLongestAgreeingPrefix) {
+  auto one_hot = [](size_t i) {
+    std::vector<double> r(5, 0.0);
+    r[i] = 1.0;
+    return r;
+  };
+  Sampler s(SamplingParams{});
+  const std::vector<std::vector<double>> p = {one_hot(2), one_hot(4), one_hot(1), one_hot(3)};
+  const std::vector<std::vector<double>> q = {one_hot(2), one_hot(4), one_hot(0)};
+  EXPECT_EQ(speculative_accept(p, q, {2, 4, 0}, s), (std::vector<int32_t>{2, 4, 1}));
+  EXPECT_EQ(speculative_accept(p, q, {3, 4, 0}, s), (std::vector<int32_t>{2}));
+  const std::vector<std::vector<double>> q_all = {one_hot(2), one_hot(4), one_hot(1)};
+  EXPECT_EQ(speculative_accept(p, q_all, {2, 4, 1}, s), (std::vector<int32_t>{2, 4, 1, 3}));
 }
 
 }  // namespace

@@ -36,7 +36,16 @@ typedef struct vkvlm_params {
   int has_seed;          /* 0: a random seed */
   const char* const* stop; /* stop strings */
   size_t n_stop;
+  int num_draft_tokens;  /* with a draft model (vkvlm_engine_set_draft): tokens it proposes per round; default 3 */
+  int lookup_ngram;      /* without one: draft by prompt lookup on n-grams of this length; 0: off (default) */
 } vkvlm_params;
+
+/* What the last vkvlm_generate of a session did. */
+typedef struct vkvlm_stats {
+  int64_t prompt_tokens, cached_tokens, completion_tokens;
+  int64_t draft_tokens, accepted_tokens; /* speculative decoding: tokens proposed, and those kept */
+  double image_seconds, prefill_seconds, decode_seconds;
+} vkvlm_stats;
 
 void vkvlm_params_default(vkvlm_params* params);
 
@@ -52,6 +61,10 @@ vkvlm_engine* vkvlm_engine_load_on_device(const char* model_dir, const char* qua
                                           uint32_t queue_index, const VkPhysicalDeviceFeatures2* enabled_features,
                                           char** error);
 void vkvlm_engine_free(vkvlm_engine* engine);
+/* Loads a draft model (same vocabulary, usually smaller) on the engine's device for speculative
+ * decoding: sessions created afterwards draft with it, and greedy answers stay identical.
+ * Returns 0, or -1 and sets *error. */
+int vkvlm_engine_set_draft(vkvlm_engine* engine, const char* draft_model_dir, const char* quantize, char** error);
 
 vkvlm_session* vkvlm_session_new(vkvlm_engine* engine, int64_t context_tokens, char** error);
 void vkvlm_session_free(vkvlm_session* session);
@@ -63,6 +76,9 @@ void vkvlm_session_free(vkvlm_session* session);
 int vkvlm_generate(vkvlm_session* session, const char* messages_json, const unsigned char* const* images,
                    const size_t* image_sizes, size_t n_images, const vkvlm_params* params, vkvlm_text_callback callback,
                    void* user, char** text, char** error);
+
+/* The counts and timings of the session's last vkvlm_generate (zeros before the first). */
+void vkvlm_session_stats(const vkvlm_session* session, vkvlm_stats* stats);
 
 void vkvlm_free(void* p);
 

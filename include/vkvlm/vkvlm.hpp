@@ -38,6 +38,9 @@ struct VulkanDevice {
 struct EngineOptions {
   std::string quantize;   // "", "q4" or "q8": quantize float language-model weights while loading
   bool progress = false;  // a progress bar on stderr while loading (when it is a terminal)
+  // Speculative decoding: a smaller model with the same vocabulary that drafts tokens for this
+  // one to verify ("": none). Greedy answers are identical with and without it.
+  std::string draft_model;
 };
 
 struct GenerateOptions {
@@ -51,6 +54,8 @@ struct GenerateOptions {
   bool logprobs = false;          // each step's log-probability
   int top_logprobs = 0;           // alternatives per step (<= 20)
   std::string template_vars;      // a JSON object of extra chat-template variables, e.g. {"add_vision_id": true}
+  int num_draft_tokens = 3;       // tokens the draft model proposes per round (1..16)
+  int lookup_ngram = 0;           // without a draft model: draft by prompt lookup on n-grams (0: off)
 };
 
 // One generated token.
@@ -66,6 +71,7 @@ struct Result {
   std::string finish_reason;  // "stop", "length" or "cancelled"
   std::vector<int32_t> prompt_tokens, tokens;
   int64_t cached_tokens = 0;  // prompt tokens whose KV cache came from the previous turn
+  int64_t draft_tokens = 0, accepted_tokens = 0;  // speculative decoding's proposals, and those kept
   double image_seconds = 0, prefill_seconds = 0, decode_seconds = 0;
   std::vector<Step> steps;
 };
@@ -86,6 +92,9 @@ class Engine {
   // The model's description (architecture, sizes, image tokens, memory for a context).
   std::string info(int64_t context_tokens) const;
   std::string device_name() const;
+  // Loads (or replaces) the draft model EngineOptions::draft_model names, on this device; Chats
+  // created afterwards draft with it.
+  void load_draft(const std::string& draft_model_dir, const EngineOptions& options = {});
 
   struct Impl;
   Impl& impl() { return *impl_; }

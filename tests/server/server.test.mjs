@@ -493,3 +493,48 @@ test("a fixture model answers as vkvlm generate does, with logprobs", async () =
     await stopServer(s);
   }
 });
+
+test("speculative decoding: --draft-model answers as without it, and reports drafts in usage and /metrics", async () => {
+  // The demo model drafting for itself: every draft is accepted, and the answers are the plain ones.
+  const s = await startServer(DEMO, ["--ctx", "512", "--draft-model", DEMO, "--num-draft-tokens", "4", "--kv-slots", "2"]);
+  try {
+    const messages = [imageMessage("shapes_1.png", "Describe this image.")];
+    const want = generate(DEMO, messages);
+    const r = await s.client.chat.completions.create({ model: "shapes-llava", messages, temperature: 0 });
+    assert.equal(r.choices[0].message.content, want.text);
+    assert.ok(r.usage.draft_tokens > 0);
+    assert.equal(r.usage.accepted_tokens, r.usage.draft_tokens);
+    // Streaming, a follow-up turn on both caches, and a per-request draft length.
+    const follow = [...messages, { role: "assistant", content: want.text }, { role: "user", content: "How many shapes are there?" }];
+    const stream = await s.client.chat.completions.create({
+      model: "shapes-llava", messages: follow, temperature: 0, stream: true, stream_options: { include_usage: true },
+      num_draft_tokens: 2,
+    });
+    let text = "";
+    let usage;
+    for await (const chunk of stream) {
+      if (chunk.choices.length) text += chunk.choices[0].delta.content ?? "";
+      if (chunk.usage) usage = chunk.usage;
+    }
+    assert.equal(text, generate(DEMO, follow).text);
+    assert.ok(usage.prompt_tokens_details.cached_tokens > 0);
+    assert.ok(usage.draft_tokens > 0);
+    const metrics = await (await fetch(`${s.base}/metrics`, { headers: { Authorization: `Bearer ${KEY}` } })).text();
+    const counter = (name) => Number(metrics.match(new RegExp(`^${name} (\\d+)$`, "m"))[1]);
+    assert.equal(counter("vkvlm_draft_tokens_total"), r.usage.draft_tokens + usage.draft_tokens);
+    assert.equal(counter("vkvlm_accepted_draft_tokens_total"), r.usage.accepted_tokens + usage.accepted_tokens);
+    for (const [body, param] of [[{ num_draft_tokens: 0 }, "num_draft_tokens"], [{ lookup_ngram: 2 }, "lookup_ngram"]]) {
+      const e = await errorOf(s.client.chat.completions.create({ model: "shapes-llava", messages, ...body }));
+      assert.equal(e.status, 400);
+      assertOpenAIError({ error: e.error }, 400, param);
+    }
+  } finally {
+    await stopServer(s);
+  }
+  // Prompt lookup, asked for by the request: 'square' recurs, so it drafts.
+  const messages = [imageMessage("shapes_0.png", "What color is the square?")];
+  const r = await demo.client.chat.completions.create({ model: "shapes-llava", messages, temperature: 0, lookup_ngram: 1 });
+  assert.equal(r.choices[0].message.content, "The square is orange.");
+  assert.ok(r.usage.draft_tokens > 0);
+  assert.ok(r.usage.accepted_tokens <= r.usage.draft_tokens);
+});
