@@ -5,6 +5,7 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "vkvlm/vkvlm.hpp"
 
@@ -25,6 +26,15 @@ char* copy_string(const std::string& s) {
 }
 void set_error(char** error, const char* what) {
   if (error) *error = copy_string(what);
+}
+// The encoded images a call passes, checked.
+std::vector<std::vector<uint8_t>> image_bytes(const unsigned char* const* images, const size_t* image_sizes, size_t n) {
+  std::vector<std::vector<uint8_t>> imgs;
+  for (size_t i = 0; i < n; ++i) {
+    if (!images || !image_sizes || !images[i]) throw std::runtime_error("image " + std::to_string(i) + " is missing");
+    imgs.emplace_back(images[i], images[i] + image_sizes[i]);
+  }
+  return imgs;
 }
 vkvlm::EngineOptions engine_options(const char* quantize) {
   vkvlm::EngineOptions o;
@@ -105,16 +115,35 @@ vkvlm_session* vkvlm_session_new(vkvlm_engine* e, int64_t context_tokens, char**
 
 void vkvlm_session_free(vkvlm_session* s) { delete s; }
 
+int vkvlm_session_save_prompt_cache(vkvlm_session* s, const char* messages_json, const unsigned char* const* images,
+                                    const size_t* image_sizes, size_t n_images, const char* path, char** error) {
+  try {
+    if (!s || !messages_json || !path) throw std::runtime_error("vkvlm_session_save_prompt_cache needs a session, messages and a path");
+    s->chat->save_prompt_cache(messages_json, image_bytes(images, image_sizes, n_images), path);
+    return 0;
+  } catch (const std::exception& ex) {
+    set_error(error, ex.what());
+    return -1;
+  }
+}
+
+int vkvlm_session_load_prompt_cache(vkvlm_session* s, const char* path, char** error) {
+  try {
+    if (!s || !path) throw std::runtime_error("vkvlm_session_load_prompt_cache needs a session and a path");
+    s->chat->load_prompt_cache(path);
+    return 0;
+  } catch (const std::exception& ex) {
+    set_error(error, ex.what());
+    return -1;
+  }
+}
+
 int vkvlm_generate(vkvlm_session* s, const char* messages_json, const unsigned char* const* images,
                    const size_t* image_sizes, size_t n_images, const vkvlm_params* params, vkvlm_text_callback callback,
                    void* user, char** text, char** error) {
   try {
     if (!s || !messages_json) throw std::runtime_error("vkvlm_generate needs a session and messages");
-    std::vector<std::vector<uint8_t>> imgs;
-    for (size_t i = 0; i < n_images; ++i) {
-      if (!images || !image_sizes || !images[i]) throw std::runtime_error("image " + std::to_string(i) + " is missing");
-      imgs.emplace_back(images[i], images[i] + image_sizes[i]);
-    }
+    const std::vector<std::vector<uint8_t>> imgs = image_bytes(images, image_sizes, n_images);
     vkvlm_params p;
     vkvlm_params_default(&p);
     if (params) p = *params;

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -168,7 +169,22 @@ const std::map<std::string, bool> k_generate_flags = {
     {"model", true}, {"prompt", true}, {"messages", true}, {"image", true}, {"max-tokens", true}, {"temp", true},
     {"top-p", true}, {"top-k", true}, {"min-p", true}, {"repeat-penalty", true}, {"seed", true}, {"ctx", true},
     {"quantize", true}, {"json", false}, {"top-logits", true}, {"stop", true}, {"ignore-eos", false}, {"verbose", false},
-    {"chat-template-kwargs", true}, {"draft-model", true}, {"num-draft-tokens", true}, {"lookup-ngram", true}};
+    {"chat-template-kwargs", true}, {"draft-model", true}, {"num-draft-tokens", true}, {"lookup-ngram", true},
+    {"prompt-cache", true}};
+
+// --prompt-cache FILE: the session starts from the file's rows (vkvlm cache-prompt).
+int64_t load_prompt_cache(const Flags& f, Session& session) {
+  if (!f.has("prompt-cache")) return 0;
+  return session.load_prompt_cache(f.str("prompt-cache")).rows;
+}
+
+// Says so when a prompt continued only part of a prompt cache (the rest was recomputed).
+void report_cache_use(int64_t cache_rows, const GenerationResult& r) {
+  if (cache_rows > 0 && r.cached_tokens < std::min<int64_t>(cache_rows, int64_t(r.prompt_tokens.size()) - 1))
+    std::fprintf(stderr,
+                 "vkvlm: the prompt shares only %lld of the prompt cache's %lld tokens; the rest of the prompt was computed\n",
+                 (long long)r.cached_tokens, (long long)cache_rows);
+}
 
 int cmd_generate(int argc, char** argv) {
   Flags f(argc, argv, 2, k_generate_flags);
@@ -183,6 +199,7 @@ int cmd_generate(int argc, char** argv) {
   Prompt prompt = model.build_prompt(messages, images, vars);
   const int64_t context_tokens = context_for(f, model, int64_t(prompt.ids.size()), params.max_tokens);
   Session session(model, context_tokens);
+  const int64_t cache_rows = load_prompt_cache(f, session);
   DraftModel draft = load_draft(f, *ctx, model, context_tokens);
   Prompt draft_prompt;
   Speculation spec;
@@ -199,6 +216,7 @@ int cmd_generate(int argc, char** argv) {
     return true;
   };
   GenerationResult r = session.generate(prompt, params, on_step, {}, spec);
+  report_cache_use(cache_rows, r);
   const double prefill_tps = r.prefill_seconds > 0 ? double(r.prefill_tokens) / r.prefill_seconds : 0;
   const double decode_tps = r.decode_seconds > 0 && r.tokens.size() > 1 ? double(r.tokens.size() - 1) / r.decode_seconds : 0;
   if (json) {
@@ -212,6 +230,8 @@ int cmd_generate(int argc, char** argv) {
       j["accepted_tokens"] = r.accepted_tokens;
     }
     j["timings"] = {{"prompt_tokens", r.prompt_tokens.size()},
+                    {"cached_prompt_tokens", r.cached_tokens},
+                    {"computed_prompt_tokens", r.prefill_tokens},
                     {"image_seconds", r.image_seconds},
                     {"prefill_seconds", r.prefill_seconds},
                     {"prefill_tokens_per_second", prefill_tps},
@@ -233,6 +253,34 @@ int cmd_generate(int argc, char** argv) {
       std::fprintf(stderr, "prompt %zu tokens (%.1f tok/s), generated %zu tokens (%.1f tok/s), finish: %s\n",
                    r.prompt_tokens.size(), prefill_tps, r.tokens.size(), decode_tps, r.finish_reason.c_str());
   }
+  return 0;
+}
+
+// vkvlm cache-prompt: computes a conversation's KV cache once and writes it to a file that
+// generate, chat and serve continue from (--prompt-cache).
+int cmd_cache_prompt(int argc, char** argv) {
+  Flags f(argc, argv, 2,
+          {{"model", true}, {"prompt", true}, {"messages", true}, {"image", true}, {"out", true}, {"ctx", true},
+           {"quantize", true}, {"chat-template-kwargs", true}});
+  if (!f.has("out")) throw UsageError("cache-prompt needs --out FILE");
+  const std::string dir = f.has("model") ? f.str("model") : default_model_dir();
+  const nlohmann::json vars = template_vars(f);
+  Messages messages;
+  std::vector<Image> images;
+  load_conversation(f, load_model_config(dir), messages, images);
+  auto ctx = make_context();
+  Model model(*ctx, dir, load_options(f));
+  const Prompt prompt = model.build_cacheable_prompt(messages, images, vars);
+  const int64_t context_tokens = f.has("ctx") ? f.integer("ctx", 0, 2, int64_t(1) << 24) : prompt.size() + 1;
+  Session session(model, context_tokens);
+  const auto t0 = std::chrono::steady_clock::now();
+  const int64_t rows = session.save_prompt_cache(
+      prompt, f.str("out"), {{"messages", messages.dump()}, {"template_vars", vars.is_null() ? "" : vars.dump()}});
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::error_code ec;
+  const auto bytes = std::filesystem::file_size(f.str("out"), ec);
+  std::printf("cached %lld prompt tokens (%zu image(s)) in %s: %.1f MB, computed in %.2f s\n", (long long)rows,
+              prompt.images.size(), f.str("out").c_str(), double(bytes) / 1e6, seconds);
   return 0;
 }
 
@@ -323,11 +371,31 @@ int cmd_chat(int argc, char** argv) {
   const int64_t ctx_tokens = context_for(f, model, 0, 0);
   Session session(model, ctx_tokens);
   DraftModel draft = load_draft(f, *ctx, model, ctx_tokens);
-  Messages history = Messages::array();
-  if (f.has("system")) history.push_back({{"role", "system"}, {"content", f.str("system")}});
-  std::vector<Image> images;
+  // Where the conversation starts (and /reset returns): a system message, or the conversation a
+  // prompt cache holds, its images from --image.
+  Messages start = Messages::array();
+  std::vector<Image> start_images;
   std::vector<Image> pending;
   for (auto& p : f.all("image")) pending.push_back(load_image_file(p));
+  if (f.has("prompt-cache")) {
+    const auto cache = session.load_prompt_cache(f.str("prompt-cache"));
+    const auto it = cache.metadata.find("messages");
+    if (it == cache.metadata.end() || it->second.empty())
+      throw Error("prompt cache " + f.str("prompt-cache") + " holds no conversation (vkvlm cache-prompt writes one)");
+    if (f.has("system")) throw UsageError("give --system or --prompt-cache, not both: the cached conversation has its start");
+    start = Messages::parse(it->second);
+    const auto slots = model.image_slots(start);
+    const std::string why = check_supplied_images(slots, pending.size(), "--image gave");
+    if (!why.empty()) throw Error("the prompt cache's conversation: " + why);
+    start_images = conversation_images(slots, std::move(pending), /*allow_files=*/true);
+    pending.clear();
+    std::fprintf(stderr, "(continuing the cached conversation: %lld tokens, %zu message(s))\n", (long long)cache.rows,
+                 start.size());
+  } else if (f.has("system")) {
+    start.push_back({{"role", "system"}, {"content", f.str("system")}});
+  }
+  Messages history = start;
+  std::vector<Image> images = start_images;
   const bool tty = isatty(0);
   std::fprintf(stderr, "vkvlm chat: %s. Commands: /image PATH (attach to the next message), /reset, /exit. "
                "Ctrl-C stops a reply.\n", dir.c_str());
@@ -349,10 +417,10 @@ int cmd_chat(int argc, char** argv) {
     if (line.empty()) continue;
     if (line == "/exit" || line == "/quit") break;
     if (line == "/reset") {
-      history = Messages::array();
-      if (f.has("system")) history.push_back({{"role", "system"}, {"content", f.str("system")}});
-      images.clear();
+      history = start;
+      images = start_images;
       session.reset();
+      if (f.has("prompt-cache")) session.load_prompt_cache(f.str("prompt-cache"));
       std::fprintf(stderr, "(conversation cleared)\n");
       continue;
     }
@@ -501,8 +569,11 @@ const char* k_usage =
     "            [--quantize q4|q8] [--stop TEXT]... [--json] [--top-logits N] [--ignore-eos] [--verbose]\n"
     "            [--chat-template-kwargs JSON]   (PaliGemma: --prompt is the task prefix, e.g. \"caption en\")\n"
     "            [--draft-model DIR | --lookup-ngram N] [--num-draft-tokens N]   speculative decoding\n"
+    "            [--prompt-cache FILE]   start from a cached prompt (vkvlm cache-prompt)\n"
     "  chat      [--model DIR] [--image PATH]... [--system TEXT] [sampling and drafting options] [--verbose]\n"
     "            interactive, multi-turn; Ctrl-C stops a reply, a second Ctrl-C at the prompt exits\n"
+    "  cache-prompt [--model DIR] (--prompt TEXT | --messages FILE) [--image PATH]... --out FILE\n"
+    "            compute a conversation's KV cache once; generate/chat/serve --prompt-cache FILE continue it\n"
     "  tokenize  (--model DIR | --tokenizer FILE) [--text TEXT] [--no-special] [--json]   (stdin without --text)\n"
     "  render-template [--model DIR] --messages FILE [--tools FILE] [--no-generation-prompt]\n"
     "            [--chat-template-kwargs JSON]  |  --template FILE --context FILE.json\n"
@@ -511,6 +582,7 @@ const char* k_usage =
     "  serve     [--model DIR] [--host 127.0.0.1] [--port 8080] [--api-key KEY] [--max-concurrency N]\n"
     "            [--ctx N] [--kv-slots N] [--allow-local-files DIR] [--max-images N] [--quantize q4|q8]\n"
     "            [--model-name NAME] [--draft-model DIR | --lookup-ngram N] [--num-draft-tokens N]\n"
+    "            [--prompt-cache FILE]   a cached prompt every conversation may start from\n"
     "            OpenAI-compatible server\n"
     "  devices   list Vulkan devices with their feature profiles\n"
     "\n"
@@ -537,10 +609,12 @@ int main(int argc, char** argv) {
     if (cmd == "chat") return cmd_chat(argc, argv);
     if (cmd == "tokenize") return cmd_tokenize(argc, argv);
     if (cmd == "info") return cmd_info(argc, argv);
+    if (cmd == "cache-prompt") return cmd_cache_prompt(argc, argv);
     if (cmd == "render-template") return cmd_render_template(argc, argv);
     if (cmd == "devices") return cmd_devices(argc, argv);
     if (cmd == "serve") return server::run_serve(argc, argv, 2);
-    throw UsageError("unknown command '" + cmd + "' (generate, chat, tokenize, render-template, info, serve, devices)");
+    throw UsageError("unknown command '" + cmd +
+                     "' (generate, chat, cache-prompt, tokenize, render-template, info, serve, devices)");
   } catch (const UsageError& e) {
     std::fprintf(stderr, "vkvlm: %s (see vkvlm --help)\n", e.what());
     return 2;

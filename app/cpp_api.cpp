@@ -97,26 +97,57 @@ void Chat::reset() {
   if (impl_->draft) impl_->draft->reset();
 }
 
-Result Chat::generate(const std::string& messages_json, const std::vector<std::vector<uint8_t>>& images,
-                      const GenerateOptions& o, const OnStep& on_step) {
-  Model& model = *impl_->engine.impl().model;
+namespace {
+
+// A conversation as the API takes it: messages and template variables as JSON, encoded images.
+struct Conversation {
   Messages messages;
+  nlohmann::json vars;
+  std::vector<Image> images;
+};
+
+Conversation parse_conversation(const Model& model, const std::string& messages_json,
+                                const std::vector<std::vector<uint8_t>>& images, const std::string& template_vars) {
+  Conversation c;
   try {
-    messages = Messages::parse(messages_json);
+    c.messages = Messages::parse(messages_json);
   } catch (const std::exception& e) {
     fail("messages are not valid JSON: ", e.what());
   }
-  nlohmann::json vars;
-  if (!o.template_vars.empty()) {
+  if (!template_vars.empty()) {
     try {
-      vars = nlohmann::json::parse(o.template_vars);
+      c.vars = nlohmann::json::parse(template_vars);
     } catch (const std::exception& e) {
       fail("template_vars is not valid JSON: ", e.what());
     }
   }
-  std::vector<Image> decoded;
-  for (size_t i = 0; i < images.size(); ++i) decoded.push_back(decode_image(images[i], "image " + std::to_string(i)));
-  decoded = conversation_images(model.image_slots(messages), std::move(decoded), /*allow_files=*/false);
+  for (size_t i = 0; i < images.size(); ++i) c.images.push_back(decode_image(images[i], "image " + std::to_string(i)));
+  c.images = conversation_images(model.image_slots(c.messages), std::move(c.images), /*allow_files=*/false);
+  return c;
+}
+
+}  // namespace
+
+int64_t Chat::save_prompt_cache(const std::string& messages_json, const std::vector<std::vector<uint8_t>>& images,
+                                const std::string& path, const std::string& template_vars) {
+  const Model& model = *impl_->engine.impl().model;
+  const Conversation c = parse_conversation(model, messages_json, images, template_vars);
+  const Prompt prompt = model.build_cacheable_prompt(c.messages, c.images, c.vars);
+  return impl_->session.save_prompt_cache(prompt, path, {{"messages", c.messages.dump()}, {"template_vars", template_vars}});
+}
+
+int64_t Chat::load_prompt_cache(const std::string& path) {
+  if (impl_->draft) impl_->draft->reset();
+  return impl_->session.load_prompt_cache(path).rows;
+}
+
+Result Chat::generate(const std::string& messages_json, const std::vector<std::vector<uint8_t>>& images,
+                      const GenerateOptions& o, const OnStep& on_step) {
+  Model& model = *impl_->engine.impl().model;
+  Conversation c = parse_conversation(model, messages_json, images, o.template_vars);
+  const Messages& messages = c.messages;
+  const nlohmann::json& vars = c.vars;
+  const std::vector<Image>& decoded = c.images;
   GenerationParams p;
   p.max_tokens = o.max_tokens;
   p.sampling.temperature = o.temperature;

@@ -113,6 +113,13 @@ std::string random_id() {
   return os.str();
 }
 
+// How many leading rows two KV key lists share.
+size_t shared_rows(const std::vector<uint64_t>& a, const std::vector<uint64_t>& b) {
+  size_t n = 0;
+  while (n < a.size() && n < b.size() && a[n] == b[n]) ++n;
+  return n;
+}
+
 int64_t now_seconds() {
   return std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count();
 }
@@ -223,6 +230,11 @@ class Server {
       ctx_ = std::make_unique<gpu::Context>(gpu::Device::create());
       model_ = std::make_unique<Model>(*ctx_, opt_.model_dir, opt_.load);
       for (int i = 0; i < opt_.kv_slots; ++i) sessions_.push_back(std::make_unique<Session>(*model_, opt_.context_tokens));
+      if (!opt_.prompt_cache.empty()) {
+        for (auto& s : sessions_) s->load_prompt_cache(opt_.prompt_cache);
+        cache_keys_ = sessions_[0]->cached_keys();
+        std::fprintf(stderr, "vkvlm serve: prompt cache %s: %zu tokens\n", opt_.prompt_cache.c_str(), cache_keys_.size());
+      }
       if (!opt_.draft_model_dir.empty()) {
         draft_model_ = std::make_unique<Model>(*ctx_, opt_.draft_model_dir, opt_.load);
         check_draft_model(*model_, *draft_model_);
@@ -292,8 +304,7 @@ class Server {
     size_t best = sessions_.size(), best_len = 0;
     for (size_t i = 0; i < sessions_.size(); ++i) {
       const auto& keys = sessions_[i]->cached_keys();
-      size_t n = 0;
-      while (n < keys.size() && n < prompt.keys.size() && keys[n] == prompt.keys[n]) ++n;
+      const size_t n = shared_rows(keys, prompt.keys);
       if (!keys.empty() && 2 * n >= keys.size() && n > best_len) {
         best = i;
         best_len = n;
@@ -348,6 +359,12 @@ class Server {
   GenerationResult run_on_slot(const Prompt& prompt, const Prompt& draft_prompt, const GenerationParams& params,
                                const std::function<bool(const StepOutput&)>& on_step, const std::function<bool()>& gone) {
     const size_t slot = pick_slot(prompt);
+    // A conversation that starts like the prompt cache, on a slot that holds less of it, gets
+    // the cached rows back before it runs.
+    if (!cache_keys_.empty() && shared_rows(cache_keys_, prompt.keys) > shared_rows(sessions_[slot]->cached_keys(), prompt.keys)) {
+      sessions_[slot]->load_prompt_cache(opt_.prompt_cache);
+      if (draft_model_) draft_sessions_[slot]->reset();
+    }
     Speculation spec;
     if (draft_model_) spec = {draft_sessions_[slot].get(), &draft_prompt};
     return sessions_[slot]->generate(prompt, params, on_step, gone, spec);
@@ -531,6 +548,7 @@ class Server {
   std::vector<std::unique_ptr<Session>> sessions_;
   std::unique_ptr<Model> draft_model_;                     // --draft-model, if any
   std::vector<std::unique_ptr<Session>> draft_sessions_;   // one per slot, beside sessions_
+  std::vector<uint64_t> cache_keys_;  // the prompt cache's rows (empty: none)
   std::vector<uint64_t> last_used_;  // per slot, for least-recently-used eviction (under the GPU turn)
   uint64_t use_clock_ = 0;
   std::atomic<bool> ready_{false}, load_failed_{false}, stop_{false};
@@ -546,7 +564,7 @@ int run_serve(int argc, char** argv, int first) {
           {{"model", true}, {"model-name", true}, {"host", true}, {"port", true}, {"api-key", true}, {"max-concurrency", true},
            {"ctx", true}, {"kv-slots", true}, {"allow-local-files", true}, {"max-images", true}, {"max-body-mb", true},
            {"quantize", true}, {"metrics-public", false}, {"request-timeout", true}, {"draft-model", true},
-           {"num-draft-tokens", true}, {"lookup-ngram", true}});
+           {"num-draft-tokens", true}, {"lookup-ngram", true}, {"prompt-cache", true}});
   Options o;
   o.model_dir = f.has("model") ? f.str("model") : default_model_dir();
   o.model_name = f.str("model-name");
@@ -562,6 +580,7 @@ int run_serve(int argc, char** argv, int first) {
   o.metrics_public = f.has("metrics-public");
   o.request_seconds = double(f.integer("request-timeout", 30, 1, 3600));
   o.draft_model_dir = f.str("draft-model");
+  o.prompt_cache = f.str("prompt-cache");
   o.num_draft_tokens = int(f.integer("num-draft-tokens", 3, 1, 16));
   o.lookup_ngram = int(f.integer("lookup-ngram", 0, 0, 16));
   if (!o.draft_model_dir.empty() && o.lookup_ngram) throw UsageError("give --draft-model or --lookup-ngram, not both");

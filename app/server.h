@@ -25,6 +25,7 @@ struct Options {
   std::string draft_model_dir;    // speculative decoding with this draft model (empty: none)
   int num_draft_tokens = 3;       // drafts per round, unless a request says
   int lookup_ngram = 0;           // prompt-lookup drafting by default (no draft model)
+  std::string prompt_cache;       // a prompt cache file every conversation may start from
   LoadOptions load;
 };
 

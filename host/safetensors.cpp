@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -291,6 +292,46 @@ uint64_t TensorStore::total_bytes() const {
   uint64_t n = 0;
   for (auto& [k, t] : index_) n += t->bytes;
   return n;
+}
+
+void write_safetensors_file(const std::string& path, const std::vector<StWrite>& tensors,
+                            const std::map<std::string, std::string>& metadata) {
+  nlohmann::ordered_json header = nlohmann::ordered_json::object();
+  if (!metadata.empty()) header["__metadata__"] = metadata;
+  uint64_t offset = 0;
+  for (const auto& t : tensors) {
+    int64_t n = 1;
+    for (int64_t d : t.shape) n *= d;
+    if (uint64_t(n) * st_dtype_size(t.dtype) != t.bytes)
+      fail("internal: tensor ", t.name, " has ", t.bytes, " bytes for its shape and dtype");
+    header[t.name] = {{"dtype", st_dtype_name(t.dtype)}, {"shape", t.shape}, {"data_offsets", {offset, offset + t.bytes}}};
+    offset += t.bytes;
+  }
+  std::string h = header.dump();
+  h.append((8 - h.size() % 8) % 8, ' ');  // the data starts 8-byte aligned
+  const std::string tmp = path + ".tmp-" + std::to_string(::getpid());
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    if (!out) fail("cannot write ", path, ": ", std::strerror(errno));
+    const uint64_t n = h.size();
+    char len[8];
+    for (int i = 0; i < 8; ++i) len[i] = char((n >> (8 * i)) & 0xFF);
+    out.write(len, 8);
+    out.write(h.data(), std::streamsize(h.size()));
+    for (const auto& t : tensors) out.write(static_cast<const char*>(t.data), std::streamsize(t.bytes));
+    out.flush();
+    if (!out) {
+      std::error_code ec;
+      fs::remove(tmp, ec);
+      fail("cannot write ", path, " (disk full?)");
+    }
+  }
+  std::error_code ec;
+  fs::rename(tmp, path, ec);
+  if (ec) {
+    fs::remove(tmp, ec);
+    fail("cannot write ", path, ": ", ec.message());
+  }
 }
 
 }  // namespace vkvlm

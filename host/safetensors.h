@@ -48,6 +48,20 @@ class SafetensorsFile {
   std::map<std::string, std::string> metadata_;
 };
 
+// One tensor to write: its bytes as the dtype and shape say (row-major, little-endian).
+struct StWrite {
+  std::string name;
+  StDType dtype = StDType::F32;
+  std::vector<int64_t> shape;
+  const void* data = nullptr;
+  uint64_t bytes = 0;
+};
+
+// Writes a safetensors file with `metadata` as its __metadata__: to a temporary file beside
+// `path`, renamed over it once complete, so a failed write leaves any earlier file whole.
+void write_safetensors_file(const std::string& path, const std::vector<StWrite>& tensors,
+                            const std::map<std::string, std::string>& metadata);
+
 // All tensors of a checkpoint directory: model.safetensors, or the shards listed in
 // model.safetensors.index.json, or (for other layouts) every *.safetensors file in it.
 class TensorStore {

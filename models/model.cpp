@@ -100,6 +100,26 @@ Model::Model(gpu::Context& ctx, const std::string& dir, LoadOptions options) : c
   lm_ = std::make_unique<LanguageModel>(ctx_, cfg_.text, loader);
   vision_ = cfg_.arch->load_vision(ctx_, cfg_, loader);
   loader.finish_progress();
+
+  // Cheap to compute (a few KiB per tensor), yet two checkpoints of one shape differ in it.
+  uint64_t h = hash_bytes(options.quantize.data(), options.quantize.size());
+  const std::string config = read_file_bounded((d / "config.json").string(), 16u << 20, "config.json");
+  h = hash_bytes(config.data(), config.size(), h);
+  h = hash_bytes(&cfg_.text.vocab_size, sizeof(cfg_.text.vocab_size), h);
+  const int64_t tokens = tok_->vocab_size();
+  h = hash_bytes(&tokens, sizeof(tokens), h);
+  for (const auto& name : store_->names()) {
+    const StTensor& t = store_->get(name);
+    h = hash_bytes(name.data(), name.size(), h);
+    const std::string desc = std::string(st_dtype_name(t.dtype)) + t.shape_string();
+    h = hash_bytes(desc.data(), desc.size(), h);
+    const uint64_t sample = 1024;
+    for (uint64_t at : {uint64_t(0), t.bytes / 2, t.bytes > sample ? t.bytes - sample : 0})
+      h = hash_bytes(t.data + at, size_t(std::min(sample, t.bytes - at)), h);
+  }
+  char hex[17];
+  std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(h));
+  fingerprint_ = hex;
 }
 
 Model::~Model() = default;
@@ -146,7 +166,8 @@ Prompt Model::build_draft_prompt(const Messages& messages, const std::vector<Ima
   return build_prompt(text, {}, vars);
 }
 
-Prompt Model::build_prompt(const Messages& messages, const std::vector<Image>& images, const nlohmann::json& vars) const {
+Prompt Model::build_prompt(const Messages& messages, const std::vector<Image>& images, const nlohmann::json& vars,
+                           bool add_generation_prompt) const {
   if (!messages.is_array() || messages.empty()) fail("messages must be a non-empty list");
   // Image parts become {"type": "image"}, the form the chat templates expect.
   Messages norm = Messages::array();
@@ -197,13 +218,26 @@ Prompt Model::build_prompt(const Messages& messages, const std::vector<Image>& i
   }
   std::vector<ImagePlan> plans;
   for (auto& img : images) plans.push_back(vision_->plan(img));
-  PromptTools tools{cfg_, *tok_, [&](const Messages& msgs) { return render_chat(msgs, true, vars); }};
+  PromptTools tools{cfg_, *tok_, [&](const Messages& msgs) { return render_chat(msgs, add_generation_prompt, vars); }};
   Prompt p = cfg_.arch->build_prompt(tools, norm, std::move(plans));
   if (p.keys.size() != p.ids.size() || p.positions.size() != p.ids.size() * size_t(p.position_components))
     fail("internal: the prompt's rows, keys and positions disagree");
   if (p.position_components != cfg_.text.rope.positions_per_token())
     fail("internal: the prompt has ", p.position_components, " position(s) per token; the model takes ",
          cfg_.text.rope.positions_per_token());
+  return p;
+}
+
+Prompt Model::build_cacheable_prompt(const Messages& messages, const std::vector<Image>& images,
+                                     const nlohmann::json& vars) const {
+  Prompt p = build_prompt(messages, images, vars, /*add_generation_prompt=*/false);
+  const Prompt asked = build_prompt(messages, images, vars, /*add_generation_prompt=*/true);
+  int64_t shared = 0;
+  while (shared < p.size() && shared < asked.size() && p.keys[size_t(shared)] == asked.keys[size_t(shared)]) ++shared;
+  // A bidirectional prefix is cacheable whole or not at all.
+  if (p.prefix_end > 0 && shared < p.prefix_end) shared = 0;
+  if (keep_leading_rows(p, shared) == 0)
+    fail("the conversation has no prefix that its continuations keep (its template renders it differently when it goes on)");
   return p;
 }
 
@@ -321,6 +355,7 @@ Session::~Session() = default;
 void Session::reset() {
   cached_keys_.clear();
   cached_prefix_end_ = 0;
+  drafting_.reset();
 }
 
 void Session::ensure_rope(bool long_factors, int64_t positions) {

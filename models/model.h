@@ -106,18 +106,28 @@ class Model {
   // as many placeholders as there are image parts (Phi-3-Vision's documented prompt sent with
   // image_url parts), the parts' images fill the placeholders. Throws when the counts differ,
   // naming both, or when the conversation does not suit the architecture.
+  // Without `add_generation_prompt`, the conversation as a prefix of its continuations (what a
+  // prompt cache holds).
   Prompt build_prompt(const Messages& messages, const std::vector<Image>& images,
-                      const nlohmann::json& template_vars = nullptr) const;
+                      const nlohmann::json& template_vars = nullptr, bool add_generation_prompt = true) const;
   // The conversation as this model sees it when it drafts for another: with its images when it
   // has a vision tower, its text alone otherwise.
   Prompt build_draft_prompt(const Messages& messages, const std::vector<Image>& images,
                             const nlohmann::json& template_vars = nullptr) const;
+  // What a prompt cache of the conversation holds: the rows it shares with every continuation,
+  // i.e. rendered without a generation prompt, less the tokens that rendering it with one would
+  // tokenize differently (LLaVA's template ends a user turn with a space that joins the next word).
+  Prompt build_cacheable_prompt(const Messages& messages, const std::vector<Image>& images,
+                                const nlohmann::json& template_vars = nullptr) const;
   // A prompt from raw text (no chat template), with the tokenizer's special tokens.
   Prompt build_raw_prompt(const std::string& text) const;
 
   // One line per fact: architecture, sizes, processor, image tokens, quantization, memory.
   std::string info(int64_t context_tokens) const;
   uint64_t weight_bytes() const;
+  // Identity of what this model computes, for prompt caches: config.json, every tensor's name,
+  // dtype, shape and samples of its bytes, the tokenizer and the load-time quantization.
+  const std::string& fingerprint() const { return fingerprint_; }
 
  private:
   gpu::Context& ctx_;
@@ -128,6 +138,7 @@ class Model {
   std::unique_ptr<LanguageModel> lm_;
   std::unique_ptr<VisionPath> vision_;
   std::vector<int32_t> eos_;
+  std::string fingerprint_;
 };
 
 class Session;
@@ -164,6 +175,21 @@ class Session {
 
   // Rows currently in the KV cache.
   const std::vector<uint64_t>& cached_keys() const { return cached_keys_; }
+
+  // Prompt caches on disk (models/prompt_cache.cpp). save: computes the prompt's KV cache and
+  // writes it to one safetensors file with its token ids, row keys (the images' fingerprints
+  // among them), positions and the model's identity. load: makes the file's rows this session's
+  // cached conversation, which a prompt extending it continues without recomputing them; throws,
+  // naming the file and what differs, for another model, KV format or a context too small, and
+  // for a truncated or corrupted file. Returns the rows.
+  // `notes` go into the metadata as they are (the CLI keeps the conversation there).
+  int64_t save_prompt_cache(const Prompt& prompt, const std::string& path,
+                            const std::map<std::string, std::string>& notes = {});
+  struct LoadedPromptCache {
+    int64_t rows = 0;
+    std::map<std::string, std::string> metadata;
+  };
+  LoadedPromptCache load_prompt_cache(const std::string& path);
 
  private:
   struct DecodeGraphs;

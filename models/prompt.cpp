@@ -70,4 +70,19 @@ Prompt PromptBuilder::finish(std::string text, std::vector<ImagePlan> images) {
   return p;
 }
 
+int64_t keep_leading_rows(Prompt& p, int64_t rows) {
+  rows = std::clamp<int64_t>(rows, 0, p.size());
+  for (const auto& s : p.spans)
+    if (s.position < rows && rows < s.position + s.length) rows = s.position;
+  p.ids.resize(size_t(rows));
+  p.keys.resize(size_t(rows));
+  p.positions.resize(size_t(rows) * size_t(p.position_components));
+  std::vector<ImageSpan> spans;
+  for (const auto& s : p.spans)
+    if (s.position + s.length <= rows) spans.push_back(s);
+  p.spans = std::move(spans);
+  p.prefix_end = std::min(p.prefix_end, rows);
+  return rows;
+}
+
 }  // namespace vkvlm

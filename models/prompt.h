@@ -50,6 +50,10 @@ struct Prompt {
 uint64_t text_key(int32_t id);
 uint64_t image_key(uint64_t image_hash, int64_t offset);
 
+// The prompt's first `rows` rows (moved back to the start of an image it would cut), with the
+// spans and images they hold; returns the rows kept.
+int64_t keep_leading_rows(Prompt& prompt, int64_t rows);
+
 // Appends text and images to a prompt, giving every row its key and position(s).
 class PromptBuilder {
  public:

@@ -113,6 +113,28 @@ int main(void) {
         (long long)st.draft_tokens, (long long)st.accepted_tokens);
   vkvlm_session_free(drafted);
 
+  /* A prompt cache saved by one session continues in another without recomputing it. */
+  const char* cache = "vkvlm-c-api-test.cache";
+  const char* prefix = "[{\"role\":\"user\",\"content\":[{\"type\":\"image\"},{\"type\":\"text\",\"text\":\"What color is the square?\"}]}]";
+  rc = vkvlm_session_save_prompt_cache(s, prefix, images, sizes, 1, cache, &err);
+  CHECK(rc == 0, "save_prompt_cache: %s", err ? err : "");
+  vkvlm_session* resumed = vkvlm_session_new(e, 512, &err);
+  rc = vkvlm_session_load_prompt_cache(resumed, cache, &err);
+  CHECK(rc == 0, "load_prompt_cache: %s", err ? err : "");
+  p.num_draft_tokens = 3;
+  rc = vkvlm_generate(resumed, msgs, images, sizes, 1, &p, NULL, NULL, &text, &err);
+  CHECK(rc == 0 && strcmp(text, "The square is orange.") == 0, "answer from the cache '%s'", text ? text : "");
+  vkvlm_free(text);
+  vkvlm_session_stats(resumed, &st);
+  CHECK(st.cached_tokens > 0 && st.cached_tokens + 8 > st.prompt_tokens, "%lld of %lld prompt tokens from the cache",
+        (long long)st.cached_tokens, (long long)st.prompt_tokens);
+  rc = vkvlm_session_load_prompt_cache(resumed, "/nonexistent/file.cache", &err);
+  CHECK(rc == -1 && err && strstr(err, "/nonexistent/file.cache"), "a missing cache is an error naming it (%s)", err ? err : "");
+  vkvlm_free(err);
+  err = NULL;
+  vkvlm_session_free(resumed);
+  remove(cache);
+
   free(png);
   vkvlm_session_free(s);
   vkvlm_engine_free(e);

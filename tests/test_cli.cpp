@@ -284,6 +284,76 @@ TEST(Cli, ChatKeepsTheConversation) {
   EXPECT_EQ(r.out, "An orange circle at the top left and a black circle at the bottom.\n" + g.out);
 }
 
+// A prompt cache written by one process and continued by others: generate answers as without
+// it (same tokens, logits within 1e-3) and computes only the rows after the cache; chat resumes
+// the cached conversation; a cache of another model is refused.
+TEST(Cli, PromptCacheAcrossProcesses) {
+  const std::string model = fixtures_dir() + "/llava15-f16";
+  const std::string img = fixtures_dir() + "/images/astronaut.png";
+  nlohmann::json conv = nlohmann::json::array(
+      {{{"role", "user"}, {"content", {{{"type", "image"}}, {{"type", "text"}, {"text", "What is shown in this image?"}}}}}});
+  std::ofstream(tmp("cached.json")) << conv.dump();
+  CliRun c = vkvlm({"cache-prompt", "--model", model, "--messages", tmp("cached.json"), "--image", img, "--out", tmp("llava.cache")});
+  ASSERT_EQ(c.rc, 0) << c.err;
+  long long rows = 0;
+  ASSERT_EQ(std::sscanf(c.out.c_str(), "cached %lld prompt tokens", &rows), 1) << c.out;
+  EXPECT_NE(c.out.find("1 image(s)"), std::string::npos) << c.out;
+  const std::vector<std::string> run = {"generate", "--model", model, "--messages", tmp("cached.json"), "--image", img,
+                                        "--max-tokens", "8", "--ignore-eos", "--json", "--top-logits", "5"};
+  CliRun plain = vkvlm(run);
+  ASSERT_EQ(plain.rc, 0) << plain.err;
+  std::vector<std::string> with_cache = run;
+  with_cache.insert(with_cache.end(), {"--prompt-cache", tmp("llava.cache")});
+  CliRun cached = vkvlm(with_cache);
+  ASSERT_EQ(cached.rc, 0) << cached.err;
+  EXPECT_TRUE(cached.err.empty()) << cached.err;
+  const auto want = nlohmann::json::parse(plain.out), got = nlohmann::json::parse(cached.out);
+  EXPECT_EQ(got["tokens"], want["tokens"]);
+  EXPECT_EQ(got["timings"]["cached_prompt_tokens"].get<long long>(), rows);
+  EXPECT_EQ(got["timings"]["computed_prompt_tokens"].get<long long>(), (long long)want["prompt_tokens"].size() - rows);
+  EXPECT_EQ(want["timings"]["cached_prompt_tokens"].get<long long>(), 0);
+  for (size_t i = 0; i < want["top_logits"].size(); ++i)
+    for (size_t k = 0; k < want["top_logits"][i].size(); ++k) {
+      EXPECT_EQ(got["top_logits"][i][k][0], want["top_logits"][i][k][0]);
+      EXPECT_NEAR(got["top_logits"][i][k][1].get<double>(), want["top_logits"][i][k][1].get<double>(), 1e-3);
+    }
+  // A conversation that leaves the cached one is computed from where they part, and says so.
+  CliRun other = vkvlm({"generate", "--model", model, "--prompt", "Hello", "--max-tokens", "2", "--prompt-cache", tmp("llava.cache")});
+  EXPECT_EQ(other.rc, 0) << other.err;
+  EXPECT_NE(other.err.find("shares only"), std::string::npos) << other.err;
+  // Another model's cache, and a broken file: one clear line each.
+  CliRun foreign = vkvlm({"generate", "--prompt", "x", "--prompt-cache", tmp("llava.cache")});
+  EXPECT_EQ(foreign.rc, 1);
+  EXPECT_NE(foreign.err.find("another model"), std::string::npos) << foreign.err;
+  std::ofstream(tmp("broken.cache")) << "not a cache";
+  CliRun broken = vkvlm({"generate", "--prompt", "x", "--prompt-cache", tmp("broken.cache")});
+  EXPECT_EQ(broken.rc, 1);
+  EXPECT_NE(broken.err.find("broken.cache"), std::string::npos) << broken.err;
+  EXPECT_EQ(vkvlm({"cache-prompt", "--prompt", "x"}).rc, 2) << "--out is required";
+
+  // chat resumes the cached conversation (a described image), its image from --image.
+  const std::string shapes = k_demo + "/examples/shapes_1.png";
+  nlohmann::json described = nlohmann::json::array(
+      {{{"role", "user"}, {"content", {{{"type", "image"}}, {{"type", "text"}, {"text", "Describe this image."}}}}},
+       {{"role", "assistant"},
+        {"content", {{{"type", "text"}, {"text", "An orange circle at the top left and a black circle at the bottom."}}}}}});
+  std::ofstream(tmp("described.json")) << described.dump();
+  ASSERT_EQ(vkvlm({"cache-prompt", "--messages", tmp("described.json"), "--image", shapes, "--out", tmp("demo.cache")}).rc, 0);
+  CliRun chat = vkvlm({"chat", "--prompt-cache", tmp("demo.cache"), "--image", shapes, "--verbose"},
+                      "How many shapes are there?\n/exit\n");
+  ASSERT_EQ(chat.rc, 0) << chat.err;
+  described.push_back({{"role", "user"}, {"content", "How many shapes are there?"}});
+  std::ofstream(tmp("asked.json")) << described.dump();
+  CliRun g = vkvlm({"generate", "--messages", tmp("asked.json"), "--image", shapes});
+  ASSERT_EQ(g.rc, 0) << g.err;
+  EXPECT_EQ(chat.out, g.out);
+  EXPECT_NE(chat.err.find("continuing the cached conversation"), std::string::npos) << chat.err;
+  EXPECT_EQ(chat.err.find("(0 from the cache)"), std::string::npos) << chat.err;
+  CliRun no_image = vkvlm({"chat", "--prompt-cache", tmp("demo.cache")}, "/exit\n");
+  EXPECT_EQ(no_image.rc, 1);
+  EXPECT_NE(no_image.err.find("--image"), std::string::npos) << no_image.err;
+}
+
 // A `vkvlm chat` process driven through pipes, with signals, as a terminal user drives it.
 class ChatProcess {
  public:

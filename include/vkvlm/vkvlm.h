@@ -77,6 +77,14 @@ int vkvlm_generate(vkvlm_session* session, const char* messages_json, const unsi
                    const size_t* image_sizes, size_t n_images, const vkvlm_params* params, vkvlm_text_callback callback,
                    void* user, char** text, char** error);
 
+/* Prompt caches on disk: computes the conversation's KV cache (messages and images as for
+ * vkvlm_generate) and writes it to path; a session that loads it continues that conversation
+ * without recomputing it (vkvlm_stats.cached_tokens). Both return 0, or -1 and set *error (a
+ * cache of another model, a context too small, a damaged file). */
+int vkvlm_session_save_prompt_cache(vkvlm_session* session, const char* messages_json, const unsigned char* const* images,
+                                    const size_t* image_sizes, size_t n_images, const char* path, char** error);
+int vkvlm_session_load_prompt_cache(vkvlm_session* session, const char* path, char** error);
+
 /* The counts and timings of the session's last vkvlm_generate (zeros before the first). */
 void vkvlm_session_stats(const vkvlm_session* session, vkvlm_stats* stats);
 

@@ -122,6 +122,15 @@ class Chat {
   // Forgets the cached conversation.
   void reset();
 
+  // Prompt caches on disk: computes the conversation's KV cache (as a prefix of its
+  // continuations: no generation prompt) and writes it to `path`; returns its tokens.
+  int64_t save_prompt_cache(const std::string& messages_json, const std::vector<std::vector<uint8_t>>& images,
+                            const std::string& path, const std::string& template_vars = {});
+  // Starts this chat from a prompt cache's conversation: a generate whose conversation extends
+  // it computes only what follows (Result::cached_tokens says how much came from the file).
+  // Throws for a cache of another model or KV format, a context too small, or a damaged file.
+  int64_t load_prompt_cache(const std::string& path);
+
  private:
   struct Impl;
   std::unique_ptr<Impl> impl_;

@@ -538,3 +538,39 @@ test("speculative decoding: --draft-model answers as without it, and reports dra
   assert.ok(r.usage.draft_tokens > 0);
   assert.ok(r.usage.accepted_tokens <= r.usage.draft_tokens);
 });
+
+test("--prompt-cache: every conversation that starts like the cached one continues it", async () => {
+  const described = [imageMessage("shapes_1.png", "Describe this image."),
+    { role: "assistant", content: "An orange circle at the top left and a black circle at the bottom." }];
+  const file = join(tmp, "messages-described.json");
+  writeFileSync(file, JSON.stringify([{ role: "user", content: [{ type: "image" }, { type: "text", text: "Describe this image." }] },
+    described[1]]));
+  const cacheFile = join(tmp, "described.cache");
+  const out = execFileSync(CLI, ["cache-prompt", "--messages", file, "--image", join(DEMO, "examples", "shapes_1.png"),
+    "--out", cacheFile], { encoding: "utf8" });
+  const rows = Number(out.match(/^cached (\d+) prompt tokens/)[1]);
+  assert.ok(rows > 0);
+  const s = await startServer(DEMO, ["--ctx", "512", "--prompt-cache", cacheFile]);
+  try {
+    const ask = (messages) => s.client.chat.completions.create({ model: "shapes-llava", messages, temperature: 0 });
+    const follow = [...described, { role: "user", content: "How many shapes are there?" }];
+    const a = await ask(follow);
+    assert.equal(a.choices[0].message.content, generate(DEMO, follow).text);
+    assert.equal(a.usage.prompt_tokens_details.cached_tokens, rows, "the first request already starts from the cache");
+    // Another conversation takes the only slot; the next one like the cache gets the cache back.
+    const other = [imageMessage("shapes_0.png", "What color is the square?")];
+    assert.equal((await ask(other)).choices[0].message.content, "The square is orange.");
+    const b = await ask([...described, { role: "user", content: "Where is the black circle?" }]);
+    assert.ok(b.usage.prompt_tokens_details.cached_tokens >= rows);
+  } finally {
+    await stopServer(s);
+  }
+  // A cache of another model stops the server at load with a message naming the file.
+  const wrong = spawn(CLI, ["serve", "--model", FIXTURE, "--port", String(await freePort()), "--prompt-cache", cacheFile],
+    { stdio: ["ignore", "ignore", "pipe"] });
+  let err = "";
+  wrong.stderr.on("data", (d) => { err += d; });
+  const code = await new Promise((resolve) => wrong.on("exit", resolve));
+  assert.equal(code, 1);
+  assert.match(err, /described\.cache.*another model/);
+});
