@@ -758,7 +758,9 @@ GenerationResult Session::generate(const Prompt& prompt, const GenerationParams&
     while (emit(sample_step(*graphs, sampler, params))) feed_one(res.tokens.back());
   } else if (params.max_tokens > 0) {
     const int D = params.num_draft_tokens;
-    std::unique_ptr<VerifyGraph> verify = record_verify(D + 1);
+    // Verification passes by row count (the drafts and the token before them), recorded when
+    // first needed: a round with fewer drafts computes fewer rows.
+    std::vector<std::unique_ptr<VerifyGraph>> verifies(size_t(D + 2));
     SamplingParams draft_sampling = params.sampling;
     draft_sampling.seed = params.sampling.seed + 1;
     Sampler draft_sampler(draft_sampling);
@@ -799,19 +801,22 @@ GenerationResult Session::generate(const Prompt& prompt, const GenerationParams&
         continue;
       }
       // Verify x and the drafts in one pass: row i's logits follow x, d_1 .. d_i.
-      std::vector<int32_t> ids(size_t(D + 1), 0);
+      const int R = int(drafts.size()) + 1;
+      auto& verify = verifies[size_t(R)];
+      if (!verify) verify = record_verify(R);
+      std::vector<int32_t> ids(size_t(R), 0);
       ids[0] = x;
       for (size_t i = 0; i < drafts.size(); ++i) ids[i + 1] = drafts[i] >= 0 && drafts[i] < V ? drafts[i] : 0;
       const int comps = prompt.position_components;
-      std::vector<int32_t> pos(size_t((D + 1) * comps));
-      for (int i = 0; i <= D; ++i)
+      std::vector<int32_t> pos(size_t(R * comps));
+      for (int i = 0; i < R; ++i)
         for (int c = 0; c < comps; ++c) pos[size_t(i * comps + c)] = int32_t(row + i + position_offset);
       const int32_t first_row = int32_t(row);
       ctx_.upload(verify->ids, ids.data(), ids.size() * 4);
       ctx_.upload(verify->kv_row, &first_row, 4);
       ctx_.upload(verify->positions, pos.data(), pos.size() * 4);
       verify->rec->replay();
-      const std::vector<float> logits = ctx_.read<float>(verify->logits);  // [D + 1, V]
+      const std::vector<float> logits = ctx_.read<float>(verify->logits);  // [R, V]
       // The model's distribution after each prefix, the repetition penalty counting the drafts
       // before it (as if they had been fed one at a time).
       std::vector<std::vector<double>> p;
