@@ -36,6 +36,17 @@ std::vector<std::vector<uint8_t>> image_bytes(const unsigned char* const* images
   }
   return imgs;
 }
+vkvlm_session* new_session(vkvlm_engine* e, int64_t context_tokens, bool rotating, char** error) {
+  try {
+    if (!e) throw std::runtime_error("no engine given");
+    auto s = std::make_unique<vkvlm_session>();
+    s->chat = std::make_unique<vkvlm::Chat>(*e->engine, context_tokens, rotating);
+    return s.release();
+  } catch (const std::exception& ex) {
+    set_error(error, ex.what());
+    return nullptr;
+  }
+}
 vkvlm::EngineOptions engine_options(const char* quantize) {
   vkvlm::EngineOptions o;
   if (quantize) o.quantize = quantize;
@@ -102,15 +113,11 @@ int vkvlm_engine_set_draft(vkvlm_engine* e, const char* draft_model_dir, const c
 }
 
 vkvlm_session* vkvlm_session_new(vkvlm_engine* e, int64_t context_tokens, char** error) {
-  try {
-    if (!e) throw std::runtime_error("no engine given");
-    auto s = std::make_unique<vkvlm_session>();
-    s->chat = std::make_unique<vkvlm::Chat>(*e->engine, context_tokens);
-    return s.release();
-  } catch (const std::exception& ex) {
-    set_error(error, ex.what());
-    return nullptr;
-  }
+  return new_session(e, context_tokens, false, error);
+}
+
+vkvlm_session* vkvlm_session_new_rotating(vkvlm_engine* e, int64_t max_kv_size, char** error) {
+  return new_session(e, max_kv_size, true, error);
 }
 
 void vkvlm_session_free(vkvlm_session* s) { delete s; }

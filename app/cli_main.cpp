@@ -156,6 +156,11 @@ DraftModel load_draft(const Flags& f, gpu::Context& ctx, const Model& target, in
 // The context: --ctx, or enough for this prompt and its answer (at least 4096 when the model
 // allows). Past the model's max_position_embeddings works as in the reference, with a warning.
 int64_t context_for(const Flags& f, const Model& m, int64_t prompt_tokens, int max_tokens) {
+  // --max-kv-size N: a rotating cache of N rows (generation goes on past them).
+  if (f.has("max-kv-size")) {
+    if (f.has("ctx")) throw UsageError("give --ctx or --max-kv-size, not both");
+    return f.integer("max-kv-size", 0, Session::kRotatingKeep + 2, int64_t(1) << 24);
+  }
   const int64_t max_pos = m.config().text.max_position;
   const int64_t ctx = f.has("ctx") ? f.integer("ctx", 0, 2, int64_t(1) << 24)
                                    : std::max<int64_t>(std::min<int64_t>(4096, max_pos), prompt_tokens + max_tokens + 1);
@@ -170,7 +175,7 @@ const std::map<std::string, bool> k_generate_flags = {
     {"top-p", true}, {"top-k", true}, {"min-p", true}, {"repeat-penalty", true}, {"seed", true}, {"ctx", true},
     {"quantize", true}, {"json", false}, {"top-logits", true}, {"stop", true}, {"ignore-eos", false}, {"verbose", false},
     {"chat-template-kwargs", true}, {"draft-model", true}, {"num-draft-tokens", true}, {"lookup-ngram", true},
-    {"prompt-cache", true}};
+    {"prompt-cache", true}, {"max-kv-size", true}};
 
 // --prompt-cache FILE: the session starts from the file's rows (vkvlm cache-prompt).
 int64_t load_prompt_cache(const Flags& f, Session& session) {
@@ -198,7 +203,7 @@ int cmd_generate(int argc, char** argv) {
   Model model(*ctx, dir, load_options(f));
   Prompt prompt = model.build_prompt(messages, images, vars);
   const int64_t context_tokens = context_for(f, model, int64_t(prompt.ids.size()), params.max_tokens);
-  Session session(model, context_tokens);
+  Session session(model, context_tokens, f.has("max-kv-size"));
   const int64_t cache_rows = load_prompt_cache(f, session);
   DraftModel draft = load_draft(f, *ctx, model, context_tokens);
   Prompt draft_prompt;
@@ -369,7 +374,7 @@ int cmd_chat(int argc, char** argv) {
   auto ctx = make_context();
   Model model(*ctx, dir, load_options(f));
   const int64_t ctx_tokens = context_for(f, model, 0, 0);
-  Session session(model, ctx_tokens);
+  Session session(model, ctx_tokens, f.has("max-kv-size"));
   DraftModel draft = load_draft(f, *ctx, model, ctx_tokens);
   // Where the conversation starts (and /reset returns): a system message, or the conversation a
   // prompt cache holds, its images from --image.
@@ -570,6 +575,7 @@ const char* k_usage =
     "            [--chat-template-kwargs JSON]   (PaliGemma: --prompt is the task prefix, e.g. \"caption en\")\n"
     "            [--draft-model DIR | --lookup-ngram N] [--num-draft-tokens N]   speculative decoding\n"
     "            [--prompt-cache FILE]   start from a cached prompt (vkvlm cache-prompt)\n"
+    "            [--max-kv-size N]   a rotating KV cache of N tokens: generation goes on past it\n"
     "  chat      [--model DIR] [--image PATH]... [--system TEXT] [sampling and drafting options] [--verbose]\n"
     "            interactive, multi-turn; Ctrl-C stops a reply, a second Ctrl-C at the prompt exits\n"
     "  cache-prompt [--model DIR] (--prompt TEXT | --messages FILE) [--image PATH]... --out FILE\n"
@@ -583,6 +589,7 @@ const char* k_usage =
     "            [--ctx N] [--kv-slots N] [--allow-local-files DIR] [--max-images N] [--quantize q4|q8]\n"
     "            [--model-name NAME] [--draft-model DIR | --lookup-ngram N] [--num-draft-tokens N]\n"
     "            [--prompt-cache FILE]   a cached prompt every conversation may start from\n"
+    "            [--max-kv-size N]   rotating KV caches of N tokens instead of --ctx\n"
     "            OpenAI-compatible server\n"
     "  devices   list Vulkan devices with their feature profiles\n"
     "\n"

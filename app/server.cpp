@@ -229,7 +229,8 @@ class Server {
     try {
       ctx_ = std::make_unique<gpu::Context>(gpu::Device::create());
       model_ = std::make_unique<Model>(*ctx_, opt_.model_dir, opt_.load);
-      for (int i = 0; i < opt_.kv_slots; ++i) sessions_.push_back(std::make_unique<Session>(*model_, opt_.context_tokens));
+      for (int i = 0; i < opt_.kv_slots; ++i)
+        sessions_.push_back(std::make_unique<Session>(*model_, opt_.context_tokens, opt_.rotating));
       if (!opt_.prompt_cache.empty()) {
         for (auto& s : sessions_) s->load_prompt_cache(opt_.prompt_cache);
         cache_keys_ = sessions_[0]->cached_keys();
@@ -289,7 +290,8 @@ class Server {
   RequestLimits request_limits() const {
     RequestLimits l;
     l.max_images = opt_.max_images;
-    l.context_tokens = opt_.context_tokens;
+    // A rotating cache answers past its rows: max_tokens may reach four times them.
+    l.context_tokens = opt_.rotating ? 4 * opt_.context_tokens : opt_.context_tokens;
     l.local_root = local_root_;
     l.num_draft_tokens = opt_.num_draft_tokens;
     l.lookup_ngram = opt_.lookup_ngram;
@@ -564,7 +566,8 @@ int run_serve(int argc, char** argv, int first) {
           {{"model", true}, {"model-name", true}, {"host", true}, {"port", true}, {"api-key", true}, {"max-concurrency", true},
            {"ctx", true}, {"kv-slots", true}, {"allow-local-files", true}, {"max-images", true}, {"max-body-mb", true},
            {"quantize", true}, {"metrics-public", false}, {"request-timeout", true}, {"draft-model", true},
-           {"num-draft-tokens", true}, {"lookup-ngram", true}, {"prompt-cache", true}});
+           {"num-draft-tokens", true}, {"lookup-ngram", true}, {"prompt-cache", true},
+           {"max-kv-size", true}});
   Options o;
   o.model_dir = f.has("model") ? f.str("model") : default_model_dir();
   o.model_name = f.str("model-name");
@@ -573,6 +576,11 @@ int run_serve(int argc, char** argv, int first) {
   o.api_key = f.str("api-key");
   o.max_concurrency = int(f.integer("max-concurrency", 16, 1, 1024));
   o.context_tokens = f.integer("ctx", 4096, 16, int64_t(1) << 24);
+  if (f.has("max-kv-size")) {
+    if (f.has("ctx")) throw UsageError("give --ctx or --max-kv-size, not both");
+    o.context_tokens = f.integer("max-kv-size", 0, 16, int64_t(1) << 24);
+    o.rotating = true;
+  }
   o.kv_slots = int(f.integer("kv-slots", 1, 1, 64));
   o.allow_local_files = f.str("allow-local-files");
   o.max_images = int(f.integer("max-images", 8, 0, 256));

@@ -576,6 +576,8 @@ void attention(Recorder& rec, const Mat& q, const Mat& k, const Mat& v, const Ma
   const auto& prof = rec.context().profile();
   const bool rows_path = var.attention == Variant::Attention::Rows ||
                          (var.attention == Variant::Attention::Auto && T <= 4);
+  if (ap.rotating && (!rows_path || ap.window || ap.block || first_row.numel() < index + 2))
+    fail("internal: rotating-cache attention is for the rows path without masks, with a row count beside the row");
 
   // Keys per binding, and how the keys split into partial results.
   const int64_t key_chunk = std::min(rows_per_binding(rec, k), rows_per_binding(rec, v));
@@ -633,7 +635,7 @@ void attention(Recorder& rec, const Mat& q, const Mat& k, const Mat& v, const Ma
       pc = {u32(tn, "T"), u32(H, "H"), u32(HKV, "HKV"), bq.shift, u32(q.stride, "q stride"), bk.shift,
             u32(k.stride, "k stride"), bv.shift, u32(v.stride, "v stride"), bo.shift, u32(out.stride, "o stride"),
             bs.shift + uint32_t(index), u32(j0, "key"), u32(j0 + jn, "key"),
-            (ap.causal ? 1u : 0u) | (partial ? 2u : 0u), u32(ap.window, "window"), ap.scale, u32(part, "part"),
+            (ap.causal && !ap.rotating ? 1u : 0u) | (partial ? 2u : 0u) | (ap.rotating ? 4u : 0u), u32(ap.window, "window"), ap.scale, u32(part, "part"),
             u32(n_parts, "parts"), u32(ap.q_t0 + t0, "q_t0"), u32(ap.T_total, "T_total"), split,
             u32(ap.prefix_end, "prefix_end"), u32(ap.block, "block")};
       std::vector<Binding> b = {bq.binding, bk.binding, bv.binding, bs.binding, bo.binding, bparts};

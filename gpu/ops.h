@@ -102,10 +102,13 @@ struct AttentionParams {
   int64_t q_t0 = 0;        // index of q's first row within the forward pass
   int64_t prefix_end = 0;  // prefix-LM: keys at rows below it are visible to every query (0: none)
   int64_t block = 0;       // block-diagonal: row i sees key j only when i / block == j / block (0: off)
+  // A rotating KV cache (decode, one query row): the keys are the rows [0, first_row[index + 1]),
+  // every one visible, whatever their order (their positions are in their RoPE, not their rows).
+  bool rotating = false;
 };
 // out [T, heads*head_dim] = attention of q [T, heads*head_dim] over keys/values k, v
 // [keys, kv_heads*head_dim] (f16 cache or f32). Query t is at KV row first_row[index] + q_t0 + t;
-// the masks (causal, window, prefix, block) compare KV rows.
+// the masks (causal, window, prefix, block) compare KV rows, except in a rotating cache.
 void attention(Recorder& rec, const Mat& q, const Mat& k, const Mat& v, const Mat& out, const Tensor& first_row,
                int index, const AttentionParams& params, const Variant& var = {});
 

@@ -127,6 +127,11 @@ void LanguageModel::forward(gpu::Recorder& rec, const KvCache& cache, const Mat&
   ap.scale = float(1.0 / std::sqrt(double(D)));
   ap.T_total = T;
   ap.prefix_end = rows.prefix_end;
+  if (rows.rotating) {  // mlx-lm's RotatingKVCache: no window mask, the kept rows stay visible
+    if (T != 1) fail("internal: a rotating cache decodes one row at a time");
+    ap.rotating = true;
+    ap.window = 0;
+  }
   gpu::Variant var;
   if (rows.as_decode_steps) {
     var.matmul = gpu::Variant::Matmul::Gemv;

@@ -43,6 +43,9 @@ struct ForwardRows {
   // Compute each row exactly as a one-row decode step does (the GEMV and the per-row attention
   // kernels whatever the row count), so that speculative verification reproduces decoding.
   bool as_decode_steps = false;
+  // A rotating KV cache's decode step: the token attends to every row written so far, element
+  // kv_row_index + 1 of kv_row counting them (rows hold tokens out of order once it wrapped).
+  bool rotating = false;
 };
 
 class LanguageModel {

@@ -335,15 +335,21 @@ void check_draft_model(const Model& target, const Model& draft) {
            " in the model: a draft must share the model's vocabulary", names());
 }
 
-Session::Session(Model& model, int64_t context_tokens) : model_(model), ctx_(model.context()) {
+Session::Session(Model& model, int64_t context_tokens, bool rotating)
+    : model_(model), ctx_(model.context()), rotating_(rotating) {
   const auto& t = model.config().text;
   if (context_tokens < 2 || context_tokens > (int64_t(1) << 30))
     fail("the context must hold between 2 and 2^30 tokens, not ", context_tokens);
+  if (rotating && context_tokens <= kRotatingKeep + 1)
+    fail("a rotating KV cache needs more than ", kRotatingKeep + 1, " rows, not ", context_tokens);
+  if (rotating && t.sliding_window > 0 && context_tokens > t.sliding_window)
+    fail("a rotating KV cache of ", context_tokens, " rows is larger than the model's sliding window of ", t.sliding_window,
+         " tokens; use at most that");
   // Like the reference, positions past max_position_embeddings are allowed (RoPE extends to
   // them); the CLI warns when a context goes beyond what the model was trained for.
   capacity_ = context_tokens;
   cache_ = KvCache::create(ctx_, t, capacity_);
-  kv_row_ = ctx_.host_tensor(gpu::DType::I32, {1}, "kv row", gpu::MemoryKind::Upload);
+  kv_row_ = ctx_.host_tensor(gpu::DType::I32, {2}, "kv row", gpu::MemoryKind::Upload);
   positions_ = ctx_.host_tensor(gpu::DType::I32, {1, t.rope.positions_per_token()}, "positions", gpu::MemoryKind::Upload);
   token_ = ctx_.host_tensor(gpu::DType::I32, {1}, "token", gpu::MemoryKind::Upload);
   logits_ = ctx_.tensor(gpu::DType::F32, {1, t.vocab_size}, "logits");
@@ -353,6 +359,7 @@ Session::Session(Model& model, int64_t context_tokens) : model_(model), ctx_(mod
 Session::~Session() = default;
 
 void Session::reset() {
+  wrapped_ = false;
   cached_keys_.clear();
   cached_prefix_end_ = 0;
   drafting_.reset();
@@ -427,8 +434,8 @@ Session::Prepared Session::prepare(const Prompt& prompt, const CancelCheck& canc
   const int64_t N = prompt.size();
   if (N == 0) fail("the prompt is empty");
   if (N >= capacity_)
-    fail("the prompt is ", N, " tokens long, which does not fit the context of ", capacity_,
-         " tokens (raise the context size, e.g. --ctx)");
+    fail("the prompt is ", N, " tokens long, which does not fit the ", rotating_ ? "rotating KV cache" : "context", " of ",
+         capacity_, " tokens (raise ", rotating_ ? "--max-kv-size" : "the context size, e.g. --ctx", ")");
   const int comps = model_.config().text.rope.positions_per_token();
   if (prompt.keys.size() != prompt.ids.size() || prompt.position_components != comps ||
       prompt.positions.size() != prompt.ids.size() * size_t(comps) || prompt.prefix_end < 0 || prompt.prefix_end > N)
@@ -464,6 +471,7 @@ Session::Prepared Session::prepare(const Prompt& prompt, const CancelCheck& canc
   // A bidirectional prefix is only whole or nothing; causal rows are kept as far as they got.
   const int64_t kept = reached < N && prompt.prefix_end > 0 ? 0 : reached;
   cached_keys_.assign(prompt.keys.begin(), prompt.keys.begin() + kept);
+  wrapped_ = false;  // the rows follow the conversation again
   cached_prefix_end_ = kept ? prompt.prefix_end : 0;
   p.cancelled = reached < N;
   p.prefill_seconds = seconds_since(t0);
@@ -531,6 +539,7 @@ std::unique_ptr<Session::DecodeGraphs> Session::record_graphs(const Prompt& prom
   ForwardRows rows;
   rows.kv_row = kv_row_;
   rows.positions = positions_;
+  rows.rotating = rotating_;
   Mat logits = Mat::of(logits_);
   lm.forward(*g.step, cache_, x, rows, rope_table_, &logits);
   record_tail(*g.step);
@@ -627,13 +636,18 @@ std::vector<float> Session::draft_logits(const std::vector<int32_t>& tokens) {
 void Session::feed(DecodeGraphs& g, int32_t token, int64_t row, int64_t position) {
   note_seen(g, token);
   if (position > int64_t(INT32_MAX)) fail("RoPE position ", position, " does not fit 32 bits");
-  const int32_t r = int32_t(row);
+  // The row this token takes, and how many rows the step sees (all written so far).
+  const int32_t r[2] = {int32_t(physical_row(row)), int32_t(std::min(row + 1, capacity_))};
   std::vector<int32_t> pos(size_t(model_.config().text.rope.positions_per_token()), int32_t(position));
   ctx_.upload(token_, &token, 4);
-  ctx_.upload(kv_row_, &r, 4);
+  ctx_.upload(kv_row_, r, 8);
   ctx_.upload(positions_, pos.data(), pos.size() * 4);
   g.step->replay();
-  cached_keys_.push_back(text_key(token));
+  if (row >= capacity_) {  // a rotating cache wrapped: its rows no longer follow the conversation
+    wrapped_ = true;
+    cached_keys_.clear();
+  }
+  if (!wrapped_) cached_keys_.push_back(text_key(token));
 }
 
 void Session::switch_to_long_factors(const Prompt& prompt, const std::vector<int32_t>& generated,
@@ -709,6 +723,8 @@ GenerationResult Session::generate(const Prompt& prompt, const GenerationParams&
     return res;
   }
 
+  // A rotating cache's positions go on past its rows: the RoPE table covers the whole answer.
+  if (rotating_) ensure_rope(rope_long_, prompt.next_position + int64_t(params.max_tokens) + 1);
   auto graphs = record_graphs(prompt, params);
   Sampler sampler(params.sampling);
   TextStream stream(model_.tokenizer(), params.stop);
@@ -725,7 +741,7 @@ GenerationResult Session::generate(const Prompt& prompt, const GenerationParams&
     const int32_t token = out.token;
     res.tokens.push_back(token);
     const bool is_eos = eos.count(token) && !params.ignore_eos;
-    const bool last = int64_t(res.tokens.size()) >= params.max_tokens || row + 1 >= capacity_;
+    const bool last = int64_t(res.tokens.size()) >= params.max_tokens || (!rotating_ && row + 1 >= capacity_);
     TextStream::Piece piece = stream.push(is_eos ? std::nullopt : std::optional<int32_t>(token), is_eos || last);
     out.text = piece.text;
     const bool keep_going = on_step ? on_step(out) : true;
@@ -744,7 +760,11 @@ GenerationResult Session::generate(const Prompt& prompt, const GenerationParams&
   // Feeds the token the last step chose, one row, switching to Phi-3's long RoPE factors when
   // the conversation crosses them (which recomputes the cache and re-records the graphs).
   auto feed_one = [&](int32_t token) {
-    if (rope.uses_long_factors(row + 1) != rope_long_) {
+    if (rope.uses_long_factors(row + 1) != rope_long_ && row + 1 >= capacity_) {
+      // A rotating cache past its rows cannot be recomputed: new tokens take the long factors
+      // (as mlx-lm does), the kept rows stay as they were computed.
+      ensure_rope(true, rope_positions_);
+    } else if (rope.uses_long_factors(row + 1) != rope_long_) {
       switch_to_long_factors(prompt, res.tokens, prep.features);
       graphs = record_graphs(prompt, params);
       row = N + int64_t(res.tokens.size());

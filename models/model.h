@@ -157,8 +157,12 @@ void check_draft_model(const Model& target, const Model& draft);
 
 class Session {
  public:
-  // A conversation with a KV cache of `context_tokens` rows.
-  Session(Model& model, int64_t context_tokens);
+  // A conversation with a KV cache of `context_tokens` rows. Rotating (mlx-lm's
+  // RotatingKVCache, --max-kv-size): once the rows are full, generation goes on, each new token
+  // taking the row of the oldest one after the first `kRotatingKeep`; until then nothing differs.
+  // The prompt must fit; a conversation that wrapped is recomputed on the next turn.
+  Session(Model& model, int64_t context_tokens, bool rotating = false);
+  static constexpr int64_t kRotatingKeep = 4;
   ~Session();
 
   int64_t context_tokens() const { return capacity_; }
@@ -236,6 +240,12 @@ class Session {
   Model& model_;
   gpu::Context& ctx_;
   int64_t capacity_ = 0;
+  bool rotating_ = false;
+  bool wrapped_ = false;           // rotating: rows were overwritten (no reuse by key)
+  // The KV row of a conversation's i-th token (i itself unless the cache rotates).
+  int64_t physical_row(int64_t i) const {
+    return !rotating_ || i < capacity_ ? i : kRotatingKeep + (i - kRotatingKeep) % (capacity_ - kRotatingKeep);
+  }
   std::unique_ptr<Drafting> drafting_;  // while this session drafts for another
   KvCache cache_;
   std::vector<uint64_t> cached_keys_;
@@ -243,7 +253,8 @@ class Session {
   bool rope_long_ = false;
   int64_t rope_positions_ = 0;     // positions rope_table_ covers
   gpu::Tensor rope_table_;         // f32 [rope_positions_, rot/2, 2] for the current factors
-  gpu::Tensor kv_row_;             // i32 [1], host-visible: the KV row of a decode step's token
+  gpu::Tensor kv_row_;             // i32 [2], host-visible: the KV row of a decode step's token,
+                                   // and (rotating) the rows written
   gpu::Tensor positions_;          // i32 [1, components], host-visible: its RoPE position(s)
   gpu::Tensor token_;              // i32 [1], host-visible: the token a decode step embeds
   gpu::Tensor logits_;             // f32 [1, vocab]

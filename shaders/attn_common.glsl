@@ -14,7 +14,8 @@ layout(push_constant) uniform Params {
   uint o_off, o_stride;
   uint row_off;
   uint key_begin, key_end;
-  uint flags;  // 1: causal, 2: write partial (acc, max, sum) instead of the output
+  uint flags;  // 1: causal, 2: write partial (acc, max, sum) instead of the output, 4: rotating
+              // cache (keys are a set: rows below first_row[row_off + 1] are all visible; no mask)
   uint window;  // sliding window: key j is visible from row i when i - j < window (0: off)
   float scale;
   uint part_index, n_parts;

@@ -26,10 +26,16 @@ void main() {
   const uint first = uint(first_row[p.row_off]);
   const uint row = first + p.q_t0 + t;
 
-  // The visible keys of one query are contiguous: no per-key mask is needed.
+  // The visible keys of one query are contiguous: no per-key mask is needed. In a rotating
+  // cache (decode only) they are every row written so far, in no order.
   uint kb = p.key_begin + split * p.split_size;
-  uint ke = min(min(kb + p.split_size, p.key_end), first + p.T_total);
-  visible_range(row, row, kb, ke);
+  uint ke = min(kb + p.split_size, p.key_end);
+  if ((p.flags & 4u) != 0u) {
+    ke = min(ke, uint(first_row[p.row_off + 1]));
+  } else {
+    ke = min(ke, first + p.T_total);
+    visible_range(row, row, kb, ke);
+  }
 
   for (uint d = tid; d < D; d += WG) q_sh[d] = qs[p.q_off + t * p.q_stride + h * D + d] * p.scale;
   barrier();

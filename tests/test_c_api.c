@@ -135,6 +135,23 @@ int main(void) {
   vkvlm_session_free(resumed);
   remove(cache);
 
+  /* A rotating session answers past its size. */
+  vkvlm_session* rot = vkvlm_session_new_rotating(e, 24, &err);
+  CHECK(rot, "rotating session: %s", err ? err : "");
+  vkvlm_params long_answer;
+  vkvlm_params_default(&long_answer);
+  long_answer.max_tokens = 30;
+  rc = vkvlm_generate(rot, "[{\"role\":\"user\",\"content\":\"Hi\"}]", NULL, NULL, 0, &long_answer, NULL, NULL, NULL, &err);
+  CHECK(rc == 0, "rotating generate: %s", err ? err : "");
+  vkvlm_session_stats(rot, &st);
+  CHECK(st.completion_tokens > 0 && st.prompt_tokens > 0, "a rotating cache of 24 ran %lld + %lld tokens",
+        (long long)st.prompt_tokens, (long long)st.completion_tokens);
+  CHECK(vkvlm_session_new_rotating(e, 3, &err) == NULL && err && strstr(err, "rotating"), "a rotating cache of 3 rows is refused (%s)",
+        err ? err : "");
+  vkvlm_free(err);
+  err = NULL;
+  vkvlm_session_free(rot);
+
   free(png);
   vkvlm_session_free(s);
   vkvlm_engine_free(e);

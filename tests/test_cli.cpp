@@ -132,6 +132,28 @@ TEST(Cli, DraftsChangeNothingButTheCounts) {
   EXPECT_LE(lookup["accepted_tokens"].get<int>(), lookup["draft_tokens"].get<int>());
 }
 
+// --max-kv-size: a rotating cache lets the answer run past it (a plain context of that size
+// stops there), and begins as the plain cache does.
+TEST(Cli, RotatingCacheAnswersPastItsSize) {
+  const std::vector<std::string> base = {"generate", "--prompt", "What color is the square?", "--max-tokens", "30",
+                                         "--ignore-eos", "--json"};
+  auto run = [&](std::vector<std::string> extra) {
+    std::vector<std::string> args = base;
+    args.insert(args.end(), extra.begin(), extra.end());
+    CliRun r = vkvlm(args);
+    EXPECT_EQ(r.rc, 0) << r.err;
+    return r.rc == 0 ? nlohmann::json::parse(r.out) : nlohmann::json::object();
+  };
+  const auto plain = run({"--ctx", "24"});
+  const auto rotating = run({"--max-kv-size", "24"});
+  const size_t prompt = rotating["prompt_tokens"].size();
+  ASSERT_LT(prompt, 20u);
+  EXPECT_EQ(plain["tokens"].size(), 24 - prompt) << "a plain context stops at its size";
+  EXPECT_EQ(rotating["tokens"].size(), 30u);
+  EXPECT_EQ(rotating["finish_reason"], "length");
+  for (size_t i = 0; i < plain["tokens"].size(); ++i) EXPECT_EQ(rotating["tokens"][i], plain["tokens"][i]) << i;
+}
+
 TEST(Cli, PromptWithImageOnPhi3VisionMatchesTheReferencePrompt) {
   const std::string model = fixtures_dir() + "/phi3v-long-bf16";
   CliRun r = vkvlm({"generate", "--model", model, "--image", fixtures_dir() + "/images/astronaut.png", "--prompt",
@@ -603,6 +625,9 @@ TEST(Cli, WrongInputsGetOneClearLine) {
       {{"frobnicate"}, 2, {"unknown command 'frobnicate'"}},
       {{"generate", "--prompt", "x", "--draft-model", k_demo, "--lookup-ngram", "2"}, 2, {"--draft-model", "--lookup-ngram"}},
       {{"generate", "--prompt", "x", "--num-draft-tokens", "0"}, 2, {"--num-draft-tokens"}},
+      {{"generate", "--prompt", "x", "--ctx", "64", "--max-kv-size", "32"}, 2, {"--ctx", "--max-kv-size"}},
+      {{"generate", "--prompt", "Describe every shape and every colour in great detail.", "--max-kv-size", "8"}, 1,
+       {"rotating KV cache of 8", "--max-kv-size"}},
       {{"generate", "--prompt", "x", "--lookup-ngram", "17"}, 2, {"--lookup-ngram"}},
       {{"generate", "--prompt", "x", "--draft-model", fixtures_dir() + "/qwen2vl-bf16"}, 1, {"draft", "vocabulary", "qwen2vl-bf16"}},
   };

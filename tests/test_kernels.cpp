@@ -313,6 +313,7 @@ struct AttnCase {
   Variant::Attention path;
   uint32_t keys_per_split;
   int64_t prefix_end = 0, block = 0;
+  int64_t rotating_rows = 0;  // a rotating cache of this many written rows: all visible (0: off)
 };
 
 std::string attn_name(const testing::TestParamInfo<AttnCase>& info) {
@@ -324,6 +325,7 @@ std::string attn_name(const testing::TestParamInfo<AttnCase>& info) {
   if (c.keys_per_split) os << "_split" << c.keys_per_split;
   if (c.prefix_end) os << "_prefix" << c.prefix_end;
   if (c.block) os << "_block" << c.block;
+  if (c.rotating_rows) os << "_rotating" << c.rotating_rows;
   return os.str();
 }
 
@@ -352,8 +354,9 @@ TEST_P(AttentionTest, CacheMatchesReference) {
       const int64_t pos = c.n_past + t;
       std::vector<double> s;
       std::vector<int64_t> js;
-      for (int64_t j = 0; j < c.n_past + c.T; ++j) {
-        if (c.causal && j > pos && j >= c.prefix_end) continue;  // prefix-LM: the prefix is seen whole
+      for (int64_t j = 0; j < (c.rotating_rows ? c.rotating_rows : c.n_past + c.T); ++j) {
+        if (c.rotating_rows) {  // a rotating cache: every written row, older or newer
+        } else if (c.causal && j > pos && j >= c.prefix_end) continue;  // prefix-LM: the prefix is seen whole
         if (c.window && pos - j >= c.window) continue;
         if (c.block && j / c.block != pos / c.block) continue;  // block-diagonal
         double d = 0;
@@ -371,7 +374,7 @@ TEST_P(AttentionTest, CacheMatchesReference) {
     }
 
   Tensor q = upload_f32(qv, {c.T, qd}), knew = upload_f32(kn, {c.T, kvd}), vnew = upload_f32(vn, {c.T, kvd});
-  Tensor step = upload_i32({int32_t(c.n_past)}, "step");
+  Tensor step = upload_i32({int32_t(c.n_past), int32_t(c.rotating_rows)}, "step");
   gpu::AttentionParams ap;
   ap.heads = c.H;
   ap.kv_heads = c.HKV;
@@ -382,6 +385,7 @@ TEST_P(AttentionTest, CacheMatchesReference) {
   ap.T_total = c.T;
   ap.prefix_end = c.prefix_end;
   ap.block = c.block;
+  ap.rotating = c.rotating_rows > 0;
   for (bool sg : subgroup_settings()) {
     Tensor kcache = upload_f16(kold, {cap, kvd}), vcache = upload_f16(vold, {cap, kvd});
     Tensor out = poisoned_f32({c.T, qd});
@@ -422,6 +426,11 @@ std::vector<AttnCase> attn_cases() {
     out.push_back({37, 0, 2, 2, 64, false, 0, path, 0, 0, 12});
   }
   out.push_back({40, 0, 2, 1, 64, true, 0, Variant::Attention::Rows, 16, 29});
+  // A rotating cache, decoding at row 5 of a full cache (rows after it hold older tokens), and
+  // split over workgroups; and before it filled (written rows only).
+  out.push_back({1, 5, 4, 2, 64, true, 0, Variant::Attention::Rows, 0, 0, 0, 15});
+  out.push_back({1, 3, 2, 1, 128, true, 0, Variant::Attention::Rows, 4, 0, 0, 13});
+  out.push_back({1, 6, 2, 2, 80, true, 0, Variant::Attention::Rows, 0, 0, 0, 7});
   return out;
 }
 

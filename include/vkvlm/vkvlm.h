@@ -67,6 +67,9 @@ void vkvlm_engine_free(vkvlm_engine* engine);
 int vkvlm_engine_set_draft(vkvlm_engine* engine, const char* draft_model_dir, const char* quantize, char** error);
 
 vkvlm_session* vkvlm_session_new(vkvlm_engine* engine, int64_t context_tokens, char** error);
+/* A session whose KV cache of max_kv_size tokens rotates: generation goes on past it, keeping
+ * the first 4 tokens and the most recent ones; identical to vkvlm_session_new until it fills. */
+vkvlm_session* vkvlm_session_new_rotating(vkvlm_engine* engine, int64_t max_kv_size, char** error);
 void vkvlm_session_free(vkvlm_session* session);
 
 /* messages_json: a JSON array of {"role", "content"} messages; content is a string or a list of

@@ -108,7 +108,9 @@ class Engine {
 // previous one computed.
 class Chat {
  public:
-  Chat(Engine& engine, int64_t context_tokens);
+  // rotating: a cache of context_tokens rows that generation goes on past, keeping the first 4
+  // tokens and the most recent ones (mlx-lm's --max-kv-size); identical until it fills.
+  Chat(Engine& engine, int64_t context_tokens, bool rotating = false);
   ~Chat();
   Chat(const Chat&) = delete;
   Chat& operator=(const Chat&) = delete;
