@@ -574,3 +574,19 @@ test("--prompt-cache: every conversation that starts like the cached one continu
   assert.equal(code, 1);
   assert.match(err, /described\.cache.*another model/);
 });
+
+test("--max-kv-size: answers run past the rotating cache", async () => {
+  const s = await startServer(DEMO, ["--max-kv-size", "24"]);
+  try {
+    const messages = [{ role: "user", content: "What color is the square?" }];
+    const r = await s.client.chat.completions.create({ model: "shapes-llava", messages, temperature: 0, max_tokens: 40,
+      ignore_eos: true });
+    assert.equal(r.usage.completion_tokens, 40);
+    assert.ok(r.usage.prompt_tokens + r.usage.completion_tokens > 24);
+    assert.equal(r.choices[0].finish_reason, "length");
+    const want = generate(DEMO, messages, ["--max-kv-size", "24", "--max-tokens", "40", "--ignore-eos"]);
+    assert.equal(r.choices[0].message.content, want.text);
+  } finally {
+    await stopServer(s);
+  }
+});
