@@ -191,16 +191,34 @@ void report_cache_use(int64_t cache_rows, const GenerationResult& r) {
                  (long long)r.cached_tokens, (long long)cache_rows);
 }
 
+// The model and the conversation that generate and cache-prompt take from their flags (the
+// context first, so that it outlives the model).
+struct ModelAndConversation {
+  nlohmann::json vars;
+  Messages messages;
+  std::vector<Image> images;
+  std::unique_ptr<gpu::Context> ctx;
+  std::unique_ptr<Model> model;
+};
+ModelAndConversation load_model_and_conversation(const Flags& f) {
+  ModelAndConversation m;
+  const std::string dir = f.has("model") ? f.str("model") : default_model_dir();
+  m.vars = template_vars(f);
+  load_conversation(f, load_model_config(dir), m.messages, m.images);
+  m.ctx = make_context();
+  m.model = std::make_unique<Model>(*m.ctx, dir, load_options(f));
+  return m;
+}
+
 int cmd_generate(int argc, char** argv) {
   Flags f(argc, argv, 2, k_generate_flags);
   GenerationParams params = generation_params(f);
-  const std::string dir = f.has("model") ? f.str("model") : default_model_dir();
-  const nlohmann::json vars = template_vars(f);
-  Messages messages;
-  std::vector<Image> images;
-  load_conversation(f, load_model_config(dir), messages, images);
-  auto ctx = make_context();
-  Model model(*ctx, dir, load_options(f));
+  ModelAndConversation mc = load_model_and_conversation(f);
+  const nlohmann::json& vars = mc.vars;
+  const Messages& messages = mc.messages;
+  const std::vector<Image>& images = mc.images;
+  auto& ctx = mc.ctx;
+  Model& model = *mc.model;
   Prompt prompt = model.build_prompt(messages, images, vars);
   const int64_t context_tokens = context_for(f, model, int64_t(prompt.ids.size()), params.max_tokens);
   Session session(model, context_tokens, f.has("max-kv-size"));
@@ -268,14 +286,11 @@ int cmd_cache_prompt(int argc, char** argv) {
           {{"model", true}, {"prompt", true}, {"messages", true}, {"image", true}, {"out", true}, {"ctx", true},
            {"quantize", true}, {"chat-template-kwargs", true}});
   if (!f.has("out")) throw UsageError("cache-prompt needs --out FILE");
-  const std::string dir = f.has("model") ? f.str("model") : default_model_dir();
-  const nlohmann::json vars = template_vars(f);
-  Messages messages;
-  std::vector<Image> images;
-  load_conversation(f, load_model_config(dir), messages, images);
-  auto ctx = make_context();
-  Model model(*ctx, dir, load_options(f));
-  const Prompt prompt = model.build_cacheable_prompt(messages, images, vars);
+  ModelAndConversation mc = load_model_and_conversation(f);
+  Model& model = *mc.model;
+  const nlohmann::json& vars = mc.vars;
+  const Messages& messages = mc.messages;
+  const Prompt prompt = model.build_cacheable_prompt(messages, mc.images, vars);
   const int64_t context_tokens = f.has("ctx") ? f.integer("ctx", 0, 2, int64_t(1) << 24) : prompt.size() + 1;
   Session session(model, context_tokens);
   const auto t0 = std::chrono::steady_clock::now();
