@@ -32,6 +32,7 @@
 #include "base/files.h"
 #include "app/flags.h"
 #include "host/chat_template.h"
+#include "host/hub_cache.h"
 #include "host/image.h"
 #include "host/jinja.h"
 #include "app/server.h"
@@ -42,6 +43,9 @@ namespace fs = std::filesystem;
 using namespace vkvlm;
 
 namespace {
+
+// --model: a folder or a Hugging Face repo id in the local cache; without it, the demo model.
+std::string model_folder(const Flags& f) { return f.has("model") ? resolve_model_folder(f.str("model")) : default_model_dir(); }
 
 std::unique_ptr<gpu::Context> make_context() { return std::make_unique<gpu::Context>(gpu::Device::create()); }
 
@@ -147,7 +151,7 @@ struct DraftModel {
 DraftModel load_draft(const Flags& f, gpu::Context& ctx, const Model& target, int64_t context_tokens) {
   DraftModel d;
   if (!f.has("draft-model")) return d;
-  d.model = std::make_unique<Model>(ctx, f.str("draft-model"), load_options(f));
+  d.model = std::make_unique<Model>(ctx, resolve_model_folder(f.str("draft-model")), load_options(f));
   check_draft_model(target, *d.model);
   d.session = std::make_unique<Session>(*d.model, context_tokens);
   return d;
@@ -202,7 +206,7 @@ struct ModelAndConversation {
 };
 ModelAndConversation load_model_and_conversation(const Flags& f) {
   ModelAndConversation m;
-  const std::string dir = f.has("model") ? f.str("model") : default_model_dir();
+  const std::string dir = model_folder(f);
   m.vars = template_vars(f);
   load_conversation(f, load_model_config(dir), m.messages, m.images);
   m.ctx = make_context();
@@ -385,7 +389,7 @@ int cmd_chat(int argc, char** argv) {
   Flags f(argc, argv, 2, flags);
   GenerationParams params = generation_params(f);
   const nlohmann::json vars = template_vars(f);
-  const std::string dir = f.has("model") ? f.str("model") : default_model_dir();
+  const std::string dir = model_folder(f);
   auto ctx = make_context();
   Model model(*ctx, dir, load_options(f));
   const int64_t ctx_tokens = context_for(f, model, 0, 0);
@@ -500,9 +504,8 @@ int cmd_chat(int argc, char** argv) {
 int cmd_tokenize(int argc, char** argv) {
   Flags f(argc, argv, 2, {{"model", true}, {"tokenizer", true}, {"text", true}, {"no-special", false}, {"json", false}});
   if (f.has("model") == f.has("tokenizer")) throw UsageError("give exactly one of --model DIR and --tokenizer FILE");
-  std::string path = f.has("tokenizer") ? f.str("tokenizer") : (fs::path(f.str("model")) / "tokenizer.json").string();
+  std::string path = f.has("tokenizer") ? f.str("tokenizer") : (fs::path(model_folder(f)) / "tokenizer.json").string();
   std::error_code ec;
-  if (f.has("model") && !fs::is_directory(f.str("model"), ec)) throw Error("model folder " + f.str("model") + " does not exist");
   if (!fs::exists(path, ec)) throw Error("tokenizer " + path + " does not exist");
   Tokenizer tok = Tokenizer::from_file(path);
   std::string text;
@@ -547,7 +550,7 @@ int cmd_render_template(int argc, char** argv) {
     text = tmpl.render(vars);
   } else {
     if (!f.has("messages")) throw UsageError("give either --model DIR --messages FILE [--tools FILE] [--no-generation-prompt] or --template FILE --context FILE");
-    const std::string dir = f.has("model") ? f.str("model") : default_model_dir();
+    const std::string dir = model_folder(f);
     const ChatTemplate chat = ChatTemplate::from_model_dir(dir);
     const Messages messages = read_messages_file(f.str("messages"));
     Messages vars = Messages(template_vars(f));
@@ -565,7 +568,7 @@ int cmd_render_template(int argc, char** argv) {
 
 int cmd_info(int argc, char** argv) {
   Flags f(argc, argv, 2, {{"model", true}, {"ctx", true}, {"quantize", true}});
-  const std::string dir = f.has("model") ? f.str("model") : default_model_dir();
+  const std::string dir = model_folder(f);
   auto ctx = make_context();
   Model model(*ctx, dir, load_options(f));
   const int64_t ctx_tokens = context_for(f, model, 0, 0);

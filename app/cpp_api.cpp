@@ -9,6 +9,7 @@
 #include "base/files.h"
 #include "gpu/context.h"
 #include "gpu/device.h"
+#include "host/hub_cache.h"
 #include "models/model.h"
 
 namespace vkvlm {
@@ -37,12 +38,12 @@ LoadOptions load_options(const EngineOptions& o) {
 }  // namespace
 
 void Engine::Impl::load(const std::string& model_dir, const EngineOptions& options) {
-  model = std::make_unique<Model>(*ctx, model_dir, load_options(options));
+  model = std::make_unique<Model>(*ctx, resolve_model_folder(model_dir), load_options(options));
   if (!options.draft_model.empty()) load_draft(options.draft_model, options);
 }
 
 void Engine::Impl::load_draft(const std::string& dir, const EngineOptions& options) {
-  auto d = std::make_unique<Model>(*ctx, dir, load_options(options));
+  auto d = std::make_unique<Model>(*ctx, resolve_model_folder(dir), load_options(options));
   check_draft_model(*model, *d);
   draft = std::move(d);
 }

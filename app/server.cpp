@@ -25,6 +25,7 @@
 #include "base/files.h"
 #include "gpu/device.h"
 #include "gpu/error.h"
+#include "host/hub_cache.h"
 #include "host/image.h"
 #include "models/model.h"
 
@@ -569,8 +570,10 @@ int run_serve(int argc, char** argv, int first) {
            {"num-draft-tokens", true}, {"lookup-ngram", true}, {"prompt-cache", true},
            {"max-kv-size", true}});
   Options o;
-  o.model_dir = f.has("model") ? f.str("model") : default_model_dir();
+  // A folder, or a repo id found in the Hugging Face cache: then clients see the repo id.
+  o.model_dir = f.has("model") ? resolve_model_folder(f.str("model")) : default_model_dir();
   o.model_name = f.str("model-name");
+  if (o.model_name.empty() && f.has("model") && o.model_dir != f.str("model")) o.model_name = f.str("model");
   o.host = f.str("host", "127.0.0.1");
   o.port = int(f.integer("port", 8080, 1, 65535));
   o.api_key = f.str("api-key");
@@ -587,7 +590,7 @@ int run_serve(int argc, char** argv, int first) {
   o.max_body_bytes = size_t(f.integer("max-body-mb", 64, 1, 4096)) << 20;
   o.metrics_public = f.has("metrics-public");
   o.request_seconds = double(f.integer("request-timeout", 30, 1, 3600));
-  o.draft_model_dir = f.str("draft-model");
+  o.draft_model_dir = f.has("draft-model") ? resolve_model_folder(f.str("draft-model")) : "";
   o.prompt_cache = f.str("prompt-cache");
   o.num_draft_tokens = int(f.integer("num-draft-tokens", 3, 1, 16));
   o.lookup_ngram = int(f.integer("lookup-ngram", 0, 0, 16));

@@ -51,8 +51,9 @@ std::string slurp(const std::string& path) {
   return std::string(std::istreambuf_iterator<char>(in), {});
 }
 
-CliRun vkvlm(const std::vector<std::string>& args, const std::string& stdin_data = "") {
-  std::string cmd = quote(VKVLM_CLI);
+// env: "NAME=value " assignments put before the command.
+CliRun vkvlm(const std::vector<std::string>& args, const std::string& stdin_data = "", const std::string& env = "") {
+  std::string cmd = env + quote(VKVLM_CLI);
   for (auto& a : args) {
     cmd += ' ';
     cmd += quote(a);
@@ -152,6 +153,32 @@ TEST(Cli, RotatingCacheAnswersPastItsSize) {
   EXPECT_EQ(rotating["tokens"].size(), 30u);
   EXPECT_EQ(rotating["finish_reason"], "length");
   for (size_t i = 0; i < plain["tokens"].size(); ++i) EXPECT_EQ(rotating["tokens"][i], plain["tokens"][i]) << i;
+}
+
+// A model named by its Hugging Face repo id, from a Hugging Face cache (HF_HUB_CACHE) whose
+// snapshot links into blobs/ as huggingface_hub lays it out.
+TEST(Cli, RepoIdsComeFromTheHuggingFaceCache) {
+  const fs::path root = tmp("hub");
+  const fs::path repo = root / "models--vkvlm--shapes-llava";
+  const std::string commit = "c0ffee0000000000000000000000000000000001";
+  fs::create_directories(repo / "blobs");
+  fs::create_directories(repo / "refs");
+  fs::create_directories(repo / "snapshots" / commit);
+  for (const auto& e : fs::directory_iterator(k_demo)) {
+    if (!e.is_regular_file()) continue;
+    const std::string blob = "blob-" + e.path().filename().string();
+    fs::copy_file(e.path(), repo / "blobs" / blob, fs::copy_options::overwrite_existing);
+    fs::create_symlink("../../blobs/" + blob, repo / "snapshots" / commit / e.path().filename());
+  }
+  std::ofstream(repo / "refs" / "main") << commit;
+  const std::string env = "HF_HUB_CACHE=" + root.string() + " ";
+  CliRun r = vkvlm({"generate", "--model", "vkvlm/shapes-llava", "--image", k_demo + "/examples/shapes_0.png", "--prompt",
+                    "Where is the orange square?"}, "", env);
+  ASSERT_EQ(r.rc, 0) << r.err;
+  EXPECT_EQ(r.out, "It is on the right.\n");
+  CliRun missing = vkvlm({"generate", "--model", "vkvlm/absent-model", "--prompt", "x"}, "", env);
+  EXPECT_EQ(missing.rc, 1);
+  EXPECT_NE(missing.err.find("models--vkvlm--absent-model"), std::string::npos) << missing.err;
 }
 
 TEST(Cli, PromptWithImageOnPhi3VisionMatchesTheReferencePrompt) {

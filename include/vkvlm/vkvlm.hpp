@@ -79,7 +79,8 @@ struct Result {
 // Called for each generated token; return false to stop ("cancelled").
 using OnStep = std::function<bool(const Step&)>;
 
-// A device and a model loaded on it (a Hugging Face or mlx-community checkpoint folder).
+// A device and a model loaded on it: a Hugging Face or mlx-community checkpoint folder, or a
+// repo id (ORG/NAME[@REVISION]) already in the local Hugging Face cache.
 class Engine {
  public:
   static std::unique_ptr<Engine> load(const std::string& model_dir, const EngineOptions& options = {});
