@@ -1,8 +1,13 @@
 #pragma once
+#include <cstdlib>
 #include <string>
 
 namespace vkvlm::test {
-// tests/data/fixtures in the source tree (set by CMake).
-inline std::string fixtures_dir() { return VKVLM_TEST_DATA "/fixtures"; }
-inline std::string test_data_dir() { return VKVLM_TEST_DATA; }
+// tests/data in the source tree (set by CMake), or $VKVLM_TEST_DATA where the binaries run away
+// from it (scripts/gpu-check carries a subset of the fixtures to a GPU machine).
+inline std::string test_data_dir() {
+  const char* env = std::getenv("VKVLM_TEST_DATA");
+  return env && *env ? std::string(env) : std::string(VKVLM_TEST_DATA);
+}
+inline std::string fixtures_dir() { return test_data_dir() + "/fixtures"; }
 }  // namespace vkvlm::test
