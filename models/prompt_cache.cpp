@@ -9,14 +9,13 @@
 
 #include "base/error.h"
 #include "gpu/context.h"
+#include "host/prompt_cache_file.h"
 #include "host/safetensors.h"
 #include "models/model.h"
 
 namespace vkvlm {
 namespace {
 
-constexpr const char* k_format = "vkvlm-prompt-cache";
-constexpr const char* k_version = "1";
 constexpr const char* k_kv_dtype = "f16";  // what KvCache stores
 
 std::string layer_name(const char* kv, size_t layer) { return std::string(kv) + "." + std::to_string(layer); }
@@ -48,8 +47,8 @@ int64_t Session::save_prompt_cache(const Prompt& prompt, const std::string& path
   for (size_t i = 0; i < prompt.images.size(); ++i) images << (i ? "," : "") << std::hex << prompt.images[i].hash;
   std::map<std::string, std::string> meta = notes;
   const std::map<std::string, std::string> own = {
-      {"format", k_format},
-      {"version", k_version},
+      {"format", k_prompt_cache_format},
+      {"version", k_prompt_cache_version},
       {"model", model_.config().dir},
       {"model_fingerprint", model_.fingerprint()},
       {"kv_dtype", k_kv_dtype},
@@ -68,78 +67,26 @@ int64_t Session::save_prompt_cache(const Prompt& prompt, const std::string& path
 
 Session::LoadedPromptCache Session::load_prompt_cache(const std::string& path) {
   const SafetensorsFile file(path);  // validated: a truncated or corrupted file throws here
-  const auto& meta = file.metadata();
-  auto field = [&](const char* key) -> std::string {
-    auto it = meta.find(key);
-    if (it == meta.end()) fail("prompt cache ", path, " has no '", key, "' in its metadata");
-    return it->second;
-  };
-  auto number = [&](const char* key, int64_t lo, int64_t hi) {
-    const std::string v = field(key);
-    size_t used = 0;
-    int64_t x = 0;
-    try {
-      x = std::stoll(v, &used);
-    } catch (const std::exception&) {
-      used = 0;
-    }
-    if (used == 0 || used != v.size() || x < lo || x > hi)
-      fail("prompt cache ", path, ": '", key, "' is '", v, "', not a number from ", lo, " to ", hi);
-    return x;
-  };
-  if (meta.count("format") == 0 || meta.at("format") != k_format) fail(path, " is not a vkvlm prompt cache (vkvlm cache-prompt writes them)");
-  if (field("version") != k_version)
-    fail("prompt cache ", path, " has format version ", field("version"), "; this vkvlm reads version ", k_version);
-  if (field("model_fingerprint") != model_.fingerprint())
-    fail("prompt cache ", path, " was made with another model (", field("model"), ", fingerprint ", field("model_fingerprint"),
-         ") than ", model_.config().dir, " (fingerprint ", model_.fingerprint(), ")");
-  if (field("kv_dtype") != k_kv_dtype)
-    fail("prompt cache ", path, " holds a ", field("kv_dtype"), " KV cache; this session's is ", k_kv_dtype);
   const auto& t = model_.config().text;
-  const int64_t width = int64_t(t.num_kv_heads) * t.head_dim;
-  const int64_t layers = number("layers", 1, 1 << 20), cache_width = number("kv_width", 1, int64_t(1) << 30);
-  if (layers != int64_t(cache_.k.size()) || cache_width != width)
-    fail("prompt cache ", path, " has ", layers, " layers of width ", cache_width, "; the model has ", cache_.k.size(),
-         " of width ", width);
-  const int64_t rows = number("rows", 1, int64_t(1) << 30);
-  if (rows >= capacity_)
-    fail("prompt cache ", path, " holds ", rows, " tokens; a context of ", capacity_,
-         " tokens cannot continue it (raise the context size, e.g. --ctx)");
-  const int64_t prefix_end = number("prefix_end", 0, rows);
-  const bool long_factors = number("rope_long_factors", 0, 1) == 1;
-  const int comps = t.rope.positions_per_token();
-  auto tensor = [&](const std::string& name, StDType dtype, std::vector<int64_t> shape) -> const StTensor& {
-    auto it = file.tensors().find(name);
-    if (it == file.tensors().end()) fail("prompt cache ", path, " has no tensor ", name);
-    const StTensor& x = it->second;
-    if (x.dtype != dtype || x.shape != shape) {
-      StTensor want;
-      want.shape = shape;
-      fail("prompt cache ", path, ": tensor ", name, " is ", st_dtype_name(x.dtype), " ", x.shape_string(), ", not ",
-           st_dtype_name(dtype), " ", want.shape_string());
-    }
-    return x;
-  };
-  const StTensor& keys = tensor("keys", StDType::U64, {rows});
-  tensor("ids", StDType::I32, {rows});
-  tensor("positions", StDType::I32, {rows, comps});
-  std::vector<uint64_t> cached(size_t(rows), 0);
-  std::memcpy(cached.data(), keys.data, keys.bytes);
-  // The rows go in only once every tensor has been checked: a bad file leaves the session as it was.
-  std::vector<const StTensor*> kv;
-  for (size_t l = 0; l < cache_.k.size(); ++l) {
-    kv.push_back(&tensor(layer_name("k", l), StDType::F16, {rows, width}));
-    kv.push_back(&tensor(layer_name("v", l), StDType::F16, {rows, width}));
-  }
+  PromptCacheLayout expect;
+  expect.model = model_.config().dir;
+  expect.fingerprint = model_.fingerprint();
+  expect.kv_dtype = k_kv_dtype;
+  expect.layers = int64_t(cache_.k.size());
+  expect.kv_width = int64_t(t.num_kv_heads) * t.head_dim;
+  expect.position_components = t.rope.positions_per_token();
+  expect.capacity = capacity_;
+  // Every tensor is checked before the rows go in: a bad file leaves the session as it was.
+  PromptCacheContents c = read_prompt_cache(file, path, expect);
   reset();
   for (size_t l = 0; l < cache_.k.size(); ++l) {
-    ctx_.upload(cache_.k[l], kv[2 * l]->data, kv[2 * l]->bytes);
-    ctx_.upload(cache_.v[l], kv[2 * l + 1]->data, kv[2 * l + 1]->bytes);
+    ctx_.upload(cache_.k[l], c.k[l]->data, c.k[l]->bytes);
+    ctx_.upload(cache_.v[l], c.v[l]->data, c.v[l]->bytes);
   }
-  ensure_rope(long_factors, rope_positions_);
-  cached_keys_ = std::move(cached);
-  cached_prefix_end_ = prefix_end;
-  return {rows, meta};
+  ensure_rope(c.long_factors, rope_positions_);
+  cached_keys_ = std::move(c.keys);
+  cached_prefix_end_ = c.prefix_end;
+  return {c.rows, std::move(c.metadata)};
 }
 
 }  // namespace vkvlm

@@ -101,6 +101,35 @@ def safetensors_seeds():
 
 # ---- configs -----------------------------------------------------------------------------------
 
+def prompt_cache_seeds():
+    """Prompt caches as vkvlm cache-prompt writes them (2 layers of width 8), and near misses."""
+    def cache(rows, meta_overrides=None, drop=None):
+        meta = {"format": "vkvlm-prompt-cache", "version": "1", "model": "m", "model_fingerprint": "0123456789abcdef",
+                "kv_dtype": "f16", "layers": "2", "kv_width": "8", "rows": str(rows), "prefix_end": "0",
+                "rope_long_factors": "0", "images": "", "prompt": "USER: hi"}
+        meta.update(meta_overrides or {})
+        tensors = [("ids", "I32", [rows], 4), ("keys", "U64", [rows], 8), ("positions", "I32", [rows, 1], 4)]
+        for layer in range(2):
+            tensors += [(f"k.{layer}", "F16", [rows, 8], 2), (f"v.{layer}", "F16", [rows, 8], 2)]
+        header, data = {"__metadata__": meta}, b""
+        for name, dtype, shape, size in tensors:
+            if name == drop:
+                continue
+            n = size
+            for d in shape:
+                n *= d
+            header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [len(data), len(data) + n]}
+            data += bytes((i * 7 + len(name)) % 251 for i in range(n))
+        h = json.dumps(header).encode()
+        h += b" " * ((8 - len(h) % 8) % 8)
+        return struct.pack("<Q", len(h)) + h + data
+    write("prompt_cache", "valid", cache(5))
+    write("prompt_cache", "prefix", cache(3, {"prefix_end": "3"}))
+    write("prompt_cache", "q8", cache(2, {"kv_dtype": "q8"}))
+    write("prompt_cache", "too_long", cache(70))
+    write("prompt_cache", "missing_v1", cache(4, drop="v.1"))
+
+
 def config_seeds():
     for folder in MODEL_FOLDERS:
         parts = []
@@ -260,6 +289,7 @@ def http_seeds():
 
 def main():
     safetensors_seeds()
+    prompt_cache_seeds()
     config_seeds()
     tokenizer_seeds()
     jinja_seeds()

@@ -1,0 +1,74 @@
+#include "host/prompt_cache_file.h"
+
+#include <cstring>
+
+#include "base/error.h"
+
+namespace vkvlm {
+
+PromptCacheContents read_prompt_cache(const SafetensorsFile& file, const std::string& path, const PromptCacheLayout& expect) {
+  const auto& meta = file.metadata();
+  auto field = [&](const char* key) -> std::string {
+    auto it = meta.find(key);
+    if (it == meta.end()) fail("prompt cache ", path, " has no '", key, "' in its metadata");
+    return it->second;
+  };
+  auto number = [&](const char* key, int64_t lo, int64_t hi) {
+    const std::string v = field(key);
+    size_t used = 0;
+    int64_t x = 0;
+    try {
+      x = std::stoll(v, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    if (used == 0 || used != v.size() || x < lo || x > hi)
+      fail("prompt cache ", path, ": '", key, "' is '", v, "', not a number from ", lo, " to ", hi);
+    return x;
+  };
+  if (meta.count("format") == 0 || meta.at("format") != k_prompt_cache_format)
+    fail(path, " is not a vkvlm prompt cache (vkvlm cache-prompt writes them)");
+  if (field("version") != k_prompt_cache_version)
+    fail("prompt cache ", path, " has format version ", field("version"), "; this vkvlm reads version ", k_prompt_cache_version);
+  if (field("model_fingerprint") != expect.fingerprint)
+    fail("prompt cache ", path, " was made with another model (", field("model"), ", fingerprint ", field("model_fingerprint"),
+         ") than ", expect.model, " (fingerprint ", expect.fingerprint, ")");
+  if (field("kv_dtype") != expect.kv_dtype)
+    fail("prompt cache ", path, " holds a ", field("kv_dtype"), " KV cache; this session's is ", expect.kv_dtype);
+  const int64_t layers = number("layers", 1, 1 << 20), width = number("kv_width", 1, int64_t(1) << 30);
+  if (layers != expect.layers || width != expect.kv_width)
+    fail("prompt cache ", path, " has ", layers, " layers of width ", width, "; the model has ", expect.layers, " of width ",
+         expect.kv_width);
+  PromptCacheContents c;
+  c.rows = number("rows", 1, int64_t(1) << 30);
+  if (c.rows >= expect.capacity)
+    fail("prompt cache ", path, " holds ", c.rows, " tokens; a context of ", expect.capacity,
+         " tokens cannot continue it (raise the context size, e.g. --ctx)");
+  c.prefix_end = number("prefix_end", 0, c.rows);
+  c.long_factors = number("rope_long_factors", 0, 1) == 1;
+  auto tensor = [&](const std::string& name, StDType dtype, std::vector<int64_t> shape) -> const StTensor& {
+    auto it = file.tensors().find(name);
+    if (it == file.tensors().end()) fail("prompt cache ", path, " has no tensor ", name);
+    const StTensor& x = it->second;
+    if (x.dtype != dtype || x.shape != shape) {
+      StTensor want;
+      want.shape = shape;
+      fail("prompt cache ", path, ": tensor ", name, " is ", st_dtype_name(x.dtype), " ", x.shape_string(), ", not ",
+           st_dtype_name(dtype), " ", want.shape_string());
+    }
+    return x;
+  };
+  const StTensor& keys = tensor("keys", StDType::U64, {c.rows});
+  tensor("ids", StDType::I32, {c.rows});
+  tensor("positions", StDType::I32, {c.rows, expect.position_components});
+  c.keys.resize(size_t(c.rows));
+  std::memcpy(c.keys.data(), keys.data, keys.bytes);
+  for (int64_t l = 0; l < layers; ++l) {
+    c.k.push_back(&tensor("k." + std::to_string(l), StDType::F16, {c.rows, width}));
+    c.v.push_back(&tensor("v." + std::to_string(l), StDType::F16, {c.rows, width}));
+  }
+  c.metadata = meta;
+  return c;
+}
+
+}  // namespace vkvlm
