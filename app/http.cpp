@@ -278,6 +278,7 @@ struct Conn {
   bool in_request = false;  // bytes of a request have arrived
   bool continue_sent = false;
   bool draining = false;    // refused: what the client still sends is read and dropped, then it closes
+  double drain_until = 0;   // draining: closed by then even if the client goes on sending
   int requests = 0;
   std::string remote;
   ~Conn() {
@@ -351,13 +352,15 @@ struct Server::Impl {
     write_all(c.fd, r.data(), r.size(), 0.2);
   }
 
-  // Refuses a request the client is still sending: closing at once would reset the connection
-  // and lose the answer, so what arrives for a short while is read and dropped first.
+  // Refuses a request the client is still sending: closing with its bytes unread would reset the
+  // connection and lose the answer, so what arrives is read and dropped until the client pauses
+  // for 2 s (or, at the most, for 15 s), as servers do in a lingering close.
   void refuse_and_drain(Conn& c, int status, const std::string& message) {
     refuse(c, status, message);
     ::shutdown(c.fd, SHUT_WR);
     c.draining = true;
     c.in.clear();
+    c.drain_until = now_seconds() + 15.0;
     c.deadline = now_seconds() + 2.0;
   }
 
@@ -502,7 +505,10 @@ struct Server::Impl {
           closed.push_back(std::move(c));
           continue;
         }
-        if (c->draining) continue;
+        if (c->draining) {
+          c->deadline = std::min(now_seconds() + 2.0, c->drain_until);
+          continue;
+        }
         c->in.append(buf, size_t(n));
         advance(c, closed);
       }
