@@ -114,13 +114,6 @@ std::string random_id() {
   return os.str();
 }
 
-// How many leading rows two KV key lists share.
-size_t shared_rows(const std::vector<uint64_t>& a, const std::vector<uint64_t>& b) {
-  size_t n = 0;
-  while (n < a.size() && n < b.size() && a[n] == b[n]) ++n;
-  return n;
-}
-
 int64_t now_seconds() {
   return std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count();
 }
@@ -307,7 +300,7 @@ class Server {
     size_t best = sessions_.size(), best_len = 0;
     for (size_t i = 0; i < sessions_.size(); ++i) {
       const auto& keys = sessions_[i]->cached_keys();
-      const size_t n = shared_rows(keys, prompt.keys);
+      const size_t n = shared_prefix(keys, prompt.keys);
       if (!keys.empty() && 2 * n >= keys.size() && n > best_len) {
         best = i;
         best_len = n;
@@ -364,7 +357,7 @@ class Server {
     const size_t slot = pick_slot(prompt);
     // A conversation that starts like the prompt cache, on a slot that holds less of it, gets
     // the cached rows back before it runs.
-    if (!cache_keys_.empty() && shared_rows(cache_keys_, prompt.keys) > shared_rows(sessions_[slot]->cached_keys(), prompt.keys)) {
+    if (!cache_keys_.empty() && shared_prefix(cache_keys_, prompt.keys) > shared_prefix(sessions_[slot]->cached_keys(), prompt.keys)) {
       sessions_[slot]->load_prompt_cache(opt_.prompt_cache);
       if (draft_model_) draft_sessions_[slot]->reset();
     }

@@ -232,8 +232,7 @@ Prompt Model::build_cacheable_prompt(const Messages& messages, const std::vector
                                      const nlohmann::json& vars) const {
   Prompt p = build_prompt(messages, images, vars, /*add_generation_prompt=*/false);
   const Prompt asked = build_prompt(messages, images, vars, /*add_generation_prompt=*/true);
-  int64_t shared = 0;
-  while (shared < p.size() && shared < asked.size() && p.keys[size_t(shared)] == asked.keys[size_t(shared)]) ++shared;
+  int64_t shared = int64_t(shared_prefix(p.keys, asked.keys));
   // A bidirectional prefix is cacheable whole or not at all.
   if (p.prefix_end > 0 && shared < p.prefix_end) shared = 0;
   if (keep_leading_rows(p, shared) == 0)
@@ -419,10 +418,7 @@ int64_t Session::prefill(const Prompt& prompt, const std::vector<Tensor>& featur
 
 int64_t Session::reusable_rows(const Prompt& prompt, bool long_factors) const {
   if (long_factors != rope_long_) return 0;  // cached keys were rotated with the other factors
-  const int64_t N = prompt.size();
-  int64_t common = 0;
-  while (common < int64_t(cached_keys_.size()) && common < N && cached_keys_[size_t(common)] == prompt.keys[size_t(common)])
-    ++common;
+  const int64_t common = int64_t(shared_prefix(cached_keys_, prompt.keys));
   // A bidirectional prefix's rows depend on the whole prefix: they are reusable only when the
   // cached rows were computed with the same prefix, whole.
   if ((prompt.prefix_end || cached_prefix_end_) && (prompt.prefix_end != cached_prefix_end_ || common < prompt.prefix_end))
@@ -613,13 +609,12 @@ bool Session::draft_can_feed(size_t tokens) const {
 }
 
 std::vector<float> Session::draft_logits(const std::vector<int32_t>& tokens) {
+  if (tokens.empty()) fail("internal: a draft needs a token to continue from");
   Drafting& d = *drafting_;
-  size_t common = 0;
-  while (common < d.fed.size() && common < tokens.size() && d.fed[common] == tokens[common]) ++common;
+  const size_t common = shared_prefix(d.fed, tokens);
   if (!(common == tokens.size() && d.logits_after == tokens.size())) {
     // Roll back to what is shared (at least one token is fed, for its logits) and feed the rest.
-    const size_t keep = std::min(common, tokens.empty() ? 0 : tokens.size() - 1);
-    if (tokens.empty()) fail("internal: a draft needs a token to continue from");
+    const size_t keep = std::min(common, tokens.size() - 1);
     d.fed.resize(keep);
     cached_keys_.resize(size_t(d.prompt.size()) + keep);
     const int64_t offset = d.prompt.next_position - d.prompt.size();

@@ -46,6 +46,14 @@ struct Prompt {
   int64_t size() const { return int64_t(ids.size()); }
 };
 
+// How many leading entries two sequences share (row keys, token ids): what a KV cache can keep.
+template <typename T>
+size_t shared_prefix(const std::vector<T>& a, const std::vector<T>& b) {
+  size_t n = 0;
+  while (n < a.size() && n < b.size() && a[n] == b[n]) ++n;
+  return n;
+}
+
 // Identity of a prompt row for KV reuse: text tokens by id, image rows by image and offset.
 uint64_t text_key(int32_t id);
 uint64_t image_key(uint64_t image_hash, int64_t offset);
