@@ -36,11 +36,12 @@ std::vector<std::vector<uint8_t>> image_bytes(const unsigned char* const* images
   }
   return imgs;
 }
-vkvlm_session* new_session(vkvlm_engine* e, int64_t context_tokens, bool rotating, char** error) {
+vkvlm_session* new_session(vkvlm_engine* e, int64_t context_tokens, bool rotating, char** error,
+                           const vkvlm::KvCacheOptions& kv = {}) {
   try {
     if (!e) throw std::runtime_error("no engine given");
     auto s = std::make_unique<vkvlm_session>();
-    s->chat = std::make_unique<vkvlm::Chat>(*e->engine, context_tokens, rotating);
+    s->chat = std::make_unique<vkvlm::Chat>(*e->engine, context_tokens, rotating, kv);
     return s.release();
   } catch (const std::exception& ex) {
     set_error(error, ex.what());
@@ -118,6 +119,12 @@ vkvlm_session* vkvlm_session_new(vkvlm_engine* e, int64_t context_tokens, char**
 
 vkvlm_session* vkvlm_session_new_rotating(vkvlm_engine* e, int64_t max_kv_size, char** error) {
   return new_session(e, max_kv_size, true, error);
+}
+
+vkvlm_session* vkvlm_session_new_kv(vkvlm_engine* e, int64_t context_tokens, const vkvlm_kv_options* o, char** error) {
+  if (!o) return new_session(e, context_tokens, false, error);
+  const vkvlm::KvCacheOptions kv{o->kv_bits, o->kv_group_size, o->quantized_kv_start};
+  return o->max_kv_size > 0 ? new_session(e, o->max_kv_size, true, error, kv) : new_session(e, context_tokens, false, error, kv);
 }
 
 void vkvlm_session_free(vkvlm_session* s) { delete s; }

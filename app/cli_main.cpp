@@ -179,7 +179,8 @@ const std::map<std::string, bool> k_generate_flags = {
     {"top-p", true}, {"top-k", true}, {"min-p", true}, {"repeat-penalty", true}, {"seed", true}, {"ctx", true},
     {"quantize", true}, {"json", false}, {"top-logits", true}, {"stop", true}, {"ignore-eos", false}, {"verbose", false},
     {"chat-template-kwargs", true}, {"draft-model", true}, {"num-draft-tokens", true}, {"lookup-ngram", true},
-    {"prompt-cache", true}, {"max-kv-size", true}};
+    {"prompt-cache", true}, {"max-kv-size", true}, {"kv-bits", true}, {"kv-group-size", true},
+    {"quantized-kv-start", true}};
 
 // --prompt-cache FILE: the session starts from the file's rows (vkvlm cache-prompt).
 int64_t load_prompt_cache(const Flags& f, Session& session) {
@@ -225,7 +226,7 @@ int cmd_generate(int argc, char** argv) {
   Model& model = *mc.model;
   Prompt prompt = model.build_prompt(messages, images, vars);
   const int64_t context_tokens = context_for(f, model, int64_t(prompt.ids.size()), params.max_tokens);
-  Session session(model, context_tokens, f.has("max-kv-size"));
+  Session session(model, context_tokens, f.has("max-kv-size"), kv_format(f));
   const int64_t cache_rows = load_prompt_cache(f, session);
   DraftModel draft = load_draft(f, *ctx, model, context_tokens);
   Prompt draft_prompt;
@@ -288,7 +289,8 @@ int cmd_generate(int argc, char** argv) {
 int cmd_cache_prompt(int argc, char** argv) {
   Flags f(argc, argv, 2,
           {{"model", true}, {"prompt", true}, {"messages", true}, {"image", true}, {"out", true}, {"ctx", true},
-           {"quantize", true}, {"chat-template-kwargs", true}});
+           {"quantize", true}, {"chat-template-kwargs", true}, {"kv-bits", true}, {"kv-group-size", true},
+           {"quantized-kv-start", true}});
   if (!f.has("out")) throw UsageError("cache-prompt needs --out FILE");
   ModelAndConversation mc = load_model_and_conversation(f);
   Model& model = *mc.model;
@@ -296,7 +298,7 @@ int cmd_cache_prompt(int argc, char** argv) {
   const Messages& messages = mc.messages;
   const Prompt prompt = model.build_cacheable_prompt(messages, mc.images, vars);
   const int64_t context_tokens = f.has("ctx") ? f.integer("ctx", 0, 2, int64_t(1) << 24) : prompt.size() + 1;
-  Session session(model, context_tokens);
+  Session session(model, context_tokens, false, kv_format(f));
   const auto t0 = std::chrono::steady_clock::now();
   const int64_t rows = session.save_prompt_cache(
       prompt, f.str("out"), {{"messages", messages.dump()}, {"template_vars", vars.is_null() ? "" : vars.dump()}});
@@ -393,7 +395,7 @@ int cmd_chat(int argc, char** argv) {
   auto ctx = make_context();
   Model model(*ctx, dir, load_options(f));
   const int64_t ctx_tokens = context_for(f, model, 0, 0);
-  Session session(model, ctx_tokens, f.has("max-kv-size"));
+  Session session(model, ctx_tokens, f.has("max-kv-size"), kv_format(f));
   DraftModel draft = load_draft(f, *ctx, model, ctx_tokens);
   // Where the conversation starts (and /reset returns): a system message, or the conversation a
   // prompt cache holds, its images from --image.
@@ -567,12 +569,15 @@ int cmd_render_template(int argc, char** argv) {
 }
 
 int cmd_info(int argc, char** argv) {
-  Flags f(argc, argv, 2, {{"model", true}, {"ctx", true}, {"quantize", true}});
+  Flags f(argc, argv, 2,
+          {{"model", true}, {"ctx", true}, {"quantize", true}, {"kv-bits", true}, {"kv-group-size", true},
+           {"quantized-kv-start", true}});
+  const KvFormat kv = kv_format(f);
   const std::string dir = model_folder(f);
   auto ctx = make_context();
   Model model(*ctx, dir, load_options(f));
   const int64_t ctx_tokens = context_for(f, model, 0, 0);
-  std::printf("%s", model.info(ctx_tokens).c_str());
+  std::printf("%s", model.info(ctx_tokens, kv).c_str());
   std::printf("device: %s\n", ctx->profile().summary_line().c_str());
   return 0;
 }
@@ -594,20 +599,23 @@ const char* k_usage =
     "            [--draft-model DIR | --lookup-ngram N] [--num-draft-tokens N]   speculative decoding\n"
     "            [--prompt-cache FILE]   start from a cached prompt (vkvlm cache-prompt)\n"
     "            [--max-kv-size N]   a rotating KV cache of N tokens: generation goes on past it\n"
+    "            [--kv-bits 4|8 [--kv-group-size 32|64|128] [--quantized-kv-start N]]   a quantized KV cache\n"
+    "            (MLX affine, groups along each head; the first N rows stay f16)\n"
     "  chat      [--model DIR] [--image PATH]... [--system TEXT] [sampling and drafting options] [--verbose]\n"
     "            interactive, multi-turn; Ctrl-C stops a reply, a second Ctrl-C at the prompt exits\n"
-    "  cache-prompt [--model DIR] (--prompt TEXT | --messages FILE) [--image PATH]... --out FILE\n"
+    "  cache-prompt [--model DIR] (--prompt TEXT | --messages FILE) [--image PATH]... --out FILE [--kv-bits ...]\n"
     "            compute a conversation's KV cache once; generate/chat/serve --prompt-cache FILE continue it\n"
     "  tokenize  (--model DIR | --tokenizer FILE) [--text TEXT] [--no-special] [--json]   (stdin without --text)\n"
     "  render-template [--model DIR] --messages FILE [--tools FILE] [--no-generation-prompt]\n"
     "            [--chat-template-kwargs JSON]  |  --template FILE --context FILE.json\n"
     "            print the text the chat template renders (no weights, no GPU)\n"
-    "  info      [--model DIR] [--ctx N] [--quantize q4|q8]\n"
+    "  info      [--model DIR] [--ctx N] [--quantize q4|q8] [--kv-bits 4|8 ...]   sizes, memory per KV setting\n"
     "  serve     [--model DIR] [--host 127.0.0.1] [--port 8080] [--api-key KEY] [--max-concurrency N]\n"
     "            [--ctx N] [--kv-slots N] [--allow-local-files DIR] [--max-images N] [--quantize q4|q8]\n"
     "            [--model-name NAME] [--draft-model DIR | --lookup-ngram N] [--num-draft-tokens N]\n"
     "            [--prompt-cache FILE]   a cached prompt every conversation may start from\n"
     "            [--max-kv-size N]   rotating KV caches of N tokens instead of --ctx\n"
+    "            [--kv-bits 4|8 [--kv-group-size G] [--quantized-kv-start N]]   quantized KV caches\n"
     "            OpenAI-compatible server\n"
     "  devices   list Vulkan devices with their feature profiles\n"
     "\n"

@@ -85,13 +85,14 @@ struct Chat::Impl {
   Engine& engine;
   Session session;
   std::unique_ptr<Session> draft;  // the draft model's cache of this conversation
-  Impl(Engine& e, int64_t context_tokens, bool rotating) : engine(e), session(*e.impl().model, context_tokens, rotating) {
+  Impl(Engine& e, int64_t context_tokens, bool rotating, const KvFormat& kv)
+      : engine(e), session(*e.impl().model, context_tokens, rotating, kv) {
     if (e.impl().draft) draft = std::make_unique<Session>(*e.impl().draft, context_tokens);
   }
 };
 
-Chat::Chat(Engine& engine, int64_t context_tokens, bool rotating)
-    : impl_(std::make_unique<Impl>(engine, context_tokens, rotating)) {}
+Chat::Chat(Engine& engine, int64_t context_tokens, bool rotating, const KvCacheOptions& kv)
+    : impl_(std::make_unique<Impl>(engine, context_tokens, rotating, KvFormat{kv.bits, kv.group_size, kv.quantized_start})) {}
 Chat::~Chat() = default;
 
 void Chat::reset() {

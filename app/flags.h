@@ -11,6 +11,8 @@
 #include <string>
 #include <vector>
 
+#include "models/decoder.h"
+
 namespace vkvlm {
 
 struct UsageError : std::runtime_error {
@@ -86,5 +88,21 @@ class Flags {
   std::map<std::string, std::vector<std::string>> values_;
 };
 
+// --kv-bits 4|8 [--kv-group-size 32|64|128] [--quantized-kv-start N] (mlx-lm's flags).
+inline KvFormat kv_format(const Flags& f) {
+  KvFormat k;
+  if (!f.has("kv-bits")) {
+    if (f.has("kv-group-size") || f.has("quantized-kv-start"))
+      throw UsageError("--kv-group-size and --quantized-kv-start go with --kv-bits 4|8");
+    return k;
+  }
+  k.bits = int(f.integer("kv-bits", 16, 4, 8));
+  if (k.bits != 4 && k.bits != 8) throw UsageError("--kv-bits takes 4 or 8, not " + f.str("kv-bits"));
+  k.group_size = int(f.integer("kv-group-size", 64, 32, 128));
+  if (k.group_size != 32 && k.group_size != 64 && k.group_size != 128)
+    throw UsageError("--kv-group-size takes 32, 64 or 128, not " + f.str("kv-group-size"));
+  k.quantized_start = f.integer("quantized-kv-start", 0, 0, int64_t(1) << 24);
+  return k;
+}
 
 }  // namespace vkvlm

@@ -224,7 +224,7 @@ class Server {
       ctx_ = std::make_unique<gpu::Context>(gpu::Device::create());
       model_ = std::make_unique<Model>(*ctx_, opt_.model_dir, opt_.load);
       for (int i = 0; i < opt_.kv_slots; ++i)
-        sessions_.push_back(std::make_unique<Session>(*model_, opt_.context_tokens, opt_.rotating));
+        sessions_.push_back(std::make_unique<Session>(*model_, opt_.context_tokens, opt_.rotating, opt_.kv_format));
       if (!opt_.prompt_cache.empty()) {
         for (auto& s : sessions_) s->load_prompt_cache(opt_.prompt_cache);
         cache_keys_ = sessions_[0]->cached_keys();
@@ -561,7 +561,7 @@ int run_serve(int argc, char** argv, int first) {
            {"ctx", true}, {"kv-slots", true}, {"allow-local-files", true}, {"max-images", true}, {"max-body-mb", true},
            {"quantize", true}, {"metrics-public", false}, {"request-timeout", true}, {"draft-model", true},
            {"num-draft-tokens", true}, {"lookup-ngram", true}, {"prompt-cache", true},
-           {"max-kv-size", true}});
+           {"max-kv-size", true}, {"kv-bits", true}, {"kv-group-size", true}, {"quantized-kv-start", true}});
   Options o;
   // A folder, or a repo id found in the Hugging Face cache: then clients see the repo id.
   o.model_dir = f.has("model") ? resolve_model_folder(f.str("model")) : default_model_dir();
@@ -577,6 +577,7 @@ int run_serve(int argc, char** argv, int first) {
     o.context_tokens = f.integer("max-kv-size", 0, 16, int64_t(1) << 24);
     o.rotating = true;
   }
+  o.kv_format = kv_format(f);
   o.kv_slots = int(f.integer("kv-slots", 1, 1, 64));
   o.allow_local_files = f.str("allow-local-files");
   o.max_images = int(f.integer("max-images", 8, 0, 256));

@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <string>
 
+#include "models/decoder.h"
 #include "models/weights.h"
 
 namespace vkvlm::server {
@@ -17,6 +18,7 @@ struct Options {
   int max_concurrency = 16;       // requests admitted at once (running or queued); more get 429
   int64_t context_tokens = 4096;  // KV cache size per conversation slot
   bool rotating = false;          // --max-kv-size: the slots' caches rotate (answers go on past them)
+  KvFormat kv_format;             // --kv-bits: the slots' caches store K and V quantized
   int kv_slots = 1;               // conversations whose KV caches are kept for reuse
   std::string allow_local_files;  // folder image_url file paths may come from (empty: none)
   size_t max_body_bytes = 64ull << 20;  // whatever the framing (Content-Length or chunked)

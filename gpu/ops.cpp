@@ -513,63 +513,133 @@ void rope(Recorder& rec, const Mat& x, int heads, int head_dim, int rot_dim, Rop
   });
 }
 
-void kv_append(Recorder& rec, const Mat& src, const Tensor& cache, const Tensor& first_row, int index) {
+KvMat KvMat::quantized(const Tensor& data, const Tensor& params, int bits, int group_size, int64_t width) {
+  if ((bits != 4 && bits != 8) || group_size <= 0 || width % group_size || group_size % (32 / bits))
+    fail("internal: quantized KV of ", bits, " bits, group ", group_size, ", width ", width);
+  const int64_t words = width * bits / 32, groups = width / group_size;
+  if (data.dtype() != DType::U32 || params.dtype() != DType::U32 || data.numel() % words ||
+      params.numel() != data.numel() / words * groups)
+    fail("internal: quantized KV tensors ", data.name(), " and ", params.name(), " do not match their layout");
+  KvMat m;
+  m.data = Mat::of(data, data.numel() / words, words);
+  m.params = Mat::of(params, data.numel() / words, groups);
+  m.bits = bits;
+  m.group_size = group_size;
+  return m;
+}
+
+KvMat KvMat::row_range(int64_t first, int64_t count) const {
+  KvMat m = *this;
+  m.data = data.row_range(first, count);
+  if (bits) m.params = params.row_range(first, count);
+  return m;
+}
+
+namespace {
+// Rows of a KV segment one binding holds (data and params alike).
+int64_t kv_rows_per_binding(Recorder& rec, const KvMat& m) {
+  int64_t n = rows_per_binding(rec, m.data);
+  if (m.bits) n = std::min(n, rows_per_binding(rec, m.params));
+  return n;
+}
+
+void check_kv_segment(const KvMat& m, int64_t width, const char* what) {
+  check_mat(m.data, what);
+  if (m.width() != width) fail("internal: ", what, " rows hold ", m.width(), " values, not ", width);
+  if (m.bits) {
+    check_mat(m.params, what);
+    if (m.data.t.dtype() != DType::U32 || m.params.t.dtype() != DType::U32 || m.params.rows != m.data.rows ||
+        m.params.cols * m.group_size != width)
+      fail("internal: ", what, " quantized layout does not match");
+  }
+}
+
+const char* kv_kind(const KvMat& m) {
+  if (m.bits == 4) return "q4";
+  if (m.bits == 8) return "q8";
+  return m.data.t.dtype() == DType::F16 ? "kv16" : "kv32";
+}
+}  // namespace
+
+void kv_append(Recorder& rec, const Mat& src, const KvRows& cache, const Tensor& first_row, int index) {
   check_f32(src, "kv_append source");
-  if (cache.dtype() != DType::F16) fail("internal: the KV cache must be f16");
   const int64_t kv_dim = src.cols;
   if (kv_dim % 2) fail("internal: kv_append needs an even row width");
-  if (cache.numel() % kv_dim) fail("internal: KV cache width does not match");
-  const int64_t cache_rows = cache.numel() / kv_dim;
-  Mat cmat = Mat::of(cache, cache_rows, kv_dim);
-  const int64_t row_chunk = rows_per_binding(rec, cmat);
   const int64_t t_chunk = std::min(rows_per_binding(rec, src), k_max_grid_rows);
   const uint32_t wg = pick_wg(rec, 64);
-  const auto& pl = rec.context().pipelines().get("kv_append", {wg});
   struct {
-    uint32_t T, kv_dim, src_off, src_stride, row_off, row_begin, row_end, cache_off;
+    uint32_t T, kv_dim, src_off, src_stride, row_off, row_begin, row_end, cache_off, param_off, group_size;
   } pc;
-  for_chunks(src.rows, t_chunk, [&](int64_t t0, int64_t tn) {
-    Bound bsrc = bind_mat(rec, 0, src.row_range(t0, tn), false);
-    Bound brow = bind_whole(rec, 1, first_row, false);
-    for_chunks(cache_rows, row_chunk, [&](int64_t r0, int64_t rn) {
-      Bound bc = bind_mat(rec, 2, cmat.row_range(r0, rn), true);
-      if (bc.shift % 2) fail("internal: KV cache rows are not word aligned");
-      // Source row t0 + t goes to cache row first + t0 + t: express the window relative to first + t0.
-      int64_t lo = r0 - t0, hi = r0 + rn - t0;
-      uint32_t off = bc.shift / 2;
-      if (lo < 0) {
-        off += u32(-lo * (kv_dim / 2), "cache offset");
-        lo = 0;
-      }
-      if (hi <= 0) return;
-      pc = {u32(tn, "T"), u32(kv_dim, "kv_dim"), bsrc.shift, u32(src.stride, "stride"), brow.shift + uint32_t(index),
-            u32(lo, "row"), u32(hi, "row"), off};
-      rec.dispatch(pl, {bsrc.binding, brow.binding, bc.binding}, &pc, sizeof(pc), uint32_t(ceil_div(kv_dim / 2, wg)),
-                   uint32_t(tn));
+  int64_t base = 0;  // the segment's first cache row
+  for (const KvMat& seg : cache) {
+    check_kv_segment(seg, kv_dim, "KV cache");
+    if (!seg.bits && seg.data.t.dtype() != DType::F16) fail("internal: the KV cache must be f16 or quantized");
+    if (seg.data.stride != seg.data.cols || (seg.bits && seg.params.stride != seg.params.cols))
+      fail("internal: KV cache segments must be dense");
+    const auto& pl = rec.context().pipelines().get(seg.bits ? std::string("kv_append_") + kv_kind(seg) : "kv_append", {wg});
+    const int64_t row_chunk = kv_rows_per_binding(rec, seg);
+    const int64_t row_words = seg.bits ? seg.data.cols : kv_dim / 2;  // 32-bit words per cache row
+    const int64_t groups = seg.bits ? kv_dim / seg.group_size : 0;
+    for_chunks(src.rows, t_chunk, [&](int64_t t0, int64_t tn) {
+      Bound bsrc = bind_mat(rec, 0, src.row_range(t0, tn), false);
+      Bound brow = bind_whole(rec, 1, first_row, false);
+      for_chunks(seg.rows(), row_chunk, [&](int64_t r0, int64_t rn) {
+        const KvMat part = seg.row_range(r0, rn);
+        Bound bc = bind_mat(rec, 2, part.data, true);
+        Bound bp = seg.bits ? bind_mat(rec, 3, part.params, true) : bc;
+        bp.binding.slot = 3;
+        if (!seg.bits && bc.shift % 2) fail("internal: KV cache rows are not word aligned");
+        // Source row t0 + t goes to cache row first + t0 + t: express the window relative to first + t0.
+        int64_t lo = base + r0 - t0, hi = base + r0 + rn - t0;
+        uint32_t off = seg.bits ? bc.shift : bc.shift / 2, poff = bp.shift;
+        if (lo < 0) {
+          off += u32(-lo * row_words, "cache offset");
+          poff += u32(-lo * groups, "cache offset");
+          lo = 0;
+        }
+        if (hi <= 0) return;
+        pc = {u32(tn, "T"), u32(kv_dim, "kv_dim"), bsrc.shift, u32(src.stride, "stride"), brow.shift + uint32_t(index),
+              u32(lo, "row"), u32(hi, "row"), off, poff, uint32_t(seg.group_size)};
+        std::vector<Binding> b = {bsrc.binding, brow.binding, bc.binding};
+        if (seg.bits) b.push_back(bp.binding);
+        rec.dispatch(pl, b, &pc, sizeof(pc), uint32_t(ceil_div(seg.bits ? groups : kv_dim / 2, wg)), uint32_t(tn));
+      });
     });
-  });
+    base += seg.rows();
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
 // attention
 
-void attention(Recorder& rec, const Mat& q, const Mat& k, const Mat& v, const Mat& out, const Tensor& first_row,
+void attention(Recorder& rec, const Mat& q, const KvRows& k, const KvRows& v, const Mat& out, const Tensor& first_row,
                int index, const AttentionParams& ap, const Variant& var) {
   check_f32(q, "attention q");
   check_f32(out, "attention out");
-  check_mat(k, "attention k");
-  check_mat(v, "attention v");
   const int64_t D = ap.head_dim, H = ap.heads, HKV = ap.kv_heads;
   if (H <= 0 || HKV <= 0 || H % HKV) fail("internal: attention needs heads divisible by kv heads (", H, ", ", HKV, ")");
   if (D <= 0 || D > 256) fail("attention head_dim ", D, " is outside 1..256");
-  if (q.cols < H * D || out.cols < H * D || k.cols < HKV * D || v.cols < HKV * D)
-    fail("internal: attention rows are narrower than heads * head_dim");
+  if (q.cols < H * D || out.cols < H * D) fail("internal: attention rows are narrower than heads * head_dim");
   if (out.rows != q.rows) fail("internal: attention out rows differ from q rows");
-  if (k.t.dtype() != v.t.dtype() || (k.t.dtype() != DType::F16 && k.t.dtype() != DType::F32))
-    fail("internal: attention k and v must both be f16 or both f32");
-  if (k.rows != v.rows) fail("internal: attention k and v hold different numbers of keys");
-  const bool kv16 = k.t.dtype() == DType::F16;
-  const int64_t T = q.rows, keys = k.rows;
+  if (k.size() != v.size() || k.empty()) fail("internal: attention k and v are segmented differently");
+  int64_t keys = 0;
+  for (size_t s = 0; s < k.size(); ++s) {
+    const KvMat &ks = k[s], &vs = v[s];
+    check_mat(ks.data, "attention k");
+    check_mat(vs.data, "attention v");
+    if (ks.width() < HKV * D || vs.width() < HKV * D) fail("internal: attention rows are narrower than heads * head_dim");
+    if (std::string(kv_kind(ks)) != kv_kind(vs) || ks.group_size != vs.group_size ||
+        (!ks.bits && ks.data.t.dtype() != DType::F16 && ks.data.t.dtype() != DType::F32))
+      fail("internal: attention k and v must be stored alike, in f32, f16 or quantized");
+    if (ks.bits) {
+      check_kv_segment(ks, ks.width(), "attention k");
+      check_kv_segment(vs, vs.width(), "attention v");
+      if (D % ks.group_size) fail("internal: quantized KV groups must not straddle heads");
+    }
+    if (ks.rows() != vs.rows()) fail("internal: attention k and v hold different numbers of keys");
+    keys += ks.rows();
+  }
+  const int64_t T = q.rows;
   if (T == 0) return;
   if (keys == 0) fail("internal: attention over zero keys");
   if (ap.prefix_end < 0 || ap.block < 0 || ap.window < 0) fail("internal: negative attention mask parameter");
@@ -579,13 +649,22 @@ void attention(Recorder& rec, const Mat& q, const Mat& k, const Mat& v, const Ma
   if (ap.rotating && (!rows_path || ap.window || ap.block || first_row.numel() < index + 2))
     fail("internal: rotating-cache attention is for the rows path without masks, with a row count beside the row");
 
-  // Keys per binding, and how the keys split into partial results.
-  const int64_t key_chunk = std::min(rows_per_binding(rec, k), rows_per_binding(rec, v));
+  // Keys per binding, and how the keys split into partial results: a dispatch reads one
+  // segment's keys within one binding.
   uint32_t split = var.keys_per_split ? var.keys_per_split : 512;
-  std::vector<std::pair<int64_t, int64_t>> key_ranges;  // (first key, count) per dispatch
-  for_chunks(keys, key_chunk, [&](int64_t j0, int64_t jn) { key_ranges.push_back({j0, jn}); });
+  struct KeyRange {
+    size_t segment;
+    int64_t first, count, local;  // the keys [first, first + count), from row `local` of the segment
+  };
+  std::vector<KeyRange> key_ranges;
+  int64_t base = 0;
+  for (size_t s = 0; s < k.size(); ++s) {
+    const int64_t key_chunk = std::min(kv_rows_per_binding(rec, k[s]), kv_rows_per_binding(rec, v[s]));
+    for_chunks(k[s].rows(), key_chunk, [&](int64_t j0, int64_t jn) { key_ranges.push_back({s, base + j0, jn, j0}); });
+    base += k[s].rows();
+  }
   int64_t n_parts = 0;
-  for (auto& kr : key_ranges) n_parts += rows_path ? ceil_div(kr.second, split) : 1;
+  for (auto& kr : key_ranges) n_parts += rows_path ? ceil_div(kr.count, split) : 1;
   const bool partial = n_parts > 1;
 
   int64_t q_chunk = std::min({rows_per_binding(rec, q), rows_per_binding(rec, out), k_max_grid_rows});
@@ -601,17 +680,19 @@ void attention(Recorder& rec, const Mat& q, const Mat& k, const Mat& v, const Ma
   while (tiled_shared(br, bc) > prof.max_shared_memory && bc > 8) bc /= 2;
   while (tiled_shared(br, bc) > prof.max_shared_memory && br > 4) br /= 2;
   const uint32_t wg = pick_wg(rec, 128);
-  const std::string shader = rows_path ? std::string("attn_rows_") + (kv16 ? "kv16" : "kv32") + (use_subgroup(rec, var) ? "_sg" : "")
-                                       : std::string("attn_tiled_") + (kv16 ? "kv16" : "kv32");
-  const Pipeline& pl = rows_path
-                           ? rec.context().pipelines().get(shader, {wg, uint32_t(D), uint32_t(ceil_div(D, wg))})
-                           : rec.context().pipelines().get(shader, {wg, br, bc, uint32_t(D), uint32_t(ceil_div(br * D, wg))});
+  auto pipeline = [&](const KvMat& m) -> const Pipeline& {
+    const std::string shader = rows_path ? std::string("attn_rows_") + kv_kind(m) + (use_subgroup(rec, var) ? "_sg" : "")
+                                         : std::string("attn_tiled_") + kv_kind(m);
+    return rows_path ? rec.context().pipelines().get(shader, {wg, uint32_t(D), uint32_t(ceil_div(D, wg))})
+                     : rec.context().pipelines().get(shader, {wg, br, bc, uint32_t(D), uint32_t(ceil_div(br * D, wg))});
+  };
 
   struct {
     uint32_t T, H, HKV, q_off, q_stride, k_off, k_stride, v_off, v_stride, o_off, o_stride, row_off, key_begin, key_end,
         flags, window;
     float scale;
     uint32_t part_index, n_parts, q_t0, T_total, split_size, prefix_end, block;
+    uint32_t kp_off, kp_stride, vp_off, vp_stride, group_size;
   } pc;
   static_assert(sizeof(pc) <= k_push_constant_bytes);
 
@@ -627,18 +708,29 @@ void attention(Recorder& rec, const Mat& q, const Mat& k, const Mat& v, const Ma
       bparts = bind_whole(rec, 5, parts, true).binding;
     }
     int64_t part = 0;
-    for (auto [j0, jn] : key_ranges) {
-      Bound bk = bind_mat(rec, 1, k.row_range(j0, jn), false);
-      Bound bv = bind_mat(rec, 2, v.row_range(j0, jn), false);
-      if (kv16 && (bk.shift % 2 || bv.shift % 2 || k.stride % 2 || v.stride % 2 || D % 2))
+    for (const KeyRange& kr : key_ranges) {
+      const int64_t j0 = kr.first, jn = kr.count;
+      const KvMat kp = k[kr.segment].row_range(kr.local, jn), vp = v[kr.segment].row_range(kr.local, jn);
+      const bool kv16 = !kp.bits && kp.data.t.dtype() == DType::F16;
+      Bound bk = bind_mat(rec, 1, kp.data, false);
+      Bound bv = bind_mat(rec, 2, vp.data, false);
+      if (kv16 && (bk.shift % 2 || bv.shift % 2 || kp.data.stride % 2 || vp.data.stride % 2 || D % 2))
         fail("internal: f16 keys and values must be word aligned");
+      Bound bkp = kp.bits ? bind_mat(rec, 6, kp.params, false) : bk;
+      Bound bvp = vp.bits ? bind_mat(rec, 7, vp.params, false) : bv;
       pc = {u32(tn, "T"), u32(H, "H"), u32(HKV, "HKV"), bq.shift, u32(q.stride, "q stride"), bk.shift,
-            u32(k.stride, "k stride"), bv.shift, u32(v.stride, "v stride"), bo.shift, u32(out.stride, "o stride"),
+            u32(kp.data.stride, "k stride"), bv.shift, u32(vp.data.stride, "v stride"), bo.shift, u32(out.stride, "o stride"),
             bs.shift + uint32_t(index), u32(j0, "key"), u32(j0 + jn, "key"),
             (ap.causal && !ap.rotating ? 1u : 0u) | (partial ? 2u : 0u) | (ap.rotating ? 4u : 0u), u32(ap.window, "window"), ap.scale, u32(part, "part"),
             u32(n_parts, "parts"), u32(ap.q_t0 + t0, "q_t0"), u32(ap.T_total, "T_total"), split,
-            u32(ap.prefix_end, "prefix_end"), u32(ap.block, "block")};
+            u32(ap.prefix_end, "prefix_end"), u32(ap.block, "block"), bkp.shift, u32(kp.params.stride, "k params stride"),
+            bvp.shift, u32(vp.params.stride, "v params stride"), uint32_t(kp.group_size)};
       std::vector<Binding> b = {bq.binding, bk.binding, bv.binding, bs.binding, bo.binding, bparts};
+      if (kp.bits) {
+        b.push_back(bkp.binding);
+        b.push_back(bvp.binding);
+      }
+      const Pipeline& pl = pipeline(kp);
       if (rows_path) {
         const int64_t splits = ceil_div(jn, split);
         rec.dispatch(pl, b, &pc, sizeof(pc), u32(splits, "splits"), u32(H, "H"), u32(tn, "T"));

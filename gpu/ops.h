@@ -89,9 +89,34 @@ struct RopeSections {
 void rope(Recorder& rec, const Mat& x, int heads, int head_dim, int rot_dim, RopeMode mode, const Tensor& table,
           const Tensor& positions, int64_t first, const RopeSections& sections = {});
 
-// Writes src [T, kv_dim] (f32) into an f16 cache [rows, kv_dim] at rows first_row[index] + t
-// (first_row: an I32 buffer, so a recorded step can be replayed with a new row).
-void kv_append(Recorder& rec, const Mat& src, const Tensor& cache, const Tensor& first_row, int index);
+// Rows of keys or values as attention reads them and kv_append writes them: values [rows,
+// width] in f32 or f16 (data), or MLX affine quantization with `bits` 4 or 8 (mlx-lm's quantized
+// KV cache): data U32 [rows, width * bits / 32], values packed little-end-first along the row,
+// and params U32 [rows, width / group_size], each word one group's (scale, bias) as two f16
+// halves: value = scale * q + bias.
+struct KvMat {
+  Mat data, params;
+  int bits = 0;  // 0: data holds the values
+  int group_size = 0;
+
+  KvMat() = default;
+  KvMat(const Mat& values) : data(values) {}  // NOLINT: plain values are a KvMat
+  static KvMat quantized(const Tensor& data, const Tensor& params, int bits, int group_size, int64_t width);
+  int64_t rows() const { return data.rows; }
+  int64_t width() const { return bits ? data.cols * 32 / bits : data.cols; }
+  KvMat row_range(int64_t first, int64_t count) const;
+};
+// One layer's K (or V) cache: consecutive segments of rows, each stored its own way (f16 rows,
+// then quantized rows from --quantized-kv-start on); segment i starts where i - 1 ends.
+using KvRows = std::vector<KvMat>;
+
+// Writes src [T, kv_dim] (f32) into the cache rows first_row[index] + t (first_row: an I32
+// buffer, so a recorded step can be replayed with a new row), rounding to f16 or quantizing
+// (MLX's affine_quantize, per group: the endpoint of larger magnitude exact) per segment.
+void kv_append(Recorder& rec, const Mat& src, const KvRows& cache, const Tensor& first_row, int index);
+inline void kv_append(Recorder& rec, const Mat& src, const Tensor& cache, const Tensor& first_row, int index) {
+  kv_append(rec, src, KvRows{KvMat(Mat::of(cache))}, first_row, index);
+}
 
 struct AttentionParams {
   int heads = 1, kv_heads = 1, head_dim = 64;
@@ -107,10 +132,15 @@ struct AttentionParams {
   bool rotating = false;
 };
 // out [T, heads*head_dim] = attention of q [T, heads*head_dim] over keys/values k, v
-// [keys, kv_heads*head_dim] (f16 cache or f32). Query t is at KV row first_row[index] + q_t0 + t;
-// the masks (causal, window, prefix, block) compare KV rows, except in a rotating cache.
-void attention(Recorder& rec, const Mat& q, const Mat& k, const Mat& v, const Mat& out, const Tensor& first_row,
+// [keys, kv_heads*head_dim] (f32, an f16 cache, or a cache of f16 and quantized segments, read
+// as stored: no dequantized copy). Query t is at KV row first_row[index] + q_t0 + t; the masks
+// (causal, window, prefix, block) compare KV rows, except in a rotating cache.
+void attention(Recorder& rec, const Mat& q, const KvRows& k, const KvRows& v, const Mat& out, const Tensor& first_row,
                int index, const AttentionParams& params, const Variant& var = {});
+inline void attention(Recorder& rec, const Mat& q, const Mat& k, const Mat& v, const Mat& out, const Tensor& first_row,
+                      int index, const AttentionParams& params, const Variant& var = {}) {
+  attention(rec, q, KvRows{KvMat(k)}, KvRows{KvMat(v)}, out, first_row, index, params, var);
+}
 
 enum class UnaryOp { Identity = 0, Silu = 1, GeluErf = 2, GeluTanh = 3, QuickGelu = 4 };
 void unary(Recorder& rec, UnaryOp op, const Mat& x, const Mat& y, float alpha = 1.0f);

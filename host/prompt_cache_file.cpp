@@ -64,8 +64,15 @@ PromptCacheContents read_prompt_cache(const SafetensorsFile& file, const std::st
   c.keys.resize(size_t(c.rows));
   std::memcpy(c.keys.data(), keys.data, keys.bytes);
   for (int64_t l = 0; l < layers; ++l) {
-    c.k.push_back(&tensor("k." + std::to_string(l), StDType::F16, {c.rows, width}));
-    c.v.push_back(&tensor("v." + std::to_string(l), StDType::F16, {c.rows, width}));
+    for (auto* side : {&c.k, &c.v}) {
+      const std::string name = std::string(side == &c.k ? "k." : "v.") + std::to_string(l);
+      std::vector<const StTensor*> planes;
+      for (const PromptCachePlane& pl : expect.planes) {
+        const int64_t n = pl.rows_of(c.rows);
+        planes.push_back(n > 0 ? &tensor(name + pl.suffix, pl.dtype, {n, pl.cols}) : nullptr);
+      }
+      side->push_back(std::move(planes));
+    }
   }
   c.metadata = meta;
   return c;

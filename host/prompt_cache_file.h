@@ -2,6 +2,7 @@
 // The prompt-cache file (vkvlm cache-prompt) read and checked on the host, before anything
 // touches a KV cache: the metadata against the model's identity and KV layout, every tensor's
 // dtype and shape. A truncated, corrupted or foreign file is an error naming the file.
+#include <algorithm>
 #include <cstdint>
 #include <map>
 #include <string>
@@ -14,10 +15,23 @@ namespace vkvlm {
 inline constexpr const char* k_prompt_cache_format = "vkvlm-prompt-cache";
 inline constexpr const char* k_prompt_cache_version = "1";
 
+// One tensor per layer and side holding part of the KV rows: "k.L" + suffix, dtype, the cache
+// rows [first_row, end_row) it can hold, cols per row. An f16 cache is one plane ("", F16);
+// a quantized one adds ".q" (U32 packed values) and ".qp" (U32 scale/bias words) for the rows
+// from --quantized-kv-start on. A file holds each plane's rows below its `rows`; a plane with
+// none is absent.
+struct PromptCachePlane {
+  std::string suffix;
+  StDType dtype = StDType::F16;
+  int64_t first_row = 0, end_row = 0, cols = 0;
+  int64_t rows_of(int64_t rows) const { return rows <= first_row ? 0 : std::min(rows, end_row) - first_row; }
+};
+
 // What the loading session expects.
 struct PromptCacheLayout {
   std::string model, fingerprint, kv_dtype;  // model: its folder, for messages
   int64_t layers = 0, kv_width = 0;          // per layer K and V rows of kv_width values
+  std::vector<PromptCachePlane> planes;      // how those rows are stored
   int position_components = 1;
   int64_t capacity = 0;                      // the session's rows: the cache must leave one free
 };
@@ -25,8 +39,9 @@ struct PromptCacheLayout {
 struct PromptCacheContents {
   int64_t rows = 0, prefix_end = 0;
   bool long_factors = false;
-  std::vector<uint64_t> keys;               // [rows]
-  std::vector<const StTensor*> k, v;        // per layer, [rows, kv_width], inside the file's mapping
+  std::vector<uint64_t> keys;                      // [rows]
+  // Per layer, per plane: [plane rows, cols], inside the file's mapping (null: no rows there).
+  std::vector<std::vector<const StTensor*>> k, v;
   std::map<std::string, std::string> metadata;
 };
 

@@ -1,5 +1,6 @@
 #include "models/decoder.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "gpu/error.h"
@@ -9,21 +10,69 @@ namespace vkvlm {
 using gpu::Mat;
 using gpu::Tensor;
 
-KvCache KvCache::create(gpu::Context& ctx, const TextConfig& cfg, int64_t rows) {
+std::string KvFormat::describe() const {
+  if (!quantized()) return "f16";
+  std::string s = "q" + std::to_string(bits) + " group " + std::to_string(group_size);
+  if (quantized_start > 0) s += " after " + std::to_string(quantized_start) + " f16 rows";
+  return s;
+}
+
+std::string KvFormat::tag() const {
+  if (!quantized()) return "f16";
+  std::string s = "q" + std::to_string(bits) + "g" + std::to_string(group_size);
+  if (quantized_start > 0) s += "s" + std::to_string(quantized_start);
+  return s;
+}
+
+void KvFormat::check(const TextConfig& cfg) const {
+  if (bits != 16 && bits != 8 && bits != 4) fail("--kv-bits ", bits, " is not 4 or 8");
+  if (!quantized()) return;
+  if (group_size != 32 && group_size != 64 && group_size != 128)
+    fail("--kv-group-size ", group_size, " is not 32, 64 or 128");
+  if (cfg.head_dim % group_size)
+    fail("--kv-group-size ", group_size, " does not divide the model's head_dim ", cfg.head_dim,
+         " (groups run along each head, as in mlx-lm)");
+  if (quantized_start < 0) fail("--quantized-kv-start ", quantized_start, " is negative");
+}
+
+uint64_t KvFormat::bytes(const TextConfig& cfg, int64_t rows) const {
+  const uint64_t width = uint64_t(cfg.num_kv_heads) * uint64_t(cfg.head_dim);
+  const uint64_t f16_rows = quantized() ? uint64_t(std::min(rows, quantized_start)) : uint64_t(rows);
+  const uint64_t q_rows = uint64_t(rows) - f16_rows;
+  const uint64_t q_row_bytes = quantized() ? width * uint64_t(bits) / 8 + width / uint64_t(group_size) * 4 : 0;
+  return 2 * uint64_t(cfg.num_layers) * (f16_rows * width * 2 + q_rows * q_row_bytes);
+}
+
+KvCache KvCache::create(gpu::Context& ctx, const TextConfig& cfg, int64_t rows, const KvFormat& format) {
+  format.check(cfg);
   KvCache c;
   c.rows = rows;
+  c.format = format;
   const int64_t width = int64_t(cfg.num_kv_heads) * cfg.head_dim;
+  const int64_t f16_rows = format.quantized() ? std::min(rows, format.quantized_start) : rows;
+  const int64_t q_rows = rows - f16_rows;
+  auto segments = [&](const std::string& name) {
+    gpu::KvRows r;
+    if (f16_rows > 0) r.push_back(gpu::Mat::of(ctx.tensor(gpu::DType::F16, {f16_rows, width}, name)));
+    if (q_rows > 0) {
+      gpu::Tensor data = ctx.tensor(gpu::DType::U32, {q_rows, width * format.bits / 32}, name + " quantized");
+      gpu::Tensor params = ctx.tensor(gpu::DType::U32, {q_rows, width / format.group_size}, name + " scales and biases");
+      r.push_back(gpu::KvMat::quantized(data, params, format.bits, format.group_size, width));
+    }
+    return r;
+  };
   for (int64_t l = 0; l < cfg.num_layers; ++l) {
-    c.k.push_back(ctx.tensor(gpu::DType::F16, {rows, width}, "kv cache k" + std::to_string(l)));
-    c.v.push_back(ctx.tensor(gpu::DType::F16, {rows, width}, "kv cache v" + std::to_string(l)));
+    c.k.push_back(segments("kv cache k" + std::to_string(l)));
+    c.v.push_back(segments("kv cache v" + std::to_string(l)));
   }
   return c;
 }
 
 uint64_t KvCache::bytes() const {
   uint64_t b = 0;
-  for (auto& t : k) b += t.bytes();
-  for (auto& t : v) b += t.bytes();
+  for (const auto* side : {&k, &v})
+    for (const gpu::KvRows& layer : *side)
+      for (const gpu::KvMat& seg : layer) b += seg.data.t.bytes() + (seg.bits ? seg.params.t.bytes() : 0);
   return b;
 }
 
@@ -148,7 +197,7 @@ void LanguageModel::forward(gpu::Recorder& rec, const KvCache& cache, const Mat&
     gpu::rope(rec, k, KV, D, cfg_.rope.rot_dim, gpu::RopeMode::RotateHalf, rope_table, rows.positions, rows.positions_row, sections);
     gpu::kv_append(rec, k, cache.k[l], rows.kv_row, rows.kv_row_index);
     gpu::kv_append(rec, v, cache.v[l], rows.kv_row, rows.kv_row_index);
-    gpu::attention(rec, q, Mat::of(cache.k[l]), Mat::of(cache.v[l]), attn, rows.kv_row, rows.kv_row_index, ap, var);
+    gpu::attention(rec, q, cache.k[l], cache.v[l], attn, rows.kv_row, rows.kv_row_index, ap, var);
     L.o.run(rec, attn, x, /*accumulate=*/true, var);  // x += attn W_o^T
     gpu::rmsnorm(rec, x, L.ffn_norm, eps, cfg_.norm_plus_one, h);
     for (int64_t r0 = 0; r0 < T; r0 += mlp_rows) {

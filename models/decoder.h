@@ -15,13 +15,34 @@
 
 namespace vkvlm {
 
-// The KV cache of one session, f16 on the GPU: per layer K and V of [rows, kv_heads * head_dim].
-// Rows are storage slots; a token's RoPE position is separate data.
+// How a KV cache stores K and V (--kv-bits, --kv-group-size, --quantized-kv-start): f16, or
+// MLX affine quantization in groups along each head (mlx-lm's QuantizedKVCache), with the rows
+// below quantized_start kept in f16.
+struct KvFormat {
+  int bits = 16;  // 16: f16; 8 or 4: quantized
+  int group_size = 64;
+  int64_t quantized_start = 0;
+
+  bool quantized() const { return bits != 16; }
+  // "f16", "q8 group 64", "q4 group 32 after 256 f16 rows": what `vkvlm info` and errors print.
+  std::string describe() const;
+  // The prompt-cache file's kv_dtype: "f16", "q8g64", "q4g32s256".
+  std::string tag() const;
+  // Throws, naming the flag, unless the model's heads can be stored this way.
+  void check(const TextConfig& cfg) const;
+  // Device bytes of `rows` rows of one session's cache (all layers, K and V).
+  uint64_t bytes(const TextConfig& cfg, int64_t rows) const;
+};
+
+// The KV cache of one session on the GPU: per layer K and V of [rows, kv_heads * head_dim], as
+// one f16 segment or f16 rows then quantized rows (gpu::KvRows). Rows are storage slots; a
+// token's RoPE position is separate data.
 struct KvCache {
   int64_t rows = 0;
-  std::vector<gpu::Tensor> k, v;
+  KvFormat format;
+  std::vector<gpu::KvRows> k, v;  // per layer
 
-  static KvCache create(gpu::Context& ctx, const TextConfig& cfg, int64_t rows);
+  static KvCache create(gpu::Context& ctx, const TextConfig& cfg, int64_t rows, const KvFormat& format = {});
   uint64_t bytes() const;
 };
 

@@ -246,7 +246,7 @@ Prompt Model::build_raw_prompt(const std::string& text) const {
   return b.finish(text, {});
 }
 
-std::string Model::info(int64_t context_tokens) const {
+std::string Model::info(int64_t context_tokens, const KvFormat& kv_format) const {
   std::ostringstream os;
   const auto& t = cfg_.text;
   auto gb = [](uint64_t b) {
@@ -274,8 +274,20 @@ std::string Model::info(int64_t context_tokens) const {
   if (cfg_.quantization.spec.bits)
     os << "checkpoint quantization: MLX " << cfg_.quantization.spec.bits << "-bit, group " << cfg_.quantization.spec.group_size
        << "\n";
-  const uint64_t kv = uint64_t(t.num_layers) * 2 * uint64_t(context_tokens) * uint64_t(t.num_kv_heads) * uint64_t(t.head_dim) * 2;
-  os << "KV cache: " << gb(kv) << " for " << context_tokens << " tokens (f16)\n";
+  kv_format.check(t);
+  const uint64_t kv = kv_format.bytes(t, context_tokens);
+  os << "KV cache: " << gb(kv) << " for " << context_tokens << " tokens (" << kv_format.describe() << "; "
+     << kv_format.bytes(t, 1) << " bytes per token)\n";
+  os << "KV cache per setting (--kv-bits, --kv-group-size):";
+  for (int bits : {16, 8, 4})
+    for (int group : {64, 32}) {
+      KvFormat f;
+      f.bits = bits;
+      f.group_size = group;
+      if ((bits == 16 && group == 32) || (f.quantized() && t.head_dim % group)) continue;
+      os << (bits == 16 ? " " : ", ") << f.describe() << " " << gb(f.bytes(t, context_tokens));
+    }
+  os << "\n";
   os << "memory needed: about " << gb(weight_bytes() + kv) << " plus activations\n";
   os << "tokenizer: " << tok_->vocab_size() << " tokens; chat template: " << (template_.available() ? "yes" : "no") << "\n";
   return os.str();
@@ -334,7 +346,7 @@ void check_draft_model(const Model& target, const Model& draft) {
            " in the model: a draft must share the model's vocabulary", names());
 }
 
-Session::Session(Model& model, int64_t context_tokens, bool rotating)
+Session::Session(Model& model, int64_t context_tokens, bool rotating, const KvFormat& kv)
     : model_(model), ctx_(model.context()), rotating_(rotating) {
   const auto& t = model.config().text;
   if (context_tokens < 2 || context_tokens > (int64_t(1) << 30))
@@ -347,7 +359,7 @@ Session::Session(Model& model, int64_t context_tokens, bool rotating)
   // Like the reference, positions past max_position_embeddings are allowed (RoPE extends to
   // them); the CLI warns when a context goes beyond what the model was trained for.
   capacity_ = context_tokens;
-  cache_ = KvCache::create(ctx_, t, capacity_);
+  cache_ = KvCache::create(ctx_, t, capacity_, kv);
   kv_row_ = ctx_.host_tensor(gpu::DType::I32, {2}, "kv row", gpu::MemoryKind::Upload);
   positions_ = ctx_.host_tensor(gpu::DType::I32, {1, t.rope.positions_per_token()}, "positions", gpu::MemoryKind::Upload);
   token_ = ctx_.host_tensor(gpu::DType::I32, {1}, "token", gpu::MemoryKind::Upload);

@@ -123,7 +123,7 @@ class Model {
   Prompt build_raw_prompt(const std::string& text) const;
 
   // One line per fact: architecture, sizes, processor, image tokens, quantization, memory.
-  std::string info(int64_t context_tokens) const;
+  std::string info(int64_t context_tokens, const KvFormat& kv_format = {}) const;
   uint64_t weight_bytes() const;
   // Identity of what this model computes, for prompt caches: config.json, every tensor's name,
   // dtype, shape and samples of its bytes, the tokenizer and the load-time quantization.
@@ -161,11 +161,14 @@ class Session {
   // RotatingKVCache, --max-kv-size): once the rows are full, generation goes on, each new token
   // taking the row of the oldest one after the first `kRotatingKeep`; until then nothing differs.
   // The prompt must fit; a conversation that wrapped is recomputed on the next turn.
-  Session(Model& model, int64_t context_tokens, bool rotating = false);
+  // `kv`: how the cache stores K and V (f16, or quantized: --kv-bits).
+  Session(Model& model, int64_t context_tokens, bool rotating = false, const KvFormat& kv = {});
   static constexpr int64_t kRotatingKeep = 4;
   ~Session();
 
   int64_t context_tokens() const { return capacity_; }
+  const KvFormat& kv_format() const { return cache_.format; }
+  uint64_t kv_bytes() const { return cache_.bytes(); }
   // Generates a continuation of prompt. KV rows shared with the previous call's prompt and
   // output are reused. Throws (before touching the cache) when the prompt does not fit.
   // With a draft (or params.lookup_ngram), speculative decoding: greedy tokens are identical to

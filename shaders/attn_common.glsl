@@ -1,7 +1,9 @@
 // Parameters and K/V access shared by the attention kernels.
 //
 // q, o: f32 rows [T, H * D] with row strides; K, V: rows [keys, HKV * D] in f16 (the KV cache,
-// read as packed words) or f32 (vision, straight from the QKV projection). Query t of this
+// read as packed words), in MLX affine quantization (KV_Q4, KV_Q8: packed values, and one word
+// of (scale, bias) halves per group of group_size values) or f32 (vision, straight from the QKV
+// projection). Query t of this
 // dispatch is token q_t0 + t of the forward pass, stored at KV row first + q_t0 + t, where first
 // is read from the row buffer. Masks work on KV rows (not RoPE positions). Keys j in
 // [key_begin, key_end) are bound, the first at k_off/v_off; keys at or past first + T_total do
@@ -23,6 +25,7 @@ layout(push_constant) uniform Params {
   uint split_size;  // keys per workgroup (attn_rows)
   uint prefix_end;  // prefix-LM: keys below it are visible to every query despite causality
   uint block;       // block-diagonal: key j is visible from row i only when j / block == i / block (0: off)
+  uint kp_off, kp_stride, vp_off, vp_stride, group_size;  // quantized K/V: the (scale, bias) words
 } p;
 
 layout(binding = 0) readonly buffer QBuf { float qs[]; };
@@ -36,6 +39,31 @@ float k_at(uint j, uint kvh, uint d) {
 float v_at(uint j, uint kvh, uint d) {
   uint i = p.v_off + (j - p.key_begin) * p.v_stride + kvh * D + d;
   return unpackHalf2x16(vs[i >> 1])[i & 1u];
+}
+#elif defined(KV_Q4) || defined(KV_Q8)
+#if defined(KV_Q4)
+const uint KV_BITS = 4u;
+#else
+const uint KV_BITS = 8u;
+#endif
+const uint KV_PER_WORD = 32u / KV_BITS;
+layout(binding = 1) readonly buffer KBuf { uint ks[]; };
+layout(binding = 2) readonly buffer VBuf { uint vs[]; };
+layout(binding = 6) readonly buffer KParamBuf { uint kps[]; };
+layout(binding = 7) readonly buffer VParamBuf { uint vps[]; };
+// Element e of a row, from the word holding it and its group's (scale, bias).
+float kv_dequant(uint word, uint params, uint e) {
+  const float q = float((word >> (KV_BITS * (e % KV_PER_WORD))) & ((1u << KV_BITS) - 1u));
+  const vec2 sb = unpackHalf2x16(params);
+  return sb.x * q + sb.y;
+}
+float k_at(uint j, uint kvh, uint d) {
+  const uint r = j - p.key_begin, e = kvh * D + d;
+  return kv_dequant(ks[p.k_off + r * p.k_stride + e / KV_PER_WORD], kps[p.kp_off + r * p.kp_stride + e / p.group_size], e);
+}
+float v_at(uint j, uint kvh, uint d) {
+  const uint r = j - p.key_begin, e = kvh * D + d;
+  return kv_dequant(vs[p.v_off + r * p.v_stride + e / KV_PER_WORD], vps[p.vp_off + r * p.vp_stride + e / p.group_size], e);
 }
 #else
 layout(binding = 1) readonly buffer KBuf { float ks[]; };

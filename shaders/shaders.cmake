@@ -44,6 +44,8 @@ vkvlm_shader(layernorm norm.comp LAYER)
 # Position encoding and the KV cache.
 vkvlm_shader(rope rope.comp)
 vkvlm_shader(kv_append kv_append.comp)
+vkvlm_shader(kv_append_q4 kv_append.comp KV_Q4)
+vkvlm_shader(kv_append_q8 kv_append.comp KV_Q8)
 
 # Attention.
 vkvlm_shader(attn_tiled_kv16 attn_tiled.comp KV_F16)
@@ -52,6 +54,12 @@ vkvlm_shader(attn_rows_kv16_sg attn_rows.comp KV_F16 USE_SUBGROUP)
 vkvlm_shader(attn_rows_kv16 attn_rows.comp KV_F16)
 vkvlm_shader(attn_rows_kv32_sg attn_rows.comp KV_F32 USE_SUBGROUP)
 vkvlm_shader(attn_rows_kv32 attn_rows.comp KV_F32)
+foreach(q q4 q8)
+  string(TOUPPER ${q} Q)
+  vkvlm_shader(attn_tiled_${q} attn_tiled.comp KV_${Q})
+  vkvlm_shader(attn_rows_${q}_sg attn_rows.comp KV_${Q} USE_SUBGROUP)
+  vkvlm_shader(attn_rows_${q} attn_rows.comp KV_${Q})
+endforeach()
 vkvlm_shader(attn_merge attn_merge.comp)
 
 # Element-wise glue, gathers, conversions.

@@ -329,24 +329,11 @@ std::string attn_name(const testing::TestParamInfo<AttnCase>& info) {
   return os.str();
 }
 
-class AttentionTest : public testing::TestWithParam<AttnCase> {};
-
-TEST_P(AttentionTest, CacheMatchesReference) {
-  const auto& c = GetParam();
-  const int64_t cap = c.n_past + c.T + 9;  // cache capacity beyond the keys in use
+// softmax(q k^T * scale + mask) v in double over the cache rows kr, vr [rows, HKV * D].
+std::vector<double> attention_reference(const AttnCase& c, const std::vector<float>& qv, const std::vector<float>& kr,
+                                        const std::vector<float>& vr) {
   const int64_t qd = int64_t(c.H) * c.D, kvd = int64_t(c.HKV) * c.D;
-  auto qv = random_floats(size_t(c.T * qd), 1, -2, 2);
-  auto kn = random_floats(size_t(c.T * kvd), 2, -2, 2), vn = random_floats(size_t(c.T * kvd), 3);
-  auto kold = random_floats(size_t(cap * kvd), 4, -2, 2), vold = random_floats(size_t(cap * kvd), 5);
-  std::vector<float> kr, vr;
-  Tensor kc = upload_f16(kold, {cap, kvd}, &kr), vc = upload_f16(vold, {cap, kvd}, &vr);
-  // What the cache holds after the append: new rows rounded to f16.
-  for (int64_t t = 0; t < c.T; ++t)
-    for (int64_t j = 0; j < kvd; ++j) {
-      kr[size_t((c.n_past + t) * kvd + j)] = f16_to_f32(f32_to_f16(kn[size_t(t * kvd + j)]));
-      vr[size_t((c.n_past + t) * kvd + j)] = f16_to_f32(f32_to_f16(vn[size_t(t * kvd + j)]));
-    }
-  const float scale = 1.0f / std::sqrt(float(c.D));
+  const double scale = 1.0 / std::sqrt(double(c.D));
   std::vector<double> want(size_t(c.T * qd));
   for (int64_t t = 0; t < c.T; ++t)
     for (int h = 0; h < c.H; ++h) {
@@ -372,20 +359,46 @@ TEST_P(AttentionTest, CacheMatchesReference) {
         want[size_t(t * qd + h * c.D + e)] = o / sum;
       }
     }
+  return want;
+}
 
-  Tensor q = upload_f32(qv, {c.T, qd}), knew = upload_f32(kn, {c.T, kvd}), vnew = upload_f32(vn, {c.T, kvd});
-  Tensor step = upload_i32({int32_t(c.n_past), int32_t(c.rotating_rows)}, "step");
+gpu::AttentionParams attention_params(const AttnCase& c) {
   gpu::AttentionParams ap;
   ap.heads = c.H;
   ap.kv_heads = c.HKV;
   ap.head_dim = c.D;
   ap.causal = c.causal;
   ap.window = c.window;
-  ap.scale = scale;
+  ap.scale = float(1.0 / std::sqrt(double(c.D)));
   ap.T_total = c.T;
   ap.prefix_end = c.prefix_end;
   ap.block = c.block;
   ap.rotating = c.rotating_rows > 0;
+  return ap;
+}
+
+class AttentionTest : public testing::TestWithParam<AttnCase> {};
+
+TEST_P(AttentionTest, CacheMatchesReference) {
+  const auto& c = GetParam();
+  const int64_t cap = c.n_past + c.T + 9;  // cache capacity beyond the keys in use
+  const int64_t qd = int64_t(c.H) * c.D, kvd = int64_t(c.HKV) * c.D;
+  auto qv = random_floats(size_t(c.T * qd), 1, -2, 2);
+  auto kn = random_floats(size_t(c.T * kvd), 2, -2, 2), vn = random_floats(size_t(c.T * kvd), 3);
+  auto kold = random_floats(size_t(cap * kvd), 4, -2, 2), vold = random_floats(size_t(cap * kvd), 5);
+  std::vector<float> kr, vr;
+  Tensor kc = upload_f16(kold, {cap, kvd}, &kr), vc = upload_f16(vold, {cap, kvd}, &vr);
+  // What the cache holds after the append: new rows rounded to f16.
+  for (int64_t t = 0; t < c.T; ++t)
+    for (int64_t j = 0; j < kvd; ++j) {
+      kr[size_t((c.n_past + t) * kvd + j)] = f16_to_f32(f32_to_f16(kn[size_t(t * kvd + j)]));
+      vr[size_t((c.n_past + t) * kvd + j)] = f16_to_f32(f32_to_f16(vn[size_t(t * kvd + j)]));
+    }
+  const std::vector<double> want = attention_reference(c, qv, kr, vr);
+
+  Tensor q = upload_f32(qv, {c.T, qd}), knew = upload_f32(kn, {c.T, kvd}), vnew = upload_f32(vn, {c.T, kvd});
+  Tensor step = upload_i32({int32_t(c.n_past), int32_t(c.rotating_rows)}, "step");
+  const gpu::AttentionParams ap = attention_params(c);
   for (bool sg : subgroup_settings()) {
     Tensor kcache = upload_f16(kold, {cap, kvd}), vcache = upload_f16(vold, {cap, kvd});
     Tensor out = poisoned_f32({c.T, qd});
@@ -435,6 +448,149 @@ std::vector<AttnCase> attn_cases() {
 }
 
 INSTANTIATE_TEST_SUITE_P(Kernels, AttentionTest, testing::ValuesIn(attn_cases()), attn_name);
+
+// ---------------------------------------------------------------------------------------------
+// quantized KV cache (--kv-bits): kv_append quantizing rows as MLX's affine_quantize does, and
+// attention reading the packed rows, after `f16_rows` rows kept in f16.
+
+struct QuantKvCase {
+  AttnCase attn;
+  int bits, group;
+  int64_t f16_rows;
+};
+
+std::string quant_kv_name(const testing::TestParamInfo<QuantKvCase>& info) {
+  const auto& c = info.param;
+  std::ostringstream os;
+  os << "q" << c.bits << "g" << c.group << "_f16rows" << c.f16_rows << "_"
+     << attn_name(testing::TestParamInfo<AttnCase>(c.attn, info.index));
+  return os.str();
+}
+
+// One group quantized on the host as MLX's affine_quantize (mlx/ops.cpp): the endpoint of
+// larger magnitude is the bias, exactly; the scale spans the range in 2^bits - 1 steps; both
+// stored as f16. Returns the codes and writes what they dequantize to.
+std::vector<int> mlx_quantize_group(const float* x, int n, int bits, float* dequantized, float* scale_out) {
+  const double n_bins = double((1 << bits) - 1);
+  double lo = x[0], hi = x[0];
+  for (int i = 1; i < n; ++i) lo = std::min<double>(lo, x[i]), hi = std::max<double>(hi, x[i]);
+  const bool low_edge = std::abs(lo) > std::abs(hi);
+  double scale = std::max((hi - lo) / n_bins, 1e-7);
+  if (!low_edge) scale = -scale;
+  const double edge = low_edge ? lo : hi;
+  const double q0 = std::nearbyint(edge / scale);
+  double bias = 0;
+  if (q0 != 0) scale = edge / q0, bias = edge;
+  const float s16 = f16_to_f32(f32_to_f16(float(scale))), b16 = f16_to_f32(f32_to_f16(float(bias)));
+  std::vector<int> q(size_t(n), 0);
+  for (int i = 0; i < n; ++i) {
+    q[size_t(i)] = int(std::clamp(std::nearbyint((double(x[i]) - b16) / s16), 0.0, n_bins));
+    dequantized[i] = s16 * float(q[size_t(i)]) + b16;
+  }
+  *scale_out = s16;
+  return q;
+}
+
+class QuantizedKvTest : public testing::TestWithParam<QuantKvCase> {};
+
+TEST_P(QuantizedKvTest, AppendAndAttentionMatchReference) {
+  const auto& qc = GetParam();
+  const AttnCase& c = qc.attn;
+  const int64_t cap = c.n_past + c.T + 9;
+  const int64_t qd = int64_t(c.H) * c.D, kvd = int64_t(c.HKV) * c.D;
+  const int64_t q_rows = cap - qc.f16_rows, words = kvd * qc.bits / 32, groups = kvd / qc.group;
+  auto qv = random_floats(size_t(c.T * qd), 1, -2, 2);
+  auto kn = random_floats(size_t(c.T * kvd), 2, -2, 2), vn = random_floats(size_t(c.T * kvd), 3);
+  auto kold = random_floats(size_t(cap * kvd), 4, -2, 2), vold = random_floats(size_t(cap * kvd), 5);
+  // What the cache holds: every row as written (old rows, then the new ones over rows n_past..),
+  // each f16 below f16_rows and quantized from there.
+  std::vector<float> kin = kold, vin = vold;
+  std::copy(kn.begin(), kn.end(), kin.begin() + c.n_past * kvd);
+  std::copy(vn.begin(), vn.end(), vin.begin() + c.n_past * kvd);
+  std::vector<float> kr(kin.size()), vr(vin.size());
+  std::vector<std::vector<int>> kq(size_t(cap * groups)), vq(size_t(cap * groups));  // codes per group
+  std::vector<float> kscale(size_t(cap * groups)), vscale(size_t(cap * groups));
+  for (int64_t r = 0; r < cap; ++r)
+    for (int64_t g = 0; g < groups; ++g) {
+      const size_t at = size_t(r * kvd + g * qc.group), gi = size_t(r * groups + g);
+      if (r < qc.f16_rows) {
+        for (int i = 0; i < qc.group; ++i) {
+          kr[at + i] = f16_to_f32(f32_to_f16(kin[at + i]));
+          vr[at + i] = f16_to_f32(f32_to_f16(vin[at + i]));
+        }
+      } else {
+        kq[gi] = mlx_quantize_group(&kin[at], qc.group, qc.bits, &kr[at], &kscale[gi]);
+        vq[gi] = mlx_quantize_group(&vin[at], qc.group, qc.bits, &vr[at], &vscale[gi]);
+      }
+    }
+  const std::vector<double> want = attention_reference(c, qv, kr, vr);
+
+  Tensor q = upload_f32(qv, {c.T, qd}), kall = upload_f32(kold, {cap, kvd}), vall = upload_f32(vold, {cap, kvd});
+  Tensor knew = upload_f32(kn, {c.T, kvd}), vnew = upload_f32(vn, {c.T, kvd});
+  Tensor zero = upload_i32({0}, "zero");
+  Tensor step = upload_i32({int32_t(c.n_past), int32_t(c.rotating_rows)}, "step");
+  const gpu::AttentionParams ap = attention_params(c);
+  auto cache = [&](const char* name) {
+    gpu::KvRows rows;
+    if (qc.f16_rows) rows.push_back(Mat::of(ctx().tensor(gpu::DType::F16, {qc.f16_rows, kvd}, name)));
+    rows.push_back(gpu::KvMat::quantized(ctx().tensor(gpu::DType::U32, {q_rows, words}, name),
+                                         ctx().tensor(gpu::DType::U32, {q_rows, groups}, name), qc.bits, qc.group, kvd));
+    return rows;
+  };
+  for (bool sg : subgroup_settings()) {
+    const gpu::KvRows kcache = cache("k"), vcache = cache("v");
+    Tensor out = poisoned_f32({c.T, qd});
+    Variant v;
+    v.subgroup = sg;
+    v.attention = c.path;
+    v.keys_per_split = c.keys_per_split;
+    run([&](gpu::Recorder& rec) {
+      gpu::kv_append(rec, Mat::of(kall), kcache, zero, 0);
+      gpu::kv_append(rec, Mat::of(vall), vcache, zero, 0);
+      gpu::kv_append(rec, Mat::of(knew), kcache, step, 0);
+      gpu::kv_append(rec, Mat::of(vnew), vcache, step, 0);
+      gpu::attention(rec, Mat::of(q), kcache, vcache, Mat::of(out), step, 0, ap, v);
+    });
+    EXPECT_LE(nmse(ctx().read<float>(out), want), kTolF16) << "subgroup=" << sg;
+
+    // The stored codes and (scale, bias) words, against the host's quantization: a code may
+    // differ by one step where a value falls on a rounding tie (f32 on the GPU).
+    const gpu::KvMat& seg = kcache.back();
+    const auto data = ctx().read<uint32_t>(seg.data.t), params = ctx().read<uint32_t>(seg.params.t);
+    int64_t differing = 0, total = 0;
+    for (int64_t r = 0; r < q_rows; ++r)
+      for (int64_t g = 0; g < groups; ++g) {
+        const size_t gi = size_t((qc.f16_rows + r) * groups + g);
+        const uint32_t pw = params[size_t(r * groups + g)];
+        EXPECT_NEAR(f16_to_f32(uint16_t(pw & 0xffff)), kscale[gi], std::abs(kscale[gi]) * 2e-3) << "row " << r << " group " << g;
+        for (int i = 0; i < qc.group; ++i) {
+          const int64_t e = g * qc.group + i;
+          const uint32_t word = data[size_t(r * words + e * qc.bits / 32)];
+          const int code = int((word >> (qc.bits * (e % (32 / qc.bits)))) & ((1u << qc.bits) - 1));
+          ASSERT_LE(std::abs(code - kq[gi][size_t(i)]), 1);
+          differing += code != kq[gi][size_t(i)];
+          ++total;
+        }
+      }
+    EXPECT_LE(differing, total / 100) << differing << " of " << total << " codes differ from the host's";
+  }
+}
+
+std::vector<QuantKvCase> quant_kv_cases() {
+  std::vector<QuantKvCase> out;
+  for (auto path : {Variant::Attention::Tiled, Variant::Attention::Rows})
+    for (int bits : {4, 8}) {
+      out.push_back({{1, 37, 4, 2, 128, true, 0, path, 0}, bits, 64, 0});
+      out.push_back({{17, 5, 4, 1, 64, true, 0, path, 0}, bits, 32, 0});
+      out.push_back({{3, 20, 2, 2, 64, true, 0, path, 0}, bits, 32, 7});  // f16 rows, then quantized
+    }
+  // Split over workgroups, across the f16/quantized boundary; a rotating cache.
+  out.push_back({{1, 300, 2, 1, 64, true, 0, Variant::Attention::Rows, 64}, 8, 64, 100});
+  out.push_back({{1, 5, 4, 2, 64, true, 0, Variant::Attention::Rows, 0, 0, 0, 15}, 4, 32, 4});
+  return out;
+}
+
+INSTANTIATE_TEST_SUITE_P(Kernels, QuantizedKvTest, testing::ValuesIn(quant_kv_cases()), quant_kv_name);
 
 // Vision attention: non-causal, q/k/v f32 taken from one fused [T, 3 * H * D] projection.
 TEST(AttentionVision, FusedQkvF32NonCausal) {

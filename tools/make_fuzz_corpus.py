@@ -102,15 +102,22 @@ def safetensors_seeds():
 # ---- configs -----------------------------------------------------------------------------------
 
 def prompt_cache_seeds():
-    """Prompt caches as vkvlm cache-prompt writes them (2 layers of width 8), and near misses."""
-    def cache(rows, meta_overrides=None, drop=None):
+    """Prompt caches as vkvlm cache-prompt writes them (2 layers of width 8 in f16, or of width 64
+    as 3 f16 rows then 4-bit rows in groups of 32), and near misses."""
+    def cache(rows, meta_overrides=None, drop=None, quantized=False):
         meta = {"format": "vkvlm-prompt-cache", "version": "1", "model": "m", "model_fingerprint": "0123456789abcdef",
-                "kv_dtype": "f16", "layers": "2", "kv_width": "8", "rows": str(rows), "prefix_end": "0",
-                "rope_long_factors": "0", "images": "", "prompt": "USER: hi"}
+                "kv_dtype": "q4g32s3" if quantized else "f16", "layers": "2", "kv_width": "64" if quantized else "8",
+                "rows": str(rows), "prefix_end": "0", "rope_long_factors": "0", "images": "", "prompt": "USER: hi"}
         meta.update(meta_overrides or {})
         tensors = [("ids", "I32", [rows], 4), ("keys", "U64", [rows], 8), ("positions", "I32", [rows, 1], 4)]
         for layer in range(2):
-            tensors += [(f"k.{layer}", "F16", [rows, 8], 2), (f"v.{layer}", "F16", [rows, 8], 2)]
+            for side in "kv":
+                if not quantized:
+                    tensors.append((f"{side}.{layer}", "F16", [rows, 8], 2))
+                    continue
+                tensors.append((f"{side}.{layer}", "F16", [min(rows, 3), 64], 2))
+                if rows > 3:
+                    tensors += [(f"{side}.{layer}.q", "U32", [rows - 3, 8], 4), (f"{side}.{layer}.qp", "U32", [rows - 3, 2], 4)]
         header, data = {"__metadata__": meta}, b""
         for name, dtype, shape, size in tensors:
             if name == drop:
@@ -128,6 +135,8 @@ def prompt_cache_seeds():
     write("prompt_cache", "q8", cache(2, {"kv_dtype": "q8"}))
     write("prompt_cache", "too_long", cache(70))
     write("prompt_cache", "missing_v1", cache(4, drop="v.1"))
+    write("prompt_cache", "quantized", cache(6, quantized=True))
+    write("prompt_cache", "quantized_missing_params", cache(6, quantized=True, drop="k.1.qp"))
 
 
 def config_seeds():

@@ -70,6 +70,17 @@ vkvlm_session* vkvlm_session_new(vkvlm_engine* engine, int64_t context_tokens, c
 /* A session whose KV cache of max_kv_size tokens rotates: generation goes on past it, keeping
  * the first 4 tokens and the most recent ones; identical to vkvlm_session_new until it fills. */
 vkvlm_session* vkvlm_session_new_rotating(vkvlm_engine* engine, int64_t max_kv_size, char** error);
+/* A session whose KV cache stores K and V quantized (mlx-lm's --kv-bits): kv_bits 4 or 8 (16:
+ * f16, as vkvlm_session_new), in MLX affine groups of kv_group_size (32, 64 or 128) along each
+ * head; the first quantized_kv_start rows stay f16. max_kv_size > 0 makes it rotate (then
+ * context_tokens is ignored). */
+typedef struct vkvlm_kv_options {
+  int kv_bits, kv_group_size;
+  int64_t quantized_kv_start;
+  int64_t max_kv_size;
+} vkvlm_kv_options;
+vkvlm_session* vkvlm_session_new_kv(vkvlm_engine* engine, int64_t context_tokens, const vkvlm_kv_options* options,
+                                    char** error);
 void vkvlm_session_free(vkvlm_session* session);
 
 /* messages_json: a JSON array of {"role", "content"} messages; content is a string or a list of

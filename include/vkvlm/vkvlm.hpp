@@ -43,6 +43,14 @@ struct EngineOptions {
   std::string draft_model;
 };
 
+// A conversation's KV cache: f16 (bits 16), or MLX affine quantization (bits 4 or 8) in groups of
+// group_size (32, 64, 128) along each head, the first quantized_start rows kept in f16.
+struct KvCacheOptions {
+  int bits = 16;
+  int group_size = 64;
+  int64_t quantized_start = 0;
+};
+
 struct GenerateOptions {
   int max_tokens = 256;
   float temperature = 0.0f;  // 0: greedy
@@ -111,7 +119,8 @@ class Chat {
  public:
   // rotating: a cache of context_tokens rows that generation goes on past, keeping the first 4
   // tokens and the most recent ones (mlx-lm's --max-kv-size); identical until it fills.
-  Chat(Engine& engine, int64_t context_tokens, bool rotating = false);
+  // kv: how the cache stores K and V (quantized: mlx-lm's --kv-bits).
+  Chat(Engine& engine, int64_t context_tokens, bool rotating = false, const KvCacheOptions& kv = {});
   ~Chat();
   Chat(const Chat&) = delete;
   Chat& operator=(const Chat&) = delete;
