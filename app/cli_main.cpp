@@ -257,6 +257,10 @@ int cmd_generate(int argc, char** argv) {
       j["draft_tokens"] = r.draft_tokens;
       j["accepted_tokens"] = r.accepted_tokens;
     }
+    j["kv_cache"] = {{"format", session.kv_format().describe()},
+                     {"rows", session.context_tokens()},
+                     {"bytes", session.kv_bytes()},
+                     {"rotating", f.has("max-kv-size")}};
     j["timings"] = {{"prompt_tokens", r.prompt_tokens.size()},
                     {"cached_prompt_tokens", r.cached_tokens},
                     {"computed_prompt_tokens", r.prefill_tokens},

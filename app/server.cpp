@@ -237,6 +237,7 @@ class Server {
           draft_sessions_.push_back(std::make_unique<Session>(*draft_model_, opt_.context_tokens));
       }
       last_used_.assign(sessions_.size(), 0);
+      for (auto& s : sessions_) kv_bytes_ += s->kv_bytes();
       ready_ = true;
       std::fprintf(stderr, "vkvlm serve: model %s ready on %s\n", opt_.model_name.c_str(), ctx_->profile().device_name.c_str());
     } catch (const std::exception& e) {
@@ -278,6 +279,9 @@ class Server {
        << metrics_.queued.load() << "\n";
     os << "# HELP vkvlm_requests_in_flight Requests admitted and not yet answered.\n# TYPE vkvlm_requests_in_flight gauge\n"
        << "vkvlm_requests_in_flight " << metrics_.in_flight.load() << "\n";
+    os << "# HELP vkvlm_kv_cache_bytes Device memory of the conversation slots' KV caches, by how they store K and V.\n"
+       << "# TYPE vkvlm_kv_cache_bytes gauge\nvkvlm_kv_cache_bytes{format=\"" << opt_.kv_format.describe() << "\"} "
+       << kv_bytes_.load() << "\n";
     return os.str();
   }
 
@@ -548,6 +552,7 @@ class Server {
   std::vector<uint64_t> last_used_;  // per slot, for least-recently-used eviction (under the GPU turn)
   uint64_t use_clock_ = 0;
   std::atomic<bool> ready_{false}, load_failed_{false}, stop_{false};
+  std::atomic<uint64_t> kv_bytes_{0};  // of all slots, once loaded
   int64_t started_ = 0;
   FifoTurns turns_;
   Metrics metrics_;

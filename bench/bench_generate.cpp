@@ -1,6 +1,8 @@
 // Generation with and without speculative decoding on one conversation: decode tokens/s plain,
 // with a draft model and with prompt lookup, the drafts' acceptance, whether the tokens agree
-// (greedy speculative decoding must change nothing), and the KV cache's bytes per token.
+// (greedy speculative decoding must change nothing); and for each KV cache type (f16, and
+// quantized with 8 and 4 bits in groups of 64 and 32 where they divide the heads) its bytes per
+// token, decode tokens/s and whether the greedy tokens are the f16 cache's.
 //   vkvlm-bench-generate --model DIR [--draft-model DIR] [--lookup-ngram N] [--num-draft-tokens N]
 //                        [--image PATH] [--prompt TEXT] [--max-tokens N] [--reps N] [--json]
 #include <algorithm>
@@ -81,13 +83,13 @@ int run(int argc, char** argv) {
   params.num_draft_tokens = a.draft_tokens;
 
   std::vector<int32_t> reference;
-  auto measure = [&](const std::string& mode, const GenerationParams& p, Model* drafter) {
+  auto measure = [&](const std::string& mode, const GenerationParams& p, Model* drafter, const KvFormat& kv = {}) {
     Measured m{mode};
     Prompt draft_prompt;
     if (drafter) draft_prompt = drafter->build_draft_prompt(messages, images);
     for (int r = 0; r < a.reps; ++r) {
       // Fresh sessions: every repetition prefills, so the decode figure is a cold conversation's.
-      Session s(model, context);
+      Session s(model, context, false, kv);
       std::unique_ptr<Session> ds;
       if (drafter) ds = std::make_unique<Session>(*drafter, context);
       const GenerationResult g = s.generate(prompt, p, {}, {}, {ds.get(), drafter ? &draft_prompt : nullptr});
@@ -109,7 +111,17 @@ int run(int argc, char** argv) {
     rows.push_back(measure("lookup " + std::to_string(a.lookup), p, nullptr));
   }
   const auto& t = model.config().text;
-  const int64_t kv_bytes_per_token = int64_t(t.num_layers) * 2 * t.num_kv_heads * t.head_dim * 2;  // K and V, f16
+  // KV cache types: bytes per token (K and V, every layer) and a plain decode with each.
+  std::vector<std::pair<std::string, uint64_t>> kv_types = {{"f16", KvFormat{}.bytes(t, 1)}};
+  for (int bits : {8, 4})
+    for (int group : {64, 32}) {
+      KvFormat kv;
+      kv.bits = bits;
+      kv.group_size = group;
+      if (t.head_dim % group) continue;
+      kv_types.push_back({kv.describe(), kv.bytes(t, 1)});
+      rows.push_back(measure("kv " + kv.describe(), params, nullptr, kv));
+    }
 
   const std::string device = ctx->profile().summary_line();
   if (a.json) {
@@ -118,7 +130,7 @@ int run(int argc, char** argv) {
     j["model"] = a.model;
     j["prompt_tokens"] = prompt.size();
     j["max_tokens"] = a.max_tokens;
-    j["kv_bytes_per_token"] = {{"f16", kv_bytes_per_token}};
+    for (const auto& [name, bytes] : kv_types) j["kv_bytes_per_token"][name] = bytes;
     for (const auto& m : rows)
       j["results"].push_back({{"mode", m.mode}, {"decode_tokens_per_second", m.decode_tps}, {"draft_tokens", m.drafted},
                               {"accepted_tokens", m.accepted}, {"same_tokens_as_plain", m.same_tokens}});
@@ -127,8 +139,9 @@ int run(int argc, char** argv) {
   }
   std::printf("device: %s\nmodel: %s, prompt %lld tokens, %d generated, best of %d\n", device.c_str(), a.model.c_str(),
               (long long)prompt.size(), a.max_tokens, a.reps);
-  std::printf("KV cache: %lld bytes per token (f16 K and V, %lld layers)\n", (long long)kv_bytes_per_token,
-              (long long)t.num_layers);
+  std::printf("KV cache bytes per token (K and V, %lld layers):", (long long)t.num_layers);
+  for (const auto& [name, bytes] : kv_types) std::printf(" %s %llu;", name.c_str(), (unsigned long long)bytes);
+  std::printf("\n");
   std::printf("%-48s %12s %8s %8s %10s %6s\n", "mode", "decode tok/s", "drafted", "accepted", "acceptance", "same");
   for (const auto& m : rows)
     std::printf("%-48s %12.1f %8lld %8lld %9.0f%% %6s\n", m.mode.c_str(), m.decode_tps, (long long)m.drafted,

@@ -152,6 +152,21 @@ int main(void) {
   err = NULL;
   vkvlm_session_free(rot);
 
+  /* A quantized KV cache (8 bits, the first 4 rows in f16) answers as the f16 one does here; a
+   * group size that does not divide the heads is refused, naming it. */
+  vkvlm_kv_options kv = {8, 64, 4, 0};
+  vkvlm_session* quantized = vkvlm_session_new_kv(e, 512, &kv, &err);
+  CHECK(quantized, "quantized session: %s", err ? err : "");
+  rc = vkvlm_generate(quantized, msgs, images, sizes, 1, &p, NULL, NULL, &text, &err);
+  CHECK(rc == 0 && strcmp(text, "The square is orange.") == 0, "answer from a quantized cache '%s'", text ? text : "");
+  vkvlm_free(text);
+  vkvlm_session_free(quantized);
+  kv.kv_group_size = 128; /* the demo model's heads are 64 wide */
+  CHECK(vkvlm_session_new_kv(e, 512, &kv, &err) == NULL && err && strstr(err, "128") && strstr(err, "head_dim 64"),
+        "a group wider than the heads is refused (%s)", err ? err : "");
+  vkvlm_free(err);
+  err = NULL;
+
   free(png);
   vkvlm_session_free(s);
   vkvlm_engine_free(e);

@@ -155,6 +155,38 @@ TEST(Cli, RotatingCacheAnswersPastItsSize) {
   for (size_t i = 0; i < plain["tokens"].size(); ++i) EXPECT_EQ(rotating["tokens"][i], plain["tokens"][i]) << i;
 }
 
+// --kv-bits: the demo model answers as with the f16 cache (its margins are wide), from a cache
+// of about half (8 bits) and a quarter (4 bits) of the bytes, which --json and info report.
+TEST(Cli, QuantizedKvCacheAnswersFromFewerBytes) {
+  const std::string img = k_demo + "/examples/shapes_1.png";
+  auto run = [&](std::vector<std::string> extra) {
+    std::vector<std::string> args = {"generate", "--prompt", "Describe this image.", "--image", img, "--json", "--ctx", "256"};
+    args.insert(args.end(), extra.begin(), extra.end());
+    CliRun r = vkvlm(args);
+    EXPECT_EQ(r.rc, 0) << r.err;
+    return r.rc == 0 ? nlohmann::json::parse(r.out) : nlohmann::json::object();
+  };
+  const auto plain = run({});
+  const auto q8 = run({"--kv-bits", "8"}), q4 = run({"--kv-bits", "4", "--kv-group-size", "32"});
+  EXPECT_EQ(plain["text"], "An orange circle at the top left and a black circle at the bottom.");
+  EXPECT_EQ(q8["text"], plain["text"]);
+  EXPECT_EQ(q4["text"], plain["text"]);
+  // 4 layers x K and V x 256 rows x 128 values: 2 bytes each; 8 bits + an f16 scale and bias
+  // per 64; 4 bits + the same per 32.
+  const int64_t values = 4 * 2 * 256 * 128;
+  EXPECT_EQ(plain["kv_cache"]["format"], "f16");
+  EXPECT_EQ(plain["kv_cache"]["bytes"].get<int64_t>(), values * 2);
+  EXPECT_EQ(q8["kv_cache"]["format"], "q8 group 64");
+  EXPECT_EQ(q8["kv_cache"]["bytes"].get<int64_t>(), values + values / 64 * 4);
+  EXPECT_EQ(q4["kv_cache"]["format"], "q4 group 32");
+  EXPECT_EQ(q4["kv_cache"]["bytes"].get<int64_t>(), values / 2 + values / 32 * 4);
+  CliRun info = vkvlm({"info", "--ctx", "256", "--kv-bits", "4", "--kv-group-size", "32"});
+  ASSERT_EQ(info.rc, 0) << info.err;
+  for (const char* w : {"KV cache: ", "(q4 group 32; 640 bytes per token)", "KV cache per setting", "f16 ", "q8 group 64 ",
+                        "q4 group 32 "})
+    EXPECT_NE(info.out.find(w), std::string::npos) << w << " in\n" << info.out;
+}
+
 // A model named by its Hugging Face repo id, from a Hugging Face cache (HF_HUB_CACHE) whose
 // snapshot links into blobs/ as huggingface_hub lays it out.
 TEST(Cli, RepoIdsComeFromTheHuggingFaceCache) {
@@ -656,6 +688,10 @@ TEST(Cli, WrongInputsGetOneClearLine) {
       {{"generate", "--prompt", "Describe every shape and every colour in great detail.", "--max-kv-size", "8"}, 1,
        {"rotating KV cache of 8", "--max-kv-size"}},
       {{"generate", "--prompt", "x", "--lookup-ngram", "17"}, 2, {"--lookup-ngram"}},
+      {{"generate", "--prompt", "x", "--kv-bits", "5"}, 2, {"--kv-bits", "4 or 8"}},
+      {{"generate", "--prompt", "x", "--kv-group-size", "32"}, 2, {"--kv-group-size", "--kv-bits"}},
+      {{"generate", "--prompt", "x", "--kv-bits", "8", "--kv-group-size", "48"}, 2, {"--kv-group-size", "32, 64 or 128"}},
+      {{"info", "--model", pali, "--kv-bits", "8", "--kv-group-size", "64"}, 1, {"--kv-group-size 64", "head_dim 32"}},
       {{"generate", "--prompt", "x", "--draft-model", fixtures_dir() + "/qwen2vl-bf16"}, 1, {"draft", "vocabulary", "qwen2vl-bf16"}},
   };
   for (auto& c : cases) {

@@ -99,6 +99,40 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, PromptCache, testing::Values("llava15-f16", "
                            return n;
                          });
 
+// A quantized KV cache (--kv-bits, with f16 rows before --quantized-kv-start) is saved as it is
+// stored and continues exactly; a session storing its KV another way refuses the file by name.
+TEST(PromptCacheQuantized, ContinuesAsComputingTheWholePromptDoes) {
+  Model& model = fixture_model("llava15-f16");
+  const auto c = fixture_case("llava15-f16", "describe");
+  const std::vector<Image> images = case_images(c);
+  const Messages messages = case_messages(c);
+  const Prompt cached = model.build_cacheable_prompt(messages, images);
+  const Prompt full = model.build_prompt(messages, images);
+  KvFormat kv;
+  kv.bits = 8;
+  kv.group_size = 64;
+  kv.quantized_start = 5;  // the first rows in f16, the rest quantized: both kinds of tensor in the file
+  const std::string file = temp_file("quantized.safetensors");
+  {
+    Session writer(model, cached.size() + 1, false, kv);
+    writer.save_prompt_cache(cached, file);
+  }
+  Session fresh(model, full.size() + 16, false, kv), reader(model, full.size() + 16, false, kv);
+  const GenerationResult want = fresh.generate(full, greedy(8));
+  EXPECT_EQ(reader.load_prompt_cache(file).metadata.at("kv_dtype"), "q8g64s5");
+  const GenerationResult got = reader.generate(full, greedy(8));
+  EXPECT_EQ(got.cached_tokens, cached.size());
+  expect_same_run(got, want);
+
+  Session plain(model, full.size() + 16);
+  expect_error([&] { plain.load_prompt_cache(file); }, {file.c_str(), "q8g64s5", "f16"});
+  KvFormat q4 = kv;
+  q4.bits = 4;
+  Session other(model, full.size() + 16, false, q4);
+  expect_error([&] { other.load_prompt_cache(file); }, {file.c_str(), "q8g64s5", "q4g64s5"});
+  fs::remove(file);
+}
+
 // Rewrites a cache with one metadata entry changed.
 void rewrite_metadata(const std::string& from, const std::string& to, const std::string& key, const std::string& value) {
   SafetensorsFile f(from);

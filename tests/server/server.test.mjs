@@ -575,6 +575,25 @@ test("--prompt-cache: every conversation that starts like the cached one continu
   assert.match(err, /described\.cache.*another model/);
 });
 
+test("--kv-bits: quantized KV caches answer as the command line does, in the bytes /metrics reports", async () => {
+  const s = await startServer(DEMO, ["--ctx", "256", "--kv-bits", "4", "--kv-group-size", "32", "--kv-slots", "2",
+    "--metrics-public"]);
+  try {
+    const messages = [{ role: "user", content: "What color is the square?" }];
+    const r = await s.client.chat.completions.create({ model: "shapes-llava", messages, temperature: 0, max_tokens: 16 });
+    const want = generate(DEMO, messages, ["--ctx", "256", "--kv-bits", "4", "--kv-group-size", "32", "--max-tokens", "16"]);
+    assert.equal(r.choices[0].message.content, want.text);
+    assert.equal(want.kv_cache.format, "q4 group 32");
+    const text = await (await fetch(`${s.base}/metrics`)).text();
+    // Two slots of the demo model's cache: 4 layers, K and V, 256 rows of 128 values at 4 bits
+    // plus an f16 scale and bias per 32.
+    const values = 4 * 2 * 256 * 128;
+    assert.match(text, new RegExp(`vkvlm_kv_cache_bytes\\{format="q4 group 32"\\} ${2 * (values / 2 + (values / 32) * 4)}\n`));
+  } finally {
+    await stopServer(s);
+  }
+});
+
 test("--max-kv-size: answers run past the rotating cache", async () => {
   const s = await startServer(DEMO, ["--max-kv-size", "24"]);
   try {
