@@ -21,14 +21,17 @@ inline std::string model_dir(const std::string& name) {
   return test_data_dir() + (name.find("-2024") != std::string::npos ? "/derived/" : "/fixtures/") + name;
 }
 
-inline Model& fixture_model(const std::string& name) {
+// A model folder, loaded once per process.
+inline Model& fixture_model_at(const std::string& dir) {
   // The context first, so it outlives the models at exit.
   gpu::Context& c = ctx();
   static std::map<std::string, std::unique_ptr<Model>> models;
-  auto& m = models[name];
-  if (!m) m = std::make_unique<Model>(c, model_dir(name));
+  auto& m = models[dir];
+  if (!m) m = std::make_unique<Model>(c, dir);
   return *m;
 }
+
+inline Model& fixture_model(const std::string& name) { return fixture_model_at(model_dir(name)); }
 
 // A case of a fixture model's cases.json, by name.
 inline nlohmann::ordered_json fixture_case(const std::string& model, const std::string& name) {

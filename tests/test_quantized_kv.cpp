@@ -199,5 +199,29 @@ TEST(QuantizedKv, F16StartAndGroupErrors) {
   expect_error([&] { Session s(phi, 64, false, bad); }, {"--kv-bits 3"});
 }
 
+// Speculative decoding rolls a quantized cache back as it does an f16 one: prompt lookup on a
+// quantized cache gives the tokens and raw logits of plain decoding on the same cache.
+TEST(QuantizedKv, SpeculativeRollbackIsExact) {
+  // The demo model quotes its question ("What color is the square?" - "The square is ..."), so
+  // lookup drafts, and some drafts are rejected.
+  Model& model = fixture_model_at(VKVLM_SOURCE_DIR "/models/shapes-llava");
+  const Prompt prompt =
+      model.build_prompt(Messages::array({{{"role", "user"}, {"content", "What color is the square?"}}}), {});
+  GenerationParams params;
+  params.max_tokens = 24;
+  params.ignore_eos = true;
+  params.top_logits = 3;
+  const KvFormat kv = kv_format(4, 32);
+  Session plain(model, prompt.size() + 25, false, kv), lookup(model, prompt.size() + 25, false, kv);
+  const GenerationResult want = plain.generate(prompt, params);
+  params.lookup_ngram = 1;
+  params.num_draft_tokens = 4;
+  const GenerationResult got = lookup.generate(prompt, params);
+  EXPECT_GT(got.accepted_tokens, 0);
+  EXPECT_LT(got.accepted_tokens, got.draft_tokens) << "some drafts were rolled back";
+  EXPECT_EQ(got.tokens, want.tokens);
+  for (size_t i = 0; i < want.steps.size(); ++i) EXPECT_EQ(got.steps[i].top_logits, want.steps[i].top_logits) << i;
+}
+
 }  // namespace
 }  // namespace vkvlm::test
