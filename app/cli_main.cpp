@@ -33,6 +33,7 @@
 #include "app/flags.h"
 #include "host/chat_template.h"
 #include "host/hub_cache.h"
+#include "host/hub_download.h"
 #include "host/image.h"
 #include "host/jinja.h"
 #include "app/server.h"
@@ -586,6 +587,22 @@ int cmd_info(int argc, char** argv) {
   return 0;
 }
 
+// vkvlm download ORG/NAME[@REVISION]: brings a model's files into the Hugging Face cache
+// without running it (the other commands download a missing model by themselves).
+int cmd_download(int argc, char** argv) {
+  if (argc < 3 || std::strncmp(argv[2], "--", 2) == 0) throw UsageError("download needs a repository id: vkvlm download ORG/NAME[@REVISION]");
+  Flags f(argc, argv, 3, {});
+  const std::string repo = argv[2];
+  if (hub_offline())
+    throw Error("HF_HUB_OFFLINE is set, so vkvlm download cannot reach the hub (unset it to download " + repo + ")");
+  const HubOptions o = HubOptions::from_environment();
+  const HubDownloadResult r = hub_download(repo, o);
+  std::fprintf(stderr, "vkvlm: %s at %s: %zu file(s) downloaded (%.1f MB), the rest already in %s\n", repo.c_str(),
+               r.commit.c_str(), r.fetched.size(), double(r.bytes) / 1e6, o.cache.c_str());
+  std::printf("%s\n", r.snapshot.c_str());
+  return 0;
+}
+
 int cmd_devices(int argc, char** argv) {
   Flags f(argc, argv, 2, {});
   for (auto& d : gpu::Device::enumerate()) std::printf("[%u] %s\n", d.index, d.profile.summary_line().c_str());
@@ -621,11 +638,14 @@ const char* k_usage =
     "            [--max-kv-size N]   rotating KV caches of N tokens instead of --ctx\n"
     "            [--kv-bits 4|8 [--kv-group-size G] [--quantized-kv-start N]]   quantized KV caches\n"
     "            OpenAI-compatible server\n"
+    "  download  ORG/NAME[@REVISION]   fetch a model from the Hugging Face hub into its cache (HF_ENDPOINT,\n"
+    "            HF_TOKEN); prints the snapshot folder. Elsewhere a missing ORG/NAME is downloaded as needed\n"
     "  devices   list Vulkan devices with their feature profiles\n"
     "\n"
     "Without --model, the bundled demo model (models/shapes-llava) is used.\n"
     "Environment: VKVLM_DEVICE (index or name), VKVLM_DISABLE (fp16,int8,subgroup,coopmat,...),\n"
-    "VKVLM_VALIDATE=1, VKVLM_MAX_BINDING_BYTES, VKVLM_MAX_ALLOCATION_BYTES, VKVLM_MODEL.\n";
+    "VKVLM_VALIDATE=1, VKVLM_MAX_BINDING_BYTES, VKVLM_MAX_ALLOCATION_BYTES, VKVLM_MODEL; models named\n"
+    "ORG/NAME[@REVISION]: HF_HUB_CACHE / HF_HOME, HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE=1 (cache only).\n";
 
 }  // namespace
 
@@ -649,6 +669,7 @@ int main(int argc, char** argv) {
     if (cmd == "cache-prompt") return cmd_cache_prompt(argc, argv);
     if (cmd == "render-template") return cmd_render_template(argc, argv);
     if (cmd == "devices") return cmd_devices(argc, argv);
+    if (cmd == "download") return cmd_download(argc, argv);
     if (cmd == "serve") return server::run_serve(argc, argv, 2);
     throw UsageError("unknown command '" + cmd +
                      "' (generate, chat, cache-prompt, tokenize, render-template, info, serve, devices)");

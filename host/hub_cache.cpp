@@ -1,13 +1,17 @@
 #include "host/hub_cache.h"
 
 #include <cctype>
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <regex>
 
+#include <nlohmann/json.hpp>
+
 #include "base/error.h"
 #include "base/files.h"
+#include "host/hub_download.h"
 
 namespace vkvlm {
 namespace fs = std::filesystem;
@@ -19,12 +23,9 @@ std::string env(const char* name) {
   return v ? std::string(v) : std::string();
 }
 
-// A hub repository id: ORG/NAME, each of letters, digits, '-', '_' and '.', not starting with
-// '.' or '-' (so no path can pose as one), and an optional @REVISION of the same characters and '/'.
-struct RepoName {
-  std::string org, name, revision;
-};
-bool parse_repo_name(const std::string& s, RepoName& out) {
+}  // namespace
+
+bool parse_repo_id(const std::string& s, RepoId& out) {
   static const std::regex re(R"(^([A-Za-z0-9_][A-Za-z0-9_.\-]{0,95})/([A-Za-z0-9_][A-Za-z0-9_.\-]{0,95})(?:@([A-Za-z0-9_][A-Za-z0-9_.\-/]{0,199}))?$)");
   std::smatch m;
   if (!std::regex_match(s, m, re)) return false;
@@ -39,8 +40,6 @@ bool is_commit_hash(const std::string& s) {
   return std::regex_match(s, re);
 }
 
-}  // namespace
-
 std::string hub_cache_dir() {
   if (std::string v = env("HF_HUB_CACHE"); !v.empty()) return v;
   if (std::string v = env("HUGGINGFACE_HUB_CACHE"); !v.empty()) return v;  // the older name
@@ -49,19 +48,46 @@ std::string hub_cache_dir() {
   return (fs::path(env("HOME")) / ".cache" / "huggingface" / "hub").string();
 }
 
-std::string resolve_model_folder(const std::string& name) {
+namespace {
+
+// Whether a snapshot holds a whole checkpoint: config.json and its weights (every shard its
+// index names, or a .safetensors file), so that a download cut short is finished, not used.
+bool snapshot_complete(const fs::path& snapshot) {
   std::error_code ec;
-  if (fs::is_directory(name, ec)) return name;
-  RepoName repo;
-  if (!parse_repo_name(name, repo)) {
-    if (fs::exists(name, ec)) fail("model ", name, " is not a folder");
-    fail("model folder ", name, " does not exist");
+  if (!fs::exists(snapshot / "config.json", ec)) return false;
+  const fs::path index = snapshot / "model.safetensors.index.json";
+  if (fs::exists(index, ec)) {
+    try {
+      const auto j = nlohmann::json::parse(read_file_bounded(index.string(), 64 << 20, "weights index"));
+      for (const auto& [tensor, file] : j.at("weight_map").items())
+        if (!file.is_string() || !fs::exists(snapshot / file.get<std::string>(), ec)) return false;
+      return true;
+    } catch (const std::exception&) {
+      return false;
+    }
   }
-  const fs::path root = hub_cache_dir();
-  const fs::path dir = root / ("models--" + repo.org + "--" + repo.name);
-  const std::string where = " (looked in " + dir.string() + "; download it with `huggingface-cli download " + repo.org +
-                            "/" + repo.name + "`)";
-  if (!fs::is_directory(dir, ec)) fail("model ", name, " is neither a folder nor in the Hugging Face cache", where);
+  for (const auto& e : fs::directory_iterator(snapshot, ec))
+    if (e.path().extension() == ".safetensors" && fs::exists(e.path(), ec)) return true;
+  return false;
+}
+
+}  // namespace
+
+bool hub_offline() {
+  std::string v = env("HF_HUB_OFFLINE");
+  for (char& c : v) c = char(std::tolower(static_cast<unsigned char>(c)));
+  return v == "1" || v == "true" || v == "yes" || v == "on";
+}
+
+std::string cached_model_folder(const RepoId& repo, std::string* why) {
+  std::error_code ec;
+  const fs::path dir = fs::path(hub_cache_dir()) / repo.cache_folder();
+  const std::string name = repo.id() + (repo.revision == "main" ? "" : "@" + repo.revision);
+  auto missing = [&](const std::string& what) {
+    if (why) *why = "model " + name + " " + what + " (looked in " + dir.string() + ")";
+    return std::string();
+  };
+  if (!fs::is_directory(dir, ec)) return missing("is neither a folder nor in the Hugging Face cache");
   std::string commit;
   const fs::path ref = dir / "refs" / repo.revision;
   if (fs::is_regular_file(ref, ec)) {
@@ -71,14 +97,31 @@ std::string resolve_model_folder(const std::string& name) {
   } else if (is_commit_hash(repo.revision)) {
     commit = repo.revision;
   } else {
-    fail("model ", name, ": the Hugging Face cache has no revision '", repo.revision, "'", where);
+    return missing("has no revision '" + repo.revision + "' in the Hugging Face cache");
   }
   const fs::path snapshot = dir / "snapshots" / commit;
   if (!fs::is_directory(snapshot, ec))
-    fail("model ", name, ": the Hugging Face cache has no snapshot ", commit, " of revision '", repo.revision, "'", where);
-  if (!fs::exists(snapshot / "config.json", ec))
-    fail("model ", name, ": its snapshot ", snapshot.string(), " has no config.json (an incomplete download?)", where);
+    return missing("has no snapshot " + commit + " of revision '" + repo.revision + "' in the Hugging Face cache");
+  if (!snapshot_complete(snapshot))
+    return missing("has an incomplete snapshot " + snapshot.string() + " (no config.json or weights: a download cut short?)");
   return snapshot.string();
+}
+
+std::string resolve_model_folder(const std::string& name) {
+  std::error_code ec;
+  if (fs::is_directory(name, ec)) return name;
+  RepoId repo;
+  if (!parse_repo_id(name, repo)) {
+    if (fs::exists(name, ec)) fail("model ", name, " is not a folder");
+    fail("model folder ", name, " does not exist");
+  }
+  std::string why;
+  const std::string found = cached_model_folder(repo, &why);
+  if (!found.empty()) return found;
+  if (hub_offline()) fail(why, "; HF_HUB_OFFLINE is set, so nothing is downloaded (`vkvlm download ", name, "` fetches it)");
+  const HubOptions o = HubOptions::from_environment();
+  std::fprintf(stderr, "vkvlm: downloading %s from %s into %s\n", name.c_str(), o.endpoint.c_str(), o.cache.c_str());
+  return hub_download(name, o).snapshot;
 }
 
 }  // namespace vkvlm

@@ -11,10 +11,27 @@ namespace vkvlm {
 
 // The folder a model name stands for: an existing folder as it is; otherwise, for a name of the
 // form ORG/NAME[@REVISION] (REVISION: a branch, tag or commit; default main), its snapshot in
-// the cache. Throws, naming the name and where it looked, when neither is there.
+// the cache, downloaded from the hub first when the cache lacks it (host/hub_download.h) unless
+// HF_HUB_OFFLINE is set. Throws, naming the name and where it looked, when it cannot be had.
 std::string resolve_model_folder(const std::string& name);
 
 // The cache folder the rules above choose (it need not exist).
 std::string hub_cache_dir();
+// HF_HUB_OFFLINE is set (1, true, yes, on): nothing is downloaded.
+bool hub_offline();
+
+// A hub repository id: ORG/NAME, each of letters, digits, '-', '_' and '.', not starting with
+// '.' or '-' (so no path can pose as one), and an optional @REVISION (default main).
+struct RepoId {
+  std::string org, name, revision;
+  std::string id() const { return org + "/" + name; }
+  std::string cache_folder() const { return "models--" + org + "--" + name; }
+};
+bool parse_repo_id(const std::string& s, RepoId& out);
+bool is_commit_hash(const std::string& s);
+
+// The snapshot of `repo` in the cache when it holds the whole checkpoint (config.json and every
+// weight file); otherwise "" and, in *why, what is missing and where it looked.
+std::string cached_model_folder(const RepoId& repo, std::string* why = nullptr);
 
 }  // namespace vkvlm

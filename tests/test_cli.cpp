@@ -20,6 +20,7 @@
 
 #include "host/image.h"
 #include "host/safetensors.h"
+#include "tests/fake_hub.h"
 #include "tests/test_paths.h"
 
 namespace vkvlm::test {
@@ -187,6 +188,42 @@ TEST(Cli, QuantizedKvCacheAnswersFromFewerBytes) {
     EXPECT_NE(info.out.find(w), std::string::npos) << w << " in\n" << info.out;
 }
 
+// A model named by repo id that the cache lacks is downloaded from HF_ENDPOINT (here a local
+// fake hub serving the demo model) into HF_HUB_CACHE, then answers; `vkvlm download` fetches
+// without running; HF_HUB_OFFLINE=1 keeps off the network; hub errors are one clear line.
+TEST(Cli, ModelsAreDownloadedFromTheHub) {
+  FakeHub hub;
+  hub.add("vkvlm/shapes-llava", k_demo, "5a9e5a9e5a9e5a9e5a9e5a9e5a9e5a9e5a9e5a9e");
+  const std::string cache = tmp("download-hub");
+  fs::remove_all(cache);
+  const std::string env = "HF_ENDPOINT=" + hub.endpoint() + " HF_HUB_CACHE=" + cache + " HF_HUB_OFFLINE= HF_TOKEN= ";
+  const std::string img = k_demo + "/examples/shapes_1.png";
+  const std::vector<std::string> ask = {"generate", "--model", "vkvlm/shapes-llava", "--prompt", "Describe this image.",
+                                        "--image", img};
+  CliRun off = vkvlm(ask, "", env + "HF_HUB_OFFLINE=1 ");
+  EXPECT_EQ(off.rc, 1);
+  EXPECT_NE(off.err.find("HF_HUB_OFFLINE"), std::string::npos) << off.err;
+  EXPECT_EQ(hub.requests(), 0);
+  CliRun r = vkvlm(ask, "", env);
+  ASSERT_EQ(r.rc, 0) << r.err;
+  EXPECT_EQ(r.out, "An orange circle at the top left and a black circle at the bottom.\n");
+  EXPECT_NE(r.err.find("downloading vkvlm/shapes-llava from " + hub.endpoint()), std::string::npos) << r.err;
+  const std::string snapshot = cache + "/models--vkvlm--shapes-llava/snapshots/5a9e5a9e5a9e5a9e5a9e5a9e5a9e5a9e5a9e5a9e";
+  EXPECT_TRUE(fs::is_symlink(snapshot + "/model.safetensors"));
+  EXPECT_FALSE(fs::exists(snapshot + "/examples")) << "only what vkvlm reads";
+  CliRun d = vkvlm({"download", "vkvlm/shapes-llava"}, "", env);
+  ASSERT_EQ(d.rc, 0) << d.err;
+  EXPECT_EQ(d.out, snapshot + "\n");
+  EXPECT_NE(d.err.find("0 file(s) downloaded"), std::string::npos) << d.err;
+  CliRun missing = vkvlm({"download", "vkvlm/no-such-model"}, "", env);
+  EXPECT_EQ(missing.rc, 1);
+  EXPECT_EQ(std::count(missing.err.begin(), missing.err.end(), '\n'), 1) << missing.err;
+  EXPECT_NE(missing.err.find("no repository vkvlm/no-such-model"), std::string::npos) << missing.err;
+  CliRun usage = vkvlm({"download"}, "", env);
+  EXPECT_EQ(usage.rc, 2);
+  EXPECT_NE(usage.err.find("ORG/NAME"), std::string::npos) << usage.err;
+}
+
 // A model named by its Hugging Face repo id, from a Hugging Face cache (HF_HUB_CACHE) whose
 // snapshot links into blobs/ as huggingface_hub lays it out.
 TEST(Cli, RepoIdsComeFromTheHuggingFaceCache) {
@@ -208,7 +245,7 @@ TEST(Cli, RepoIdsComeFromTheHuggingFaceCache) {
                     "Where is the orange square?"}, "", env);
   ASSERT_EQ(r.rc, 0) << r.err;
   EXPECT_EQ(r.out, "It is on the right.\n");
-  CliRun missing = vkvlm({"generate", "--model", "vkvlm/absent-model", "--prompt", "x"}, "", env);
+  CliRun missing = vkvlm({"generate", "--model", "vkvlm/absent-model", "--prompt", "x"}, "", env + "HF_HUB_OFFLINE=1 ");
   EXPECT_EQ(missing.rc, 1);
   EXPECT_NE(missing.err.find("models--vkvlm--absent-model"), std::string::npos) << missing.err;
 }

@@ -11,6 +11,7 @@
 
 #include "host/hub_cache.h"
 #include "tests/expect_error.h"
+#include "tests/scoped_env.h"
 
 namespace vkvlm::test {
 namespace {
@@ -28,9 +29,11 @@ fs::path make_cache(const std::string& tag) {
   fs::create_directories(repo / "blobs");
   fs::create_directories(repo / "refs");
   std::ofstream(repo / "blobs" / "aaa") << "{\"model_type\": \"llava\"}";
+  std::ofstream(repo / "blobs" / "bbb") << "weights";
   for (const auto& c : {k_commit, k_other}) {
     fs::create_directories(repo / "snapshots" / c);
     fs::create_symlink("../../blobs/aaa", repo / "snapshots" / c / "config.json");
+    fs::create_symlink("../../blobs/bbb", repo / "snapshots" / c / "model.safetensors");
   }
   std::ofstream(repo / "refs" / "main") << k_commit;  // no newline, as huggingface_hub writes it
   std::ofstream(repo / "refs" / "v1") << k_other << "\n";
@@ -38,22 +41,6 @@ fs::path make_cache(const std::string& tag) {
   std::ofstream(repo / "refs" / "partial") << "1111111111111111111111111111111111111111";
   return root;
 }
-
-// Sets an environment variable for the test's duration.
-struct Env {
-  std::string name;
-  std::string old;
-  bool had;
-  Env(const char* n, const std::string& v) : name(n), had(std::getenv(n) != nullptr) {
-    if (had) old = std::getenv(n);
-    if (v.empty()) ::unsetenv(n);
-    else ::setenv(n, v.c_str(), 1);
-  }
-  ~Env() {
-    if (had) ::setenv(name.c_str(), old.c_str(), 1);
-    else ::unsetenv(name.c_str());
-  }
-};
 
 TEST(HubCache, RepoIdsResolveToTheirSnapshot) {
   const fs::path root = make_cache("resolve");
@@ -88,11 +75,16 @@ TEST(HubCache, TheCacheFolderFollowsTheHubLibrarysVariables) {
 
 TEST(HubCache, MissingModelsRevisionsAndFilesAreNamed) {
   const fs::path root = make_cache("errors");
-  Env cache("HF_HUB_CACHE", root.string()), legacy("HUGGINGFACE_HUB_CACHE", "");
-  expect_error([] { resolve_model_folder("acme/other"); }, {"acme/other", "models--acme--other", "huggingface-cli download"});
+  // Offline: nothing is downloaded (test_hub_download.cpp covers downloading what is missing).
+  Env cache("HF_HUB_CACHE", root.string()), legacy("HUGGINGFACE_HUB_CACHE", ""), offline("HF_HUB_OFFLINE", "1");
+  expect_error([] { resolve_model_folder("acme/other"); },
+               {"acme/other", "models--acme--other", "HF_HUB_OFFLINE is set", "vkvlm download acme/other"});
   expect_error([] { resolve_model_folder("acme/tiny-vlm@v2"); }, {"acme/tiny-vlm@v2", "no revision 'v2'"});
   expect_error([] { resolve_model_folder("acme/tiny-vlm@" + std::string(40, 'e')); }, {"no snapshot"});
   expect_error([] { resolve_model_folder("acme/tiny-vlm@partial"); }, {"no config.json", "incomplete"});
+  // A snapshot whose weights are missing (a download cut short) is not used either.
+  fs::remove(root / "models--acme--tiny-vlm" / "blobs" / "bbb");
+  expect_error([] { resolve_model_folder("acme/tiny-vlm"); }, {"incomplete snapshot", "weights"});
   // Not repo ids: paths, traversal, three parts; they are folders that do not exist.
   for (const char* name : {"../acme/tiny-vlm", "acme/tiny-vlm/extra", "acme/tiny-vlm@../../etc", "/nonexistent/model", ".hidden/x"})
     expect_error([&] { resolve_model_folder(name); }, {name});

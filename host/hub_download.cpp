@@ -1,0 +1,421 @@
+#include "host/hub_download.h"
+
+#include <fcntl.h>
+#include <openssl/evp.h>
+#include <sys/file.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <regex>
+
+#include <httplib.h>
+#include <nlohmann/json.hpp>
+
+#include "base/error.h"
+#include "host/hub_cache.h"
+
+namespace vkvlm {
+namespace fs = std::filesystem;
+
+namespace {
+
+std::string env(const char* name) {
+  const char* v = std::getenv(name);
+  return v ? std::string(v) : std::string();
+}
+
+// scheme://host[:port] and the path of an absolute URL.
+struct Url {
+  std::string origin, path;
+};
+Url split_url(const std::string& url) {
+  static const std::regex re(R"(^(https?://[^/?#]+)([/?].*)?$)");
+  std::smatch m;
+  if (!std::regex_match(url, m, re)) fail("'", url, "' is not an http(s) URL");
+  return {m[1], m[2].matched && m[2].length() > 0 ? std::string(m[2]) : "/"};
+}
+
+std::string percent_encode_path(const std::string& s) {
+  static const char* hex = "0123456789ABCDEF";
+  std::string out;
+  for (unsigned char c : s) {
+    if (std::isalnum(c) || c == '-' || c == '.' || c == '_' || c == '~' || c == '/') {
+      out += char(c);
+    } else {
+      out += '%';
+      out += hex[c >> 4];
+      out += hex[c & 15];
+    }
+  }
+  return out;
+}
+
+std::string strip_etag(std::string e) {
+  if (e.rfind("W/", 0) == 0) e = e.substr(2);
+  if (e.size() >= 2 && e.front() == '"' && e.back() == '"') e = e.substr(1, e.size() - 2);
+  return e;
+}
+
+bool is_sha256(const std::string& s) {
+  static const std::regex re("^[0-9a-f]{64}$");
+  return std::regex_match(s, re);
+}
+
+// One HTTP exchange at a time, following redirects by hand so that the token goes to the
+// endpoint's host only (a CDN it redirects to gets no credentials).
+class Hub {
+ public:
+  explicit Hub(const HubOptions& o) : o_(o), origin_(split_url(o.endpoint).origin) {}
+
+  struct Reply {
+    int status = 0;
+    httplib::Headers headers;
+    std::string body, url;
+    std::string header(const char* name) const {
+      auto it = headers.find(name);
+      return it == headers.end() ? "" : it->second;
+    }
+  };
+
+  // A request to `url`; with `follow`, redirects are followed (up to 10). `sink` receives a
+  // GET's body instead of Reply::body (return false to stop).
+  Reply request(const char* method, std::string url, bool follow, const httplib::Headers& extra = {},
+                const std::function<bool(const char*, size_t)>& sink = nullptr,
+                const std::function<bool(const httplib::Response&)>& on_headers = nullptr) {
+    for (int hop = 0; hop <= 10; ++hop) {
+      const Url u = split_url(url);
+      httplib::Client cli(u.origin);
+      cli.set_follow_location(false);
+      cli.set_connection_timeout(15);
+      cli.set_read_timeout(60);
+      cli.enable_server_certificate_verification(true);
+      httplib::Headers h = extra;
+      h.emplace("User-Agent", "vkvlm");
+      if (!o_.token.empty() && u.origin == origin_) h.emplace("Authorization", "Bearer " + o_.token);
+      Reply r;
+      r.url = url;
+      bool redirect = false;
+      httplib::Result res = [&] {
+        if (std::strcmp(method, "HEAD") == 0) return cli.Head(u.path.c_str(), h);
+        if (!sink) return cli.Get(u.path.c_str(), h);
+        return cli.Get(
+            u.path.c_str(), h,
+            [&](const httplib::Response& resp) {
+              redirect = resp.status >= 300 && resp.status < 400;
+              if (redirect || resp.status >= 400) return true;  // an error's body is not the file
+              return on_headers ? on_headers(resp) : true;
+            },
+            [&](const char* data, size_t n) {
+              if (redirect) return true;
+              return sink(data, n);
+            });
+      }();
+      if (!res) {
+        const httplib::Error e = res.error();
+        if (e == httplib::Error::Canceled) throw Error("canceled");
+        if (e == httplib::Error::Connection || e == httplib::Error::SSLConnection)
+          fail("cannot reach ", u.origin, ": ", httplib::to_string(e),
+               " (no network? With HF_HUB_OFFLINE=1 only the local Hugging Face cache is used)");
+        fail("the connection to ", u.origin, " broke: ", httplib::to_string(e));
+      }
+      r.status = res->status;
+      r.headers = res->headers;
+      r.body = res->body;
+      if (follow && r.status >= 300 && r.status < 400 && res->has_header("Location")) {
+        std::string loc = res->get_header_value("Location");
+        url = loc.rfind("http", 0) == 0 ? loc : u.origin + loc;
+        continue;
+      }
+      return r;
+    }
+    fail("too many redirects from ", url);
+  }
+
+  const HubOptions& options() const { return o_; }
+  const std::string& origin() const { return origin_; }
+
+ private:
+  HubOptions o_;
+  std::string origin_;
+};
+
+// What an HTTP error means for a repository, in words.
+[[noreturn]] void repo_error(const Hub::Reply& r, const RepoId& repo, const HubOptions& o, const std::string& what) {
+  const std::string code = r.header("X-Error-Code"), message = r.header("X-Error-Message");
+  const std::string id = repo.id();
+  if (r.status == 401 || r.status == 403) {
+    const bool gated = code == "GatedRepo" || r.status == 403;
+    fail(id, " on ", o.endpoint, " needs permission (HTTP ", r.status, gated ? ", a gated repository" : ", private or gated",
+         ")", o.token.empty() ? ": set HF_TOKEN to a token of an account that has access"
+                              : ": the HF_TOKEN given has no access (accept the model's terms on its page, or check the token)",
+         message.empty() ? "" : " - " + message);
+  }
+  if (r.status == 404) {
+    if (code == "RevisionNotFound") fail(id, " has no revision '", repo.revision, "' on ", o.endpoint);
+    if (code == "EntryNotFound") fail(id, " has no file ", what, " at revision '", repo.revision, "'");
+    fail("no repository ", id, " on ", o.endpoint, " (or it is private: set HF_TOKEN)");
+  }
+  fail(o.endpoint, " answered HTTP ", r.status, " for ", what, " of ", id, message.empty() ? "" : ": " + message);
+}
+
+// An exclusive lock on a file, released on destruction (flock: per open file, so threads of one
+// process exclude each other too).
+class FileLock {
+ public:
+  explicit FileLock(const fs::path& path) {
+    fs::create_directories(path.parent_path());
+    fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (fd_ < 0) fail("cannot create the lock file ", path.string(), ": ", std::strerror(errno));
+    while (::flock(fd_, LOCK_EX) != 0)
+      if (errno != EINTR) fail("cannot lock ", path.string(), ": ", std::strerror(errno));
+  }
+  ~FileLock() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  FileLock(const FileLock&) = delete;
+  FileLock& operator=(const FileLock&) = delete;
+
+ private:
+  int fd_ = -1;
+};
+
+std::string sha256_file(const fs::path& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) fail("cannot read ", path.string(), ": ", std::strerror(errno));
+  EVP_MD_CTX* md = EVP_MD_CTX_new();
+  EVP_DigestInit_ex(md, EVP_sha256(), nullptr);
+  std::vector<char> buf(1 << 20);
+  ssize_t n;
+  while ((n = ::read(fd, buf.data(), buf.size())) > 0) EVP_DigestUpdate(md, buf.data(), size_t(n));
+  ::close(fd);
+  unsigned char out[EVP_MAX_MD_SIZE];
+  unsigned int len = 0;
+  EVP_DigestFinal_ex(md, out, &len);
+  EVP_MD_CTX_free(md);
+  if (n < 0) fail("cannot read ", path.string(), ": ", std::strerror(errno));
+  static const char* hex = "0123456789abcdef";
+  std::string s;
+  for (unsigned i = 0; i < len; ++i) {
+    s += hex[out[i] >> 4];
+    s += hex[out[i] & 15];
+  }
+  return s;
+}
+
+// A progress line on stderr: bytes, rate, time left; at most ten updates a second.
+class Progress {
+ public:
+  Progress(bool on, std::string name, uint64_t total, uint64_t start)
+      : on_(on), name_(std::move(name)), total_(total), start_bytes_(start), t0_(clock::now()) {}
+  void update(uint64_t done, bool last = false) {
+    if (!on_) return;
+    const auto now = clock::now();
+    if (!last && now - shown_ < std::chrono::milliseconds(100)) return;
+    shown_ = now;
+    const double s = std::chrono::duration<double>(now - t0_).count();
+    const double rate = s > 0 ? double(done - start_bytes_) / s : 0;
+    const double left = rate > 0 && total_ > done ? double(total_ - done) / rate : 0;
+    std::fprintf(stderr, "\r%-40.40s %8.1f / %.1f MB  %6.1f MB/s  ETA %d:%02d ", name_.c_str(), double(done) / 1e6,
+                 double(total_) / 1e6, rate / 1e6, int(left) / 60, int(left) % 60);
+    if (last) std::fputc('\n', stderr);
+    std::fflush(stderr);
+  }
+
+ private:
+  using clock = std::chrono::steady_clock;
+  bool on_;
+  std::string name_;
+  uint64_t total_, start_bytes_;
+  clock::time_point t0_, shown_{};
+};
+
+// Downloads `url` into blob (via blob.incomplete, resumed when an earlier run left one),
+// checking the size and, when given, the SHA-256. Returns the bytes transferred.
+uint64_t fetch_blob(Hub& hub, const std::string& url, const fs::path& blob, uint64_t size, const std::string& sha256,
+                    const std::string& name) {
+  const fs::path part = blob.string() + ".incomplete";
+  std::error_code ec;
+  uint64_t have = fs::exists(part, ec) ? fs::file_size(part, ec) : 0;
+  if (have > size) {
+    fs::remove(part, ec);
+    have = 0;
+  }
+  int fd = ::open(part.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0644);
+  if (fd < 0) fail("cannot write ", part.string(), ": ", std::strerror(errno));
+  uint64_t done = have, got = 0;
+  bool resumed = false;
+  Progress progress(hub.options().progress, name, size, have);
+  std::string write_error;
+  httplib::Headers range;
+  if (have > 0) range.emplace("Range", "bytes=" + std::to_string(have) + "-");
+  Hub::Reply r;
+  try {
+    r = hub.request(
+        "GET", url, true, range,
+        [&](const char* data, size_t n) {
+          size_t off = 0;
+          while (off < n) {
+            const ssize_t w = ::write(fd, data + off, n - off);
+            if (w < 0) {
+              if (errno == EINTR) continue;
+              write_error = std::strerror(errno);
+              if (errno == ENOSPC || errno == EDQUOT || errno == EFBIG) write_error += " (is the disk full?)";
+              return false;
+            }
+            off += size_t(w);
+          }
+          done += n;
+          got += n;
+          progress.update(done);
+          return done <= size;
+        },
+        [&](const httplib::Response& resp) {
+          // 206: the server continues where the file stopped; 200: it starts over.
+          resumed = resp.status == 206;
+          if (!resumed) {
+            if (::ftruncate(fd, 0) != 0) return false;
+            done = 0;
+          }
+          return ::lseek(fd, off_t(done), SEEK_SET) >= 0;
+        });
+  } catch (const Error& e) {
+    ::close(fd);
+    if (!write_error.empty()) fail("cannot write ", part.string(), ": ", write_error);
+    if (std::string(e.what()) == "canceled" && done > size)
+      fail(url, " sent more than the ", size, " bytes the hub announced for ", name);
+    fail("the download of ", name, " stopped after ", done, " of ", size, " bytes (", e.what(), "); run again to resume");
+  }
+  const int close_rc = ::close(fd);
+  if (!write_error.empty()) fail("cannot write ", part.string(), ": ", write_error);
+  if (close_rc != 0) fail("cannot write ", part.string(), ": ", std::strerror(errno));
+  if (r.status >= 400) fail("downloading ", name, " from ", r.url, " failed with HTTP ", r.status);
+  progress.update(done, true);
+  if (done != size)
+    fail("the download of ", name, " stopped after ", done, " of ", size, " bytes; run again to resume");
+  if (!sha256.empty()) {
+    const std::string actual = sha256_file(part);
+    if (actual != sha256) {
+      fs::remove(part, ec);
+      fail("checksum mismatch for ", name, ": the hub announced SHA-256 ", sha256, ", the download has ", actual,
+           " (removed; run again to download it anew)");
+    }
+  }
+  fs::rename(part, blob, ec);
+  if (ec) fail("cannot move ", part.string(), " into place: ", ec.message());
+  return got;
+}
+
+}  // namespace
+
+HubOptions HubOptions::from_environment() {
+  HubOptions o;
+  if (std::string e = env("HF_ENDPOINT"); !e.empty()) o.endpoint = e;
+  while (o.endpoint.size() > 1 && o.endpoint.back() == '/') o.endpoint.pop_back();
+  o.token = env("HF_TOKEN");
+  if (o.token.empty()) o.token = env("HUGGING_FACE_HUB_TOKEN");  // the older name
+  o.cache = hub_cache_dir();
+  o.progress = ::isatty(2) != 0;
+  return o;
+}
+
+bool hub_file_needed(const std::string& path) {
+  static const std::regex re(
+      R"(^(config|generation_config|preprocessor_config|processor_config|tokenizer|tokenizer_config|special_tokens_map|added_tokens|chat_template)\.json$|^chat_template\.jinja$|^[^/]*\.safetensors$|^[^/]*\.safetensors\.index\.json$)");
+  return std::regex_match(path, re);
+}
+
+HubDownloadResult hub_download(const std::string& name, const HubOptions& o) {
+  RepoId repo;
+  if (!parse_repo_id(name, repo)) fail("'", name, "' is not a Hugging Face repository id (ORG/NAME[@REVISION])");
+  Hub hub(o);
+  // The revision's commit and files.
+  const std::string api = o.endpoint + "/api/models/" + repo.org + "/" + repo.name + "/revision/" +
+                          percent_encode_path(repo.revision);
+  const Hub::Reply info = hub.request("GET", api, true);
+  if (info.status != 200) repo_error(info, repo, o, "its file list");
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(info.body);
+  } catch (const std::exception&) {
+    fail(o.endpoint, " answered the file list of ", repo.id(), " with something that is not JSON");
+  }
+  const std::string commit = j.value("sha", "");
+  if (!is_commit_hash(commit)) fail(o.endpoint, " gave no commit for revision '", repo.revision, "' of ", repo.id());
+  std::vector<std::string> files;
+  for (const auto& s : j.value("siblings", nlohmann::json::array())) {
+    const std::string f = s.value("rfilename", "");
+    if (f.empty() || f.find("..") != std::string::npos || f.front() == '/') continue;
+    if (hub_file_needed(f)) files.push_back(f);
+  }
+  bool has_config = false, has_weights = false;
+  for (const auto& f : files) {
+    has_config |= f == "config.json";
+    has_weights |= f.size() > 12 && f.compare(f.size() - 12, 12, ".safetensors") == 0;
+  }
+  if (!has_config || !has_weights)
+    fail(repo.id(), " at revision '", repo.revision, "' has ", has_config ? "no .safetensors weights" : "no config.json",
+         " (vkvlm reads Hugging Face and MLX checkpoints in safetensors)");
+
+  const fs::path dir = fs::path(o.cache) / repo.cache_folder();
+  const fs::path snapshot = dir / "snapshots" / commit;
+  std::error_code ec;
+  fs::create_directories(dir / "blobs", ec);
+  fs::create_directories(snapshot, ec);
+  if (ec) fail("cannot create ", snapshot.string(), ": ", ec.message());
+  HubDownloadResult result;
+  result.snapshot = snapshot.string();
+  result.commit = commit;
+  for (const auto& f : files) {
+    const fs::path link = snapshot / f;
+    if (fs::exists(link, ec)) continue;  // follows the link: a dangling one is fetched again
+    // The file's identity without its body: the hub answers HEAD with a redirect for LFS files,
+    // and X-Linked-Etag / X-Linked-Size give the blob's SHA-256 and size.
+    const std::string url = o.endpoint + "/" + repo.org + "/" + repo.name + "/resolve/" + commit + "/" + percent_encode_path(f);
+    Hub::Reply head = hub.request("HEAD", url, false);
+    if (head.status >= 400) repo_error(head, repo, o, f);
+    if (head.status >= 300 && head.status < 400) {
+      // The hub's own redirects (a renamed repository) are followed; a redirect elsewhere is the
+      // blob's storage, which the download follows.
+      const std::string loc = head.header("Location");
+      if (loc.rfind("/", 0) == 0 && head.header("X-Linked-Etag").empty()) head = hub.request("HEAD", head.url, true);
+    }
+    std::string etag = strip_etag(head.header("X-Linked-Etag"));
+    if (etag.empty()) etag = strip_etag(head.header("ETag"));
+    std::string size_text = head.header("X-Linked-Size");
+    if (size_text.empty()) size_text = head.header("Content-Length");
+    static const std::regex safe_etag("^[A-Za-z0-9_\\-]{8,128}$");
+    if (!std::regex_match(etag, safe_etag) || size_text.empty() || size_text.size() > 15 ||
+        size_text.find_first_not_of("0123456789") != std::string::npos)
+      fail(o.endpoint, " gave no usable ETag and size for ", f, " of ", repo.id());
+    const uint64_t size = std::stoull(size_text);
+    const fs::path blob = dir / "blobs" / etag;
+    {
+      FileLock lock(fs::path(o.cache) / ".locks" / repo.cache_folder() / (etag + ".lock"));
+      if (!fs::exists(blob, ec) || fs::file_size(blob, ec) != size) {
+        result.bytes += fetch_blob(hub, url, blob, size, is_sha256(etag) ? etag : "", f);
+        result.fetched.push_back(f);
+      }
+    }
+    fs::create_directories(link.parent_path(), ec);
+    fs::path target = fs::path("..") / ".." / "blobs" / etag;
+    for (auto p = fs::path(f).parent_path(); !p.empty(); p = p.parent_path()) target = fs::path("..") / target;
+    fs::remove(link, ec);  // a dangling link from an interrupted run
+    fs::create_symlink(target, link, ec);
+    if (ec) fail("cannot link ", link.string(), " to its blob: ", ec.message());
+  }
+  if (!is_commit_hash(repo.revision) || repo.revision != commit) {
+    fs::create_directories(dir / "refs" / fs::path(repo.revision).parent_path(), ec);
+    const fs::path ref = dir / "refs" / repo.revision;
+    FILE* out = std::fopen(ref.c_str(), "wb");
+    if (!out || std::fwrite(commit.data(), 1, commit.size(), out) != commit.size() || std::fclose(out) != 0)
+      fail("cannot write ", ref.string());
+  }
+  return result;
+}
+
+}  // namespace vkvlm

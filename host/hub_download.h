@@ -1,0 +1,41 @@
+#pragma once
+// Downloading a model from the Hugging Face hub (or any server with its API: HF_ENDPOINT) into
+// the Hugging Face cache, laid out as huggingface_hub lays it out (host/hub_cache.h), so that the
+// Python tools find the files too: blobs/ETAG, snapshots/COMMIT/FILE -> ../../blobs/ETAG,
+// refs/REVISION holding the commit, .locks/ for writers. Only the files vkvlm reads are fetched.
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+namespace vkvlm {
+
+struct HubOptions {
+  std::string endpoint = "https://huggingface.co";  // HF_ENDPOINT
+  std::string token;                                // HF_TOKEN (sent to the endpoint's host only)
+  std::string cache;                                // the cache folder (hub_cache_dir())
+  bool progress = false;                            // a progress bar on stderr
+  static HubOptions from_environment();             // HF_ENDPOINT, HF_TOKEN, the cache, stderr a terminal
+};
+
+struct HubDownloadResult {
+  std::string snapshot;                // the snapshot folder
+  std::string commit;
+  std::vector<std::string> fetched;    // files downloaded now (the rest were in the cache)
+  uint64_t bytes = 0;                  // bytes downloaded now
+};
+
+// Whether a repository file is one vkvlm reads: configs, tokenizer files, chat templates,
+// processor configs and safetensors weights with their index.
+bool hub_file_needed(const std::string& path);
+
+// Brings the files vkvlm needs of `repo` (ORG/NAME[@REVISION], default main) into the cache:
+// asks the hub for the revision's commit and files, and downloads what the snapshot lacks,
+// resuming a file an earlier run left incomplete, checking sizes and, for weight files stored
+// with LFS, the SHA-256 the hub announces, and holding a lock per file so that two processes
+// do not write the same blob. Throws with what happened: no such repository or revision, a
+// gated or private one (401/403, with a hint about HF_TOKEN), no network, a full disk, a
+// checksum mismatch, an interrupted transfer (run again to resume).
+HubDownloadResult hub_download(const std::string& repo, const HubOptions& options);
+
+}  // namespace vkvlm

@@ -1,0 +1,194 @@
+// Downloads from a hub (tests/fake_hub.h: a local server answering as the Hugging Face hub does)
+// into a temporary Hugging Face cache: the layout huggingface_hub writes (blobs by ETag, the
+// snapshot's links into them, refs), only the files vkvlm reads, nothing fetched twice,
+// resumption of a transfer cut short, a lock between concurrent downloads, and an error that
+// says what happened for every failure: no such repository or revision, a gated one, no
+// network, a full disk, a checksum mismatch, offline mode.
+#include <gtest/gtest.h>
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <csignal>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <thread>
+
+#include "host/hub_cache.h"
+#include "host/hub_download.h"
+#include "tests/expect_error.h"
+#include "tests/fake_hub.h"
+#include "tests/scoped_env.h"
+
+namespace vkvlm::test {
+namespace {
+namespace fs = std::filesystem;
+
+const std::string k_commit = "4c0ffee4c0ffee4c0ffee4c0ffee4c0ffee4c0ff";
+
+fs::path temp_dir(const std::string& tag) {
+  const fs::path p = fs::temp_directory_path() / ("vkvlm-dl-" + std::to_string(::getpid()) + "-" + tag);
+  fs::remove_all(p);
+  fs::create_directories(p);
+  return p;
+}
+
+std::string slurp(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  return std::string((std::istreambuf_iterator<char>(in)), {});
+}
+
+// A model folder: what vkvlm reads (a config, a tokenizer, 600 KB of "weights") and what it does
+// not (a README, a PyTorch checkpoint, a file in a subfolder).
+fs::path model_folder(const std::string& tag) {
+  const fs::path d = temp_dir(tag + "-src");
+  std::ofstream(d / "config.json") << R"({"model_type": "llava"})";
+  std::ofstream(d / "tokenizer.json") << R"({"model": {}})";
+  std::string weights(600000, '\0');
+  std::mt19937 rng(3);
+  for (auto& c : weights) c = char(rng());
+  std::ofstream(d / "model.safetensors", std::ios::binary) << weights;
+  std::ofstream(d / "README.md") << "# a model";
+  std::ofstream(d / "pytorch_model.bin") << "not read";
+  fs::create_directories(d / "extra");
+  std::ofstream(d / "extra" / "notes.json") << "{}";
+  return d;
+}
+
+HubOptions options(const FakeHub& hub, const fs::path& cache) {
+  HubOptions o;
+  o.endpoint = hub.endpoint();
+  o.cache = cache.string();
+  return o;
+}
+
+TEST(HubDownload, FetchesWhatVkvlmReadsIntoTheHubCacheLayout) {
+  FakeHub hub;
+  const fs::path src = model_folder("layout"), cache = temp_dir("layout-cache");
+  hub.add("acme/tiny", src, k_commit);
+  const HubDownloadResult r = hub_download("acme/tiny", options(hub, cache));
+  const fs::path repo = cache / "models--acme--tiny", snap = repo / "snapshots" / k_commit;
+  EXPECT_EQ(r.snapshot, snap.string());
+  EXPECT_EQ(r.commit, k_commit);
+  EXPECT_EQ(r.fetched.size(), 3u);
+  EXPECT_EQ(slurp(repo / "refs" / "main"), k_commit);
+  for (const char* f : {"config.json", "tokenizer.json", "model.safetensors"}) {
+    ASSERT_TRUE(fs::is_symlink(snap / f)) << f;
+    EXPECT_EQ(fs::read_symlink(snap / f).parent_path(), fs::path("../../blobs")) << f;
+    EXPECT_EQ(slurp(snap / f), slurp(src / f)) << f;
+  }
+  // LFS files' blobs are named by their SHA-256, as huggingface_hub names them.
+  EXPECT_TRUE(fs::exists(repo / "blobs" / sha256_hex(slurp(src / "model.safetensors"))));
+  for (const char* f : {"README.md", "pytorch_model.bin", "extra/notes.json"}) EXPECT_FALSE(fs::exists(snap / f)) << f;
+
+  // Again: only the file list is asked for; nothing is downloaded twice.
+  const int before = hub.requests();
+  const HubDownloadResult again = hub_download("acme/tiny", options(hub, cache));
+  EXPECT_TRUE(again.fetched.empty());
+  EXPECT_EQ(hub.requests() - before, 1);
+  // The model is then found by name with no network at all.
+  Env c("HF_HUB_CACHE", cache.string()), e("HF_ENDPOINT", "http://127.0.0.1:1"), off("HF_HUB_OFFLINE", "");
+  EXPECT_EQ(resolve_model_folder("acme/tiny"), snap.string());
+  EXPECT_EQ(resolve_model_folder("acme/tiny@" + k_commit), snap.string());
+}
+
+TEST(HubDownload, MissingModelsAreDownloadedByNameUnlessOffline) {
+  FakeHub hub;
+  const fs::path src = model_folder("byname"), cache = temp_dir("byname-cache");
+  hub.add("acme/tiny", src, k_commit);
+  Env c("HF_HUB_CACHE", cache.string()), e("HF_ENDPOINT", hub.endpoint()), t("HF_TOKEN", "");
+  {
+    Env off("HF_HUB_OFFLINE", "1");
+    expect_error([] { resolve_model_folder("acme/tiny"); }, {"acme/tiny", "HF_HUB_OFFLINE", "vkvlm download"});
+    EXPECT_EQ(hub.requests(), 0) << "offline touches no network";
+  }
+  Env off("HF_HUB_OFFLINE", "");
+  EXPECT_EQ(resolve_model_folder("acme/tiny"), (cache / "models--acme--tiny" / "snapshots" / k_commit).string());
+}
+
+TEST(HubDownload, AnInterruptedTransferResumesWhereItStopped) {
+  FakeHub hub;
+  const fs::path src = model_folder("resume"), cache = temp_dir("resume-cache");
+  hub.add("acme/tiny", src, k_commit).drop_after = 200000;
+  expect_error([&] { hub_download("acme/tiny", options(hub, cache)); },
+               {"model.safetensors", "stopped after", "of 600000 bytes", "run again to resume"});
+  const std::string sha = sha256_hex(slurp(src / "model.safetensors"));
+  const fs::path part = cache / "models--acme--tiny" / "blobs" / (sha + ".incomplete");
+  ASSERT_TRUE(fs::exists(part));
+  EXPECT_GE(fs::file_size(part), 200000u);
+  EXPECT_FALSE(fs::exists(cache / "models--acme--tiny" / "snapshots" / k_commit / "model.safetensors"));
+  const HubDownloadResult r = hub_download("acme/tiny", options(hub, cache));
+  EXPECT_EQ(hub.ranged_requests(), 1) << "the second run asked for the rest only";
+  EXPECT_LT(r.bytes, 600000u);
+  EXPECT_EQ(slurp(fs::path(r.snapshot) / "model.safetensors"), slurp(src / "model.safetensors"));
+  EXPECT_FALSE(fs::exists(part));
+}
+
+TEST(HubDownload, ConcurrentDownloadsShareOneBlob) {
+  FakeHub hub;
+  const fs::path src = model_folder("lock"), cache = temp_dir("lock-cache");
+  hub.add("acme/tiny", src, k_commit);
+  HubDownloadResult a, b;
+  std::thread t1([&] { a = hub_download("acme/tiny", options(hub, cache)); });
+  std::thread t2([&] { b = hub_download("acme/tiny", options(hub, cache)); });
+  t1.join();
+  t2.join();
+  EXPECT_EQ(a.fetched.size() + b.fetched.size(), 3u) << "each file was written once";
+  EXPECT_EQ(slurp(fs::path(a.snapshot) / "model.safetensors"), slurp(src / "model.safetensors"));
+}
+
+TEST(HubDownload, FailuresSayWhatHappened) {
+  FakeHub hub;
+  const fs::path src = model_folder("errors"), cache = temp_dir("errors-cache");
+  hub.add("acme/tiny", src, k_commit);
+  hub.add("acme/gated", src, k_commit).token = "hf_right";
+  hub.add("acme/corrupt", src, k_commit).wrong_checksum = true;
+  HubOptions o = options(hub, cache);
+  expect_error([&] { hub_download("acme/missing", o); }, {"no repository acme/missing", hub.endpoint().c_str()});
+  expect_error([&] { hub_download("acme/tiny@v9", o); }, {"acme/tiny", "no revision 'v9'"});
+  expect_error([&] { hub_download("not a repo", o); }, {"not a Hugging Face repository id"});
+  expect_error([&] { hub_download("acme/gated", o); }, {"acme/gated", "needs permission", "401", "set HF_TOKEN"});
+  o.token = "hf_wrong";
+  expect_error([&] { hub_download("acme/gated", o); }, {"acme/gated", "403", "gated", "HF_TOKEN given has no access"});
+  o.token = "hf_right";
+  EXPECT_EQ(hub_download("acme/gated", o).fetched.size(), 3u);
+  o.token.clear();
+  expect_error([&] { hub_download("acme/corrupt", o); }, {"checksum mismatch", "model.safetensors", "removed"});
+  EXPECT_FALSE(fs::exists(cache / "models--acme--corrupt" / "snapshots" / k_commit / "model.safetensors"));
+  HubOptions dead = o;
+  dead.endpoint = "http://127.0.0.1:1";
+  expect_error([&] { hub_download("acme/tiny", dead); }, {"cannot reach http://127.0.0.1:1", "HF_HUB_OFFLINE"});
+
+  // A disk that fills up: writes past 100 KB fail (the file-size limit stands in for a full
+  // disk; its signal is ignored so that the write returns the error instead).
+  const auto old_handler = std::signal(SIGXFSZ, SIG_IGN);
+  rlimit old_limit{};
+  ::getrlimit(RLIMIT_FSIZE, &old_limit);
+  rlimit small = old_limit;
+  small.rlim_cur = 100000;
+  ::setrlimit(RLIMIT_FSIZE, &small);
+  std::string message;
+  try {
+    hub_download("acme/tiny", options(hub, temp_dir("full-cache")));
+  } catch (const std::exception& e) {
+    message = e.what();
+  }
+  ::setrlimit(RLIMIT_FSIZE, &old_limit);
+  std::signal(SIGXFSZ, old_handler);
+  EXPECT_NE(message.find("cannot write"), std::string::npos) << message;
+  EXPECT_NE(message.find("disk full"), std::string::npos) << message;
+}
+
+TEST(HubDownload, OnlyTheFilesVkvlmReads) {
+  for (const char* f : {"config.json", "generation_config.json", "preprocessor_config.json", "processor_config.json",
+                        "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.json",
+                        "chat_template.jinja", "model.safetensors", "model-00001-of-00002.safetensors",
+                        "model.safetensors.index.json"})
+    EXPECT_TRUE(hub_file_needed(f)) << f;
+  for (const char* f : {"README.md", "pytorch_model.bin", "tf_model.h5", "onnx/model.safetensors", ".gitattributes",
+                        "config.json.bak", "original/config.json"})
+    EXPECT_FALSE(hub_file_needed(f)) << f;
+}
+
+}  // namespace
+}  // namespace vkvlm::test
