@@ -31,6 +31,7 @@
 #include "app/conversation.h"
 #include "base/files.h"
 #include "app/flags.h"
+#include "app/model_registry.h"
 #include "host/chat_template.h"
 #include "host/hub_cache.h"
 #include "host/hub_download.h"
@@ -603,6 +604,31 @@ int cmd_download(int argc, char** argv) {
   return 0;
 }
 
+// vkvlm models: the known models, and which of them the local Hugging Face cache holds.
+int cmd_models(int argc, char** argv) {
+  Flags f(argc, argv, 2, {{"json", false}});
+  nlohmann::ordered_json list = nlohmann::ordered_json::array();
+  for (const KnownModel& m : known_models()) {
+    RepoId id;
+    parse_repo_id(m.repo, id);
+    const std::string cached = cached_model_folder(id);
+    list.push_back({{"repo", m.repo}, {"architecture", m.architecture}, {"weights", m.weights}, {"prompt", m.prompt},
+                    {"notes", m.notes}, {"tested_with", "tests/data/fixtures/" + m.fixture}, {"cached", cached.empty() ? nlohmann::ordered_json(nullptr) : nlohmann::ordered_json(cached)}});
+  }
+  if (f.has("json")) {
+    std::printf("%s\n", list.dump(2).c_str());
+    return 0;
+  }
+  for (const auto& m : list) {
+    std::printf("%-42s %-10s %-20s %s\n", m["repo"].get<std::string>().c_str(), m["architecture"].get<std::string>().c_str(),
+                m["weights"].get<std::string>().c_str(), m["cached"].is_null() ? "" : "(in the cache)");
+    std::printf("    prompt: \"%s\"; %s\n", m["prompt"].get<std::string>().c_str(), m["notes"].get<std::string>().c_str());
+  }
+  std::printf("\nvkvlm generate --model REPO ... downloads a model the cache (%s) lacks; vkvlm download REPO fetches it.\n",
+              hub_cache_dir().c_str());
+  return 0;
+}
+
 int cmd_devices(int argc, char** argv) {
   Flags f(argc, argv, 2, {});
   for (auto& d : gpu::Device::enumerate()) std::printf("[%u] %s\n", d.index, d.profile.summary_line().c_str());
@@ -640,6 +666,7 @@ const char* k_usage =
     "            OpenAI-compatible server\n"
     "  download  ORG/NAME[@REVISION]   fetch a model from the Hugging Face hub into its cache (HF_ENDPOINT,\n"
     "            HF_TOKEN); prints the snapshot folder. Elsewhere a missing ORG/NAME is downloaded as needed\n"
+    "  models    [--json]   known models by repo id, with a prompt and notes each, and which are cached\n"
     "  devices   list Vulkan devices with their feature profiles\n"
     "\n"
     "Without --model, the bundled demo model (models/shapes-llava) is used.\n"
@@ -670,6 +697,7 @@ int main(int argc, char** argv) {
     if (cmd == "render-template") return cmd_render_template(argc, argv);
     if (cmd == "devices") return cmd_devices(argc, argv);
     if (cmd == "download") return cmd_download(argc, argv);
+    if (cmd == "models") return cmd_models(argc, argv);
     if (cmd == "serve") return server::run_serve(argc, argv, 2);
     throw UsageError("unknown command '" + cmd +
                      "' (generate, chat, cache-prompt, tokenize, render-template, info, serve, devices)");

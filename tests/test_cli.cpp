@@ -14,6 +14,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <set>
 #include <sstream>
 
 #include <nlohmann/json.hpp>
@@ -222,6 +223,44 @@ TEST(Cli, ModelsAreDownloadedFromTheHub) {
   CliRun usage = vkvlm({"download"}, "", env);
   EXPECT_EQ(usage.rc, 2);
   EXPECT_NE(usage.err.find("ORG/NAME"), std::string::npos) << usage.err;
+}
+
+// vkvlm models: every known repo id with an architecture vkvlm runs, checked against the fixture
+// of the same layout (its config's model_type, and MLX quantization where the entry says MLX),
+// and whether the cache holds it.
+TEST(Cli, KnownModelsMatchTheFixturesOfTheirLayout) {
+  const std::string cache = tmp("models-cache");
+  fs::remove_all(cache);
+  CliRun r = vkvlm({"models", "--json"}, "", "HF_HUB_CACHE=" + cache + " ");
+  ASSERT_EQ(r.rc, 0) << r.err;
+  const auto list = nlohmann::json::parse(r.out);
+  ASSERT_GE(list.size(), 8u);
+  std::set<std::string> architectures;
+  for (const auto& m : list) {
+    SCOPED_TRACE(m.dump());
+    const std::string repo = m["repo"];
+    EXPECT_EQ(std::count(repo.begin(), repo.end(), '/'), 1);
+    EXPECT_FALSE(m["prompt"].get<std::string>().empty());
+    EXPECT_TRUE(m["cached"].is_null());
+    architectures.insert(m["architecture"].get<std::string>());
+    const std::string fixture = m["tested_with"];
+    ASSERT_EQ(fixture.rfind("tests/data/fixtures/", 0), 0u);
+    const auto config = nlohmann::json::parse(slurp(fixtures_dir() + "/" + fixture.substr(20) + "/config.json"));
+    EXPECT_EQ(config["model_type"], m["architecture"]);
+    const std::string weights = m["weights"];
+    if (weights.rfind("MLX ", 0) == 0) {
+      ASSERT_TRUE(config.contains("quantization"));
+      EXPECT_EQ(weights, "MLX " + std::to_string(config["quantization"]["bits"].get<int>()) + "-bit, group " +
+                             std::to_string(config["quantization"]["group_size"].get<int>()));
+    } else {
+      EXPECT_FALSE(config.contains("quantization"));
+    }
+  }
+  EXPECT_EQ(architectures, (std::set<std::string>{"llava", "llava_next", "phi3_v", "qwen2_vl", "paligemma"}));
+  CliRun text = vkvlm({"models"}, "", "HF_HUB_CACHE=" + cache + " ");
+  ASSERT_EQ(text.rc, 0) << text.err;
+  EXPECT_NE(text.out.find("mlx-community/Qwen2-VL-2B-Instruct-4bit"), std::string::npos) << text.out;
+  EXPECT_NE(text.out.find("caption en"), std::string::npos) << text.out;
 }
 
 // A model named by its Hugging Face repo id, from a Hugging Face cache (HF_HUB_CACHE) whose
