@@ -199,6 +199,30 @@ void Bench::run() {
       add({"attention_decode", "ctx" + std::to_string(ctxlen) + "_h32_d128", "rows", s * 1e6,
            double(k.bytes() + v.bytes() + q.bytes() + o.bytes()), 4.0 * H * D * ctxlen});
     }
+    // The same decode at 4096 over a quantized KV cache (--kv-bits 8 and 4, groups of 64),
+    // filled by kv_append so that the rows hold real quantized values.
+    for (int bits : {8, 4}) {
+      if (!wanted("attention")) break;
+      const int64_t ctxlen = 4096, width = int64_t(H) * D;
+      auto q = random_tensor(gpu::DType::F32, {1, width});
+      auto src = random_tensor(gpu::DType::F32, {ctxlen, width});
+      auto quantized = [&](const char* name) {
+        return gpu::KvMat::quantized(ctx_.tensor(gpu::DType::U32, {ctxlen, width * bits / 32}, name),
+                                     ctx_.tensor(gpu::DType::U32, {ctxlen, width / 64}, name), bits, 64, width);
+      };
+      const gpu::KvRows k = {quantized("k")}, v = {quantized("v")};
+      auto o = ctx_.tensor(gpu::DType::F32, {1, width}, "o");
+      auto zero = position_buffer(0), step = position_buffer(int32_t(ctxlen - 1));
+      time([&](gpu::Recorder& rec) {
+        gpu::kv_append(rec, Mat::of(src), k, zero, 0);
+        gpu::kv_append(rec, Mat::of(src), v, zero, 0);
+      });
+      auto ap = attention_params(H, D, 1, true);
+      double s = time([&](gpu::Recorder& rec) { gpu::attention(rec, Mat::of(q), k, v, Mat::of(o), step, 0, ap); });
+      const double kv_bytes = 2.0 * double(k[0].data.t.bytes() + k[0].params.t.bytes());
+      add({"attention_decode", "ctx4096_h32_d128_q" + std::to_string(bits) + "g64", "rows", s * 1e6,
+           kv_bytes + double(q.bytes() + o.bytes()), 4.0 * H * D * ctxlen});
+    }
     if (wanted("attention")) {
       const int64_t T = opt_.quick ? 128 : 512;
       auto q = random_tensor(gpu::DType::F32, {T, H * D});

@@ -16,6 +16,36 @@ layout(constant_id = 2) const uint DPT = 1;  // output dimensions per thread: ce
 shared float q_sh[D];
 shared float p_sh[gl_WorkGroupSize.x];
 
+// q_sh . K row j of kv head kvh (q_sh holds the scaled query).
+float score(uint j, uint kvh) {
+#if defined(KV_Q4) || defined(KV_Q8)
+  // Per group: sum q (scale * code + bias) = scale * sum(q * code) + bias * sum(q), one
+  // (scale, bias) word and one load per packed word.
+  const uint r = j - p.key_begin, e0 = kvh * D, words = p.group_size / KV_PER_WORD;
+  const uint wbase = p.k_off + r * p.k_stride + e0 / KV_PER_WORD, pbase = p.kp_off + r * p.kp_stride + e0 / p.group_size;
+  float s = 0.0;
+  for (uint g = 0; g < D / p.group_size; ++g) {
+    float dot = 0.0, qsum = 0.0;
+    for (uint w = 0; w < words; ++w) {
+      const uint word = ks[wbase + g * words + w];
+      const uint d0 = g * p.group_size + w * KV_PER_WORD;
+      [[unroll]] for (uint i = 0; i < KV_PER_WORD; ++i) {
+        const float qd = q_sh[d0 + i];
+        dot += qd * float((word >> (KV_BITS * i)) & ((1u << KV_BITS) - 1u));
+        qsum += qd;
+      }
+    }
+    const vec2 sb = unpackHalf2x16(kps[pbase + g]);
+    s += sb.x * dot + sb.y * qsum;
+  }
+  return s;
+#else
+  float s = 0.0;
+  for (uint d = 0; d < D; ++d) s += q_sh[d] * k_at(j, kvh, d);
+  return s;
+#endif
+}
+
 void main() {
   const uint tid = gl_LocalInvocationID.x;
   const uint WG = gl_WorkGroupSize.x;
@@ -47,10 +77,7 @@ void main() {
   for (uint j0 = kb; j0 < ke; j0 += WG) {
     const uint j = j0 + tid;
     float s = NEG_INF;
-    if (j < ke) {
-      s = 0.0;
-      for (uint d = 0; d < D; ++d) s += q_sh[d] * k_at(j, kvh, d);
-    }
+    if (j < ke) s = score(j, kvh);
     const float m_new = max(m, wg_max(s));
     const float pv = s == NEG_INF ? 0.0 : exp(s - m_new);
     p_sh[tid] = pv;
