@@ -16,14 +16,10 @@
 namespace vkvlm {
 namespace fs = std::filesystem;
 
-namespace {
-
-std::string env(const char* name) {
+std::string hub_env(const char* name) {
   const char* v = std::getenv(name);
   return v ? std::string(v) : std::string();
 }
-
-}  // namespace
 
 bool parse_repo_id(const std::string& s, RepoId& out) {
   static const std::regex re(R"(^([A-Za-z0-9_][A-Za-z0-9_.\-]{0,95})/([A-Za-z0-9_][A-Za-z0-9_.\-]{0,95})(?:@([A-Za-z0-9_][A-Za-z0-9_.\-/]{0,199}))?$)");
@@ -41,11 +37,11 @@ bool is_commit_hash(const std::string& s) {
 }
 
 std::string hub_cache_dir() {
-  if (std::string v = env("HF_HUB_CACHE"); !v.empty()) return v;
-  if (std::string v = env("HUGGINGFACE_HUB_CACHE"); !v.empty()) return v;  // the older name
-  if (std::string v = env("HF_HOME"); !v.empty()) return (fs::path(v) / "hub").string();
-  if (std::string v = env("XDG_CACHE_HOME"); !v.empty()) return (fs::path(v) / "huggingface" / "hub").string();
-  return (fs::path(env("HOME")) / ".cache" / "huggingface" / "hub").string();
+  if (std::string v = hub_env("HF_HUB_CACHE"); !v.empty()) return v;
+  if (std::string v = hub_env("HUGGINGFACE_HUB_CACHE"); !v.empty()) return v;  // the older name
+  if (std::string v = hub_env("HF_HOME"); !v.empty()) return (fs::path(v) / "hub").string();
+  if (std::string v = hub_env("XDG_CACHE_HOME"); !v.empty()) return (fs::path(v) / "huggingface" / "hub").string();
+  return (fs::path(hub_env("HOME")) / ".cache" / "huggingface" / "hub").string();
 }
 
 namespace {
@@ -74,7 +70,7 @@ bool snapshot_complete(const fs::path& snapshot) {
 }  // namespace
 
 bool hub_offline() {
-  std::string v = env("HF_HUB_OFFLINE");
+  std::string v = hub_env("HF_HUB_OFFLINE");
   for (char& c : v) c = char(std::tolower(static_cast<unsigned char>(c)));
   return v == "1" || v == "true" || v == "yes" || v == "on";
 }

@@ -19,6 +19,8 @@ std::string resolve_model_folder(const std::string& name);
 std::string hub_cache_dir();
 // HF_HUB_OFFLINE is set (1, true, yes, on): nothing is downloaded.
 bool hub_offline();
+// An environment variable of the hub's (HF_ENDPOINT, HF_TOKEN, ...), "" when unset.
+std::string hub_env(const char* name);
 
 // A hub repository id: ORG/NAME, each of letters, digits, '-', '_' and '.', not starting with
 // '.' or '-' (so no path can pose as one), and an optional @REVISION (default main).

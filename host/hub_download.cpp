@@ -24,11 +24,6 @@ namespace fs = std::filesystem;
 
 namespace {
 
-std::string env(const char* name) {
-  const char* v = std::getenv(name);
-  return v ? std::string(v) : std::string();
-}
-
 // scheme://host[:port] and the path of an absolute URL.
 struct Url {
   std::string origin, path;
@@ -314,10 +309,10 @@ uint64_t fetch_blob(Hub& hub, const std::string& url, const fs::path& blob, uint
 
 HubOptions HubOptions::from_environment() {
   HubOptions o;
-  if (std::string e = env("HF_ENDPOINT"); !e.empty()) o.endpoint = e;
+  if (std::string e = hub_env("HF_ENDPOINT"); !e.empty()) o.endpoint = e;
   while (o.endpoint.size() > 1 && o.endpoint.back() == '/') o.endpoint.pop_back();
-  o.token = env("HF_TOKEN");
-  if (o.token.empty()) o.token = env("HUGGING_FACE_HUB_TOKEN");  // the older name
+  o.token = hub_env("HF_TOKEN");
+  if (o.token.empty()) o.token = hub_env("HUGGING_FACE_HUB_TOKEN");  // the older name
   o.cache = hub_cache_dir();
   o.progress = ::isatty(2) != 0;
   return o;

@@ -377,6 +377,14 @@ gpu::AttentionParams attention_params(const AttnCase& c) {
   return ap;
 }
 
+Variant attention_variant(const AttnCase& c, bool subgroup) {
+  Variant v;
+  v.subgroup = subgroup;
+  v.attention = c.path;
+  v.keys_per_split = c.keys_per_split;
+  return v;
+}
+
 class AttentionTest : public testing::TestWithParam<AttnCase> {};
 
 TEST_P(AttentionTest, CacheMatchesReference) {
@@ -402,10 +410,7 @@ TEST_P(AttentionTest, CacheMatchesReference) {
   for (bool sg : subgroup_settings()) {
     Tensor kcache = upload_f16(kold, {cap, kvd}), vcache = upload_f16(vold, {cap, kvd});
     Tensor out = poisoned_f32({c.T, qd});
-    Variant v;
-    v.subgroup = sg;
-    v.attention = c.path;
-    v.keys_per_split = c.keys_per_split;
+    const Variant v = attention_variant(c, sg);
     run([&](gpu::Recorder& rec) {
       gpu::kv_append(rec, Mat::of(knew), kcache, step, 0);
       gpu::kv_append(rec, Mat::of(vnew), vcache, step, 0);
@@ -540,10 +545,7 @@ TEST_P(QuantizedKvTest, AppendAndAttentionMatchReference) {
   for (bool sg : subgroup_settings()) {
     const gpu::KvRows kcache = cache("k"), vcache = cache("v");
     Tensor out = poisoned_f32({c.T, qd});
-    Variant v;
-    v.subgroup = sg;
-    v.attention = c.path;
-    v.keys_per_split = c.keys_per_split;
+    const Variant v = attention_variant(c, sg);
     run([&](gpu::Recorder& rec) {
       gpu::kv_append(rec, Mat::of(kall), kcache, zero, 0);
       gpu::kv_append(rec, Mat::of(vall), vcache, zero, 0);
