@@ -663,6 +663,8 @@ const char* k_usage =
     "            [--prompt-cache FILE]   a cached prompt every conversation may start from\n"
     "            [--max-kv-size N]   rotating KV caches of N tokens instead of --ctx\n"
     "            [--kv-bits 4|8 [--kv-group-size G] [--quantized-kv-start N]]   quantized KV caches\n"
+    "            [--model NAME=DIR|REPO]... [--config FILE] [--max-loaded N] [--active-model NAME]\n"
+    "            several models, chosen by the request's \"model\", loaded on first use\n"
     "            OpenAI-compatible server\n"
     "  download  ORG/NAME[@REVISION]   fetch a model from the Hugging Face hub into its cache (HF_ENDPOINT,\n"
     "            HF_TOKEN); prints the snapshot folder. Elsewhere a missing ORG/NAME is downloaded as needed\n"

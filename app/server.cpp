@@ -135,11 +135,43 @@ json logprob_entry(const Tokenizer& tok, int32_t id, float logprob, const std::s
   return json{{"token", t}, {"logprob", logprob}, {"bytes", bytes}};
 }
 
+// The "model" a request body names ("" when none, or when the body is not JSON: the full
+// parse reports that).
+std::string requested_model(const std::string& body) {
+  try {
+    const json j = json::parse(body);
+    if (j.is_object() && j.contains("model") && j["model"].is_string()) return j["model"].get<std::string>();
+  } catch (const std::exception&) {
+  }
+  return "";
+}
+
 class Server {
  public:
   explicit Server(Options o) : opt_(std::move(o)) {
-    if (opt_.model_name.empty()) opt_.model_name = fs::path(opt_.model_dir).filename().string();
-    if (opt_.model_name.empty()) opt_.model_name = fs::path(opt_.model_dir).parent_path().filename().string();
+    if (opt_.models.empty()) {  // the single model of --model DIR and the flags beside it
+      ServedModelOptions m;
+      m.dir = opt_.model_dir;
+      m.name = opt_.model_name;
+      if (m.name.empty()) m.name = fs::path(m.dir).filename().string();
+      if (m.name.empty()) m.name = fs::path(m.dir).parent_path().filename().string();
+      m.context_tokens = opt_.context_tokens;
+      m.rotating = opt_.rotating;
+      m.kv_format = opt_.kv_format;
+      m.load = opt_.load;
+      m.draft_model_dir = opt_.draft_model_dir;
+      m.prompt_cache = opt_.prompt_cache;
+      opt_.models.push_back(m);
+    }
+    for (const auto& m : opt_.models) {
+      for (const auto& other : models_)
+        if (other->spec.name == m.name) fail("two models are named '", m.name, "'");
+      if (m.name.empty() || m.name == "default") fail("a model needs a name other than '", m.name, "'");
+      models_.push_back(std::make_unique<Served>());
+      models_.back()->spec = m;
+    }
+    active_ = 0;
+    if (!opt_.active_model.empty()) active_ = index_of(opt_.active_model, "the active model");
     if (!opt_.allow_local_files.empty()) {
       std::error_code ec;
       if (!fs::is_directory(opt_.allow_local_files, ec))
@@ -163,7 +195,12 @@ class Server {
     http::Server& h = *http_;
     h.route("GET", "/health", [this](const http::Request&, http::Response& res, http::Connection&) {
       res.status = ready_ ? 200 : 503;
-      res.body = json{{"status", ready_ ? "ok" : "loading"}}.dump();
+      json states = json::object();
+      {
+        std::lock_guard<std::mutex> l(models_mu_);
+        for (const auto& m : models_) states[m->spec.name] = m->state;
+      }
+      res.body = json{{"status", ready_ ? "ok" : "loading"}, {"models", states}}.dump();
     });
     h.route("GET", "/metrics", [this](const http::Request& req, http::Response& res, http::Connection&) {
       if (!opt_.metrics_public && !authorized(req, res)) return;
@@ -172,9 +209,45 @@ class Server {
     });
     h.route("GET", "/v1/models", [this](const http::Request& req, http::Response& res, http::Connection&) {
       if (!authorized(req, res)) return;
-      json m = {{"id", opt_.model_name}, {"object", "model"}, {"created", started_}, {"owned_by", "vkvlm"}};
-      res.body = json{{"object", "list"}, {"data", json::array({m})}}.dump();
+      json list = json::array();
+      {
+        std::lock_guard<std::mutex> l(models_mu_);
+        for (const auto& m : models_)
+          list.push_back({{"id", m->spec.name}, {"object", "model"}, {"created", started_}, {"owned_by", "vkvlm"},
+                          {"loaded", m->loaded != nullptr}});
+      }
+      res.body = json{{"object", "list"}, {"data", list}}.dump();
       count(200);
+    });
+    // The LLaVA-MLX server's configuration endpoint: GET shows it, PATCH {"active_model": NAME}
+    // switches the model for requests that name none or "default".
+    h.route("GET", "/v1/config", [this](const http::Request& req, http::Response& res, http::Connection&) {
+      if (!authorized(req, res)) return;
+      res.body = config_json().dump();
+      count(200);
+    });
+    h.route("PATCH", "/v1/config", [this](const http::Request& req, http::Response& res, http::Connection&) {
+      if (!authorized(req, res)) return;
+      try {
+        json body;
+        try {
+          body = json::parse(req.body);
+        } catch (const std::exception&) {
+          throw ApiError(400, "the request body is not valid JSON", "invalid_request_error", "", "invalid_json");
+        }
+        if (!body.is_object() || body.size() != 1 || !body.contains("active_model") || !body["active_model"].is_string())
+          throw ApiError(400, "PATCH /v1/config takes {\"active_model\": NAME}", "invalid_request_error", "active_model");
+        const size_t i = find_model(body["active_model"].get<std::string>(), /*strict=*/true);
+        {
+          std::lock_guard<std::mutex> l(models_mu_);
+          active_ = i;
+        }
+        res.body = config_json().dump();
+        count(200);
+      } catch (const ApiError& e) {
+        set_error(res, e);
+        count(e.status);
+      }
     });
     h.route("POST", "/v1/chat/completions",
             [this](const http::Request& req, http::Response& res, http::Connection& conn) { chat(req, res, conn); });
@@ -185,7 +258,7 @@ class Server {
       return 1;
     }
     std::fprintf(stderr, "vkvlm serve: listening on http://%s:%d (loading %s)\n", opt_.host.c_str(), opt_.port,
-                 opt_.model_dir.c_str());
+                 models_[active_]->spec.dir.c_str());
     started_ = now_seconds();
     // SIGINT/SIGTERM stop the server: blocked in every thread (set before any starts) and
     // taken by one watcher.
@@ -211,41 +284,148 @@ class Server {
     if (load_failed_) return 1;
     std::fprintf(stderr, "vkvlm serve: stopped\n");
     // The GPU objects go before the context.
-    draft_sessions_.clear();
-    sessions_.clear();
-    draft_model_.reset();
-    model_.reset();
+    models_.clear();
     return 0;
   }
 
  private:
+  // What a loaded model holds on the device: the model, its conversation slots, its draft.
+  // Shared with the requests using it, so that unloading it (least recently used) frees it only
+  // once they are done.
+  struct Loaded {
+    std::unique_ptr<Model> model;
+    std::vector<std::unique_ptr<Session>> sessions;
+    std::unique_ptr<Model> draft;                          // --draft-model, if any
+    std::vector<std::unique_ptr<Session>> draft_sessions;  // one per slot, beside sessions
+    std::vector<uint64_t> cache_keys;                      // the prompt cache's rows (empty: none)
+    std::vector<uint64_t> last_used;                       // per slot (under the GPU turn)
+    uint64_t use_clock = 0, kv_bytes = 0;
+  };
+  struct Served {
+    ServedModelOptions spec;
+    std::shared_ptr<Loaded> loaded;  // null until loaded (models_mu_)
+    std::string state = "unloaded";  // unloaded, loading, ready, failed (models_mu_)
+    uint64_t last_request = 0;       // for least-recently-used unloading (models_mu_)
+  };
+
+  std::shared_ptr<Loaded> load_model(const ServedModelOptions& m) {
+    auto L = std::make_shared<Loaded>();
+    L->model = std::make_unique<Model>(*ctx_, m.dir, m.load);
+    for (int i = 0; i < opt_.kv_slots; ++i)
+      L->sessions.push_back(std::make_unique<Session>(*L->model, m.context_tokens, m.rotating, m.kv_format));
+    if (!m.prompt_cache.empty()) {
+      for (auto& s : L->sessions) s->load_prompt_cache(m.prompt_cache);
+      L->cache_keys = L->sessions[0]->cached_keys();
+      std::fprintf(stderr, "vkvlm serve: prompt cache %s: %zu tokens\n", m.prompt_cache.c_str(), L->cache_keys.size());
+    }
+    if (!m.draft_model_dir.empty()) {
+      L->draft = std::make_unique<Model>(*ctx_, m.draft_model_dir, m.load);
+      check_draft_model(*L->model, *L->draft);
+      for (int i = 0; i < opt_.kv_slots; ++i)
+        L->draft_sessions.push_back(std::make_unique<Session>(*L->draft, m.context_tokens));
+    }
+    L->last_used.assign(L->sessions.size(), 0);
+    for (auto& s : L->sessions) L->kv_bytes += s->kv_bytes();
+    return L;
+  }
+
+  // Loads a model that is not loaded (with the GPU to itself: at startup, or in a GPU turn),
+  // unloading the least recently used others when --max-loaded would be exceeded, or when the
+  // device has no room for it. Throws a 503 naming the model when it cannot be loaded.
+  std::shared_ptr<Loaded> ensure_loaded(Served& s) {
+    std::vector<std::shared_ptr<Loaded>> unloaded;  // freed outside the lock
+    {
+      std::lock_guard<std::mutex> l(models_mu_);
+      if (s.loaded) return s.loaded;
+      s.state = "loading";
+      size_t n = 0;
+      for (const auto& m : models_) n += m->loaded != nullptr;
+      while (opt_.max_loaded > 0 && n >= size_t(opt_.max_loaded)) {
+        unloaded.push_back(unload_least_recent(&s));
+        --n;
+      }
+    }
+    unloaded.clear();
+    std::string why;
+    for (int attempt = 0; attempt < 2; ++attempt) {
+      try {
+        auto L = load_model(s.spec);
+        std::lock_guard<std::mutex> l(models_mu_);
+        s.loaded = L;
+        s.state = "ready";
+        std::fprintf(stderr, "vkvlm serve: model %s ready on %s\n", s.spec.name.c_str(), ctx_->profile().device_name.c_str());
+        return L;
+      } catch (const std::exception& e) {
+        why = e.what();
+      }
+      // No room: the others go (least recently used first), then one more try.
+      std::lock_guard<std::mutex> l(models_mu_);
+      bool any = false;
+      for (const auto& m : models_) any = any || (m.get() != &s && m->loaded);
+      if (!any) break;
+      while (auto L = unload_least_recent(&s)) unloaded.push_back(L);
+    }
+    unloaded.clear();
+    {
+      std::lock_guard<std::mutex> l(models_mu_);
+      s.state = "failed";
+    }
+    std::replace(why.begin(), why.end(), '\n', ' ');
+    std::fprintf(stderr, "vkvlm serve: error: model %s: %s\n", s.spec.name.c_str(), why.c_str());
+    throw ApiError(503, "model " + s.spec.name + " could not be loaded: " + why, "server_error", "model", "model_unavailable");
+  }
+
+  // Under models_mu_: unloads the least recently used loaded model other than `keep`.
+  std::shared_ptr<Loaded> unload_least_recent(const Served* keep) {
+    Served* victim = nullptr;
+    for (const auto& m : models_)
+      if (m.get() != keep && m->loaded && (!victim || m->last_request < victim->last_request)) victim = m.get();
+    if (!victim) return nullptr;
+    std::fprintf(stderr, "vkvlm serve: unloading model %s\n", victim->spec.name.c_str());
+    auto L = std::move(victim->loaded);
+    victim->state = "unloaded";
+    return L;
+  }
+
   void load() {
     try {
       ctx_ = std::make_unique<gpu::Context>(gpu::Device::create());
-      model_ = std::make_unique<Model>(*ctx_, opt_.model_dir, opt_.load);
-      for (int i = 0; i < opt_.kv_slots; ++i)
-        sessions_.push_back(std::make_unique<Session>(*model_, opt_.context_tokens, opt_.rotating, opt_.kv_format));
-      if (!opt_.prompt_cache.empty()) {
-        for (auto& s : sessions_) s->load_prompt_cache(opt_.prompt_cache);
-        cache_keys_ = sessions_[0]->cached_keys();
-        std::fprintf(stderr, "vkvlm serve: prompt cache %s: %zu tokens\n", opt_.prompt_cache.c_str(), cache_keys_.size());
-      }
-      if (!opt_.draft_model_dir.empty()) {
-        draft_model_ = std::make_unique<Model>(*ctx_, opt_.draft_model_dir, opt_.load);
-        check_draft_model(*model_, *draft_model_);
-        for (int i = 0; i < opt_.kv_slots; ++i)
-          draft_sessions_.push_back(std::make_unique<Session>(*draft_model_, opt_.context_tokens));
-      }
-      last_used_.assign(sessions_.size(), 0);
-      for (auto& s : sessions_) kv_bytes_ += s->kv_bytes();
+      ensure_loaded(*models_[active_]);
       ready_ = true;
-      std::fprintf(stderr, "vkvlm serve: model %s ready on %s\n", opt_.model_name.c_str(), ctx_->profile().device_name.c_str());
     } catch (const std::exception& e) {
       std::string m = e.what();
       std::replace(m.begin(), m.end(), '\n', ' ');
       std::fprintf(stderr, "vkvlm serve: error: %s\n", m.c_str());
       load_failed_ = true;
     }
+  }
+
+  size_t index_of(const std::string& name, const char* what) const {
+    for (size_t i = 0; i < models_.size(); ++i)
+      if (models_[i]->spec.name == name) return i;
+    fail(what, " '", name, "' is not among the models served");
+  }
+
+  // The model a request names: its name, or the active one for none or "default". A server of
+  // one model answers whatever a request names (as llama-server does: clients send all sorts).
+  size_t find_model(const std::string& name, bool strict = false) {
+    std::lock_guard<std::mutex> l(models_mu_);
+    if (name.empty() || name == "default" || (models_.size() == 1 && !strict)) return active_;
+    for (size_t i = 0; i < models_.size(); ++i)
+      if (models_[i]->spec.name == name) return i;
+    std::string names;
+    for (const auto& m : models_) names += (names.empty() ? "" : ", ") + m->spec.name;
+    throw ApiError(404, "the model '" + name + "' does not exist; this server has " + names, "invalid_request_error", "model",
+                   "model_not_found");
+  }
+
+  json config_json() {
+    std::lock_guard<std::mutex> l(models_mu_);
+    json list = json::array();
+    for (const auto& m : models_)
+      list.push_back({{"name", m->spec.name}, {"model", m->spec.dir}, {"ctx", m->spec.context_tokens}, {"state", m->state},
+                      {"kv_cache", m->spec.kv_format.describe()}, {"draft_model", m->spec.draft_model_dir}});
+    return json{{"active_model", models_[active_]->spec.name}, {"max_loaded", opt_.max_loaded}, {"models", list}};
   }
 
   void count(int status) {
@@ -280,58 +460,63 @@ class Server {
     os << "# HELP vkvlm_requests_in_flight Requests admitted and not yet answered.\n# TYPE vkvlm_requests_in_flight gauge\n"
        << "vkvlm_requests_in_flight " << metrics_.in_flight.load() << "\n";
     os << "# HELP vkvlm_kv_cache_bytes Device memory of the conversation slots' KV caches, by how they store K and V.\n"
-       << "# TYPE vkvlm_kv_cache_bytes gauge\nvkvlm_kv_cache_bytes{format=\"" << opt_.kv_format.describe() << "\"} "
-       << kv_bytes_.load() << "\n";
+       << "# TYPE vkvlm_kv_cache_bytes gauge\n";
+    {
+      std::lock_guard<std::mutex> ml(models_mu_);
+      for (const auto& m : models_)
+        os << "vkvlm_kv_cache_bytes{model=\"" << m->spec.name << "\",format=\"" << m->spec.kv_format.describe() << "\"} "
+           << (m->loaded ? m->loaded->kv_bytes : 0) << "\n";
+    }
     return os.str();
   }
 
-  RequestLimits request_limits() const {
+  RequestLimits request_limits(const ServedModelOptions& m, const Loaded& L) const {
     RequestLimits l;
     l.max_images = opt_.max_images;
     // A rotating cache answers past its rows: max_tokens may reach four times them.
-    l.context_tokens = opt_.rotating ? 4 * opt_.context_tokens : opt_.context_tokens;
+    l.context_tokens = m.rotating ? 4 * m.context_tokens : m.context_tokens;
     l.local_root = local_root_;
     l.num_draft_tokens = opt_.num_draft_tokens;
     l.lookup_ngram = opt_.lookup_ngram;
-    l.has_draft_model = draft_model_ != nullptr;
+    l.has_draft_model = L.draft != nullptr;
     return l;
   }
 
   // A session for the prompt: the slot this prompt continues (it shares at least half of the
   // slot's cached tokens, the longest such share winning), else the least recently used slot, so
   // a shared preamble like "USER:" does not make conversations evict each other.
-  size_t pick_slot(const Prompt& prompt) {
-    size_t best = sessions_.size(), best_len = 0;
-    for (size_t i = 0; i < sessions_.size(); ++i) {
-      const auto& keys = sessions_[i]->cached_keys();
+  size_t pick_slot(Loaded& L, const Prompt& prompt) {
+    size_t best = L.sessions.size(), best_len = 0;
+    for (size_t i = 0; i < L.sessions.size(); ++i) {
+      const auto& keys = L.sessions[i]->cached_keys();
       const size_t n = shared_prefix(keys, prompt.keys);
       if (!keys.empty() && 2 * n >= keys.size() && n > best_len) {
         best = i;
         best_len = n;
       }
     }
-    if (best == sessions_.size())
-      best = size_t(std::min_element(last_used_.begin(), last_used_.end()) - last_used_.begin());
-    last_used_[best] = ++use_clock_;
+    if (best == L.sessions.size())
+      best = size_t(std::min_element(L.last_used.begin(), L.last_used.end()) - L.last_used.begin());
+    L.last_used[best] = ++L.use_clock;
     return best;
   }
 
-  json completion_json(const std::string& id, const GenerationResult& r, bool logprobs) {
+  json completion_json(const std::string& id, const std::string& model, const Tokenizer& tok, bool draft,
+                       const GenerationResult& r, bool logprobs) {
     json choice = {{"index", 0}, {"message", {{"role", "assistant"}, {"content", r.text}}}, {"logprobs", nullptr},
                    {"finish_reason", r.finish_reason}};
-    if (logprobs) choice["logprobs"] = {{"content", logprob_list(r.steps)}};
+    if (logprobs) choice["logprobs"] = {{"content", logprob_list(tok, r.steps)}};
     return json{{"id", id},
                 {"object", "chat.completion"},
                 {"created", now_seconds()},
-                {"model", opt_.model_name},
+                {"model", model},
                 {"system_fingerprint", "vkvlm"},
                 {"choices", json::array({choice})},
-                {"usage", usage(r)}};
+                {"usage", usage(r, draft)}};
   }
 
-  json logprob_list(const std::vector<StepOutput>& steps) {
+  json logprob_list(const Tokenizer& tok, const std::vector<StepOutput>& steps) {
     json list = json::array();
-    const auto& tok = model_->tokenizer();
     for (auto& s : steps) {
       json e = logprob_entry(tok, s.token, s.logprob);
       json tops = json::array();
@@ -342,12 +527,12 @@ class Server {
     return list;
   }
 
-  json usage(const GenerationResult& r) {
+  json usage(const GenerationResult& r, bool draft) {
     json u = {{"prompt_tokens", r.prompt_tokens.size()},
               {"completion_tokens", r.tokens.size()},
               {"total_tokens", r.prompt_tokens.size() + r.tokens.size()},
               {"prompt_tokens_details", {{"cached_tokens", r.cached_tokens}}}};
-    if (draft_model_ || r.draft_tokens) {  // an extension: how speculative decoding went
+    if (draft || r.draft_tokens) {  // an extension: how speculative decoding went
       u["draft_tokens"] = r.draft_tokens;
       u["accepted_tokens"] = r.accepted_tokens;
     }
@@ -356,18 +541,20 @@ class Server {
 
   // Generates on the slot the prompt continues, with the draft model's session of that slot
   // when there is one.
-  GenerationResult run_on_slot(const Prompt& prompt, const Prompt& draft_prompt, const GenerationParams& params,
-                               const std::function<bool(const StepOutput&)>& on_step, const std::function<bool()>& gone) {
-    const size_t slot = pick_slot(prompt);
+  GenerationResult run_on_slot(const ServedModelOptions& m, Loaded& L, const Prompt& prompt, const Prompt& draft_prompt,
+                               const GenerationParams& params, const std::function<bool(const StepOutput&)>& on_step,
+                               const std::function<bool()>& gone) {
+    const size_t slot = pick_slot(L, prompt);
     // A conversation that starts like the prompt cache, on a slot that holds less of it, gets
     // the cached rows back before it runs.
-    if (!cache_keys_.empty() && shared_prefix(cache_keys_, prompt.keys) > shared_prefix(sessions_[slot]->cached_keys(), prompt.keys)) {
-      sessions_[slot]->load_prompt_cache(opt_.prompt_cache);
-      if (draft_model_) draft_sessions_[slot]->reset();
+    if (!L.cache_keys.empty() &&
+        shared_prefix(L.cache_keys, prompt.keys) > shared_prefix(L.sessions[slot]->cached_keys(), prompt.keys)) {
+      L.sessions[slot]->load_prompt_cache(m.prompt_cache);
+      if (L.draft) L.draft_sessions[slot]->reset();
     }
     Speculation spec;
-    if (draft_model_) spec = {draft_sessions_[slot].get(), &draft_prompt};
-    return sessions_[slot]->generate(prompt, params, on_step, gone, spec);
+    if (L.draft) spec = {L.draft_sessions[slot].get(), &draft_prompt};
+    return L.sessions[slot]->generate(prompt, params, on_step, gone, spec);
   }
 
   void record(const GenerationResult& r) {
@@ -391,7 +578,7 @@ class Server {
 
   // Runs fn with the GPU, in arrival order; none when the client left while waiting.
   template <typename F>
-  std::optional<GenerationResult> on_gpu(F&& fn, const std::function<bool()>& gone) {
+  auto on_gpu(F&& fn, const std::function<bool()>& gone) -> std::optional<decltype(fn())> {
     const uint64_t ticket = turns_.take();
     ++metrics_.queued;
     const bool turn = turns_.wait(ticket, gone);
@@ -439,24 +626,45 @@ class Server {
       if (metrics_.in_flight > opt_.max_concurrency)
         throw ApiError(429, "the server is busy (" + std::to_string(opt_.max_concurrency) + " requests in flight); retry later",
                        "rate_limit_exceeded", "", "server_busy");
-      ChatRequest r = parse_chat_request(req.body, request_limits());
+      // The model the request names (unknown: 404), loaded first if it is not (in a GPU turn: the
+      // request waits for it, as for a generation).
+      Served& served = *models_[find_model(requested_model(req.body))];
+      std::shared_ptr<Loaded> loaded;
+      {
+        std::lock_guard<std::mutex> l(models_mu_);
+        served.last_request = ++request_clock_;
+        loaded = served.loaded;
+      }
+      if (!loaded) {
+        const auto gone = leaving(conn);
+        auto got = on_gpu([&] { return ensure_loaded(served); }, gone);
+        if (!got) {
+          cancelled(nullptr);
+          res.status = 499;
+          return;
+        }
+        loaded = *got;
+      }
+      const ServedModelOptions& spec = served.spec;
+      Loaded& L = *loaded;
+      ChatRequest r = parse_chat_request(req.body, request_limits(spec, L));
       Prompt prompt;
       try {
-        prompt = model_->build_prompt(r.messages, r.images, r.template_vars);
+        prompt = L.model->build_prompt(r.messages, r.images, r.template_vars);
       } catch (const ApiError&) {
         throw;
       } catch (const std::exception& e) {
         throw ApiError(400, e.what(), "invalid_request_error", "messages");
       }
-      if (int64_t(prompt.ids.size()) >= opt_.context_tokens)
+      if (int64_t(prompt.ids.size()) >= spec.context_tokens)
         throw ApiError(400,
                        "the prompt is " + std::to_string(prompt.ids.size()) + " tokens, more than the context of " +
-                           std::to_string(opt_.context_tokens) + " tokens",
+                           std::to_string(spec.context_tokens) + " tokens",
                        "invalid_request_error", "messages", "context_length_exceeded");
       Prompt draft_prompt;
-      if (draft_model_) {
+      if (L.draft) {
         try {
-          draft_prompt = draft_model_->build_draft_prompt(r.messages, r.images, r.template_vars);
+          draft_prompt = L.draft->build_draft_prompt(r.messages, r.images, r.template_vars);
         } catch (const std::exception& e) {
           throw ApiError(400, std::string("the draft model: ") + e.what(), "invalid_request_error", "messages");
         }
@@ -465,7 +673,7 @@ class Server {
       if (!r.stream) {
         const auto gone = leaving(conn);
         auto g = on_gpu([&] {
-          return run_on_slot(prompt, draft_prompt, r.params, [&](const StepOutput&) { return !gone(); }, gone);
+          return run_on_slot(spec, L, prompt, draft_prompt, r.params, [&](const StepOutput&) { return !gone(); }, gone);
         }, gone);
         if (!g || g->finish_reason == "cancelled") {
           cancelled(g ? &*g : nullptr);
@@ -473,7 +681,8 @@ class Server {
           return;
         }
         record(*g);
-        res.body = completion_json(id, *g, r.logprobs).dump(-1, ' ', false, json::error_handler_t::replace);
+        res.body = completion_json(id, spec.name, L.model->tokenizer(), L.draft != nullptr, *g, r.logprobs)
+                       .dump(-1, ' ', false, json::error_handler_t::replace);
         count(200);
         log_request(*g, false);
         return;
@@ -482,13 +691,15 @@ class Server {
       auto shared = std::make_shared<Prepared>(Prepared{std::move(r), std::move(prompt), std::move(draft_prompt)});
       res.content_type = "text/event-stream";
       res.headers.push_back({"Cache-Control", "no-cache"});
-      res.stream = [this, shared, id, admission](http::Stream& sink) {
+      res.stream = [this, shared, id, admission, loaded, &served](http::Stream& sink) {
+        const ServedModelOptions& spec = served.spec;
+        Loaded& L = *loaded;
         const ChatRequest& cr = shared->request;
         const Prompt& pr = shared->prompt;
         const int64_t created = now_seconds();
         auto chunk = [&](json delta, json finish, json logprobs) {
           json c = {{"index", 0}, {"delta", std::move(delta)}, {"logprobs", std::move(logprobs)}, {"finish_reason", std::move(finish)}};
-          json j = {{"id", id}, {"object", "chat.completion.chunk"}, {"created", created}, {"model", opt_.model_name},
+          json j = {{"id", id}, {"object", "chat.completion.chunk"}, {"created", created}, {"model", spec.name},
                     {"system_fingerprint", "vkvlm"}, {"choices", json::array({c})}};
           if (cr.include_usage) j["usage"] = nullptr;
           return "data: " + j.dump(-1, ' ', false, json::error_handler_t::replace) + "\n\n";
@@ -498,11 +709,11 @@ class Server {
         std::optional<GenerationResult> g;
         try {
           g = on_gpu([&] {
-            return run_on_slot(pr, shared->draft_prompt, cr.params, [&](const StepOutput& s) {
+            return run_on_slot(spec, L, pr, shared->draft_prompt, cr.params, [&](const StepOutput& s) {
               if (!alive || stop_) return false;
               if (s.text.empty() && !cr.logprobs) return !sink.client_gone();
               json lp = nullptr;
-              if (cr.logprobs) lp = {{"content", logprob_list({s})}};
+              if (cr.logprobs) lp = {{"content", logprob_list(L.model->tokenizer(), {s})}};
               alive = sink.write(chunk({{"content", s.text}}, nullptr, lp));
               return alive;
             }, gone);
@@ -522,8 +733,8 @@ class Server {
         log_request(*g, true);
         sink.write(chunk(json::object(), g->finish_reason, nullptr));
         if (cr.include_usage) {
-          json j = {{"id", id}, {"object", "chat.completion.chunk"}, {"created", created}, {"model", opt_.model_name},
-                    {"system_fingerprint", "vkvlm"}, {"choices", json::array()}, {"usage", usage(*g)}};
+          json j = {{"id", id}, {"object", "chat.completion.chunk"}, {"created", created}, {"model", spec.name},
+                    {"system_fingerprint", "vkvlm"}, {"choices", json::array()}, {"usage", usage(*g, L.draft != nullptr)}};
           sink.write("data: " + j.dump() + "\n\n");
         }
         sink.write("data: [DONE]\n\n");
@@ -544,19 +755,98 @@ class Server {
   fs::path local_root_;
   std::unique_ptr<http::Server> http_;
   std::unique_ptr<gpu::Context> ctx_;
-  std::unique_ptr<Model> model_;
-  std::vector<std::unique_ptr<Session>> sessions_;
-  std::unique_ptr<Model> draft_model_;                     // --draft-model, if any
-  std::vector<std::unique_ptr<Session>> draft_sessions_;   // one per slot, beside sessions_
-  std::vector<uint64_t> cache_keys_;  // the prompt cache's rows (empty: none)
-  std::vector<uint64_t> last_used_;  // per slot, for least-recently-used eviction (under the GPU turn)
-  uint64_t use_clock_ = 0;
+  std::vector<std::unique_ptr<Served>> models_;
+  std::mutex models_mu_;  // the models' loaded state, last use and the active one
+  size_t active_ = 0;     // the model for requests that name none (models_mu_)
+  uint64_t request_clock_ = 0;  // (models_mu_)
   std::atomic<bool> ready_{false}, load_failed_{false}, stop_{false};
-  std::atomic<uint64_t> kv_bytes_{0};  // of all slots, once loaded
   int64_t started_ = 0;
   FifoTurns turns_;
   Metrics metrics_;
 };
+
+}  // namespace
+
+namespace {
+
+// A model the server offers, named by --model NAME=SOURCE, --model SOURCE (the repo id or the
+// folder's name), or a --config entry; SOURCE a folder or ORG/NAME[@REVISION].
+ServedModelOptions served_model(const std::string& name, const std::string& source, const Options& defaults) {
+  ServedModelOptions m;
+  m.dir = resolve_model_folder(source);
+  m.name = name.empty() ? (m.dir != source ? source : fs::path(m.dir).filename().string()) : name;
+  m.context_tokens = defaults.context_tokens;
+  m.rotating = defaults.rotating;
+  m.kv_format = defaults.kv_format;
+  m.load = defaults.load;
+  return m;
+}
+
+// --config FILE: {"models": [{"name", "model", "ctx" | "max_kv_size", "quantize", "draft_model",
+// "kv_bits", "kv_group_size", "quantized_kv_start", "prompt_cache"}...], "active_model",
+// "max_loaded"}; the command line's flags are the defaults of every model.
+void read_config(const std::string& path, Options& o) {
+  json j;
+  try {
+    j = json::parse(read_file_bounded(path, 1 << 20, "server config"));
+  } catch (const json::exception& e) {
+    fail("server config ", path, " is not valid JSON: ", e.what());
+  }
+  auto where = [&](const std::string& what) { return "server config " + path + ": " + what; };
+  if (!j.is_object()) fail(where("must be a JSON object"));
+  for (const auto& [k, v] : j.items())
+    if (k != "models" && k != "active_model" && k != "max_loaded")
+      fail(where("unknown key '" + k + "' (models, active_model, max_loaded)"));
+  if (!j.contains("models") || !j["models"].is_array() || j["models"].empty())
+    fail(where("needs \"models\": a list of {\"name\", \"model\", ...}"));
+  auto text = [&](const json& m, const char* key, const std::string& at) -> std::string {
+    if (!m.contains(key)) return "";
+    if (!m[key].is_string() || m[key].get<std::string>().empty()) fail(where(at + "." + key + " must be a non-empty string"));
+    return m[key].get<std::string>();
+  };
+  auto integer = [&](const json& m, const char* key, const std::string& at, int64_t lo, int64_t hi) -> int64_t {
+    if (!m[key].is_number_integer() || m[key].get<int64_t>() < lo || m[key].get<int64_t>() > hi)
+      fail(where(at + "." + key + " must be a whole number from " + std::to_string(lo) + " to " + std::to_string(hi)));
+    return m[key].get<int64_t>();
+  };
+  for (size_t i = 0; i < j["models"].size(); ++i) {
+    const json& m = j["models"][i];
+    const std::string at = "models[" + std::to_string(i) + "]";
+    if (!m.is_object()) fail(where(at + " must be an object"));
+    static const std::set<std::string> keys = {"name", "model", "ctx", "max_kv_size", "quantize", "draft_model", "kv_bits",
+                                               "kv_group_size", "quantized_kv_start", "prompt_cache"};
+    for (const auto& [k, v] : m.items())
+      if (!keys.count(k)) fail(where(at + " has an unknown key '" + k + "'"));
+    const std::string source = text(m, "model", at);
+    if (source.empty()) fail(where(at + " needs \"model\": a folder or ORG/NAME"));
+    ServedModelOptions s = served_model(text(m, "name", at), source, o);
+    if (m.contains("ctx") && m.contains("max_kv_size")) fail(where(at + ": give ctx or max_kv_size, not both"));
+    if (m.contains("ctx")) s.context_tokens = integer(m, "ctx", at, 16, int64_t(1) << 24), s.rotating = false;
+    if (m.contains("max_kv_size")) s.context_tokens = integer(m, "max_kv_size", at, 16, int64_t(1) << 24), s.rotating = true;
+    if (m.contains("quantize")) {
+      s.load.quantize = text(m, "quantize", at);
+      if (s.load.quantize != "q4" && s.load.quantize != "q8") fail(where(at + ".quantize must be \"q4\" or \"q8\""));
+    }
+    if (m.contains("kv_bits")) {
+      s.kv_format.bits = int(integer(m, "kv_bits", at, 4, 16));
+      if (s.kv_format.bits != 4 && s.kv_format.bits != 8 && s.kv_format.bits != 16) fail(where(at + ".kv_bits must be 4, 8 or 16"));
+    }
+    if (m.contains("kv_group_size")) s.kv_format.group_size = int(integer(m, "kv_group_size", at, 32, 128));
+    if (m.contains("quantized_kv_start")) s.kv_format.quantized_start = integer(m, "quantized_kv_start", at, 0, int64_t(1) << 24);
+    if (m.contains("draft_model")) s.draft_model_dir = resolve_model_folder(text(m, "draft_model", at));
+    s.prompt_cache = text(m, "prompt_cache", at);
+    o.models.push_back(s);
+  }
+  if (j.contains("active_model")) {
+    if (!j["active_model"].is_string()) fail(where("active_model must be a model's name"));
+    o.active_model = j["active_model"].get<std::string>();
+  }
+  if (j.contains("max_loaded")) {
+    if (!j["max_loaded"].is_number_integer() || j["max_loaded"].get<int64_t>() < 0 || j["max_loaded"].get<int64_t>() > 64)
+      fail(where("max_loaded must be a whole number from 0 (no limit) to 64"));
+    o.max_loaded = int(j["max_loaded"].get<int64_t>());
+  }
+}
 
 }  // namespace
 
@@ -566,12 +856,9 @@ int run_serve(int argc, char** argv, int first) {
            {"ctx", true}, {"kv-slots", true}, {"allow-local-files", true}, {"max-images", true}, {"max-body-mb", true},
            {"quantize", true}, {"metrics-public", false}, {"request-timeout", true}, {"draft-model", true},
            {"num-draft-tokens", true}, {"lookup-ngram", true}, {"prompt-cache", true},
-           {"max-kv-size", true}, {"kv-bits", true}, {"kv-group-size", true}, {"quantized-kv-start", true}});
+           {"max-kv-size", true}, {"kv-bits", true}, {"kv-group-size", true}, {"quantized-kv-start", true},
+           {"config", true}, {"max-loaded", true}, {"active-model", true}});
   Options o;
-  // A folder, or a repo id found in the Hugging Face cache: then clients see the repo id.
-  o.model_dir = f.has("model") ? resolve_model_folder(f.str("model")) : default_model_dir();
-  o.model_name = f.str("model-name");
-  if (o.model_name.empty() && f.has("model") && o.model_dir != f.str("model")) o.model_name = f.str("model");
   o.host = f.str("host", "127.0.0.1");
   o.port = int(f.integer("port", 8080, 1, 65535));
   o.api_key = f.str("api-key");
@@ -589,16 +876,38 @@ int run_serve(int argc, char** argv, int first) {
   o.max_body_bytes = size_t(f.integer("max-body-mb", 64, 1, 4096)) << 20;
   o.metrics_public = f.has("metrics-public");
   o.request_seconds = double(f.integer("request-timeout", 30, 1, 3600));
-  o.draft_model_dir = f.has("draft-model") ? resolve_model_folder(f.str("draft-model")) : "";
-  o.prompt_cache = f.str("prompt-cache");
   o.num_draft_tokens = int(f.integer("num-draft-tokens", 3, 1, 16));
   o.lookup_ngram = int(f.integer("lookup-ngram", 0, 0, 16));
-  if (!o.draft_model_dir.empty() && o.lookup_ngram) throw UsageError("give --draft-model or --lookup-ngram, not both");
   o.load.quantize = f.str("quantize");
   if (!o.load.quantize.empty() && o.load.quantize != "q4" && o.load.quantize != "q8")
     throw UsageError("--quantize takes q4 or q8, not '" + o.load.quantize + "'");
-  std::error_code ec;
-  if (!fs::is_directory(o.model_dir, ec)) throw Error("model folder " + o.model_dir + " does not exist");
+  o.max_loaded = int(f.integer("max-loaded", 0, 0, 64));
+  const std::vector<std::string> models = f.all("model");
+  if (models.size() > 1 || f.has("config")) {
+    // Several models: each --model NAME=SOURCE (or SOURCE), then the config's.
+    if (f.has("model-name") || f.has("draft-model") || f.has("prompt-cache"))
+      throw UsageError("with several models, give names as --model NAME=SOURCE and draft models and prompt caches in --config");
+    for (const auto& m : models) {
+      const size_t eq = m.find('=');
+      const bool named = eq != std::string::npos && m.substr(0, eq).find('/') == std::string::npos;
+      o.models.push_back(served_model(named ? m.substr(0, eq) : "", named ? m.substr(eq + 1) : m, o));
+    }
+    if (f.has("config")) read_config(f.str("config"), o);
+    if (f.has("active-model")) o.active_model = f.str("active-model");
+  } else {
+    if (f.has("active-model") || f.has("max-loaded")) throw UsageError("--active-model and --max-loaded go with several models");
+    // A folder, or a repo id found in (or downloaded into) the Hugging Face cache: then clients see the repo id.
+    o.model_dir = f.has("model") ? resolve_model_folder(f.str("model")) : default_model_dir();
+    o.model_name = f.str("model-name");
+    if (o.model_name.empty() && f.has("model") && o.model_dir != f.str("model")) o.model_name = f.str("model");
+    o.draft_model_dir = f.has("draft-model") ? resolve_model_folder(f.str("draft-model")) : "";
+    o.prompt_cache = f.str("prompt-cache");
+    std::error_code ec;
+    if (!fs::is_directory(o.model_dir, ec)) throw Error("model folder " + o.model_dir + " does not exist");
+  }
+  for (const auto& m : o.models)
+    if (!m.draft_model_dir.empty() && o.lookup_ngram) throw UsageError("give --draft-model or --lookup-ngram, not both");
+  if (!o.draft_model_dir.empty() && o.lookup_ngram) throw UsageError("give --draft-model or --lookup-ngram, not both");
   Server s(o);
   return s.run();
 }

@@ -3,13 +3,30 @@
 // models, health, Prometheus metrics) on the HTTP layer in app/http.h.
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "models/decoder.h"
 #include "models/weights.h"
 
 namespace vkvlm::server {
 
+// One model the server offers: requests name it in "model".
+struct ServedModelOptions {
+  std::string name;                // what requests' "model" says
+  std::string dir;                 // its folder (a repo id is resolved, and downloaded, before)
+  int64_t context_tokens = 4096;   // KV cache rows per conversation slot
+  bool rotating = false;           // the slots' caches rotate (--max-kv-size)
+  KvFormat kv_format;
+  LoadOptions load;
+  std::string draft_model_dir;     // speculative decoding with this draft model (empty: none)
+  std::string prompt_cache;        // a prompt cache of this model every conversation may start from
+};
+
 struct Options {
+  // Several models (--model A --model B, or --config FILE); empty: the single model below.
+  std::vector<ServedModelOptions> models;
+  std::string active_model;  // the model for requests that name none or "default" (first: empty)
+  int max_loaded = 0;        // models kept loaded at once; the least recently used goes (0: all)
   std::string model_dir;
   std::string model_name;  // the id clients see; defaults to the folder's name
   std::string host = "127.0.0.1";
