@@ -149,20 +149,7 @@ std::string requested_model(const std::string& body) {
 class Server {
  public:
   explicit Server(Options o) : opt_(std::move(o)) {
-    if (opt_.models.empty()) {  // the single model of --model DIR and the flags beside it
-      ServedModelOptions m;
-      m.dir = opt_.model_dir;
-      m.name = opt_.model_name;
-      if (m.name.empty()) m.name = fs::path(m.dir).filename().string();
-      if (m.name.empty()) m.name = fs::path(m.dir).parent_path().filename().string();
-      m.context_tokens = opt_.context_tokens;
-      m.rotating = opt_.rotating;
-      m.kv_format = opt_.kv_format;
-      m.load = opt_.load;
-      m.draft_model_dir = opt_.draft_model_dir;
-      m.prompt_cache = opt_.prompt_cache;
-      opt_.models.push_back(m);
-    }
+    if (opt_.models.empty()) fail("internal: a server without models");
     for (const auto& m : opt_.models) {
       for (const auto& other : models_)
         if (other->spec.name == m.name) fail("two models are named '", m.name, "'");
@@ -774,7 +761,10 @@ namespace {
 ServedModelOptions served_model(const std::string& name, const std::string& source, const Options& defaults) {
   ServedModelOptions m;
   m.dir = resolve_model_folder(source);
-  m.name = name.empty() ? (m.dir != source ? source : fs::path(m.dir).filename().string()) : name;
+  m.name = name;
+  if (m.name.empty() && m.dir != source) m.name = source;  // a repo id: clients see it
+  if (m.name.empty()) m.name = fs::path(m.dir).filename().string();
+  if (m.name.empty()) m.name = fs::path(m.dir).parent_path().filename().string();  // "DIR/"
   m.context_tokens = defaults.context_tokens;
   m.rotating = defaults.rotating;
   m.kv_format = defaults.kv_format;
@@ -896,18 +886,14 @@ int run_serve(int argc, char** argv, int first) {
     if (f.has("active-model")) o.active_model = f.str("active-model");
   } else {
     if (f.has("active-model") || f.has("max-loaded")) throw UsageError("--active-model and --max-loaded go with several models");
-    // A folder, or a repo id found in (or downloaded into) the Hugging Face cache: then clients see the repo id.
-    o.model_dir = f.has("model") ? resolve_model_folder(f.str("model")) : default_model_dir();
-    o.model_name = f.str("model-name");
-    if (o.model_name.empty() && f.has("model") && o.model_dir != f.str("model")) o.model_name = f.str("model");
-    o.draft_model_dir = f.has("draft-model") ? resolve_model_folder(f.str("draft-model")) : "";
-    o.prompt_cache = f.str("prompt-cache");
-    std::error_code ec;
-    if (!fs::is_directory(o.model_dir, ec)) throw Error("model folder " + o.model_dir + " does not exist");
+    // One model: a folder, or a repo id found in (or downloaded into) the Hugging Face cache.
+    ServedModelOptions m = served_model(f.str("model-name"), f.has("model") ? f.str("model") : default_model_dir(), o);
+    m.draft_model_dir = f.has("draft-model") ? resolve_model_folder(f.str("draft-model")) : "";
+    m.prompt_cache = f.str("prompt-cache");
+    o.models.push_back(m);
   }
   for (const auto& m : o.models)
     if (!m.draft_model_dir.empty() && o.lookup_ngram) throw UsageError("give --draft-model or --lookup-ngram, not both");
-  if (!o.draft_model_dir.empty() && o.lookup_ngram) throw UsageError("give --draft-model or --lookup-ngram, not both");
   Server s(o);
   return s.run();
 }

@@ -23,16 +23,15 @@ struct ServedModelOptions {
 };
 
 struct Options {
-  // Several models (--model A --model B, or --config FILE); empty: the single model below.
+  // The models served (one, or several: --model A --model B, --config FILE).
   std::vector<ServedModelOptions> models;
   std::string active_model;  // the model for requests that name none or "default" (first: empty)
   int max_loaded = 0;        // models kept loaded at once; the least recently used goes (0: all)
-  std::string model_dir;
-  std::string model_name;  // the id clients see; defaults to the folder's name
   std::string host = "127.0.0.1";
   int port = 8080;
   std::string api_key;            // when set, /v1/* needs "Authorization: Bearer <key>"
   int max_concurrency = 16;       // requests admitted at once (running or queued); more get 429
+  // Every model's defaults (a --config entry may say otherwise).
   int64_t context_tokens = 4096;  // KV cache size per conversation slot
   bool rotating = false;          // --max-kv-size: the slots' caches rotate (answers go on past them)
   KvFormat kv_format;             // --kv-bits: the slots' caches store K and V quantized
@@ -42,10 +41,8 @@ struct Options {
   double request_seconds = 30;          // to receive a request's headers and body, once it has begun
   bool metrics_public = false;          // /metrics without the API key
   int max_images = 8;             // per request
-  std::string draft_model_dir;    // speculative decoding with this draft model (empty: none)
   int num_draft_tokens = 3;       // drafts per round, unless a request says
   int lookup_ngram = 0;           // prompt-lookup drafting by default (no draft model)
-  std::string prompt_cache;       // a prompt cache file every conversation may start from
   LoadOptions load;
 };
 
