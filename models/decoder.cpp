@@ -37,10 +37,9 @@ void KvFormat::check(const TextConfig& cfg) const {
 
 uint64_t KvFormat::bytes(const TextConfig& cfg, int64_t rows) const {
   const uint64_t width = uint64_t(cfg.num_kv_heads) * uint64_t(cfg.head_dim);
-  const uint64_t f16_rows = quantized() ? uint64_t(std::min(rows, quantized_start)) : uint64_t(rows);
-  const uint64_t q_rows = uint64_t(rows) - f16_rows;
+  const uint64_t f16 = uint64_t(f16_rows(rows)), q_rows = uint64_t(rows) - f16;
   const uint64_t q_row_bytes = quantized() ? width * uint64_t(bits) / 8 + width / uint64_t(group_size) * 4 : 0;
-  return 2 * uint64_t(cfg.num_layers) * (f16_rows * width * 2 + q_rows * q_row_bytes);
+  return 2 * uint64_t(cfg.num_layers) * (f16 * width * 2 + q_rows * q_row_bytes);
 }
 
 KvCache KvCache::create(gpu::Context& ctx, const TextConfig& cfg, int64_t rows, const KvFormat& format) {
@@ -49,8 +48,7 @@ KvCache KvCache::create(gpu::Context& ctx, const TextConfig& cfg, int64_t rows, 
   c.rows = rows;
   c.format = format;
   const int64_t width = int64_t(cfg.num_kv_heads) * cfg.head_dim;
-  const int64_t f16_rows = format.quantized() ? std::min(rows, format.quantized_start) : rows;
-  const int64_t q_rows = rows - f16_rows;
+  const int64_t f16_rows = format.f16_rows(rows), q_rows = rows - f16_rows;
   auto segments = [&](const std::string& name) {
     gpu::KvRows r;
     if (f16_rows > 0) r.push_back(gpu::Mat::of(ctx.tensor(gpu::DType::F16, {f16_rows, width}, name)));

@@ -3,6 +3,7 @@
 // of GPU ops, reading top to bottom like llama2.c's forward pass. What tells the families apart
 // is data: the traits in TextConfig (RMSNorm (1 + w), embedding scale, SiLU or GeLU-tanh gated
 // MLP, q/k/v biases, tied head, M-RoPE sections).
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -30,6 +31,8 @@ struct KvFormat {
   std::string tag() const;
   // Throws, naming the flag, unless the model's heads can be stored this way.
   void check(const TextConfig& cfg) const;
+  // Of a cache of `rows` rows, how many are f16 (the rest are quantized).
+  int64_t f16_rows(int64_t rows) const { return quantized() ? std::min(rows, quantized_start) : rows; }
   // Device bytes of `rows` rows of one session's cache (all layers, K and V).
   uint64_t bytes(const TextConfig& cfg, int64_t rows) const;
 };
