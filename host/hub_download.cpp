@@ -132,7 +132,6 @@ class Hub {
   }
 
   const HubOptions& options() const { return o_; }
-  const std::string& origin() const { return origin_; }
 
  private:
   HubOptions o_;
@@ -243,7 +242,6 @@ uint64_t fetch_blob(Hub& hub, const std::string& url, const fs::path& blob, uint
   int fd = ::open(part.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0644);
   if (fd < 0) fail("cannot write ", part.string(), ": ", std::strerror(errno));
   uint64_t done = have, got = 0;
-  bool resumed = false;
   Progress progress(hub.options().progress, name, size, have);
   std::string write_error;
   httplib::Headers range;
@@ -271,8 +269,7 @@ uint64_t fetch_blob(Hub& hub, const std::string& url, const fs::path& blob, uint
         },
         [&](const httplib::Response& resp) {
           // 206: the server continues where the file stopped; 200: it starts over.
-          resumed = resp.status == 206;
-          if (!resumed) {
+          if (resp.status != 206) {
             if (::ftruncate(fd, 0) != 0) return false;
             done = 0;
           }
@@ -407,8 +404,9 @@ HubDownloadResult hub_download(const std::string& name, const HubOptions& o) {
     fs::create_directories(dir / "refs" / fs::path(repo.revision).parent_path(), ec);
     const fs::path ref = dir / "refs" / repo.revision;
     FILE* out = std::fopen(ref.c_str(), "wb");
-    if (!out || std::fwrite(commit.data(), 1, commit.size(), out) != commit.size() || std::fclose(out) != 0)
-      fail("cannot write ", ref.string());
+    if (!out) fail("cannot write ", ref.string(), ": ", std::strerror(errno));
+    const bool written = std::fwrite(commit.data(), 1, commit.size(), out) == commit.size();
+    if (std::fclose(out) != 0 || !written) fail("cannot write ", ref.string());
   }
   return result;
 }
