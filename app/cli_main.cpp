@@ -31,7 +31,7 @@
 #include "app/conversation.h"
 #include "base/files.h"
 #include "app/flags.h"
-#include "app/model_registry.h"
+#include "models/arch/known_models.h"
 #include "host/chat_template.h"
 #include "host/hub_cache.h"
 #include "host/hub_download.h"

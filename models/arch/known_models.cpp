@@ -1,4 +1,4 @@
-#include "app/model_registry.h"
+#include "models/arch/known_models.h"
 
 namespace vkvlm {
 
