@@ -95,7 +95,11 @@ TEST_P(QuantizedKvReference, LogitsAndTokensAreTheQuantizedReferences) {
   const auto ref = nlohmann::json::parse(in);
   const GenerationResult r = run_case(rr.model, rr.case_name, kv, 5);
   const auto fed = ref["tokens"].get<std::vector<int32_t>>();  // the tokens the reference was fed, one per step
-  ASSERT_EQ(r.prompt_tokens, ref["prompt_tokens"].get<std::vector<int32_t>>());
+  // The reference was fed the fixture's own prompt ids (expected.safetensors), and so are we.
+  const auto ids = TensorStore::open_file(model_dir(rr.model) + "/expected.safetensors").get(rr.case_name + ".input_ids").to_f32();
+  const std::vector<int32_t> fixture_ids(ids.begin(), ids.end());
+  ASSERT_EQ(ref["prompt_tokens"].get<std::vector<int32_t>>(), fixture_ids);
+  ASSERT_EQ(r.prompt_tokens, fixture_ids);
   for (size_t i = 0; i < size_t(kSteps); ++i) {
     const auto& top = ref["top5"][i];
     const float best = top[0][1], second = top[1][1];
