@@ -145,6 +145,22 @@ void LanguageModel::embed(gpu::Recorder& rec, const Tensor& ids, int64_t offset,
 
 void LanguageModel::forward(gpu::Recorder& rec, const KvCache& cache, const Mat& x, const ForwardRows& rows,
                             const Tensor& rope_table, const Mat* logits) const {
+  if (rows.rotating && x.rows != 1) fail("internal: a rotating cache decodes one row at a time");
+  run_layers(rec, {Span{&cache, &rows, &rope_table, 0, x.rows}}, x, rows.as_decode_steps, logits);
+}
+
+void LanguageModel::forward_batch(gpu::Recorder& rec, const std::vector<Sequence>& sequences, const Mat& x,
+                                  const Mat& logits) const {
+  if (int64_t(sequences.size()) != x.rows || logits.rows != x.rows)
+    fail("internal: a batched step has ", sequences.size(), " sequences for ", x.rows, " rows");
+  std::vector<Span> spans;
+  for (size_t b = 0; b < sequences.size(); ++b)
+    spans.push_back({sequences[b].cache, &sequences[b].rows, sequences[b].rope_table, int64_t(b), 1});
+  run_layers(rec, spans, x, /*as_decode_steps=*/true, &logits);
+}
+
+void LanguageModel::run_layers(gpu::Recorder& rec, const std::vector<Span>& spans, const Mat& x, bool as_decode_steps,
+                               const Mat* logits) const {
   const int64_t T = x.rows, E = cfg_.hidden_size, I = cfg_.intermediate_size;
   const int H = cfg_.num_heads, KV = cfg_.num_kv_heads, D = cfg_.head_dim;
   const int64_t qd = int64_t(H) * D, kvd = int64_t(KV) * D;
@@ -165,22 +181,27 @@ void LanguageModel::forward(gpu::Recorder& rec, const KvCache& cache, const Mat&
                                                    : gpu::RopeSections::of_sizes(cfg_.rope.sections, cfg_.rope.rot_dim);
   const gpu::BinaryOp glu = cfg_.mlp_activation == MlpActivation::GeluTanh ? gpu::BinaryOp::GeluTanhMul : gpu::BinaryOp::SiluMul;
   const float eps = float(cfg_.rms_eps);
-  gpu::AttentionParams ap;
-  ap.heads = H;
-  ap.kv_heads = KV;
-  ap.head_dim = D;
-  ap.causal = true;
-  ap.window = cfg_.sliding_window;
-  ap.scale = float(1.0 / std::sqrt(double(D)));
-  ap.T_total = T;
-  ap.prefix_end = rows.prefix_end;
-  if (rows.rotating) {  // mlx-lm's RotatingKVCache: no window mask, the kept rows stay visible
-    if (T != 1) fail("internal: a rotating cache decodes one row at a time");
-    ap.rotating = true;
-    ap.window = 0;
+  // Each span's attention parameters: its rows are the whole pass as far as its cache knows.
+  std::vector<gpu::AttentionParams> aps;
+  for (const Span& s : spans) {
+    gpu::AttentionParams ap;
+    ap.heads = H;
+    ap.kv_heads = KV;
+    ap.head_dim = D;
+    ap.causal = true;
+    ap.window = cfg_.sliding_window;
+    ap.scale = float(1.0 / std::sqrt(double(D)));
+    ap.T_total = s.count;
+    ap.prefix_end = s.rows->prefix_end;
+    if (s.rows->rotating) {  // mlx-lm's RotatingKVCache: no window mask, the kept rows stay visible
+      if (s.count != 1) fail("internal: a rotating cache decodes one row at a time");
+      ap.rotating = true;
+      ap.window = 0;
+    }
+    aps.push_back(ap);
   }
   gpu::Variant var;
-  if (rows.as_decode_steps) {
+  if (as_decode_steps) {
     var.matmul = gpu::Variant::Matmul::Gemv;
     var.attention = gpu::Variant::Attention::Rows;
   }
@@ -191,11 +212,17 @@ void LanguageModel::forward(gpu::Recorder& rec, const KvCache& cache, const Mat&
     const DecoderLayer& L = layers_[l];
     gpu::rmsnorm(rec, x, L.attn_norm, eps, cfg_.norm_plus_one, h);
     L.qkv.run(rec, h, qkv, false, var);
-    gpu::rope(rec, q, H, D, cfg_.rope.rot_dim, gpu::RopeMode::RotateHalf, rope_table, rows.positions, rows.positions_row, sections);
-    gpu::rope(rec, k, KV, D, cfg_.rope.rot_dim, gpu::RopeMode::RotateHalf, rope_table, rows.positions, rows.positions_row, sections);
-    gpu::kv_append(rec, k, cache.k[l], rows.kv_row, rows.kv_row_index);
-    gpu::kv_append(rec, v, cache.v[l], rows.kv_row, rows.kv_row_index);
-    gpu::attention(rec, q, cache.k[l], cache.v[l], attn, rows.kv_row, rows.kv_row_index, ap, var);
+    for (size_t i = 0; i < spans.size(); ++i) {
+      const Span& s = spans[i];
+      const ForwardRows& r = *s.rows;
+      const Mat qs = q.row_range(s.first, s.count), ks = k.row_range(s.first, s.count), vs = v.row_range(s.first, s.count);
+      gpu::rope(rec, qs, H, D, cfg_.rope.rot_dim, gpu::RopeMode::RotateHalf, *s.rope_table, r.positions, r.positions_row, sections);
+      gpu::rope(rec, ks, KV, D, cfg_.rope.rot_dim, gpu::RopeMode::RotateHalf, *s.rope_table, r.positions, r.positions_row, sections);
+      gpu::kv_append(rec, ks, s.cache->k[l], r.kv_row, r.kv_row_index);
+      gpu::kv_append(rec, vs, s.cache->v[l], r.kv_row, r.kv_row_index);
+      gpu::attention(rec, qs, s.cache->k[l], s.cache->v[l], attn.row_range(s.first, s.count), r.kv_row, r.kv_row_index,
+                     aps[i], var);
+    }
     L.o.run(rec, attn, x, /*accumulate=*/true, var);  // x += attn W_o^T
     gpu::rmsnorm(rec, x, L.ffn_norm, eps, cfg_.norm_plus_one, h);
     for (int64_t r0 = 0; r0 < T; r0 += mlp_rows) {

@@ -93,7 +93,30 @@ class LanguageModel {
   void forward(gpu::Recorder& rec, const KvCache& cache, const gpu::Mat& x, const ForwardRows& rows,
                const gpu::Tensor& rope_table, const gpu::Mat* logits) const;
 
+  // One decode step of several sequences together (continuous batching): row b of x [B, E] is
+  // sequence b's token, which goes to its own cache at the row its ForwardRows say and attends to
+  // that cache alone; logits [B, vocab]. The weights are read once for all rows, and each row is
+  // computed exactly as a one-row decode step of its sequence is (the GEMV and per-row
+  // attention kernels), so batching changes no result.
+  struct Sequence {
+    const KvCache* cache = nullptr;
+    ForwardRows rows;                      // one row
+    const gpu::Tensor* rope_table = nullptr;
+  };
+  void forward_batch(gpu::Recorder& rec, const std::vector<Sequence>& sequences, const gpu::Mat& x,
+                     const gpu::Mat& logits) const;
+
  private:
+  // Rows [first, first + count) of a forward pass: one sequence's cache and positions.
+  struct Span {
+    const KvCache* cache;
+    const ForwardRows* rows;
+    const gpu::Tensor* rope_table;
+    int64_t first, count;
+  };
+  void run_layers(gpu::Recorder& rec, const std::vector<Span>& spans, const gpu::Mat& x, bool as_decode_steps,
+                  const gpu::Mat* logits) const;
+
   gpu::Context& ctx_;
   TextConfig cfg_;
   gpu::Weight embed_;

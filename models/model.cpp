@@ -13,6 +13,7 @@
 #include "gpu/error.h"
 #include "gpu/recorder.h"
 #include "host/text_stream.h"
+#include "models/session_run.h"
 
 namespace vkvlm {
 namespace fs = std::filesystem;
@@ -307,6 +308,7 @@ struct Session::DecodeGraphs {
   Tensor work;                           // penalized logits (or logits_ itself)
   int raw_k = 0, cand_k = 1;
   bool penalty = false, want_lse = false;
+  float repeat_penalty = 1, temperature = 1;
   std::set<int32_t> seen;                // ids already in penalty_ids
 };
 
@@ -500,6 +502,8 @@ std::unique_ptr<Session::DecodeGraphs> Session::record_graphs(const Prompt& prom
   g.cand_k = sp.greedy() ? 1 : k_candidates;
   g.penalty = sp.repeat_penalty != 1.0f;
   g.want_lse = !sp.greedy();
+  g.repeat_penalty = sp.repeat_penalty;
+  g.temperature = sp.temperature;
   auto host = [&](gpu::DType dt, int64_t n, const char* name) { return ctx_.host_tensor(dt, {1, n}, name, gpu::MemoryKind::Readback); };
   if (g.raw_k) {
     g.raw_vals = host(gpu::DType::F32, g.raw_k, "raw top values");
@@ -525,20 +529,8 @@ std::unique_ptr<Session::DecodeGraphs> Session::record_graphs(const Prompt& prom
   } else {
     g.work = logits_;
   }
-  auto record_tail = [&](gpu::Recorder& rec) {
-    if (g.raw_k) {
-      gpu::topk(rec, Mat::of(logits_), g.raw_k, g.raw_vals, g.raw_ids);
-      gpu::logsumexp(rec, Mat::of(logits_), 1.0f, g.raw_lse);
-    }
-    if (g.penalty) {
-      rec.copy(logits_, 0, g.work, 0, logits_.bytes());
-      gpu::repeat_penalty(rec, Mat::of(g.work), g.penalty_ids, V, sp.repeat_penalty);
-    }
-    gpu::topk(rec, Mat::of(g.work), g.cand_k, g.cand_vals, g.cand_ids);
-    if (g.want_lse) gpu::logsumexp(rec, Mat::of(g.work), 1.0f / sp.temperature, g.cand_lse);
-  };
   g.tail = std::make_unique<gpu::Recorder>(ctx_);
-  record_tail(*g.tail);
+  record_tail(*g.tail, g);
   g.tail->submit();  // evaluates the prefill's logits
   g.step = std::make_unique<gpu::Recorder>(ctx_);
   const auto& lm = model_.lm();
@@ -550,8 +542,22 @@ std::unique_ptr<Session::DecodeGraphs> Session::record_graphs(const Prompt& prom
   rows.rotating = rotating_;
   Mat logits = Mat::of(logits_);
   lm.forward(*g.step, cache_, x, rows, rope_table_, &logits);
-  record_tail(*g.step);
+  record_tail(*g.step, g);
   return gp;
+}
+
+void Session::record_tail(gpu::Recorder& rec, DecodeGraphs& g) {
+  const int64_t V = model_.config().text.vocab_size;
+  if (g.raw_k) {
+    gpu::topk(rec, Mat::of(logits_), g.raw_k, g.raw_vals, g.raw_ids);
+    gpu::logsumexp(rec, Mat::of(logits_), 1.0f, g.raw_lse);
+  }
+  if (g.penalty) {
+    rec.copy(logits_, 0, g.work, 0, logits_.bytes());
+    gpu::repeat_penalty(rec, Mat::of(g.work), g.penalty_ids, V, g.repeat_penalty);
+  }
+  gpu::topk(rec, Mat::of(g.work), g.cand_k, g.cand_vals, g.cand_ids);
+  if (g.want_lse) gpu::logsumexp(rec, Mat::of(g.work), 1.0f / g.temperature, g.cand_lse);
 }
 
 StepOutput Session::sample_step(DecodeGraphs& g, Sampler& sampler, const GenerationParams& params) {
@@ -641,6 +647,12 @@ std::vector<float> Session::draft_logits(const std::vector<int32_t>& tokens) {
 }
 
 void Session::feed(DecodeGraphs& g, int32_t token, int64_t row, int64_t position) {
+  stage_feed(g, token, row, position);
+  g.step->replay();
+  after_feed(token, row);
+}
+
+void Session::stage_feed(DecodeGraphs& g, int32_t token, int64_t row, int64_t position) {
   note_seen(g, token);
   if (position > int64_t(INT32_MAX)) fail("RoPE position ", position, " does not fit 32 bits");
   // The row this token takes, and how many rows the step sees (all written so far).
@@ -649,7 +661,9 @@ void Session::feed(DecodeGraphs& g, int32_t token, int64_t row, int64_t position
   ctx_.upload(token_, &token, 4);
   ctx_.upload(kv_row_, r, 8);
   ctx_.upload(positions_, pos.data(), pos.size() * 4);
-  g.step->replay();
+}
+
+void Session::after_feed(int32_t token, int64_t row) {
   if (row >= capacity_) {  // a rotating cache wrapped: its rows no longer follow the conversation
     wrapped_ = true;
     cached_keys_.clear();
@@ -709,80 +723,120 @@ double log_sum_exp(const float* row, int64_t n) {
 
 }  // namespace
 
+Session::Run::Run(Session& session, const Prompt& p, const GenerationParams& gp, const StepCallback& cb)
+    : s(session), prompt(p), params(gp), on_step(cb), sampler(gp.sampling), stream(session.model_.tokenizer(), gp.stop),
+      eos(session.model_.eos_ids().begin(), session.model_.eos_ids().end()) {}
+
+Session::Run::~Run() = default;
+
+bool Session::Run::emit(StepOutput out) {
+  if (res.tokens.empty()) first_token_seconds = seconds_since(t_decode);
+  const int32_t token = out.token;
+  res.tokens.push_back(token);
+  const bool is_eos = eos.count(token) && !params.ignore_eos;
+  const bool last = int64_t(res.tokens.size()) >= params.max_tokens || (!s.rotating_ && row + 1 >= s.capacity_);
+  TextStream::Piece piece = stream.push(is_eos ? std::nullopt : std::optional<int32_t>(token), is_eos || last);
+  out.text = piece.text;
+  const bool keep_going = on_step ? on_step(out) : true;
+  if (params.logprobs || params.top_logprobs || params.top_logits) res.steps.push_back(out);
+  else res.steps.push_back({out.token, out.text, 0, {}, {}});
+  if (is_eos || piece.stop) {
+    res.finish_reason = "stop";
+    return false;
+  }
+  if (!keep_going) {
+    res.finish_reason = "cancelled";
+    return false;
+  }
+  return !last;
+}
+
+bool Session::Run::stage(int32_t token) {
+  const auto& rope = s.model_.config().text.rope;
+  if (rope.uses_long_factors(row + 1) != s.rope_long_ && row + 1 >= s.capacity_) {
+    // A rotating cache past its rows cannot be recomputed: new tokens take the long factors
+    // (as mlx-lm does), the kept rows stay as they were computed.
+    s.ensure_rope(true, s.rope_positions_);
+  } else if (rope.uses_long_factors(row + 1) != s.rope_long_) {
+    s.switch_to_long_factors(prompt, res.tokens, prep.features);
+    graphs = s.record_graphs(prompt, params);
+    ++graphs_version;
+    row = prompt.size() + int64_t(res.tokens.size());
+    return false;
+  }
+  s.stage_feed(*graphs, token, row, row + position_offset);
+  return true;
+}
+
+void Session::Run::fed(int32_t token) {
+  s.after_feed(token, row);
+  ++row;
+}
+
+void Session::Run::feed_one(int32_t token) {
+  if (!stage(token)) return;
+  graphs->step->replay();
+  fed(token);
+}
+
+void Session::Run::next() { going = emit(s.sample_step(*graphs, sampler, params)); }
+
+GenerationResult Session::Run::finish() {
+  res.text = stream.text();
+  res.decode_seconds = seconds_since(t_decode) - first_token_seconds;
+  return std::move(res);
+}
+
+std::unique_ptr<Session::Run> Session::start(const Prompt& prompt, const GenerationParams& params,
+                                             const StepCallback& on_step, const CancelCheck& cancelled, bool first_token) {
+  params.validate();
+  auto run = std::make_unique<Run>(*this, prompt, params, on_step);
+  GenerationResult& res = run->res;
+  res.prompt_tokens = prompt.ids;
+  run->prep = prepare(prompt, cancelled);
+  res.cached_tokens = run->prep.reused;
+  res.prefill_tokens = run->prep.computed;
+  res.image_seconds = run->prep.image_seconds;
+  res.prefill_seconds = run->prep.prefill_seconds;
+  run->t_decode = std::chrono::steady_clock::now();
+  if (run->prep.cancelled) {
+    res.finish_reason = "cancelled";
+    return run;
+  }
+  // A rotating cache's positions go on past its rows: the RoPE table covers the whole answer.
+  if (rotating_) ensure_rope(rope_long_, prompt.next_position + int64_t(params.max_tokens) + 1);
+  run->graphs = record_graphs(prompt, params);
+  run->position_offset = prompt.next_position - prompt.size();
+  run->row = prompt.size();
+  run->t_decode = std::chrono::steady_clock::now();
+  res.finish_reason = "length";
+  if (first_token && params.max_tokens > 0) run->next();
+  return run;
+}
+
 GenerationResult Session::generate(const Prompt& prompt, const GenerationParams& params, const StepCallback& on_step,
                                    const CancelCheck& cancelled, const Speculation& speculation) {
-  params.validate();
   const bool speculative = speculation.draft || params.lookup_ngram > 0;
   if (speculation.draft && !speculation.draft_prompt) fail("internal: a draft session needs the draft's prompt");
   if (speculation.draft == this) fail("internal: a session cannot draft for itself");
   const auto& rope = model_.config().text.rope;
   const int64_t N = prompt.size();
   const int64_t V = model_.config().text.vocab_size;
-  GenerationResult res;
-  res.prompt_tokens = prompt.ids;
-  Prepared prep = prepare(prompt, cancelled);
-  res.cached_tokens = prep.reused;
-  res.prefill_tokens = prep.computed;
-  res.image_seconds = prep.image_seconds;
-  res.prefill_seconds = prep.prefill_seconds;
-  if (prep.cancelled) {
-    res.finish_reason = "cancelled";
-    return res;
-  }
+  auto run = start(prompt, params, on_step, cancelled, !speculative);
+  if (run->res.finish_reason == "cancelled") return run->finish();
+  GenerationResult& res = run->res;
+  int64_t& row = run->row;
+  auto& graphs = run->graphs;
+  Sampler& sampler = run->sampler;
+  auto emit = [&](StepOutput out) { return run->emit(std::move(out)); };
+  auto feed_one = [&](int32_t token) { run->feed_one(token); };
+  const int64_t position_offset = run->position_offset;
 
-  // A rotating cache's positions go on past its rows: the RoPE table covers the whole answer.
-  if (rotating_) ensure_rope(rope_long_, prompt.next_position + int64_t(params.max_tokens) + 1);
-  auto graphs = record_graphs(prompt, params);
-  Sampler sampler(params.sampling);
-  TextStream stream(model_.tokenizer(), params.stop);
-  const std::set<int32_t> eos(model_.eos_ids().begin(), model_.eos_ids().end());
-  const int64_t position_offset = prompt.next_position - N;  // a generated token's position minus its row
-  int64_t row = N;  // the KV row the next fed token takes
-  auto t_decode = std::chrono::steady_clock::now();
-  double first_token_seconds = 0;
-  res.finish_reason = "length";
-
-  // One generated token to the result, the stream and the caller; false once generation ends.
-  auto emit = [&](StepOutput out) {
-    if (res.tokens.empty()) first_token_seconds = seconds_since(t_decode);
-    const int32_t token = out.token;
-    res.tokens.push_back(token);
-    const bool is_eos = eos.count(token) && !params.ignore_eos;
-    const bool last = int64_t(res.tokens.size()) >= params.max_tokens || (!rotating_ && row + 1 >= capacity_);
-    TextStream::Piece piece = stream.push(is_eos ? std::nullopt : std::optional<int32_t>(token), is_eos || last);
-    out.text = piece.text;
-    const bool keep_going = on_step ? on_step(out) : true;
-    if (params.logprobs || params.top_logprobs || params.top_logits) res.steps.push_back(out);
-    else res.steps.push_back({out.token, out.text, 0, {}, {}});
-    if (is_eos || piece.stop) {
-      res.finish_reason = "stop";
-      return false;
+  if (!speculative) {
+    while (run->going) {
+      run->feed_one(res.tokens.back());
+      run->next();
     }
-    if (!keep_going) {
-      res.finish_reason = "cancelled";
-      return false;
-    }
-    return !last;
-  };
-  // Feeds the token the last step chose, one row, switching to Phi-3's long RoPE factors when
-  // the conversation crosses them (which recomputes the cache and re-records the graphs).
-  auto feed_one = [&](int32_t token) {
-    if (rope.uses_long_factors(row + 1) != rope_long_ && row + 1 >= capacity_) {
-      // A rotating cache past its rows cannot be recomputed: new tokens take the long factors
-      // (as mlx-lm does), the kept rows stay as they were computed.
-      ensure_rope(true, rope_positions_);
-    } else if (rope.uses_long_factors(row + 1) != rope_long_) {
-      switch_to_long_factors(prompt, res.tokens, prep.features);
-      graphs = record_graphs(prompt, params);
-      row = N + int64_t(res.tokens.size());
-      return;
-    }
-    feed(*graphs, token, row, row + position_offset);
-    ++row;
-  };
-
-  if (params.max_tokens > 0 && !speculative) {
-    while (emit(sample_step(*graphs, sampler, params))) feed_one(res.tokens.back());
   } else if (params.max_tokens > 0) {
     const int D = params.num_draft_tokens;
     // Verification passes by row count (the drafts and the token before them), recorded when
@@ -890,9 +944,7 @@ GenerationResult Session::generate(const Prompt& prompt, const GenerationParams&
       }
     }
   }
-  res.text = stream.text();
-  res.decode_seconds = seconds_since(t_decode) - first_token_seconds;
-  return res;
+  return run->finish();
 }
 
 }  // namespace vkvlm

@@ -142,6 +142,7 @@ class Model {
 };
 
 class Session;
+class DecodeBatch;
 
 // Speculative decoding with a draft model: a session of the draft (its own KV cache, kept across
 // turns like the model's) and the conversation as the draft sees it (a text-only draft of a
@@ -199,9 +200,11 @@ class Session {
   LoadedPromptCache load_prompt_cache(const std::string& path);
 
  private:
+  friend class DecodeBatch;
   struct DecodeGraphs;
   struct VerifyGraph;
   struct Drafting;
+  struct Run;
   struct Prepared {
     std::vector<gpu::Tensor> features;  // per image; computed for images the prefill needed
     int64_t reused = 0, computed = 0;
@@ -221,10 +224,20 @@ class Session {
                   const CancelCheck& cancelled = {});
   // Records the sampling tail and the decode step (replayed for every token).
   std::unique_ptr<DecodeGraphs> record_graphs(const Prompt& prompt, const GenerationParams& params);
+  // The sampling tail over logits_: top candidates, log Z, the repetition penalty.
+  void record_tail(gpu::Recorder& rec, DecodeGraphs& g);
+  // A generation up to its first token: the prompt prepared, the graphs recorded and (unless
+  // `first_token` is false: speculative decoding emits it itself) the first token emitted.
+  std::unique_ptr<Run> start(const Prompt& prompt, const GenerationParams& params, const StepCallback& on_step,
+                             const CancelCheck& cancelled, bool first_token);
   // This step's sampled token and what the caller asked to see of it.
   StepOutput sample_step(DecodeGraphs& g, Sampler& sampler, const GenerationParams& params);
-  // One replay of the decode step: the token at KV row `row`, RoPE position `position`.
+  // One replay of the decode step: the token at KV row `row`, RoPE position `position`. In
+  // parts: what the step reads (uploaded before a replay, this session's or a batch's), and
+  // the cache's bookkeeping after it.
   void feed(DecodeGraphs& g, int32_t token, int64_t row, int64_t position);
+  void stage_feed(DecodeGraphs& g, int32_t token, int64_t row, int64_t position);
+  void after_feed(int32_t token, int64_t row);
   // Adds a token to the repetition penalty's list (feed does it for the tokens it feeds).
   void note_seen(DecodeGraphs& g, int32_t token);
   // The verification pass of speculative decoding: `rows` tokens at consecutive KV rows and

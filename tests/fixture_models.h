@@ -33,6 +33,19 @@ inline Model& fixture_model_at(const std::string& dir) {
 
 inline Model& fixture_model(const std::string& name) { return fixture_model_at(model_dir(name)); }
 
+// A fixture model's reference outputs (expected.safetensors), by "case.name".
+struct Expected {
+  TensorStore store;
+  explicit Expected(const std::string& model) : store(TensorStore::open_file(model_dir(model) + "/expected.safetensors")) {}
+  std::vector<float> f32(const std::string& name) const { return store.get(name).to_f32(); }
+  std::vector<int32_t> i32(const std::string& name) const {
+    auto v = store.get(name).to_f32();
+    return std::vector<int32_t>(v.begin(), v.end());
+  }
+  bool has(const std::string& name) const { return store.has(name); }
+  std::vector<int64_t> shape(const std::string& name) const { return store.get(name).shape; }
+};
+
 // A case of a fixture model's cases.json, by name.
 inline nlohmann::ordered_json fixture_case(const std::string& model, const std::string& name) {
   std::ifstream in(model_dir(model) + "/cases.json");
@@ -46,6 +59,11 @@ inline std::vector<Image> case_images(const nlohmann::ordered_json& c) {
   std::vector<Image> images;
   for (auto& f : c["images"]) images.push_back(load_image_file(fixtures_dir() + "/images/" + f.get<std::string>()));
   return images;
+}
+
+// The chat template's extra variables a case was rendered with (null when none).
+inline nlohmann::json case_template_vars(const nlohmann::ordered_json& c) {
+  return c.contains("template_kwargs") ? nlohmann::json(c["template_kwargs"]) : nlohmann::json();
 }
 
 // The conversation of a case: its messages, or (PaliGemma) one user turn holding the image and

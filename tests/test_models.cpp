@@ -27,17 +27,6 @@ constexpr double kFeatureNmse = 1e-4;
 constexpr double kLogitTolerance = 2e-2;  // relative to the reference's largest logit
 constexpr double kNearTie = 0.05;
 
-struct Expected {
-  TensorStore store;
-  explicit Expected(const std::string& model) : store(TensorStore::open_file(model_dir(model) + "/expected.safetensors")) {}
-  std::vector<float> f32(const std::string& name) const { return store.get(name).to_f32(); }
-  std::vector<int32_t> i32(const std::string& name) const {
-    auto v = store.get(name).to_f32();
-    return std::vector<int32_t>(v.begin(), v.end());
-  }
-  bool has(const std::string& name) const { return store.has(name); }
-  std::vector<int64_t> shape(const std::string& name) const { return store.get(name).shape; }
-};
 
 struct Case {
   std::string model, name;
@@ -92,7 +81,7 @@ TEST_P(FixtureModel, MatchesReference) {
 
   // 1. The prompt, token for token (image rows expanded as the processor does), and for M-RoPE
   // every token's (t, h, w) position.
-  nlohmann::json vars = c.contains("template_kwargs") ? nlohmann::json(c["template_kwargs"]) : nlohmann::json();
+  const nlohmann::json vars = case_template_vars(c);
   Prompt prompt = model.build_prompt(case_messages(c), images, vars);
   EXPECT_EQ(prompt.text, c["prompt_text"].get<std::string>());
   ASSERT_EQ(prompt.ids, exp.i32(p + "input_ids"));

@@ -45,7 +45,7 @@ GenerationResult run_case(const std::string& name, const std::string& case_name,
   Model& model = fixture_model(name);
   const auto c = fixture_case(name, case_name);
   const std::vector<Image> images = case_images(c);
-  const Prompt prompt = model.build_prompt(case_messages(c), images, c.contains("template_kwargs") ? c["template_kwargs"] : nullptr);
+  const Prompt prompt = model.build_prompt(case_messages(c), images, case_template_vars(c));
   GenerationParams params;
   params.max_tokens = kSteps;
   params.ignore_eos = true;
