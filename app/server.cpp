@@ -5,6 +5,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <deque>
 #include <csignal>
 #include <cstdio>
 #include <filesystem>
@@ -27,6 +28,7 @@
 #include "gpu/error.h"
 #include "host/hub_cache.h"
 #include "host/image.h"
+#include "models/batch.h"
 #include "models/model.h"
 
 namespace vkvlm::server {
@@ -40,40 +42,6 @@ void set_error(http::Response& res, const ApiError& e) {
   res.content_type = "application/json";
   res.body = error_body(e.what(), e.type, e.param, e.code);
 }
-
-// Serves waiting requests in arrival order, one at a time on the GPU. A request whose client
-// leaves while it waits gives its turn up at once.
-class FifoTurns {
- public:
-  uint64_t take() {
-    std::lock_guard<std::mutex> l(m_);
-    return next_ticket_++;
-  }
-  // Waits for the ticket's turn; false (the ticket given up) when `gone` says the client left.
-  bool wait(uint64_t ticket, const std::function<bool()>& gone) {
-    std::unique_lock<std::mutex> l(m_);
-    while (serving_ != ticket) {
-      if (gone && gone()) {
-        abandoned_.insert(ticket);
-        return false;
-      }
-      cv_.wait_for(l, std::chrono::milliseconds(50));
-    }
-    return true;
-  }
-  void done() {
-    std::lock_guard<std::mutex> l(m_);
-    ++serving_;
-    while (abandoned_.erase(serving_)) ++serving_;
-    cv_.notify_all();
-  }
-
- private:
-  std::mutex m_;
-  std::condition_variable cv_;
-  uint64_t next_ticket_ = 0, serving_ = 0;
-  std::set<uint64_t> abandoned_;
-};
 
 // Whether an Authorization header carries this key: the Bearer scheme, in any case.
 bool bearer_matches(const std::string& header, const std::string& key) {
@@ -95,6 +63,7 @@ struct Metrics {
   std::map<int, uint64_t> requests;  // by HTTP status
   uint64_t prompt_tokens = 0, completion_tokens = 0, cached_tokens = 0, cancelled = 0;
   uint64_t draft_tokens = 0, accepted_tokens = 0;  // speculative decoding
+  uint64_t batch_steps = 0, batch_sequences = 0;   // batched decode steps, and the sequences they advanced
   double prefill_tps = 0, decode_tps = 0;
   std::atomic<int> in_flight{0}, queued{0};
 };
@@ -264,7 +233,14 @@ class Server {
       stop_ = true;
       http_->stop();
     });
+    std::thread scheduler([this] { schedule(); });
     h.run();
+    {
+      std::lock_guard<std::mutex> l(queue_mu_);
+      quit_ = true;
+      queue_cv_.notify_all();
+    }
+    scheduler.join();
     loader.join();
     if (!stop_) pthread_kill(watcher.native_handle(), SIGTERM);
     watcher.join();
@@ -436,6 +412,11 @@ class Server {
     os << "# HELP vkvlm_accepted_draft_tokens_total Proposed tokens the model accepted.\n"
        << "# TYPE vkvlm_accepted_draft_tokens_total counter\nvkvlm_accepted_draft_tokens_total " << metrics_.accepted_tokens
        << "\n";
+    os << "# HELP vkvlm_decode_steps_total Batched decode steps (--parallel).\n"
+       << "# TYPE vkvlm_decode_steps_total counter\nvkvlm_decode_steps_total " << metrics_.batch_steps << "\n";
+    os << "# HELP vkvlm_decode_step_sequences_total Sequences those steps advanced (over steps: the mean batch size).\n"
+       << "# TYPE vkvlm_decode_step_sequences_total counter\nvkvlm_decode_step_sequences_total " << metrics_.batch_sequences
+       << "\n";
     os << "# HELP vkvlm_cancelled_requests_total Generations stopped because the client went away.\n"
        << "# TYPE vkvlm_cancelled_requests_total counter\nvkvlm_cancelled_requests_total " << metrics_.cancelled << "\n";
     os << "# HELP vkvlm_prefill_tokens_per_second Prompt processing speed of the last request.\n"
@@ -469,12 +450,14 @@ class Server {
     return l;
   }
 
-  // A session for the prompt: the slot this prompt continues (it shares at least half of the
-  // slot's cached tokens, the longest such share winning), else the least recently used slot, so
-  // a shared preamble like "USER:" does not make conversations evict each other.
-  size_t pick_slot(Loaded& L, const Prompt& prompt) {
-    size_t best = L.sessions.size(), best_len = 0;
+  // A free session for the prompt (one no generation is using; none: SIZE_MAX): the slot this
+  // prompt continues (it shares at least half of the slot's cached tokens, the longest such
+  // share winning), else the least recently used, so a shared preamble like "USER:" does not
+  // make conversations evict each other.
+  size_t pick_slot(Loaded& L, const Prompt& prompt, const std::vector<bool>& busy) {
+    size_t best = SIZE_MAX, best_len = 0;
     for (size_t i = 0; i < L.sessions.size(); ++i) {
+      if (busy[i]) continue;
       const auto& keys = L.sessions[i]->cached_keys();
       const size_t n = shared_prefix(keys, prompt.keys);
       if (!keys.empty() && 2 * n >= keys.size() && n > best_len) {
@@ -482,9 +465,10 @@ class Server {
         best_len = n;
       }
     }
-    if (best == L.sessions.size())
-      best = size_t(std::min_element(L.last_used.begin(), L.last_used.end()) - L.last_used.begin());
-    L.last_used[best] = ++L.use_clock;
+    if (best == SIZE_MAX)
+      for (size_t i = 0; i < L.sessions.size(); ++i)
+        if (!busy[i] && (best == SIZE_MAX || L.last_used[i] < L.last_used[best])) best = i;
+    if (best != SIZE_MAX) L.last_used[best] = ++L.use_clock;
     return best;
   }
 
@@ -526,24 +510,6 @@ class Server {
     return u;
   }
 
-  // Generates on the slot the prompt continues, with the draft model's session of that slot
-  // when there is one.
-  GenerationResult run_on_slot(const ServedModelOptions& m, Loaded& L, const Prompt& prompt, const Prompt& draft_prompt,
-                               const GenerationParams& params, const std::function<bool(const StepOutput&)>& on_step,
-                               const std::function<bool()>& gone) {
-    const size_t slot = pick_slot(L, prompt);
-    // A conversation that starts like the prompt cache, on a slot that holds less of it, gets
-    // the cached rows back before it runs.
-    if (!L.cache_keys.empty() &&
-        shared_prefix(L.cache_keys, prompt.keys) > shared_prefix(L.sessions[slot]->cached_keys(), prompt.keys)) {
-      L.sessions[slot]->load_prompt_cache(m.prompt_cache);
-      if (L.draft) L.draft_sessions[slot]->reset();
-    }
-    Speculation spec;
-    if (L.draft) spec = {L.draft_sessions[slot].get(), &draft_prompt};
-    return L.sessions[slot]->generate(prompt, params, on_step, gone, spec);
-  }
-
   void record(const GenerationResult& r) {
     std::lock_guard<std::mutex> l(metrics_.m);
     metrics_.prompt_tokens += r.prompt_tokens.size();
@@ -563,19 +529,197 @@ class Server {
     ~Admission() { --m.in_flight; }
   };
 
-  // Runs fn with the GPU, in arrival order; none when the client left while waiting.
+  // Work for the GPU, in arrival order: a task that runs alone (loading a model), or a
+  // generation. The requester follows it (steps as they come, then the end); the scheduler
+  // thread runs it.
+  struct Job {
+    std::function<void()> task;  // a task; empty for a generation
+    // A generation: the model, the conversation (kept alive by the requester) and parameters.
+    std::shared_ptr<Loaded> loaded;
+    const ServedModelOptions* spec = nullptr;
+    const Prompt* prompt = nullptr;
+    const Prompt* draft_prompt = nullptr;
+    GenerationParams params;
+    // What the requester reads (mu):
+    std::mutex mu;
+    std::condition_variable cv;
+    std::deque<StepOutput> steps;
+    std::optional<GenerationResult> result;  // none: the job never ran (its client left first)
+    std::string error;                        // it failed
+    bool done = false;
+    std::atomic<bool> cancel{false};  // the client left: a queued job is dropped, a running one stops
+  };
+
+  // A model's generations decoding together (--parallel of them at most).
+  struct Active {
+    std::shared_ptr<Loaded> loaded;
+    std::unique_ptr<DecodeBatch> batch;
+    std::map<uint64_t, std::shared_ptr<Job>> jobs;  // by tag
+  };
+
+  void submit(const std::shared_ptr<Job>& job) {
+    std::lock_guard<std::mutex> l(queue_mu_);
+    queue_.push_back(job);
+    metrics_.queued = int(queue_.size());
+    queue_cv_.notify_all();
+  }
+
+  static void complete(Job& job, std::optional<GenerationResult> result, const std::string& error = "") {
+    std::lock_guard<std::mutex> l(job.mu);
+    job.result = std::move(result);
+    job.error = error;
+    job.done = true;
+    job.cv.notify_all();
+  }
+
+  // Waits for the job to end, handing each step to on_step as it comes (false: the client
+  // left, the generation stops). A client that leaves (gone) cancels the job.
+  static void follow(Job& job, const std::function<bool()>& gone, const std::function<bool(const StepOutput&)>& on_step) {
+    std::unique_lock<std::mutex> l(job.mu);
+    while (true) {
+      while (!job.steps.empty()) {
+        StepOutput step = std::move(job.steps.front());
+        job.steps.pop_front();
+        l.unlock();
+        const bool keep = on_step ? on_step(step) : true;
+        l.lock();
+        if (!keep) job.cancel = true;
+      }
+      if (job.done) return;
+      if (gone && gone()) job.cancel = true;
+      job.cv.wait_for(l, std::chrono::milliseconds(50));
+    }
+  }
+
+  // Runs fn on the GPU thread in arrival order; none when the client left while waiting.
   template <typename F>
   auto on_gpu(F&& fn, const std::function<bool()>& gone) -> std::optional<decltype(fn())> {
-    const uint64_t ticket = turns_.take();
-    ++metrics_.queued;
-    const bool turn = turns_.wait(ticket, gone);
-    --metrics_.queued;
-    if (!turn) return std::nullopt;
-    struct Done {
-      FifoTurns& t;
-      ~Done() { t.done(); }
-    } done{turns_};
-    return fn();
+    std::optional<decltype(fn())> out;
+    std::exception_ptr err;
+    auto job = std::make_shared<Job>();
+    job->task = [&] {
+      try {
+        out = fn();
+      } catch (...) {
+        err = std::current_exception();
+      }
+    };
+    submit(job);
+    follow(*job, gone, {});
+    if (err) std::rethrow_exception(err);
+    return out;
+  }
+
+  // The GPU's one thread: takes queued jobs in arrival order (tasks at once; generations while
+  // their model has a free slot and, unless speculative, room in its batch), then advances every
+  // model's batch by one token, so new requests join between steps.
+  void schedule() {
+    std::map<const Loaded*, Active> active;
+    std::unique_lock<std::mutex> l(queue_mu_);
+    while (true) {
+      if (active.empty()) queue_cv_.wait(l, [&] { return !queue_.empty() || quit_; });
+      if (quit_ && queue_.empty() && active.empty()) return;
+      const std::vector<std::shared_ptr<Job>> waiting(queue_.begin(), queue_.end());
+      l.unlock();
+      std::set<const Job*> taken;
+      for (const auto& job : waiting) {
+        if (job->cancel || stop_) {
+          complete(*job, std::nullopt);
+          taken.insert(job.get());
+        } else if (job->task) {
+          job->task();
+          complete(*job, std::nullopt);
+          taken.insert(job.get());
+        } else if (start_generation(job, active)) {
+          taken.insert(job.get());
+        }
+      }
+      l.lock();
+      std::deque<std::shared_ptr<Job>> left;
+      for (auto& job : queue_)
+        if (!taken.count(job.get())) left.push_back(job);
+      queue_ = std::move(left);
+      metrics_.queued = int(queue_.size());
+      l.unlock();
+      for (auto it = active.begin(); it != active.end();) {
+        Active& a = it->second;
+        try {
+          const size_t n = a.batch->step();
+          std::lock_guard<std::mutex> ml(metrics_.m);
+          ++metrics_.batch_steps;
+          metrics_.batch_sequences += n;
+        } catch (const std::exception& e) {
+          for (auto& [tag, job] : a.jobs) complete(*job, std::nullopt, e.what());
+          a.jobs.clear();
+        }
+        for (auto& f : a.batch->take_finished()) {
+          complete(*a.jobs[f.tag], std::move(f.result));
+          a.jobs.erase(f.tag);
+        }
+        it = a.jobs.empty() ? active.erase(it) : std::next(it);
+      }
+      l.lock();
+    }
+  }
+
+  // Starts a queued generation when its model has a free slot (and batch room); false to wait.
+  // A speculative one (draft model or prompt lookup) runs to its end at once, alone.
+  bool start_generation(const std::shared_ptr<Job>& job, std::map<const Loaded*, Active>& active) {
+    Loaded& L = *job->loaded;
+    const bool solo = L.draft || job->params.lookup_ngram > 0;
+    auto found = active.find(&L);
+    if (!solo && found != active.end() && int(found->second.jobs.size()) >= opt_.parallel) return false;
+    std::vector<bool> busy(L.sessions.size(), false);
+    if (found != active.end())
+      for (size_t i = 0; i < L.sessions.size(); ++i) busy[i] = found->second.batch->holds(*L.sessions[i]);
+    const size_t slot = pick_slot(L, *job->prompt, busy);
+    if (slot == SIZE_MAX) return false;
+    Job* j = job.get();
+    auto on_step = [this, j](const StepOutput& s) {
+      std::lock_guard<std::mutex> lk(j->mu);
+      j->steps.push_back(s);
+      j->cv.notify_all();
+      return !j->cancel && !stop_;
+    };
+    auto cancelled = [this, j] { return j->cancel || stop_; };
+    try {
+      // A conversation that starts like the prompt cache, on a slot that holds less of it, gets
+      // the cached rows back before it runs.
+      const Prompt& prompt = *job->prompt;
+      if (!L.cache_keys.empty() &&
+          shared_prefix(L.cache_keys, prompt.keys) > shared_prefix(L.sessions[slot]->cached_keys(), prompt.keys)) {
+        L.sessions[slot]->load_prompt_cache(job->spec->prompt_cache);
+        if (L.draft) L.draft_sessions[slot]->reset();
+      }
+      if (solo) {
+        Speculation spec;
+        if (L.draft) spec = {L.draft_sessions[slot].get(), job->draft_prompt};
+        complete(*job, L.sessions[slot]->generate(prompt, job->params, on_step, cancelled, spec));
+        return true;
+      }
+      Active& a = active[&L];
+      if (!a.batch) {
+        a.loaded = job->loaded;
+        a.batch = std::make_unique<DecodeBatch>(*L.model);
+      }
+      const uint64_t tag = ++job_tags_;
+      a.jobs[tag] = job;
+      a.batch->add(*L.sessions[slot], prompt, job->params, tag, on_step, cancelled);
+      for (auto& f : a.batch->take_finished()) {
+        complete(*a.jobs[f.tag], std::move(f.result));
+        a.jobs.erase(f.tag);
+      }
+      if (a.jobs.empty()) active.erase(&L);
+    } catch (const std::exception& e) {
+      complete(*job, std::nullopt, e.what());
+      auto it = active.find(&L);
+      if (it != active.end()) {
+        for (auto jt = it->second.jobs.begin(); jt != it->second.jobs.end();)
+          jt = jt->second == job ? it->second.jobs.erase(jt) : std::next(jt);
+        if (it->second.jobs.empty()) active.erase(it);
+      }
+    }
+    return true;
   }
 
   // Checks the API key inside the handlers, once the request (and its body) has been read.
@@ -657,32 +801,38 @@ class Server {
         }
       }
       const std::string id = random_id();
-      if (!r.stream) {
-        const auto gone = leaving(conn);
-        auto g = on_gpu([&] {
-          return run_on_slot(spec, L, prompt, draft_prompt, r.params, [&](const StepOutput&) { return !gone(); }, gone);
-        }, gone);
-        if (!g || g->finish_reason == "cancelled") {
-          cancelled(g ? &*g : nullptr);
+      // The conversation as its generation job needs it, alive until the job ends.
+      auto shared = std::make_shared<Prepared>(Prepared{std::move(r), std::move(prompt), std::move(draft_prompt)});
+      auto job = std::make_shared<Job>();
+      job->loaded = loaded;
+      job->spec = &served.spec;
+      job->prompt = &shared->prompt;
+      job->draft_prompt = &shared->draft_prompt;
+      job->params = shared->request.params;
+      if (!shared->request.stream) {
+        submit(job);
+        follow(*job, leaving(conn), {});
+        if (!job->error.empty()) throw ApiError(500, job->error, "server_error");
+        if (!job->result || job->result->finish_reason == "cancelled") {
+          cancelled(job->result ? &*job->result : nullptr);
           res.status = 499;
           return;
         }
-        record(*g);
-        res.body = completion_json(id, spec.name, L.model->tokenizer(), L.draft != nullptr, *g, r.logprobs)
+        const GenerationResult& g = *job->result;
+        record(g);
+        res.body = completion_json(id, spec.name, L.model->tokenizer(), L.draft != nullptr, g, shared->request.logprobs)
                        .dump(-1, ' ', false, json::error_handler_t::replace);
         count(200);
-        log_request(*g, false);
+        log_request(g, false);
         return;
       }
       // Streaming: the response starts now; generation runs as the body is written.
-      auto shared = std::make_shared<Prepared>(Prepared{std::move(r), std::move(prompt), std::move(draft_prompt)});
       res.content_type = "text/event-stream";
       res.headers.push_back({"Cache-Control", "no-cache"});
-      res.stream = [this, shared, id, admission, loaded, &served](http::Stream& sink) {
+      res.stream = [this, shared, job, id, admission, loaded, &served](http::Stream& sink) {
         const ServedModelOptions& spec = served.spec;
         Loaded& L = *loaded;
         const ChatRequest& cr = shared->request;
-        const Prompt& pr = shared->prompt;
         const int64_t created = now_seconds();
         auto chunk = [&](json delta, json finish, json logprobs) {
           json c = {{"index", 0}, {"delta", std::move(delta)}, {"logprobs", std::move(logprobs)}, {"finish_reason", std::move(finish)}};
@@ -691,26 +841,25 @@ class Server {
           if (cr.include_usage) j["usage"] = nullptr;
           return "data: " + j.dump(-1, ' ', false, json::error_handler_t::replace) + "\n\n";
         };
-        const auto gone = leaving(sink);
         bool alive = sink.write(chunk({{"role", "assistant"}, {"content", ""}}, nullptr, nullptr));
-        std::optional<GenerationResult> g;
-        try {
-          g = on_gpu([&] {
-            return run_on_slot(spec, L, pr, shared->draft_prompt, cr.params, [&](const StepOutput& s) {
-              if (!alive || stop_) return false;
-              if (s.text.empty() && !cr.logprobs) return !sink.client_gone();
-              json lp = nullptr;
-              if (cr.logprobs) lp = {{"content", logprob_list(L.model->tokenizer(), {s})}};
-              alive = sink.write(chunk({{"content", s.text}}, nullptr, lp));
-              return alive;
-            }, gone);
-          }, gone);
-        } catch (const std::exception& e) {
+        if (alive) {
+          submit(job);
+          follow(*job, leaving(sink), [&](const StepOutput& s) {
+            if (!alive || stop_) return false;
+            if (s.text.empty() && !cr.logprobs) return !sink.client_gone();
+            json lp = nullptr;
+            if (cr.logprobs) lp = {{"content", logprob_list(L.model->tokenizer(), {s})}};
+            alive = sink.write(chunk({{"content", s.text}}, nullptr, lp));
+            return alive;
+          });
+        }
+        if (!job->error.empty()) {
           // Too late for a status code: report in the stream's own error shape and end it.
-          sink.write("data: " + error_body(e.what(), "server_error", "", "") + "\n\n");
+          sink.write("data: " + error_body(job->error, "server_error", "", "") + "\n\n");
           count(500);
           return;
         }
+        const std::optional<GenerationResult>& g = job->result;
         if (!g || g->finish_reason == "cancelled" || !alive) {
           cancelled(g ? &*g : nullptr);
           if (g) log_request(*g, true);
@@ -748,7 +897,12 @@ class Server {
   uint64_t request_clock_ = 0;  // (models_mu_)
   std::atomic<bool> ready_{false}, load_failed_{false}, stop_{false};
   int64_t started_ = 0;
-  FifoTurns turns_;
+  // The GPU's work queue (queue_mu_), served by the scheduler thread.
+  std::mutex queue_mu_;
+  std::condition_variable queue_cv_;
+  std::deque<std::shared_ptr<Job>> queue_;
+  bool quit_ = false;       // (queue_mu_) the scheduler ends once the queue and batches are empty
+  uint64_t job_tags_ = 0;   // (scheduler thread)
   Metrics metrics_;
 };
 
@@ -847,7 +1001,7 @@ int run_serve(int argc, char** argv, int first) {
            {"quantize", true}, {"metrics-public", false}, {"request-timeout", true}, {"draft-model", true},
            {"num-draft-tokens", true}, {"lookup-ngram", true}, {"prompt-cache", true},
            {"max-kv-size", true}, {"kv-bits", true}, {"kv-group-size", true}, {"quantized-kv-start", true},
-           {"config", true}, {"max-loaded", true}, {"active-model", true}});
+           {"config", true}, {"max-loaded", true}, {"active-model", true}, {"parallel", true}});
   Options o;
   o.host = f.str("host", "127.0.0.1");
   o.port = int(f.integer("port", 8080, 1, 65535));
@@ -860,7 +1014,9 @@ int run_serve(int argc, char** argv, int first) {
     o.rotating = true;
   }
   o.kv_format = kv_format(f);
-  o.kv_slots = int(f.integer("kv-slots", 1, 1, 64));
+  o.parallel = int(f.integer("parallel", 1, 1, 64));
+  // Every conversation decoding at once needs its slot: at least --parallel of them.
+  o.kv_slots = std::max(o.parallel, int(f.integer("kv-slots", 1, 1, 64)));
   o.allow_local_files = f.str("allow-local-files");
   o.max_images = int(f.integer("max-images", 8, 0, 256));
   o.max_body_bytes = size_t(f.integer("max-body-mb", 64, 1, 4096)) << 20;

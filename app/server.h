@@ -35,7 +35,8 @@ struct Options {
   int64_t context_tokens = 4096;  // KV cache size per conversation slot
   bool rotating = false;          // --max-kv-size: the slots' caches rotate (answers go on past them)
   KvFormat kv_format;             // --kv-bits: the slots' caches store K and V quantized
-  int kv_slots = 1;               // conversations whose KV caches are kept for reuse
+  int kv_slots = 1;               // conversations whose KV caches are kept for reuse (>= parallel)
+  int parallel = 1;               // generations of one model decoded together in one batched step
   std::string allow_local_files;  // folder image_url file paths may come from (empty: none)
   size_t max_body_bytes = 64ull << 20;  // whatever the framing (Content-Length or chunked)
   double request_seconds = 30;          // to receive a request's headers and body, once it has begun

@@ -68,10 +68,10 @@ void DecodeBatch::record() {
   }
 }
 
-void DecodeBatch::step() {
-  if (running_.empty()) return;
+size_t DecodeBatch::step() {
+  if (running_.empty()) return 0;
   try {
-    advance();
+    return advance();
   } catch (...) {
     // A failed step leaves the sequences' caches part-written: they end here (each session
     // recomputes what it did not record as cached).
@@ -82,13 +82,14 @@ void DecodeBatch::step() {
   }
 }
 
-void DecodeBatch::advance() {
+size_t DecodeBatch::advance() {
   // Stage every sequence's last token; one crossing Phi-3's long RoPE factors is fed on its own
   // (the conversation recomputed) and sits this step out.
   std::vector<std::unique_ptr<Sequence>> solo;
   std::vector<std::unique_ptr<Sequence>> stepping;
   for (auto& s : running_) (s->run->stage(s->run->res.tokens.back()) ? stepping : solo).push_back(std::move(s));
   running_ = std::move(stepping);
+  const size_t advanced = running_.size();
   if (!running_.empty()) {
     bool same = recorded_.size() == running_.size() && step_;
     for (size_t b = 0; same && b < running_.size(); ++b)
@@ -105,6 +106,7 @@ void DecodeBatch::advance() {
     else finished_.push_back({s->tag, s->run->finish()});
   }
   running_ = std::move(going);
+  return advanced;
 }
 
 std::vector<DecodeBatch::Finished> DecodeBatch::take_finished() {

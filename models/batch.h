@@ -26,8 +26,8 @@ class DecodeBatch {
   // Speculative decoding is not batched (params.lookup_ngram must be 0: drafting runs alone).
   void add(Session& session, const Prompt& prompt, const GenerationParams& params, uint64_t tag,
            const StepCallback& on_step = {}, const CancelCheck& cancelled = {});
-  // One token for every sequence still going.
-  void step();
+  // One token for every sequence still going; returns how many the batched pass advanced.
+  size_t step();
   // Sequences still going. After step() throws (a device error), none: those generations ended.
   size_t size() const { return running_.size(); }
   bool holds(const Session& session) const;
@@ -42,7 +42,7 @@ class DecodeBatch {
  private:
   struct Sequence;
   void record();
-  void advance();
+  size_t advance();
 
   Model& model_;
   std::vector<std::unique_ptr<Sequence>> running_;

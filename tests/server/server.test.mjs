@@ -225,6 +225,83 @@ test("8 concurrent clients all get their own correct answers", async () => {
   picked.forEach((ex, i) => assert.equal(answers[i], ex.greedy_fp16_reference, ex.question));
 });
 
+test("--parallel 8: concurrent clients decode together and answer exactly as one at a time", async () => {
+  const examples = JSON.parse(readFileSync(join(DEMO, "examples/expected.json"), "utf8")).examples;
+  const picked = [1, 2, 4, 6, 9, 11, 14, 17].map((i) => examples[i]);
+  // Different prompt lengths: images with their questions, one text-only turn, one cut short.
+  const request = (ex, i) => ({
+    model: "shapes-llava", temperature: 0, logprobs: true, top_logprobs: 2, max_tokens: i === 3 ? 3 : 64,
+    messages: i === 5 ? [{ role: "user", content: ex.question }] : [imageMessage(ex.image, ex.question)],
+  });
+  // Long answers (ignore_eos), so that the eight overlap whatever the order they arrive in.
+  const long = (ex, i) => ({
+    model: "shapes-llava", temperature: 0, logprobs: true, top_logprobs: 2, max_tokens: 24 + i, ignore_eos: true,
+    messages: [{ role: "user", content: `${ex.question} (${i})` }],
+  });
+  const ask = async (client, body, stream) => {
+    const r = await client.chat.completions.create({ ...body, stream });
+    if (!stream) return { text: r.choices[0].message.content, logprobs: r.choices[0].logprobs.content, finish: r.choices[0].finish_reason };
+    let text = "", finish = null;
+    const logprobs = [];
+    for await (const c of r) {
+      if (!c.choices.length) continue;
+      if (c.choices[0].delta.content) text += c.choices[0].delta.content;
+      if (c.choices[0].logprobs) logprobs.push(...c.choices[0].logprobs.content);
+      if (c.choices[0].finish_reason) finish = c.choices[0].finish_reason;
+    }
+    return { text, logprobs, finish };
+  };
+  const same = (got, want, what) => {
+    assert.equal(got.text, want.text, what);
+    assert.equal(got.finish, want.finish, what);
+    // The same tokens and alternatives; log-probabilities to float rounding (one at a time, a
+    // conversation continues the rows the previous one left in the slot, e.g. its image, which
+    // rounds differently from computing them whole; on fresh slots batched and alone agree bit
+    // for bit, as tests/test_batch.cpp checks).
+    const close = (a, b) => Math.abs(a - b) <= 1e-4 * (1 + Math.abs(b));
+    assert.equal(got.logprobs.length, want.logprobs.length, what);
+    got.logprobs.forEach((step, k) => {
+      const w = want.logprobs[k];
+      assert.equal(step.token, w.token, `${what} step ${k}`);
+      assert.ok(close(step.logprob, w.logprob), `${what} step ${k}`);
+      assert.deepEqual(step.top_logprobs.map((t) => t.token), w.top_logprobs.map((t) => t.token));
+      step.top_logprobs.forEach((t, j) => assert.ok(close(t.logprob, w.top_logprobs[j].logprob), `${what} step ${k}`));
+    });
+  };
+  // One at a time, on a server that decodes one sequence at a time.
+  const single = await startServer(DEMO, ["--ctx", "512"]);
+  const alone = [], aloneLong = [];
+  try {
+    for (let i = 0; i < picked.length; ++i) alone.push(await ask(single.client, request(picked[i], i), false));
+    for (let i = 0; i < picked.length; ++i) aloneLong.push(await ask(single.client, long(picked[i], i), false));
+  } finally {
+    await stopServer(single);
+  }
+  assert.equal(alone[3].finish, "length");
+  const s = await startServer(DEMO, ["--ctx", "512", "--parallel", "8"]);
+  try {
+    const together = await Promise.all(picked.map((ex, i) => ask(s.client, request(ex, i), i % 2 === 1)));
+    picked.forEach((ex, i) => {
+      same(together[i], alone[i], ex.question);
+      if (i !== 3 && i !== 5) assert.equal(together[i].text, ex.greedy_fp16_reference, ex.question);
+    });
+    const counters = async () => {
+      const text = await (await fetch(`${s.base}/metrics`, { headers: { Authorization: `Bearer ${KEY}` } })).text();
+      return [Number(text.match(/^vkvlm_decode_steps_total (\d+)$/m)[1]),
+              Number(text.match(/^vkvlm_decode_step_sequences_total (\d+)$/m)[1])];
+    };
+    const [steps0, advanced0] = await counters();
+    const togetherLong = await Promise.all(picked.map((ex, i) => ask(s.client, long(ex, i), i % 2 === 0)));
+    picked.forEach((ex, i) => same(togetherLong[i], aloneLong[i], `${ex.question} (${i})`));
+    // They were decoded together: the batched steps advanced several sequences each.
+    const [steps1, advanced1] = await counters();
+    const mean = (advanced1 - advanced0) / (steps1 - steps0);
+    assert.ok(mean > 3, `mean batch ${mean} over ${steps1 - steps0} steps`);
+  } finally {
+    await stopServer(s);
+  }
+});
+
 test("errors come in OpenAI's shape with the right status", async () => {
   const post = (body, headers = {}) => fetch(`${demo.base}/v1/chat/completions`, {
     method: "POST", body, headers: { Authorization: `Bearer ${KEY}`, "Content-Type": "application/json", ...headers },
