@@ -19,6 +19,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <set>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -39,6 +40,7 @@
 #include "host/jinja.h"
 #include "app/server.h"
 #include "host/tokenizer.h"
+#include "models/batch.h"
 #include "models/model.h"
 
 namespace fs = std::filesystem;
@@ -217,8 +219,214 @@ ModelAndConversation load_model_and_conversation(const Flags& f) {
   return m;
 }
 
+// A generation as `generate --json` prints it (and `generate --batch`, one line per prompt).
+nlohmann::ordered_json result_json(const GenerationResult& r, const Session& session, bool rotating, bool speculative,
+                                   int top_logits) {
+  const double prefill_tps = r.prefill_seconds > 0 ? double(r.prefill_tokens) / r.prefill_seconds : 0;
+  const double decode_tps = r.decode_seconds > 0 && r.tokens.size() > 1 ? double(r.tokens.size() - 1) / r.decode_seconds : 0;
+  nlohmann::ordered_json j;
+  j["prompt_tokens"] = r.prompt_tokens;
+  j["tokens"] = r.tokens;
+  j["text"] = r.text;
+  j["finish_reason"] = r.finish_reason;
+  if (speculative) {
+    j["draft_tokens"] = r.draft_tokens;
+    j["accepted_tokens"] = r.accepted_tokens;
+  }
+  j["kv_cache"] = {{"format", session.kv_format().describe()},
+                   {"rows", session.context_tokens()},
+                   {"bytes", session.kv_bytes()},
+                   {"rotating", rotating}};
+  j["timings"] = {{"prompt_tokens", r.prompt_tokens.size()},
+                  {"cached_prompt_tokens", r.cached_tokens},
+                  {"computed_prompt_tokens", r.prefill_tokens},
+                  {"image_seconds", r.image_seconds},
+                  {"prefill_seconds", r.prefill_seconds},
+                  {"prefill_tokens_per_second", prefill_tps},
+                  {"decode_seconds", r.decode_seconds},
+                  {"decode_tokens_per_second", decode_tps}};
+  if (top_logits) {
+    auto steps = nlohmann::ordered_json::array();
+    for (auto& s : r.steps) {
+      auto pairs = nlohmann::ordered_json::array();
+      for (auto& [id, v] : s.top_logits) pairs.push_back({id, v});
+      steps.push_back(pairs);
+    }
+    j["top_logits"] = steps;
+  }
+  return j;
+}
+
+// vkvlm generate --batch FILE.jsonl: one prompt per line, {"prompt": TEXT, "images": [PATH...]}
+// or {"messages": [...], "images": [...]} with optional "id", "max_tokens", "temperature",
+// "top_p", "top_k", "min_p", "seed", "stop" (the command line's flags are the defaults). The
+// prompts decode together, --parallel at a time (as mlx-lm's batch_generate), each on a fresh
+// KV cache; one JSON line per prompt, in the file's order, as `generate --json` prints it alone.
+int generate_batch(const Flags& f) {
+  for (const char* alone : {"prompt", "messages", "image", "draft-model", "lookup-ngram", "prompt-cache"})
+    if (f.has(alone))
+      throw UsageError(std::string("--batch takes its prompts and images from the file; --") + alone +
+                       " does not go with it (speculative decoding and prompt caches run one prompt at a time)");
+  const std::string path = f.str("batch");
+  const GenerationParams defaults = generation_params(f);
+  const int parallel = int(f.integer("parallel", 8, 1, 64));
+  const std::string dir = model_folder(f);
+  const nlohmann::json vars = template_vars(f);
+  const ModelConfig cfg = load_model_config(dir);
+  auto ctx = make_context();
+  Model model(*ctx, dir, load_options(f));
+
+  struct Item {
+    nlohmann::ordered_json id;
+    Prompt prompt;
+    GenerationParams params;
+  };
+  std::vector<Item> items;
+  std::istringstream lines(read_file(path, "batch file"));
+  std::string line;
+  for (int n = 1; std::getline(lines, line); ++n) {
+    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    const std::string where = "--batch " + path + " line " + std::to_string(n) + ": ";
+    try {
+      Messages j;
+      try {
+        j = Messages::parse(line);
+      } catch (const nlohmann::json::exception& e) {
+        throw Error(std::string("not valid JSON: ") + e.what());
+      }
+      if (!j.is_object()) throw Error("each line must be a JSON object with \"prompt\" or \"messages\"");
+      static const std::set<std::string> keys = {"id", "prompt", "messages", "images", "max_tokens", "temperature",
+                                                 "top_p", "top_k", "min_p", "seed", "stop"};
+      for (const auto& [k, v] : j.items())
+        if (!keys.count(k)) throw Error("unknown key '" + k + "'");
+      if (j.contains("prompt") == j.contains("messages")) throw Error("give exactly one of \"prompt\" and \"messages\"");
+      std::vector<std::string> paths;
+      if (j.contains("images")) {
+        if (!j["images"].is_array()) throw Error("\"images\" must be a list of file paths");
+        for (const auto& p : j["images"]) {
+          if (!p.is_string()) throw Error("\"images\" must be a list of file paths");
+          paths.push_back(p.get<std::string>());
+        }
+      }
+      Messages messages;
+      std::vector<Image> images;
+      if (j.contains("prompt")) {
+        if (!j["prompt"].is_string()) throw Error("\"prompt\" must be a string");
+        Messages content = Messages::array();
+        for (const auto& p : paths) {
+          images.push_back(load_image_file(p));
+          content.push_back({{"type", "image"}});
+        }
+        content.push_back({{"type", "text"}, {"text", j["prompt"]}});
+        messages = Messages::array({Messages{{"role", "user"}, {"content", content}}});
+      } else {
+        messages = j["messages"];
+        if (!messages.is_array() || messages.empty()) throw Error("\"messages\" must be a non-empty list of messages");
+        const auto slots = image_slots(cfg, messages);
+        const std::string why = check_supplied_images(slots, paths.size(), "\"images\" gave");
+        if (!why.empty()) throw Error(why);
+        std::vector<Image> files;
+        for (const auto& p : paths) files.push_back(load_image_file(p));
+        images = conversation_images(slots, std::move(files), /*allow_files=*/true);
+      }
+      Item it;
+      it.id = j.contains("id") ? j["id"] : nlohmann::ordered_json();
+      it.params = defaults;
+      auto number = [&](const char* key, double lo, double hi) {
+        if (!j[key].is_number() || j[key].get<double>() < lo || j[key].get<double>() > hi)
+          throw Error(std::string("\"") + key + "\" must be a number from " + std::to_string(lo) + " to " + std::to_string(hi));
+        return j[key].get<double>();
+      };
+      auto whole = [&](const char* key, int64_t lo, int64_t hi) {
+        if (!j[key].is_number_integer() || j[key].get<int64_t>() < lo || j[key].get<int64_t>() > hi)
+          throw Error(std::string("\"") + key + "\" must be a whole number from " + std::to_string(lo) + " to " +
+                      std::to_string(hi));
+        return j[key].get<int64_t>();
+      };
+      if (j.contains("max_tokens")) it.params.max_tokens = int(whole("max_tokens", 0, 1 << 24));
+      if (j.contains("temperature")) it.params.sampling.temperature = float(number("temperature", 0, 100));
+      if (j.contains("top_p")) it.params.sampling.top_p = float(number("top_p", 1e-9, 1));
+      if (j.contains("top_k")) it.params.sampling.top_k = int(whole("top_k", 0, 1 << 24));
+      if (j.contains("min_p")) it.params.sampling.min_p = float(number("min_p", 0, 1));
+      if (j.contains("seed")) {
+        it.params.sampling.seed = uint64_t(whole("seed", 0, INT64_MAX));
+        it.params.sampling.has_seed = true;
+      }
+      if (j.contains("stop")) {
+        it.params.stop.clear();
+        const auto& st = j["stop"];
+        if (st.is_string()) it.params.stop.push_back(st.get<std::string>());
+        else if (st.is_array()) {
+          for (const auto& x : st) {
+            if (!x.is_string()) throw Error("\"stop\" must be a string or a list of strings");
+            it.params.stop.push_back(x.get<std::string>());
+          }
+        } else {
+          throw Error("\"stop\" must be a string or a list of strings");
+        }
+      }
+      it.params.validate();
+      it.prompt = model.build_prompt(messages, images, vars);
+      items.push_back(std::move(it));
+    } catch (const std::exception& e) {
+      throw Error(where + e.what());
+    }
+  }
+  if (items.empty()) throw Error("--batch " + path + " holds no prompts");
+
+  // Every session holds the longest prompt and its answer (or --ctx / --max-kv-size rows).
+  int64_t longest = 0, most = 0;
+  for (const auto& it : items) {
+    longest = std::max(longest, it.prompt.size());
+    most = std::max<int64_t>(most, it.params.max_tokens);
+  }
+  const int64_t context_tokens = context_for(f, model, longest, int(most));
+  const bool rotating = f.has("max-kv-size");
+  std::vector<std::unique_ptr<Session>> sessions;
+  for (size_t i = 0; i < std::min(items.size(), size_t(parallel)); ++i)
+    sessions.push_back(std::make_unique<Session>(model, context_tokens, rotating, kv_format(f)));
+
+  DecodeBatch batch(model);
+  std::vector<std::optional<nlohmann::ordered_json>> out(items.size());
+  std::vector<const Session*> session_of(items.size(), nullptr);
+  size_t next = 0, printed = 0;
+  auto collect = [&] {
+    for (auto& done : batch.take_finished()) {
+      nlohmann::ordered_json j;
+      j["index"] = done.tag;
+      if (!items[done.tag].id.is_null()) j["id"] = items[done.tag].id;
+      const auto r = result_json(done.result, *session_of[done.tag], rotating, false, items[done.tag].params.top_logits);
+      for (auto& [k, v] : r.items()) j[k] = v;
+      out[done.tag] = std::move(j);
+    }
+    // In the file's order, as soon as the answers before are out.
+    for (; printed < out.size() && out[printed]; ++printed) {
+      std::printf("%s\n", out[printed]->dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
+      std::fflush(stdout);
+      out[printed].reset();
+    }
+  };
+  while (printed < items.size()) {
+    for (auto& s : sessions) {
+      if (next == items.size() || batch.holds(*s)) continue;
+      s->reset();  // each prompt from scratch, as it runs alone
+      session_of[next] = s.get();
+      batch.add(*s, items[next].prompt, items[next].params, next);
+      ++next;
+    }
+    batch.step();
+    collect();
+  }
+  return 0;
+}
+
 int cmd_generate(int argc, char** argv) {
-  Flags f(argc, argv, 2, k_generate_flags);
+  auto flags = k_generate_flags;
+  flags["batch"] = true;
+  flags["parallel"] = true;
+  Flags f(argc, argv, 2, flags);
+  if (f.has("batch")) return generate_batch(f);
+  if (f.has("parallel")) throw UsageError("--parallel goes with --batch");
   GenerationParams params = generation_params(f);
   ModelAndConversation mc = load_model_and_conversation(f);
   const nlohmann::json& vars = mc.vars;
@@ -250,36 +458,7 @@ int cmd_generate(int argc, char** argv) {
   const double prefill_tps = r.prefill_seconds > 0 ? double(r.prefill_tokens) / r.prefill_seconds : 0;
   const double decode_tps = r.decode_seconds > 0 && r.tokens.size() > 1 ? double(r.tokens.size() - 1) / r.decode_seconds : 0;
   if (json) {
-    nlohmann::ordered_json j;
-    j["prompt_tokens"] = r.prompt_tokens;
-    j["tokens"] = r.tokens;
-    j["text"] = r.text;
-    j["finish_reason"] = r.finish_reason;
-    if (spec.draft || params.lookup_ngram) {
-      j["draft_tokens"] = r.draft_tokens;
-      j["accepted_tokens"] = r.accepted_tokens;
-    }
-    j["kv_cache"] = {{"format", session.kv_format().describe()},
-                     {"rows", session.context_tokens()},
-                     {"bytes", session.kv_bytes()},
-                     {"rotating", f.has("max-kv-size")}};
-    j["timings"] = {{"prompt_tokens", r.prompt_tokens.size()},
-                    {"cached_prompt_tokens", r.cached_tokens},
-                    {"computed_prompt_tokens", r.prefill_tokens},
-                    {"image_seconds", r.image_seconds},
-                    {"prefill_seconds", r.prefill_seconds},
-                    {"prefill_tokens_per_second", prefill_tps},
-                    {"decode_seconds", r.decode_seconds},
-                    {"decode_tokens_per_second", decode_tps}};
-    if (params.top_logits) {
-      auto steps = nlohmann::ordered_json::array();
-      for (auto& s : r.steps) {
-        auto pairs = nlohmann::ordered_json::array();
-        for (auto& [id, v] : s.top_logits) pairs.push_back({id, v});
-        steps.push_back(pairs);
-      }
-      j["top_logits"] = steps;
-    }
+    const auto j = result_json(r, session, f.has("max-kv-size"), spec.draft || params.lookup_ngram, params.top_logits);
     std::printf("%s\n", j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
   } else {
     std::printf("\n");
@@ -648,6 +827,8 @@ const char* k_usage =
     "            [--max-kv-size N]   a rotating KV cache of N tokens: generation goes on past it\n"
     "            [--kv-bits 4|8 [--kv-group-size 32|64|128] [--quantized-kv-start N]]   a quantized KV cache\n"
     "            (MLX affine, groups along each head; the first N rows stay f16)\n"
+    "            --batch FILE.jsonl [--parallel N]   one prompt per line ({\"prompt\"|\"messages\", \"images\",\n"
+    "            \"max_tokens\", \"temperature\", \"seed\", \"stop\", \"id\"}), decoded N at a time (8); one JSON line each\n"
     "  chat      [--model DIR] [--image PATH]... [--system TEXT] [sampling and drafting options] [--verbose]\n"
     "            interactive, multi-turn; Ctrl-C stops a reply, a second Ctrl-C at the prompt exits\n"
     "  cache-prompt [--model DIR] (--prompt TEXT | --messages FILE) [--image PATH]... --out FILE [--kv-bits ...]\n"
@@ -665,6 +846,7 @@ const char* k_usage =
     "            [--kv-bits 4|8 [--kv-group-size G] [--quantized-kv-start N]]   quantized KV caches\n"
     "            [--model NAME=DIR|REPO]... [--config FILE] [--max-loaded N] [--active-model NAME]\n"
     "            several models, chosen by the request's \"model\", loaded on first use\n"
+    "            [--parallel N]   decode up to N conversations of a model together (continuous batching)\n"
     "            OpenAI-compatible server\n"
     "  download  ORG/NAME[@REVISION]   fetch a model from the Hugging Face hub into its cache (HF_ENDPOINT,\n"
     "            HF_TOKEN); prints the snapshot folder. Elsewhere a missing ORG/NAME is downloaded as needed\n"

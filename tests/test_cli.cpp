@@ -15,6 +15,7 @@
 #include <filesystem>
 #include <fstream>
 #include <set>
+#include <algorithm>
 #include <sstream>
 
 #include <nlohmann/json.hpp>
@@ -105,6 +106,66 @@ TEST(Cli, GenerateJsonMatchesTheReference) {
     EXPECT_EQ(j["top_logits"][0][i][0].get<int>(), int(top10_ids[size_t(i)]));
     EXPECT_NEAR(j["top_logits"][0][i][1].get<double>(), top10[size_t(i)], 2e-2 * std::fabs(top10[0]));
   }
+}
+
+// generate --batch: prompts decoded together (3 at a time, so some join while others decode)
+// answer exactly as each does alone with generate --json (tokens, text, finish and raw logits),
+// in the file's order; a prompt that samples keeps its seed's answer.
+TEST(Cli, BatchAnswersEachPromptAsItsOwnRunDoes) {
+  const std::string ex = k_demo + "/examples/";
+  struct Line {
+    std::string json;
+    std::vector<std::string> alone;  // the same prompt's generate arguments
+  };
+  const std::vector<Line> lines = {
+      {R"({"id": "a", "prompt": "How many shapes are there?", "images": [")" + ex + R"(shapes_0.png"]})",
+       {"--prompt", "How many shapes are there?", "--image", ex + "shapes_0.png"}},
+      {R"({"prompt": "What color is the square?", "images": [")" + ex + R"(shapes_0.png"], "max_tokens": 3})",
+       {"--prompt", "What color is the square?", "--image", ex + "shapes_0.png", "--max-tokens", "3"}},
+      {R"({"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}],
+          "images": [")" + ex + R"(shapes_1.png"]})",
+       {"--messages", tmp("batch-messages.json"), "--image", ex + "shapes_1.png"}},
+      {R"({"prompt": "Hello there", "max_tokens": 10, "temperature": 0.8, "seed": 3})",
+       {"--prompt", "Hello there", "--max-tokens", "10", "--temp", "0.8", "--seed", "3"}},
+      {R"({"prompt": "What is in the picture?", "images": [")" + ex + R"(shapes_2.png"], "stop": "circle"})",
+       {"--prompt", "What is in the picture?", "--image", ex + "shapes_2.png", "--stop", "circle"}},
+  };
+  std::ofstream(tmp("batch-messages.json"))
+      << R"([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}])";
+  {
+    std::ofstream f(tmp("batch.jsonl"));
+    for (const auto& l : lines) {
+      std::string one = l.json;
+      std::replace(one.begin(), one.end(), '\n', ' ');
+      f << one << "\n\n";  // blank lines are skipped
+    }
+  }
+  CliRun r = vkvlm({"generate", "--batch", tmp("batch.jsonl"), "--parallel", "3", "--top-logits", "2"});
+  ASSERT_EQ(r.rc, 0) << r.err;
+  std::istringstream out(r.out);
+  std::string got;
+  for (size_t i = 0; i < lines.size(); ++i) {
+    SCOPED_TRACE(lines[i].json);
+    ASSERT_TRUE(std::getline(out, got));
+    const auto j = nlohmann::json::parse(got);
+    std::vector<std::string> args = {"generate", "--json", "--top-logits", "2"};
+    args.insert(args.end(), lines[i].alone.begin(), lines[i].alone.end());
+    CliRun one = vkvlm(args);
+    ASSERT_EQ(one.rc, 0) << one.err;
+    const auto want = nlohmann::json::parse(one.out);
+    EXPECT_EQ(j["index"], i);
+    for (const char* key : {"prompt_tokens", "tokens", "text", "finish_reason", "top_logits"}) EXPECT_EQ(j[key], want[key]) << key;
+  }
+  EXPECT_FALSE(std::getline(out, got));
+  EXPECT_EQ(nlohmann::json::parse(r.out.substr(0, r.out.find('\n')))["id"], "a");
+
+  // Lines that cannot run are named before anything runs.
+  std::ofstream(tmp("batch-bad.jsonl")) << R"({"prompt": "x"})" << "\n" << R"({"prompt": "x", "temprature": 1})" << "\n";
+  CliRun bad = vkvlm({"generate", "--batch", tmp("batch-bad.jsonl")});
+  EXPECT_EQ(bad.rc, 1);
+  EXPECT_NE(bad.err.find("line 2"), std::string::npos) << bad.err;
+  EXPECT_NE(bad.err.find("temprature"), std::string::npos) << bad.err;
+  EXPECT_EQ(bad.out, "");
 }
 
 // --prompt with --image builds the image tags Phi-3-Vision's template expects.
@@ -758,6 +819,11 @@ TEST(Cli, WrongInputsGetOneClearLine) {
       {{"generate", "--prompt", "x", "--image", "/dev/zero"}, 1, {"/dev/zero", "not a regular file"}},
       {{"tokenize", "--tokenizer", tmp("missing.json")}, 1, {"missing.json"}},
       {{"frobnicate"}, 2, {"unknown command 'frobnicate'"}},
+      {{"generate", "--batch", tmp("bad.json")}, 1, {"bad.json", "line 1", "not valid JSON"}},
+      {{"generate", "--batch", tmp("noimage.json")}, 1, {"noimage.json", "line 1", "JSON object"}},
+      {{"generate", "--batch", tmp("missing.jsonl")}, 1, {"missing.jsonl"}},
+      {{"generate", "--batch", tmp("noimage.json"), "--prompt", "x"}, 2, {"--batch", "--prompt"}},
+      {{"generate", "--prompt", "x", "--parallel", "2"}, 2, {"--parallel", "--batch"}},
       {{"generate", "--prompt", "x", "--draft-model", k_demo, "--lookup-ngram", "2"}, 2, {"--draft-model", "--lookup-ngram"}},
       {{"generate", "--prompt", "x", "--num-draft-tokens", "0"}, 2, {"--num-draft-tokens"}},
       {{"generate", "--prompt", "x", "--ctx", "64", "--max-kv-size", "32"}, 2, {"--ctx", "--max-kv-size"}},
