@@ -78,6 +78,25 @@ void Recorder::barrier() {
   touched_.clear();
 }
 
+bool Recorder::conflicts(VkBuffer buffer, uint64_t offset, uint64_t bytes, bool writes) const {
+  const auto it = touched_.find(buffer);
+  if (it == touched_.end()) return false;
+  for (const Access& a : it->second)
+    if ((writes || a.writes) && offset < a.end && a.begin < offset + bytes) return true;
+  return false;
+}
+
+void Recorder::touch(VkBuffer buffer, uint64_t offset, uint64_t bytes, bool writes) {
+  auto& list = touched_[buffer];
+  // Merge with an identical range (the common case: one tensor read by several dispatches).
+  for (Access& a : list)
+    if (a.begin == offset && a.end == offset + bytes) {
+      a.writes = a.writes || writes;
+      return;
+    }
+  list.push_back({offset, offset + bytes, writes});
+}
+
 VkDescriptorSet Recorder::allocate_set(VkDescriptorSetLayout layout) {
   VkDevice dev = ctx_.device().device();
   for (;;) {
@@ -130,17 +149,12 @@ void Recorder::dispatch(const Pipeline& p, const std::vector<Binding>& bindings,
     if (b->offset % ctx_.profile().min_storage_offset_alignment)
       fail("internal: kernel ", p.name, " binding ", slot, " offset ", b->offset, " is misaligned");
     infos.push_back({b->buffer, b->offset, b->range});
-    auto it = touched_.find(b->buffer);
-    if (it != touched_.end() && (it->second || b->writes)) hazard = true;
+    hazard = hazard || conflicts(b->buffer, b->offset, b->range, b->writes);
   }
   if (hazard) barrier();
-  for (uint32_t slot : p.bindings) {
-    for (auto& c : bindings) {
-      if (c.slot != slot) continue;
-      bool& w = touched_[c.buffer];
-      w = w || c.writes;
-    }
-  }
+  for (uint32_t slot : p.bindings)
+    for (auto& c : bindings)
+      if (c.slot == slot) touch(c.buffer, c.offset, c.range, c.writes);
   VkDescriptorSet set = allocate_set(p.set_layout);
   for (size_t i = 0; i < p.bindings.size(); ++i) {
     VkWriteDescriptorSet w{VK_STRUCTURE_TYPE_WRITE_DESCRIPTOR_SET};
@@ -170,11 +184,10 @@ void Recorder::copy(const Tensor& src, uint64_t src_offset, const Tensor& dst, u
   if (src_offset + bytes > src.capacity() || dst_offset + bytes > dst.capacity())
     fail("internal: copy of ", bytes, " bytes from ", src.name(), " to ", dst.name(), " is out of range");
   if (!current_) begin_segment();
-  auto s = touched_.find(src.buffer());
-  auto d = touched_.find(dst.buffer());
-  if ((s != touched_.end() && s->second) || d != touched_.end()) barrier();
-  touched_.emplace(src.buffer(), false);  // read (keeps a pending write mark)
-  touched_[dst.buffer()] = true;
+  const uint64_t src_at = src_offset, dst_at = dst_offset;
+  if (conflicts(src.buffer(), src_at, bytes, false) || conflicts(dst.buffer(), dst_at, bytes, true)) barrier();
+  touch(src.buffer(), src_at, bytes, false);
+  touch(dst.buffer(), dst_at, bytes, true);
   VkBufferCopy region{src_offset, dst_offset, bytes};
   vkCmdCopyBuffer(current_, src.buffer(), dst.buffer(), 1, &region);
 }

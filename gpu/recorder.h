@@ -57,6 +57,12 @@ class Recorder {
   void begin_segment();
   void end_segment();
   void barrier();
+  // Byte ranges of buffers accessed since the last barrier: whether [offset, offset + bytes) of
+  // `buffer` conflicts with them (a write overlapping anything, a read overlapping a write), and
+  // noting an access. Ranges, not whole buffers: dispatches on disjoint rows of one scratch
+  // buffer (a batch's sequences) need no barrier between them.
+  bool conflicts(VkBuffer buffer, uint64_t offset, uint64_t bytes, bool writes) const;
+  void touch(VkBuffer buffer, uint64_t offset, uint64_t bytes, bool writes);
   VkDescriptorSet allocate_set(VkDescriptorSetLayout layout);
   void run_segments();
 
@@ -76,8 +82,11 @@ class Recorder {
   std::vector<uint64_t> query_results_;
   double cpu_ns_ = 0;
   std::vector<Tensor> scratch_;
-  // Buffers written / read since the last barrier.
-  std::unordered_map<VkBuffer, bool> touched_;  // buffer -> written
+  struct Access {
+    uint64_t begin, end;
+    bool writes;
+  };
+  std::unordered_map<VkBuffer, std::vector<Access>> touched_;  // since the last barrier
 };
 
 }  // namespace vkvlm::gpu
