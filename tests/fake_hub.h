@@ -45,6 +45,8 @@ class FakeHub {
     std::string token;                         // required when set
     bool wrong_checksum = false;               // weight files announce another SHA-256
     int64_t drop_after = -1;                   // the first weight download stops after this many bytes
+    bool html_listing = false;                 // the file list comes back as a web page (a captive portal)
+    bool no_etag = false;                      // files come without ETag or size (a proxy that strips them)
   };
 
   FakeHub() {
@@ -54,6 +56,7 @@ class FakeHub {
       if (!r) return;
       const std::string rev = req.matches[3];
       if (rev != "main" && rev != r->commit) return not_found(res, "RevisionNotFound");
+      if (r->html_listing) return res.set_content("<html><body>Sign in to the network</body></html>", "text/html");
       nlohmann::json siblings = nlohmann::json::array();
       for (const auto& [path, data] : r->files) siblings.push_back({{"rfilename", path}});
       res.set_content(nlohmann::json{{"id", req.matches[1].str() + "/" + req.matches[2].str()}, {"sha", r->commit},
@@ -80,7 +83,7 @@ class FakeHub {
         blobs_.emplace(sha, Blob{it->second, r->drop_after});  // a HEAD again does not re-arm the drop
         return;
       }
-      res.set_header("ETag", "\"" + sha.substr(0, 40) + "\"");
+      if (!r->no_etag) res.set_header("ETag", "\"" + sha.substr(0, 40) + "\"");
       res.set_content(it->second, "application/octet-stream");
     });
     server_.Get(R"(/cdn/([0-9a-f]{64}))", [this](const httplib::Request& req, httplib::Response& res) {

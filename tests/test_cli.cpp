@@ -824,6 +824,7 @@ TEST(Cli, WrongInputsGetOneClearLine) {
       {{"generate", "--batch", tmp("missing.jsonl")}, 1, {"missing.jsonl"}},
       {{"generate", "--batch", tmp("noimage.json"), "--prompt", "x"}, 2, {"--batch", "--prompt"}},
       {{"generate", "--prompt", "x", "--parallel", "2"}, 2, {"--parallel", "--batch"}},
+      {{"serve", "--config", tmp("bad.json"), "--port", "1"}, 1, {"server config", "bad.json", "not valid JSON"}},
       {{"generate", "--prompt", "x", "--draft-model", k_demo, "--lookup-ngram", "2"}, 2, {"--draft-model", "--lookup-ngram"}},
       {{"generate", "--prompt", "x", "--num-draft-tokens", "0"}, 2, {"--num-draft-tokens"}},
       {{"generate", "--prompt", "x", "--ctx", "64", "--max-kv-size", "32"}, 2, {"--ctx", "--max-kv-size"}},

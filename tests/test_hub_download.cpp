@@ -143,7 +143,11 @@ TEST(HubDownload, FailuresSayWhatHappened) {
   hub.add("acme/tiny", src, k_commit);
   hub.add("acme/gated", src, k_commit).token = "hf_right";
   hub.add("acme/corrupt", src, k_commit).wrong_checksum = true;
+  hub.add("acme/portal", src, k_commit).html_listing = true;
+  hub.add("acme/stripped", src, k_commit).no_etag = true;
   HubOptions o = options(hub, cache);
+  expect_error([&] { hub_download("acme/portal", o); }, {"file list of acme/portal", "not JSON", hub.endpoint().c_str()});
+  expect_error([&] { hub_download("acme/stripped", o); }, {"no usable ETag and size", "acme/stripped"});
   expect_error([&] { hub_download("acme/missing", o); }, {"no repository acme/missing", hub.endpoint().c_str()});
   expect_error([&] { hub_download("acme/tiny@v9", o); }, {"acme/tiny", "no revision 'v9'"});
   expect_error([&] { hub_download("not a repo", o); }, {"not a Hugging Face repository id"});
