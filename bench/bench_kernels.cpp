@@ -20,6 +20,8 @@
 #include "gpu/error.h"
 #include "gpu/ops.h"
 #include "base/numeric.h"
+#include "bench/bench_common.h"
+#include "bench/bench_model.h"
 
 using namespace vkvlm;
 using gpu::Mat;
@@ -122,15 +124,7 @@ class Bench {
     return ap;
   }
 
-  double copy_bandwidth() {
-    const uint64_t bytes = std::min<uint64_t>(opt_.quick ? (64ull << 20) : (512ull << 20),
-                                              ctx_.profile().device_local_bytes / 8);
-    auto a = ctx_.tensor(gpu::DType::U8, {int64_t(bytes)}, "copy source");
-    auto b = ctx_.tensor(gpu::DType::U8, {int64_t(bytes)}, "copy destination");
-    ctx_.fill_bytes(a, 1);
-    double s = time([&](gpu::Recorder& rec) { rec.copy(a, 0, b, 0, bytes); });
-    return 2.0 * double(bytes) / s;  // bytes read + bytes written
-  }
+  double copy_bandwidth() { return bench::copy_bandwidth(ctx_, opt_.quick ? (64ull << 20) : (512ull << 20)); }
 
   void run();
   void print(double copy_bw) const;
@@ -318,6 +312,8 @@ void Bench::print(double copy_bw) const {
 }  // namespace
 
 int main(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i)
+    if (std::string(argv[i]) == "--model-shape" || std::string(argv[i]) == "--model") return vkvlm::bench::run_model_bench(argc, argv);
   Options opt;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
@@ -334,7 +330,8 @@ int main(int argc, char** argv) {
         return 2;
       }
     } else if (a == "--help" || a == "-h") {
-      std::printf("usage: vkvlm-bench [--json] [--only SUBSTRING] [--reps N] [--quick]\n");
+      std::printf("usage: vkvlm-bench [--json] [--only SUBSTRING] [--reps N] [--quick]   kernels\n"
+                  "       vkvlm-bench (--model-shape NAME | --model DIR) [...] [--help]   end to end\n");
       return 0;
     } else {
       std::fprintf(stderr, "vkvlm-bench: unknown argument '%s' (see --help)\n", a.c_str());

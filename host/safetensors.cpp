@@ -215,6 +215,20 @@ TensorStore TensorStore::open_file(const std::string& path) {
   return s;
 }
 
+TensorStore TensorStore::in_memory(std::vector<StTensor> tensors, std::shared_ptr<const void> memory, std::string where) {
+  TensorStore s;
+  s.where_ = std::move(where);
+  for (const auto& t : tensors)
+    if (uint64_t(t.numel()) * st_dtype_size(t.dtype) != t.bytes || (!t.data && t.bytes))
+      fail("internal: in-memory tensor ", t.name, " has ", t.bytes, " bytes for ", t.shape_string());
+  auto owned = std::make_shared<std::vector<StTensor>>(std::move(tensors));
+  for (const auto& t : *owned)
+    if (!s.index_.emplace(t.name, &t).second) fail("internal: two in-memory tensors are named ", t.name);
+  s.in_memory_ = owned;
+  s.memory_ = std::move(memory);
+  return s;
+}
+
 TensorStore TensorStore::open_directory(const std::string& dir) {
   TensorStore s;
   s.where_ = dir;

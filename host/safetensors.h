@@ -68,6 +68,10 @@ class TensorStore {
  public:
   static TensorStore open_directory(const std::string& dir);
   static TensorStore open_file(const std::string& path);
+  // Tensors whose data lies in memory the caller keeps alive through `memory` (random weights at
+  // a real model's shapes for vkvlm-bench --model-shape: nothing read from disk). `where` names
+  // them in errors.
+  static TensorStore in_memory(std::vector<StTensor> tensors, std::shared_ptr<const void> memory, std::string where);
 
   const StTensor* find(const std::string& name) const;
   const StTensor& get(const std::string& name) const;  // throws, naming the tensor and folder
@@ -78,6 +82,8 @@ class TensorStore {
 
  private:
   std::vector<std::shared_ptr<SafetensorsFile>> files_;
+  std::shared_ptr<const std::vector<StTensor>> in_memory_;  // in_memory's tensors
+  std::shared_ptr<const void> memory_;                      // and their data
   std::map<std::string, const StTensor*> index_;
   std::string where_;
 };

@@ -96,7 +96,7 @@ Model::Model(gpu::Context& ctx, const std::string& dir, LoadOptions options) : c
     if (auto& s = template_.eos_token())
       if (int32_t id = tok_->token_to_id(*s); id >= 0) eos_.push_back(id);
 
-  store_ = std::make_unique<TensorStore>(TensorStore::open_directory(dir));
+  store_ = options.weights ? options.weights : std::make_shared<const TensorStore>(TensorStore::open_directory(dir));
   WeightLoader loader(ctx_, *store_, cfg_, options);
   lm_ = std::make_unique<LanguageModel>(ctx_, cfg_.text, loader);
   vision_ = cfg_.arch->load_vision(ctx_, cfg_, loader);

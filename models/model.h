@@ -132,7 +132,7 @@ class Model {
  private:
   gpu::Context& ctx_;
   ModelConfig cfg_;
-  std::unique_ptr<TensorStore> store_;
+  std::shared_ptr<const TensorStore> store_;
   std::unique_ptr<Tokenizer> tok_;
   ChatTemplate template_;
   std::unique_ptr<LanguageModel> lm_;

@@ -3,6 +3,7 @@
 // gpu::Weight (f32/f16/bf16 as stored, MLX q4/q8 when the checkpoint is quantized or --quantize
 // asks for it), small vectors (norms, biases) as f32.
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -17,6 +18,9 @@ namespace vkvlm {
 struct LoadOptions {
   std::string quantize;  // "", "q4" or "q8": quantize float linear layers of the language model
   bool progress = false;  // draw a progress bar on stderr
+  // The weights from this store instead of the folder's safetensors files (vkvlm-bench
+  // --model-shape: random weights at a real model's shapes, generated in memory).
+  std::shared_ptr<const TensorStore> weights;
 };
 
 // Several linear layers applied to one input and written side by side (fused q/k/v, gate/up).
