@@ -212,16 +212,23 @@ void LanguageModel::run_layers(gpu::Recorder& rec, const std::vector<Span>& span
     const DecoderLayer& L = layers_[l];
     gpu::rmsnorm(rec, x, L.attn_norm, eps, cfg_.norm_plus_one, h);
     L.qkv.run(rec, h, qkv, false, var);
+    // Each step for every span before the next step: the spans' dispatches touch disjoint rows,
+    // so a batch needs three barriers here whatever its size.
+    for (const Span& s : spans) {
+      const ForwardRows& r = *s.rows;
+      gpu::rope(rec, q.row_range(s.first, s.count), H, D, cfg_.rope.rot_dim, gpu::RopeMode::RotateHalf, *s.rope_table,
+                r.positions, r.positions_row, sections);
+      gpu::rope(rec, k.row_range(s.first, s.count), KV, D, cfg_.rope.rot_dim, gpu::RopeMode::RotateHalf, *s.rope_table,
+                r.positions, r.positions_row, sections);
+    }
+    for (const Span& s : spans) {
+      gpu::kv_append(rec, k.row_range(s.first, s.count), s.cache->k[l], s.rows->kv_row, s.rows->kv_row_index);
+      gpu::kv_append(rec, v.row_range(s.first, s.count), s.cache->v[l], s.rows->kv_row, s.rows->kv_row_index);
+    }
     for (size_t i = 0; i < spans.size(); ++i) {
       const Span& s = spans[i];
-      const ForwardRows& r = *s.rows;
-      const Mat qs = q.row_range(s.first, s.count), ks = k.row_range(s.first, s.count), vs = v.row_range(s.first, s.count);
-      gpu::rope(rec, qs, H, D, cfg_.rope.rot_dim, gpu::RopeMode::RotateHalf, *s.rope_table, r.positions, r.positions_row, sections);
-      gpu::rope(rec, ks, KV, D, cfg_.rope.rot_dim, gpu::RopeMode::RotateHalf, *s.rope_table, r.positions, r.positions_row, sections);
-      gpu::kv_append(rec, ks, s.cache->k[l], r.kv_row, r.kv_row_index);
-      gpu::kv_append(rec, vs, s.cache->v[l], r.kv_row, r.kv_row_index);
-      gpu::attention(rec, qs, s.cache->k[l], s.cache->v[l], attn.row_range(s.first, s.count), r.kv_row, r.kv_row_index,
-                     aps[i], var);
+      gpu::attention(rec, q.row_range(s.first, s.count), s.cache->k[l], s.cache->v[l], attn.row_range(s.first, s.count),
+                     s.rows->kv_row, s.rows->kv_row_index, aps[i], var);
     }
     L.o.run(rec, attn, x, /*accumulate=*/true, var);  // x += attn W_o^T
     gpu::rmsnorm(rec, x, L.ffn_norm, eps, cfg_.norm_plus_one, h);

@@ -113,11 +113,8 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, BatchedDecoding,
                          testing::Values(BatchCase{"qwen2vl-bf16", {}, false}, BatchCase{"paligemma-bf16", {}, false},
                                          BatchCase{"qwen2vl-mlx4", KvFormat{8, 32, 0}, true}),
                          [](const auto& info) {
-                           std::string n = info.param.model + (info.param.kv.quantized() ? "_q8" : "") +
-                                           (info.param.rotating ? "_rotating" : "");
-                           for (char& ch : n)
-                             if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
-                           return n;
+                           return test_name(info.param.model + (info.param.kv.quantized() ? "_q8" : "") +
+                                            (info.param.rotating ? "_rotating" : ""));
                          });
 
 // A sequence whose client goes away leaves at once; the others go on unchanged.

@@ -424,10 +424,7 @@ std::vector<std::pair<std::string, std::string>> cli_fixture_cases() {
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, CliFixture, testing::ValuesIn(cli_fixture_cases()), [](const auto& info) {
-  std::string n = info.param.first + "_" + info.param.second;
-  for (char& ch : n)
-    if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
-  return n;
+  return test_name(info.param.first + "_" + info.param.second);
 });
 
 // The image placeholders a model card writes in text take the --image files: Phi-3-Vision's

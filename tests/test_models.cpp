@@ -217,10 +217,7 @@ TEST_P(FixtureModel, MatchesReference) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, FixtureModel, testing::ValuesIn(all_cases()), [](const auto& info) {
-  std::string n = info.param.model + "_" + info.param.name;
-  for (char& ch : n)
-    if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
-  return n;
+  return test_name(info.param.model + "_" + info.param.name);
 });
 
 // The bundled demo model answers its 20 example questions exactly as the reference did.

@@ -1,4 +1,5 @@
 #pragma once
+#include <cctype>
 #include <cstdlib>
 #include <string>
 
@@ -10,4 +11,11 @@ inline std::string test_data_dir() {
   return env && *env ? std::string(env) : std::string(VKVLM_TEST_DATA);
 }
 inline std::string fixtures_dir() { return test_data_dir() + "/fixtures"; }
+// A parameterized test's name from words: anything but letters and digits becomes '_'.
+inline std::string test_name(std::string n) {
+  for (char& ch : n)
+    if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
+  return n;
+}
+
 }  // namespace vkvlm::test

@@ -119,11 +119,8 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, QuantizedKvReference,
                                          ReferenceRun{"qwen2vl-mlx4", "two_turns", 8, 32},
                                          ReferenceRun{"paligemma-bf16", "gray", 8, 32}),
                          [](const auto& info) {
-                           std::string n = info.param.model + "_" + info.param.case_name + "_q" +
-                                           std::to_string(info.param.bits);
-                           for (char& ch : n)
-                             if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
-                           return n;
+                           return test_name(info.param.model + "_" + info.param.case_name + "_q" +
+                                            std::to_string(info.param.bits));
                          });
 
 // --- accuracy against the float reference -------------------------------------------------------
@@ -173,12 +170,7 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, QuantizedKvFixture,
                          testing::Values("llava15-f16", "llava15-mlx4", "llavanext-bf16-legacy", "phi3v-bf16",
                                          "phi3v-long-bf16", "qwen2vl-bf16", "qwen2vl-mlx4", "paligemma-bf16",
                                          "paligemma-mlx8"),
-                         [](const auto& info) {
-                           std::string n = info.param;
-                           for (char& ch : n)
-                             if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
-                           return n;
-                         });
+                         [](const auto& info) { return test_name(info.param); });
 
 // The first rows kept in f16 (--quantized-kv-start): with every row below it, the answer and
 // its logits are the plain cache's; with part of the prompt below it, 8 bits still keep the
