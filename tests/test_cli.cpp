@@ -24,6 +24,7 @@
 #include "host/safetensors.h"
 #include "tests/fake_hub.h"
 #include "tests/test_paths.h"
+#include "tests/scratch_dir.h"
 
 namespace vkvlm::test {
 namespace {
@@ -42,7 +43,7 @@ std::string quote(const std::string& s) {
 
 std::string tmp(const std::string& name) {
   static std::string dir = [] {
-    auto d = fs::temp_directory_path() / ("vkvlm-cli-test-" + std::to_string(::getpid()));
+    auto d = scratch_dir() / "cli";
     fs::create_directories(d);
     return d.string();
   }();

@@ -10,6 +10,7 @@
 #include "models/model_config.h"
 #include "tests/expect_error.h"
 #include "tests/test_paths.h"
+#include "tests/scratch_dir.h"
 
 namespace vkvlm::test {
 namespace {
@@ -17,7 +18,7 @@ namespace fs = std::filesystem;
 
 
 std::string temp_dir(const std::string& name) {
-  std::string d = (fs::temp_directory_path() / ("vkvlm-config-test-" + std::to_string(::getpid())) / name).string();
+  std::string d = (scratch_dir() / "config" / name).string();
   fs::create_directories(d);
   return d;
 }

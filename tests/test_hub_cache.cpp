@@ -12,6 +12,7 @@
 #include "host/hub_cache.h"
 #include "tests/expect_error.h"
 #include "tests/scoped_env.h"
+#include "tests/scratch_dir.h"
 
 namespace vkvlm::test {
 namespace {
@@ -23,7 +24,7 @@ const std::string k_other = "fedcba9876543210fedcba9876543210fedcba98";
 // A cache holding models--acme--tiny-vlm at two commits: main -> k_commit, v1 -> k_other; the
 // snapshot files are symlinks into blobs/, as the hub library makes them.
 fs::path make_cache(const std::string& tag) {
-  const fs::path root = fs::temp_directory_path() / ("vkvlm-hub-" + std::to_string(::getpid()) + "-" + tag);
+  const fs::path root = scratch_dir() / ("hub-" + tag);
   fs::remove_all(root);
   const fs::path repo = root / "models--acme--tiny-vlm";
   fs::create_directories(repo / "blobs");

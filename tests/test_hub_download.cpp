@@ -19,6 +19,7 @@
 #include "tests/expect_error.h"
 #include "tests/fake_hub.h"
 #include "tests/scoped_env.h"
+#include "tests/scratch_dir.h"
 
 namespace vkvlm::test {
 namespace {
@@ -27,7 +28,7 @@ namespace fs = std::filesystem;
 const std::string k_commit = "4c0ffee4c0ffee4c0ffee4c0ffee4c0ffee4c0ff";
 
 fs::path temp_dir(const std::string& tag) {
-  const fs::path p = fs::temp_directory_path() / ("vkvlm-dl-" + std::to_string(::getpid()) + "-" + tag);
+  const fs::path p = scratch_dir() / ("dl-" + tag);
   fs::remove_all(p);
   fs::create_directories(p);
   return p;

@@ -23,6 +23,7 @@
 #include "host/tokenizer.h"
 #include "tests/expect_error.h"
 #include "tests/test_paths.h"
+#include "tests/scratch_dir.h"
 
 extern "C" int stbi_write_png(const char* filename, int w, int h, int comp, const void* data, int stride_in_bytes);
 extern "C" int stbi_write_bmp(const char* filename, int w, int h, int comp, const void* data);
@@ -34,7 +35,7 @@ namespace fs = std::filesystem;
 
 std::string temp_dir() {
   static std::string dir = [] {
-    std::string d = (fs::temp_directory_path() / ("vkvlm-io-test-" + std::to_string(::getpid()))).string();
+    std::string d = (scratch_dir() / "io").string();
     fs::create_directories(d);
     return d;
   }();

@@ -20,6 +20,7 @@
 #include "host/safetensors.h"
 #include "models/decoder.h"
 #include "tests/kernel_harness.h"
+#include "tests/scratch_dir.h"
 
 namespace vkvlm::test {
 namespace {
@@ -83,7 +84,7 @@ Checkpoint make_checkpoint(const Family& f, uint32_t seed) {
     return v;
   };
   Checkpoint c;
-  c.dir = (fs::temp_directory_path() / ("vkvlm-lm-" + std::string(f.name) + "-" + std::to_string(::getpid()))).string();
+  c.dir = (scratch_dir() / ("lm-" + std::string(f.name))).string();
   fs::create_directories(c.dir);
   Writer wr;
   const int64_t qd = int64_t(f.heads) * D, kvd = int64_t(f.kv_heads) * D;

@@ -12,13 +12,15 @@
 
 #include "tests/expect_error.h"
 #include "tests/fixture_models.h"
+#include "tests/scratch_dir.h"
 
 namespace vkvlm::test {
 namespace {
 namespace fs = std::filesystem;
 
 std::string temp_file(const std::string& name) {
-  return (fs::temp_directory_path() / ("vkvlm-pc-" + std::to_string(::getpid()) + "-" + name)).string();
+  fs::create_directories(scratch_dir() / "pc");
+  return (scratch_dir() / "pc" / name).string();
 }
 
 GenerationParams greedy(int tokens) {

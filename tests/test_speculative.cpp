@@ -18,6 +18,7 @@
 #include "base/numeric.h"
 #include "tests/expect_error.h"
 #include "tests/fixture_models.h"
+#include "tests/scratch_dir.h"
 
 namespace vkvlm::test {
 namespace {
@@ -29,7 +30,7 @@ std::string random_text_draft(const std::string& model) {
   static std::map<std::string, std::string> written;
   auto& dir = written[model];
   if (!dir.empty()) return dir;
-  dir = (fs::temp_directory_path() / ("vkvlm-draft-" + std::to_string(::getpid()) + "-" + model)).string();
+  dir = (scratch_dir() / ("draft-" + model)).string();
   fs::create_directories(dir);
   const std::string src = model_dir(model);
   for (const char* f : {"tokenizer.json", "tokenizer_config.json", "chat_template.json", "special_tokens_map.json"})

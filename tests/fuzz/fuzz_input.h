@@ -30,10 +30,16 @@ inline std::vector<std::string> split_parts(const uint8_t* data, size_t size, si
   return parts;
 }
 
-// A folder of its own for this process (removed and made again for each input).
+// A folder of its own for this process (removed and made again for each input, and at exit).
 inline std::filesystem::path fresh_dir() {
-  static const std::filesystem::path dir =
-      std::filesystem::temp_directory_path() / ("vkvlm-fuzz-" + std::to_string(::getpid()));
+  static const struct Dir {
+    std::filesystem::path path = std::filesystem::temp_directory_path() / ("vkvlm-fuzz-" + std::to_string(::getpid()));
+    ~Dir() {
+      std::error_code ec;
+      std::filesystem::remove_all(path, ec);
+    }
+  } owner;
+  const std::filesystem::path& dir = owner.path;
   std::error_code ec;
   std::filesystem::remove_all(dir, ec);
   std::filesystem::create_directories(dir);

@@ -4,7 +4,7 @@
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { spawn, execFileSync } from "node:child_process";
-import { readFileSync, writeFileSync, mkdtempSync, mkdirSync, symlinkSync, copyFileSync } from "node:fs";
+import { readFileSync, writeFileSync, mkdtempSync, mkdirSync, symlinkSync, copyFileSync, rmSync } from "node:fs";
 import { createServer, connect } from "node:net";
 import { deflateSync } from "node:zlib";
 import { tmpdir } from "node:os";
@@ -18,6 +18,7 @@ const DEMO = join(SRC, "models/shapes-llava");
 const FIXTURE = join(SRC, "tests/data/fixtures/llava15-f16");
 const KEY = "test-key";
 const tmp = mkdtempSync(join(tmpdir(), "vkvlm-server-test-"));
+process.on("exit", () => rmSync(tmp, { recursive: true, force: true }));
 
 function freePort() {
   return new Promise((resolve) => {
