@@ -652,13 +652,20 @@ class Server {
           for (auto& [tag, job] : a.jobs) complete(*job, std::nullopt, e.what());
           a.jobs.clear();
         }
-        for (auto& f : a.batch->take_finished()) {
-          complete(*a.jobs[f.tag], std::move(f.result));
-          a.jobs.erase(f.tag);
-        }
+        deliver(a);
         it = a.jobs.empty() ? active.erase(it) : std::next(it);
       }
       l.lock();
+    }
+  }
+
+  // Hands the batch's ended generations to their jobs (one a failed step already ended is skipped).
+  static void deliver(Active& a) {
+    for (auto& f : a.batch->take_finished()) {
+      auto it = a.jobs.find(f.tag);
+      if (it == a.jobs.end()) continue;
+      complete(*it->second, std::move(f.result));
+      a.jobs.erase(it);
     }
   }
 
@@ -705,10 +712,7 @@ class Server {
       const uint64_t tag = ++job_tags_;
       a.jobs[tag] = job;
       a.batch->add(*L.sessions[slot], prompt, job->params, tag, on_step, cancelled);
-      for (auto& f : a.batch->take_finished()) {
-        complete(*a.jobs[f.tag], std::move(f.result));
-        a.jobs.erase(f.tag);
-      }
+      deliver(a);
       if (a.jobs.empty()) active.erase(&L);
     } catch (const std::exception& e) {
       complete(*job, std::nullopt, e.what());
