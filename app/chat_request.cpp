@@ -100,7 +100,7 @@ Image load_image_url(const std::string& url, const std::string& param, const fs:
 }
 
 
-ChatRequest parse_chat_request(const std::string& raw, const RequestLimits& limits) {
+json parse_request_body(const std::string& raw) {
   json body;
   try {
     body = json::parse(raw);
@@ -109,6 +109,10 @@ ChatRequest parse_chat_request(const std::string& raw, const RequestLimits& limi
                    "invalid_json");
   }
   if (!body.is_object()) throw ApiError(400, "the request body must be a JSON object", "invalid_request_error", "", "invalid_json");
+  return body;
+}
+
+ChatRequest parse_chat_request(const json& body, const RequestLimits& limits) {
   ChatRequest r;
   if (const json* m = field(body, "model")) {
     if (!m->is_string()) throw ApiError(400, "'model' must be a string", "invalid_request_error", "model");

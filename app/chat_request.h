@@ -42,7 +42,13 @@ struct RequestLimits {
   bool has_draft_model = false;        // then requests may not ask for prompt lookup
 };
 
-ChatRequest parse_chat_request(const std::string& body, const RequestLimits& limits);
+// The body as a JSON object (a 400 invalid_json otherwise): parsed once, then read for its
+// "model" (which decides the limits) and by parse_chat_request.
+nlohmann::ordered_json parse_request_body(const std::string& raw);
+ChatRequest parse_chat_request(const nlohmann::ordered_json& body, const RequestLimits& limits);
+inline ChatRequest parse_chat_request(const std::string& raw, const RequestLimits& limits) {
+  return parse_chat_request(parse_request_body(raw), limits);
+}
 
 // An image_url part's image: a data: URL, or a file inside local_root; never fetched. A local
 // path is resolved whole (every symlink, at every step) and must end inside the folder; the

@@ -64,44 +64,56 @@ Messages read_json_file(const std::string& path, const char* what) {
   }
 }
 
-// --messages FILE: a non-empty array of {"role": ..., "content": ...}.
-Messages read_messages_file(const std::string& path) {
-  Messages messages = read_json_file(path, "messages file");
-  if (!messages.is_array() || messages.empty())
-    throw Error("messages file " + path + " must hold a non-empty JSON array of messages");
+// A conversation's shape: a non-empty array of {"role": string, "content": ...}; `what` names it
+// in errors ("messages file F", "--batch F line N: \"messages\"").
+void check_messages(const Messages& messages, const std::string& what) {
+  if (!messages.is_array() || messages.empty()) throw Error(what + " must hold a non-empty JSON array of messages");
   for (size_t i = 0; i < messages.size(); ++i) {
     auto& m = messages[i];
     if (!m.is_object() || !m.contains("role") || !m["role"].is_string())
-      throw Error("messages file " + path + ": message " + std::to_string(i) + " needs a \"role\" string");
-    if (!m.contains("content")) throw Error("messages file " + path + ": message " + std::to_string(i) + " has no content");
+      throw Error(what + ": message " + std::to_string(i) + " needs a \"role\" string");
+    if (!m.contains("content")) throw Error(what + ": message " + std::to_string(i) + " has no content");
   }
+}
+
+// --messages FILE: a non-empty array of {"role": ..., "content": ...}.
+Messages read_messages_file(const std::string& path) {
+  Messages messages = read_json_file(path, "messages file");
+  check_messages(messages, "messages file " + path);
   return messages;
 }
 
-// Messages and their images from --messages FILE / --prompt TEXT and --image PATHs. The --image
-// files go, in order, to the conversation's {"type": "image"} parts and to the image
-// placeholders its text holds (Phi-3-Vision's documented "<|image_1|>\nWhat is shown?");
-// image_url parts carry their own image.
-void load_conversation(const Flags& f, const ModelConfig& cfg, Messages& messages, std::vector<Image>& images) {
-  const auto image_paths = f.all("image");
-  if (f.has("messages") == f.has("prompt")) throw UsageError("give exactly one of --prompt TEXT and --messages FILE");
-  if (f.has("prompt")) {
+// A conversation and its images: one user turn of `prompt` after an image part per path, or
+// `from`, whose {"type": "image"} parts and the image placeholders its text holds
+// (Phi-3-Vision's documented "<|image_1|>\nWhat is shown?") take the paths' images in order;
+// image_url parts carry their own image. `paths_from` names the paths in a count error.
+void make_conversation(const ModelConfig& cfg, const std::optional<std::string>& prompt, Messages from,
+                       const std::vector<std::string>& image_paths, const std::string& paths_from, Messages& messages,
+                       std::vector<Image>& images) {
+  if (prompt) {
     Messages content = Messages::array();
     for (auto& p : image_paths) {
       images.push_back(load_image_file(p));
       content.push_back({{"type", "image"}});
     }
-    content.push_back({{"type", "text"}, {"text", f.str("prompt")}});
+    content.push_back({{"type", "text"}, {"text", *prompt}});
     messages = Messages::array({Messages{{"role", "user"}, {"content", content}}});
     return;
   }
-  messages = read_messages_file(f.str("messages"));
+  messages = std::move(from);
   const auto slots = image_slots(cfg, messages);
-  const std::string why = check_supplied_images(slots, image_paths.size(), "--image gave");
+  const std::string why = check_supplied_images(slots, image_paths.size(), paths_from);
   if (!why.empty()) throw Error(why);
   std::vector<Image> files;
   for (auto& p : image_paths) files.push_back(load_image_file(p));
   images = conversation_images(slots, std::move(files), /*allow_files=*/true);
+}
+
+// Messages and their images from --messages FILE / --prompt TEXT and --image PATHs.
+void load_conversation(const Flags& f, const ModelConfig& cfg, Messages& messages, std::vector<Image>& images) {
+  if (f.has("messages") == f.has("prompt")) throw UsageError("give exactly one of --prompt TEXT and --messages FILE");
+  if (f.has("prompt")) make_conversation(cfg, f.str("prompt"), nullptr, f.all("image"), "--image gave", messages, images);
+  else make_conversation(cfg, std::nullopt, read_messages_file(f.str("messages")), f.all("image"), "--image gave", messages, images);
 }
 
 // --chat-template-kwargs '{"add_vision_id": true}': extra variables for the chat template.
@@ -222,8 +234,6 @@ ModelAndConversation load_model_and_conversation(const Flags& f) {
 // A generation as `generate --json` prints it (and `generate --batch`, one line per prompt).
 nlohmann::ordered_json result_json(const GenerationResult& r, const Session& session, bool rotating, bool speculative,
                                    int top_logits) {
-  const double prefill_tps = r.prefill_seconds > 0 ? double(r.prefill_tokens) / r.prefill_seconds : 0;
-  const double decode_tps = r.decode_seconds > 0 && r.tokens.size() > 1 ? double(r.tokens.size() - 1) / r.decode_seconds : 0;
   nlohmann::ordered_json j;
   j["prompt_tokens"] = r.prompt_tokens;
   j["tokens"] = r.tokens;
@@ -242,9 +252,9 @@ nlohmann::ordered_json result_json(const GenerationResult& r, const Session& ses
                   {"computed_prompt_tokens", r.prefill_tokens},
                   {"image_seconds", r.image_seconds},
                   {"prefill_seconds", r.prefill_seconds},
-                  {"prefill_tokens_per_second", prefill_tps},
+                  {"prefill_tokens_per_second", r.prefill_tokens_per_second()},
                   {"decode_seconds", r.decode_seconds},
-                  {"decode_tokens_per_second", decode_tps}};
+                  {"decode_tokens_per_second", r.decode_tokens_per_second()}};
   if (top_logits) {
     auto steps = nlohmann::ordered_json::array();
     for (auto& s : r.steps) {
@@ -272,7 +282,6 @@ int generate_batch(const Flags& f) {
   const int parallel = int(f.integer("parallel", 8, 1, 64));
   const std::string dir = model_folder(f);
   const nlohmann::json vars = template_vars(f);
-  const ModelConfig cfg = load_model_config(dir);
   auto ctx = make_context();
   Model model(*ctx, dir, load_options(f));
 
@@ -312,22 +321,10 @@ int generate_batch(const Flags& f) {
       std::vector<Image> images;
       if (j.contains("prompt")) {
         if (!j["prompt"].is_string()) throw Error("\"prompt\" must be a string");
-        Messages content = Messages::array();
-        for (const auto& p : paths) {
-          images.push_back(load_image_file(p));
-          content.push_back({{"type", "image"}});
-        }
-        content.push_back({{"type", "text"}, {"text", j["prompt"]}});
-        messages = Messages::array({Messages{{"role", "user"}, {"content", content}}});
+        make_conversation(model.config(), j["prompt"].get<std::string>(), nullptr, paths, "\"images\" gave", messages, images);
       } else {
-        messages = j["messages"];
-        if (!messages.is_array() || messages.empty()) throw Error("\"messages\" must be a non-empty list of messages");
-        const auto slots = image_slots(cfg, messages);
-        const std::string why = check_supplied_images(slots, paths.size(), "\"images\" gave");
-        if (!why.empty()) throw Error(why);
-        std::vector<Image> files;
-        for (const auto& p : paths) files.push_back(load_image_file(p));
-        images = conversation_images(slots, std::move(files), /*allow_files=*/true);
+        check_messages(j["messages"], "\"messages\"");
+        make_conversation(model.config(), std::nullopt, j["messages"], paths, "\"images\" gave", messages, images);
       }
       Item it;
       it.id = j.contains("id") ? j["id"] : nlohmann::ordered_json();
@@ -455,8 +452,6 @@ int cmd_generate(int argc, char** argv) {
   };
   GenerationResult r = session.generate(prompt, params, on_step, {}, spec);
   report_cache_use(cache_rows, r);
-  const double prefill_tps = r.prefill_seconds > 0 ? double(r.prefill_tokens) / r.prefill_seconds : 0;
-  const double decode_tps = r.decode_seconds > 0 && r.tokens.size() > 1 ? double(r.tokens.size() - 1) / r.decode_seconds : 0;
   if (json) {
     const auto j = result_json(r, session, f.has("max-kv-size"), spec.draft || params.lookup_ngram, params.top_logits);
     std::printf("%s\n", j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
@@ -464,7 +459,7 @@ int cmd_generate(int argc, char** argv) {
     std::printf("\n");
     if (f.has("verbose"))
       std::fprintf(stderr, "prompt %zu tokens (%.1f tok/s), generated %zu tokens (%.1f tok/s), finish: %s\n",
-                   r.prompt_tokens.size(), prefill_tps, r.tokens.size(), decode_tps, r.finish_reason.c_str());
+                   r.prompt_tokens.size(), r.prefill_tokens_per_second(), r.tokens.size(), r.decode_tokens_per_second(), r.finish_reason.c_str());
   }
   return 0;
 }

@@ -104,17 +104,6 @@ json logprob_entry(const Tokenizer& tok, int32_t id, float logprob, const std::s
   return json{{"token", t}, {"logprob", logprob}, {"bytes", bytes}};
 }
 
-// The "model" a request body names ("" when none, or when the body is not JSON: the full
-// parse reports that).
-std::string requested_model(const std::string& body) {
-  try {
-    const json j = json::parse(body);
-    if (j.is_object() && j.contains("model") && j["model"].is_string()) return j["model"].get<std::string>();
-  } catch (const std::exception&) {
-  }
-  return "";
-}
-
 class Server {
  public:
   explicit Server(Options o) : opt_(std::move(o)) {
@@ -261,7 +250,7 @@ class Server {
     std::unique_ptr<Model> draft;                          // --draft-model, if any
     std::vector<std::unique_ptr<Session>> draft_sessions;  // one per slot, beside sessions
     std::vector<uint64_t> cache_keys;                      // the prompt cache's rows (empty: none)
-    std::vector<uint64_t> last_used;                       // per slot (under the GPU turn)
+    std::vector<uint64_t> last_used;                       // per slot (scheduler thread)
     uint64_t use_clock = 0, kv_bytes = 0;
   };
   struct Served {
@@ -292,7 +281,7 @@ class Server {
     return L;
   }
 
-  // Loads a model that is not loaded (with the GPU to itself: at startup, or in a GPU turn),
+  // Loads a model that is not loaded (with the GPU to itself: at startup, or on the scheduler thread),
   // unloading the least recently used others when --max-loaded would be exceeded, or when the
   // device has no room for it. Throws a 503 naming the model when it cannot be loaded.
   std::shared_ptr<Loaded> ensure_loaded(Served& s) {
@@ -518,8 +507,8 @@ class Server {
     metrics_.draft_tokens += uint64_t(r.draft_tokens);
     metrics_.accepted_tokens += uint64_t(r.accepted_tokens);
     if (r.finish_reason == "cancelled") ++metrics_.cancelled;
-    if (r.prefill_seconds > 0) metrics_.prefill_tps = double(r.prefill_tokens) / r.prefill_seconds;
-    if (r.decode_seconds > 0 && r.tokens.size() > 1) metrics_.decode_tps = double(r.tokens.size() - 1) / r.decode_seconds;
+    if (const double tps = r.prefill_tokens_per_second(); tps > 0) metrics_.prefill_tps = tps;
+    if (const double tps = r.decode_tokens_per_second(); tps > 0) metrics_.decode_tps = tps;
   }
 
   // Holds an admission slot for the whole request.
@@ -761,9 +750,11 @@ class Server {
       if (metrics_.in_flight > opt_.max_concurrency)
         throw ApiError(429, "the server is busy (" + std::to_string(opt_.max_concurrency) + " requests in flight); retry later",
                        "rate_limit_exceeded", "", "server_busy");
-      // The model the request names (unknown: 404), loaded first if it is not (in a GPU turn: the
+      // The model the request names (unknown: 404), loaded first if it is not (on the scheduler thread: the
       // request waits for it, as for a generation).
-      Served& served = *models_[find_model(requested_model(req.body))];
+      const json body = parse_request_body(req.body);
+      const auto named = body.find("model");
+      Served& served = *models_[find_model(named != body.end() && named->is_string() ? named->get<std::string>() : "")];
       std::shared_ptr<Loaded> loaded;
       {
         std::lock_guard<std::mutex> l(models_mu_);
@@ -782,7 +773,7 @@ class Server {
       }
       const ServedModelOptions& spec = served.spec;
       Loaded& L = *loaded;
-      ChatRequest r = parse_chat_request(req.body, request_limits(spec, L));
+      ChatRequest r = parse_chat_request(body, request_limits(spec, L));
       Prompt prompt;
       try {
         prompt = L.model->build_prompt(r.messages, r.images, r.template_vars);

@@ -93,8 +93,7 @@ int run(int argc, char** argv) {
       std::unique_ptr<Session> ds;
       if (drafter) ds = std::make_unique<Session>(*drafter, context);
       const GenerationResult g = s.generate(prompt, p, {}, {}, {ds.get(), drafter ? &draft_prompt : nullptr});
-      if (g.decode_seconds > 0 && g.tokens.size() > 1)
-        m.decode_tps = std::max(m.decode_tps, double(g.tokens.size() - 1) / g.decode_seconds);
+      m.decode_tps = std::max(m.decode_tps, g.decode_tokens_per_second());
       m.drafted = g.draft_tokens;
       m.accepted = g.accepted_tokens;
       if (reference.empty()) reference = g.tokens;

@@ -145,7 +145,6 @@ void LanguageModel::embed(gpu::Recorder& rec, const Tensor& ids, int64_t offset,
 
 void LanguageModel::forward(gpu::Recorder& rec, const KvCache& cache, const Mat& x, const ForwardRows& rows,
                             const Tensor& rope_table, const Mat* logits) const {
-  if (rows.rotating && x.rows != 1) fail("internal: a rotating cache decodes one row at a time");
   run_layers(rec, {Span{&cache, &rows, &rope_table, 0, x.rows}}, x, rows.as_decode_steps, logits);
 }
 

@@ -62,6 +62,13 @@ struct GenerationResult {
   int64_t accepted_tokens = 0;         // of those, the ones the model accepted
   double prefill_seconds = 0, decode_seconds = 0, image_seconds = 0;
   std::vector<StepOutput> steps;
+
+  // Computed prompt tokens per second, and generated tokens per second after the first (0 where
+  // there was none).
+  double prefill_tokens_per_second() const { return prefill_seconds > 0 ? double(prefill_tokens) / prefill_seconds : 0; }
+  double decode_tokens_per_second() const {
+    return decode_seconds > 0 && tokens.size() > 1 ? double(tokens.size() - 1) / decode_seconds : 0;
+  }
 };
 
 // Called after each generated token; returning false stops generation ("cancelled").

@@ -782,6 +782,7 @@ TEST(Cli, WrongInputsGetOneClearLine) {
   std::ofstream(tmp("bad.json")) << "[{\"role\": \"user\", \"content\": ";
   std::ofstream(tmp("remote.json")) << R"([{"role":"user","content":[{"type":"image_url","image_url":{"url":"https://example.com/a.png"}},{"type":"text","text":"hi"}]}])";
   std::ofstream(tmp("noimage.json")) << R"([{"role":"user","content":[{"type":"text","text":"hi"}]}])";
+  std::ofstream(tmp("norole.jsonl")) << R"({"prompt": "hi"})" << "\n" << R"({"messages": [{"content": "hi"}]})" << "\n";
   std::ofstream(tmp("turns.json")) << R"([{"role":"user","content":"caption en"},{"role":"assistant","content":"a cat"},
                                           {"role":"user","content":"caption es"}])";
   const std::string pali = fixtures_dir() + "/paligemma-bf16";
@@ -820,6 +821,7 @@ TEST(Cli, WrongInputsGetOneClearLine) {
       {{"generate", "--batch", tmp("bad.json")}, 1, {"bad.json", "line 1", "not valid JSON"}},
       {{"generate", "--batch", tmp("noimage.json")}, 1, {"noimage.json", "line 1", "JSON object"}},
       {{"generate", "--batch", tmp("missing.jsonl")}, 1, {"missing.jsonl"}},
+      {{"generate", "--batch", tmp("norole.jsonl")}, 1, {"norole.jsonl", "line 2", "message 0", "\"role\" string"}},
       {{"generate", "--batch", tmp("noimage.json"), "--prompt", "x"}, 2, {"--batch", "--prompt"}},
       {{"generate", "--prompt", "x", "--parallel", "2"}, 2, {"--parallel", "--batch"}},
       {{"serve", "--config", tmp("bad.json"), "--port", "1"}, 1, {"server config", "bad.json", "not valid JSON"}},

@@ -153,8 +153,9 @@ TEST_P(QuantizedKvFixture, EightBitsKeepTheClearGreedyTokens) {
       SCOPED_TRACE(case_name + " " + kv.describe());
       const Agreement a = against_float_reference(name, case_name, run_case(name, case_name, kv));
       // A clear miss is allowed only where the quantized reference (checked above) makes it too.
-      if (bits == 8 && !std::filesystem::exists(reference_file(name, case_name, kv)))
+      if (bits == 8 && !std::filesystem::exists(reference_file(name, case_name, kv))) {
         EXPECT_FALSE(a.clear_miss) << "diverged from the reference at step " << a.steps;
+      }
       agree += a.steps;
       total += kSteps;
       worst = std::max(worst, a.max_logit_error);
