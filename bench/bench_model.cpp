@@ -41,20 +41,25 @@ struct Shape {
   int heads, kv_heads, head_dim;  // head_dim 0: hidden / heads
   int64_t vocab;
   bool tied;
+  bool fused;     // one qkv_proj and one gate_up_proj per layer (Phi-3's checkpoints)
+  bool qkv_bias;  // q/k/v projections with biases (Qwen2's)
   int image_tokens;  // one typical image's rows in the prompt
   const char* note;
 };
 
 const std::vector<Shape>& shapes() {
   static const std::vector<Shape> s = {
-      {"llava-1.5-7b", "llama", 32, 4096, 11008, 32, 32, 0, 32064, false, 576, "Vicuna-7B decoder; 576 rows per image"},
-      {"llava-v1.6-mistral-7b", "mistral", 32, 4096, 14336, 32, 8, 0, 32064, false, 2160,
+      {"llava-1.5-7b", "llama", 32, 4096, 11008, 32, 32, 0, 32064, false, false, false, 576,
+       "Vicuna-7B decoder; 576 rows per image"},
+      {"llava-v1.6-mistral-7b", "mistral", 32, 4096, 14336, 32, 8, 0, 32064, false, false, false, 2160,
        "Mistral-7B decoder; about 2160 rows for a 672x672 image (any-res)"},
-      {"phi-3-vision", "phi3", 32, 3072, 8192, 32, 32, 0, 32064, false, 757, "Phi-3-mini decoder (fused qkv, gate_up)"},
-      {"qwen2-vl-2b", "qwen2", 28, 1536, 8960, 12, 2, 0, 151936, true, 256,
+      {"phi-3-vision", "phi3", 32, 3072, 8192, 32, 32, 0, 32064, false, true, false, 757,
+       "Phi-3-mini decoder (fused qkv, gate_up)"},
+      {"qwen2-vl-2b", "qwen2", 28, 1536, 8960, 12, 2, 0, 151936, true, false, true, 256,
        "Qwen2-1.5B decoder (q/k/v biases, tied head); 256 rows for 448x448"},
-      {"paligemma-3b", "gemma", 18, 2048, 16384, 8, 1, 256, 257216, true, 256, "Gemma-2B decoder; 256 rows at 224"},
-      {"tiny", "llama", 8, 1024, 2816, 16, 4, 0, 32000, false, 64, "a small Llama for CPU devices"},
+      {"paligemma-3b", "gemma", 18, 2048, 16384, 8, 1, 256, 257216, true, false, false, 256,
+       "Gemma-2B decoder; 256 rows at 224"},
+      {"tiny", "llama", 8, 1024, 2816, 16, 4, 0, 32000, false, false, false, 64, "a small Llama for CPU devices"},
   };
   return s;
 }
@@ -132,14 +137,14 @@ std::shared_ptr<const TensorStore> random_weights(const Shape& s) {
     const std::string p = "model.layers." + std::to_string(l) + ".";
     list.push_back({p + "input_layernorm.weight", {E}});
     list.push_back({p + "post_attention_layernorm.weight", {E}});
-    if (std::string(s.model_type) == "phi3") {
+    if (s.fused) {
       list.push_back({p + "self_attn.qkv_proj.weight", {qd + 2 * kvd, E}});
       list.push_back({p + "mlp.gate_up_proj.weight", {2 * I, E}});
     } else {
       list.push_back({p + "self_attn.q_proj.weight", {qd, E}});
       list.push_back({p + "self_attn.k_proj.weight", {kvd, E}});
       list.push_back({p + "self_attn.v_proj.weight", {kvd, E}});
-      if (std::string(s.model_type) == "qwen2") {
+      if (s.qkv_bias) {
         list.push_back({p + "self_attn.q_proj.bias", {qd}});
         list.push_back({p + "self_attn.k_proj.bias", {kvd}});
         list.push_back({p + "self_attn.v_proj.bias", {kvd}});
@@ -213,16 +218,8 @@ struct Decode {
 };
 
 int run(const Options& o) {
-  gpu::Context ctx(gpu::Device::create());
-  const auto& prof = ctx.profile();
-  const double bw = copy_bandwidth(ctx, o.quick ? (64ull << 20) : (512ull << 20));
-
-  // The model: a shape's random weights, or a checkpoint.
-  ShapeFolder folder;
+  // The preset first: a name it does not have is an error before the device starts.
   const Shape* shape = nullptr;
-  LoadOptions load;
-  if (o.weights != "f16") load.quantize = o.weights;
-  std::string dir;
   if (!o.shape.empty()) {
     for (const auto& s : shapes())
       if (o.shape == s.name) shape = &s;
@@ -231,6 +228,17 @@ int run(const Options& o) {
       for (const auto& s : shapes()) names += std::string(names.empty() ? "" : ", ") + s.name;
       fail("--model-shape '", o.shape, "' is not one of ", names);
     }
+  }
+  gpu::Context ctx(gpu::Device::create());
+  const auto& prof = ctx.profile();
+  const double bw = copy_bandwidth(ctx, o.quick ? (64ull << 20) : (512ull << 20));
+
+  // The model: a shape's random weights, or a checkpoint.
+  ShapeFolder folder;
+  LoadOptions load;
+  if (o.weights != "f16") load.quantize = o.weights;
+  std::string dir;
+  if (shape) {
     folder.dir = fs::temp_directory_path() / ("vkvlm-bench-shape-" + std::to_string(::getpid()));
     write_shape_folder(*shape, folder.dir);
     dir = folder.dir.string();
