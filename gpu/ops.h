@@ -47,13 +47,19 @@ struct Weight {
 // Which variant a kernel runs. The default lets the device profile decide; tests force each one.
 struct Variant {
   bool subgroup = true;  // use subgroup operations where the device has them
-  enum class Matmul { Auto, Gemv, Gemm, Coopmat } matmul = Matmul::Auto;
+  // Lanes: one output column per invocation, x read at addresses shared by the workgroup; what
+  // CPU devices get by default (see matmul_lanes.comp), any M.
+  enum class Matmul { Auto, Gemv, Gemm, Coopmat, Lanes } matmul = Matmul::Auto;
   enum class Attention { Auto, Tiled, Rows } attention = Attention::Auto;
   uint32_t keys_per_split = 0;  // attention rows path: keys per workgroup (0: automatic)
 };
 
 void matmul(Recorder& rec, const Mat& x, const Weight& w, const Tensor* bias, const Mat& y, bool accumulate = false,
             const Variant& v = {});
+// The product a one-row decode step gets on this device (Lanes on CPU devices, else Gemv). Both
+// compute each row independently of the others, so rows computed together with it forced give
+// the bits a one-row step gives.
+Variant::Matmul decode_matmul(Context& ctx);
 // Whether the cooperative-matrix GEMM runs on this device: the driver offers 16x16x16 f16
 // products on subgroups of 32, and a first product agreed with the tiled GEMM (checked once per
 // context, so a driver or kernel fault falls back instead of giving wrong answers).

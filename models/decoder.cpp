@@ -201,7 +201,7 @@ void LanguageModel::run_layers(gpu::Recorder& rec, const std::vector<Span>& span
   }
   gpu::Variant var;
   if (as_decode_steps) {
-    var.matmul = gpu::Variant::Matmul::Gemv;
+    var.matmul = gpu::decode_matmul(rec.context());
     var.attention = gpu::Variant::Attention::Rows;
   }
 

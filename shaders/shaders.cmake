@@ -33,6 +33,8 @@ foreach(w f32 f16 bf16 q4 q8)
   vkvlm_shader(gemm_${w}_x32 gemm.comp W_${W} X_F32)
   vkvlm_shader(gemm_${w}_x16 gemm.comp W_${W} X_F16)
   vkvlm_shader(gemm_coopmat_${w} gemm_coopmat.comp W_${W})
+  vkvlm_shader(matmul_lanes_${w}_x32 matmul_lanes.comp W_${W} X_F32)
+  vkvlm_shader(matmul_lanes_${w}_x16 matmul_lanes.comp W_${W} X_F16)
 endforeach()
 
 # Normalization.

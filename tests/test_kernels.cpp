@@ -35,7 +35,8 @@ struct MatmulCase {
 std::string matmul_name(const testing::TestParamInfo<MatmulCase>& info) {
   const auto& c = info.param;
   std::ostringstream os;
-  os << (c.path == Variant::Matmul::Gemv ? "gemv" : "gemm") << "_" << gpu::weight_format_name(c.format);
+  os << (c.path == Variant::Matmul::Gemv ? "gemv" : c.path == Variant::Matmul::Lanes ? "lanes" : "gemm") << "_"
+     << gpu::weight_format_name(c.format);
   if (c.format == WeightFormat::Q4 || c.format == WeightFormat::Q8) os << "_g" << c.group << (c.scales_bf16 ? "_bf16s" : "");
   os << "_" << c.M << "x" << c.N << "x" << c.K << (c.bias ? "_bias" : "") << (c.accumulate ? "_acc" : "");
   return os.str();
@@ -88,7 +89,7 @@ std::vector<MatmulCase> matmul_cases() {
   const std::vector<std::array<int64_t, 3>> float_shapes = {{1, 67, 17}, {3, 67, 96}, {8, 130, 128}, {17, 67, 17},
                                                            {33, 129, 200}, {1, 32064, 64}};
   const std::vector<std::array<int64_t, 3>> quant_shapes = {{1, 67, 128}, {3, 65, 256}, {17, 67, 128}, {70, 33, 384}};
-  for (auto path : {Variant::Matmul::Gemv, Variant::Matmul::Gemm}) {
+  for (auto path : {Variant::Matmul::Gemv, Variant::Matmul::Gemm, Variant::Matmul::Lanes}) {
     for (auto f : {WeightFormat::F32, WeightFormat::F16, WeightFormat::BF16})
       for (auto s : float_shapes) out.push_back({f, 0, false, s[0], s[1], s[2], path, s[0] == 3, s[0] == 17});
     for (auto f : {WeightFormat::Q4, WeightFormat::Q8})
@@ -107,7 +108,7 @@ TEST(MatmulViews, GemvAndGemmOnSubMatrices) {
   auto big = random_floats(10 * 50, 11);
   Tensor xt = upload_f32(big, {10, 50});
   Mat x = Mat::of(xt).row_range(2, 5).col_range(3, 24);  // [5, 24] at stride 50
-  for (auto path : {Variant::Matmul::Gemv, Variant::Matmul::Gemm}) {
+  for (auto path : {Variant::Matmul::Gemv, Variant::Matmul::Gemm, Variant::Matmul::Lanes}) {
     Tensor yt = poisoned_f32({5, 60});
     Mat y = Mat::of(yt).col_range(10, 40);
     Variant v;
@@ -126,6 +127,40 @@ TEST(MatmulViews, GemvAndGemmOnSubMatrices) {
     EXPECT_LE(nmse(g, want), kTolF32);
     // Columns outside the view stay untouched (still NaN).
     EXPECT_TRUE(std::isnan(got[0]) && std::isnan(got[59]));
+  }
+}
+
+// A row's product must not depend on how many rows it is computed with: batched decode and
+// speculative verification compare bit for bit against one-row decode steps.
+TEST(MatmulRows, ARowsResultDoesNotDependOnM) {
+  for (auto format : {WeightFormat::F16, WeightFormat::Q4, WeightFormat::Q8}) {
+    auto tw = make_weight(format, 300, 256, 21);
+    auto xv = random_floats(size_t(20 * 256), 4);
+    Tensor x = upload_f32(xv, {20, 256});
+    for (auto path : {Variant::Matmul::Gemv, Variant::Matmul::Lanes}) {
+      Variant v;
+      v.matmul = path;
+      Tensor one = poisoned_f32({1, 300});
+      run([&](gpu::Recorder& rec) { gpu::matmul(rec, Mat::of(x).row_range(2, 1), tw.w, nullptr, Mat::of(one), false, v); });
+      const auto want = ctx().read<float>(one);
+      // The same row at an offset that rules out vector loads of x.
+      {
+        std::vector<float> shifted(size_t(257), 0.0f);
+        std::copy(xv.begin() + 2 * 256, xv.begin() + 3 * 256, shifted.begin() + 1);
+        Tensor xs = upload_f32(shifted, {1, 257});
+        Tensor y1 = poisoned_f32({1, 300});
+        run([&](gpu::Recorder& rec) { gpu::matmul(rec, Mat::of(xs).col_range(1, 256), tw.w, nullptr, Mat::of(y1), false, v); });
+        const auto got = ctx().read<float>(y1);
+        EXPECT_EQ(got, want) << gpu::weight_format_name(format) << (path == Variant::Matmul::Lanes ? " lanes" : " gemv") << " unaligned x";
+      }
+      for (int64_t rows : {3, 4, 8, path == Variant::Matmul::Lanes ? 20 : 5}) {
+        Tensor many = poisoned_f32({rows, 300});
+        run([&](gpu::Recorder& rec) { gpu::matmul(rec, Mat::of(x).row_range(0, rows), tw.w, nullptr, Mat::of(many), false, v); });
+        const auto got = ctx().read<float>(many);
+        EXPECT_TRUE(std::equal(want.begin(), want.end(), got.begin() + 2 * 300))
+            << gpu::weight_format_name(format) << (path == Variant::Matmul::Lanes ? " lanes" : " gemv") << " rows=" << rows;
+      }
+    }
   }
 }
 
@@ -158,15 +193,19 @@ TEST(LargeTensor, EmbeddingAndGemvBeyondBindingLimit) {
 
   auto xv = random_floats(size_t(K), 8);
   Tensor x = upload_f32(xv, {1, K});
-  Tensor y = poisoned_f32({1, N});
-  run([&](gpu::Recorder& rec) { gpu::matmul(rec, Mat::of(x), w, nullptr, Mat::of(y)); });
   std::vector<double> ref(static_cast<size_t>(N));
   for (int64_t n = 0; n < N; ++n) {
     double s = 0;
     for (int64_t k = 0; k < K; ++k) s += double(xv[size_t(k)]) * f16_to_f32(h[size_t(n * K + k)]);
     ref[size_t(n)] = s;
   }
-  EXPECT_LE(nmse(ctx().read<float>(y), ref), kTolF32);
+  for (auto path : {Variant::Matmul::Gemv, Variant::Matmul::Lanes}) {
+    Tensor y = poisoned_f32({1, N});
+    Variant v;
+    v.matmul = path;
+    run([&](gpu::Recorder& rec) { gpu::matmul(rec, Mat::of(x), w, nullptr, Mat::of(y), false, v); });
+    EXPECT_LE(nmse(ctx().read<float>(y), ref), kTolF32) << (path == Variant::Matmul::Lanes ? "lanes" : "gemv");
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
