@@ -157,7 +157,8 @@ void Bench::run() {
       auto x = random_tensor(gpu::DType::F32, {1, k});
       auto y = ctx_.tensor(gpu::DType::F32, {1, n}, "y");
       double s = time([&](gpu::Recorder& rec) { gpu::matmul(rec, Mat::of(x), w, nullptr, Mat::of(y)); });
-      add({name, dims({1, n, k}), "gemv", s * 1e6, double(w.bytes() + x.bytes() + y.bytes()), 2.0 * n * k});
+      const char* variant = gpu::decode_matmul(ctx_) == gpu::Variant::Matmul::Lanes ? "lanes" : "gemv";
+      add({name, dims({1, n, k}), variant, s * 1e6, double(w.bytes() + x.bytes() + y.bytes()), 2.0 * n * k});
     }
   }
   // Prefill / vision products: CLIP-L MLP over 577 tokens, and a 512-token LM projection.
@@ -173,7 +174,9 @@ void Bench::run() {
     auto x = random_tensor(gpu::DType::F32, {c.m, c.k});
     auto y = ctx_.tensor(gpu::DType::F32, {c.m, c.n}, "y");
     double s = time([&](gpu::Recorder& rec) { gpu::matmul(rec, Mat::of(x), w, nullptr, Mat::of(y)); });
-    const char* variant = gpu::coopmat_usable(ctx_) ? "coopmat" : "tiled";
+    const char* variant = gpu::decode_matmul(ctx_) == gpu::Variant::Matmul::Lanes ? "lanes"
+                          : gpu::coopmat_usable(ctx_)                               ? "coopmat"
+                                                                                    : "tiled";
     add({name, dims({c.m, c.n, c.k}), variant, s * 1e6, double(w.bytes() + x.bytes() + y.bytes()), 2.0 * c.m * c.n * c.k});
   }
   // Attention, Llama-7B heads (32 x 128): decode at contexts 1, 512, 4096, and a 512-token prefill.
