@@ -4,10 +4,10 @@
 // On a CPU driver (lavapipe) a subgroup is the SIMD lanes of one core, and a load whose address
 // differs between lanes is issued lane by lane, component by component, while a load whose
 // address is the same for every lane is one scalar load broadcast to all. So here each
-// invocation owns one output column n and walks all of k alone, reading its weight row in
-// 16-byte loads, while every x element it multiplies is read at an address that is the same for
-// the whole workgroup. No cross-lane reduction is needed. An invocation takes COLS columns
-// (COLS * local size apart), so each x load serves COLS products; and each workgroup takes NX
+// invocation owns COLS output columns (local size apart) and walks all of k alone, reading their
+// weight rows in 16-byte loads, while every x element it multiplies is read at an address that is
+// the same for the whole workgroup. No cross-lane reduction is needed. Each x load serves COLS
+// products, and each workgroup takes NX
 // rows of x (gl_WorkGroupID.z picks which NX), so each weight load serves NX products. Larger M
 // is covered by more z groups, which makes this one kernel the CPU's GEMV and GEMM.
 //
@@ -23,12 +23,12 @@
 #include "common.glsl"
 
 layout(local_size_x_id = 0) in;
-layout(constant_id = 1) const uint NX = 1;    // rows of x per workgroup, 1..8
-layout(constant_id = 4) const uint COLS = 1;  // output columns per invocation, 1..4
+layout(constant_id = 1) const uint NX = 1;  // rows of x per workgroup, 1..8
 layout(constant_id = 2) const bool SCALES_BF16 = false;
 // x rows start 16-byte aligned (x_off and x_stride multiples of 4): vec4 loads. A constant, not
 // a flag: a branch on a CPU device runs both sides under a mask.
 layout(constant_id = 3) const bool X_VEC4 = false;
+layout(constant_id = 4) const uint COLS = 1;  // output columns per invocation, 1..4
 
 layout(push_constant) uniform Params {
   uint M, N, K;
@@ -75,6 +75,12 @@ const uint CHUNK = 8;
 #endif
 #endif
 const uint QUADS = CHUNK / 4;
+// Units of w_off / w_stride (f32 values, halves or quantized words) per 16-byte load.
+#if defined(W_F32) || defined(QUANTIZED)
+const uint W_UNITS_PER_LOAD = 4;
+#else
+const uint W_UNITS_PER_LOAD = 8;
+#endif
 layout(binding = 4) readonly buffer BiasBuf { float bias[]; };
 layout(binding = 5) buffer YBuf { float ys[]; };
 
@@ -142,15 +148,7 @@ void main() {
       }
       for (uint c = g * chunks_per_group; c < (g + 1) * chunks_per_group; ++c) {
         uvec4 v[COLS];
-        [[unroll]] for (uint j = 0; j < COLS; ++j) {
-#if defined(W_F32)
-          v[j] = ws4[(p.w_off + ncol[j] * p.w_stride) / 4 + c];
-#elif defined(QUANTIZED)
-          v[j] = ws4[(p.w_off + ncol[j] * p.w_stride) / 4 + c];
-#else
-          v[j] = ws4[(p.w_off + ncol[j] * p.w_stride) / 8 + c];
-#endif
-        }
+        [[unroll]] for (uint j = 0; j < COLS; ++j) v[j] = ws4[(p.w_off + ncol[j] * p.w_stride) / W_UNITS_PER_LOAD + c];
         [[unroll]] for (uint q = 0; q < QUADS; ++q) {
           vec4 w[COLS];
           [[unroll]] for (uint j = 0; j < COLS; ++j) w[j] = quad_of(v[j], q, sc[j], bi[j]);

@@ -32,11 +32,14 @@ struct MatmulCase {
   bool bias, accumulate;
 };
 
+const char* path_name(Variant::Matmul path) {
+  return path == Variant::Matmul::Gemv ? "gemv" : path == Variant::Matmul::Lanes ? "lanes" : "gemm";
+}
+
 std::string matmul_name(const testing::TestParamInfo<MatmulCase>& info) {
   const auto& c = info.param;
   std::ostringstream os;
-  os << (c.path == Variant::Matmul::Gemv ? "gemv" : c.path == Variant::Matmul::Lanes ? "lanes" : "gemm") << "_"
-     << gpu::weight_format_name(c.format);
+  os << path_name(c.path) << "_" << gpu::weight_format_name(c.format);
   if (c.format == WeightFormat::Q4 || c.format == WeightFormat::Q8) os << "_g" << c.group << (c.scales_bf16 ? "_bf16s" : "");
   os << "_" << c.M << "x" << c.N << "x" << c.K << (c.bias ? "_bias" : "") << (c.accumulate ? "_acc" : "");
   return os.str();
@@ -151,14 +154,14 @@ TEST(MatmulRows, ARowsResultDoesNotDependOnM) {
         Tensor y1 = poisoned_f32({1, 300});
         run([&](gpu::Recorder& rec) { gpu::matmul(rec, Mat::of(xs).col_range(1, 256), tw.w, nullptr, Mat::of(y1), false, v); });
         const auto got = ctx().read<float>(y1);
-        EXPECT_EQ(got, want) << gpu::weight_format_name(format) << (path == Variant::Matmul::Lanes ? " lanes" : " gemv") << " unaligned x";
+        EXPECT_EQ(got, want) << gpu::weight_format_name(format) << " " << path_name(path) << " unaligned x";
       }
       for (int64_t rows : {3, 4, 8, path == Variant::Matmul::Lanes ? 20 : 5}) {
         Tensor many = poisoned_f32({rows, 300});
         run([&](gpu::Recorder& rec) { gpu::matmul(rec, Mat::of(x).row_range(0, rows), tw.w, nullptr, Mat::of(many), false, v); });
         const auto got = ctx().read<float>(many);
         EXPECT_TRUE(std::equal(want.begin(), want.end(), got.begin() + 2 * 300))
-            << gpu::weight_format_name(format) << (path == Variant::Matmul::Lanes ? " lanes" : " gemv") << " rows=" << rows;
+            << gpu::weight_format_name(format) << " " << path_name(path) << " rows=" << rows;
       }
     }
   }
@@ -204,7 +207,7 @@ TEST(LargeTensor, EmbeddingAndGemvBeyondBindingLimit) {
     Variant v;
     v.matmul = path;
     run([&](gpu::Recorder& rec) { gpu::matmul(rec, Mat::of(x), w, nullptr, Mat::of(y), false, v); });
-    EXPECT_LE(nmse(ctx().read<float>(y), ref), kTolF32) << (path == Variant::Matmul::Lanes ? "lanes" : "gemv");
+    EXPECT_LE(nmse(ctx().read<float>(y), ref), kTolF32) << path_name(path);
   }
 }
 
