@@ -1,0 +1,798 @@
+"""`vkvlm serve` driven by the official OpenAI Python client: answers equal `vkvlm generate` (and
+the demo model's reference answers), streaming, images, multi-turn KV reuse, concurrency, every
+error case in OpenAI's shape, and a client that disconnects mid-stream.
+
+CTest runs it from the virtual environment `scripts/setup --tests` makes (build/test-venv),
+with VKVLM_CLI and VKVLM_SOURCE_DIR set.
+"""
+
+import base64
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import struct
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import openai
+import pytest
+
+CLI = os.environ.get("VKVLM_CLI")
+SRC = os.environ.get("VKVLM_SOURCE_DIR")
+assert CLI and SRC, "VKVLM_CLI and VKVLM_SOURCE_DIR must be set (CTest sets them)"
+DEMO = Path(SRC) / "models/shapes-llava"
+FIXTURE = Path(SRC) / "tests/data/fixtures/llava15-f16"
+KEY = "test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+JSON_AUTH = {**AUTH, "Content-Type": "application/json"}
+EXAMPLES = json.loads((DEMO / "examples/expected.json").read_text())["examples"]
+
+
+@pytest.fixture(scope="module")
+def tmp():
+    with tempfile.TemporaryDirectory(prefix="vkvlm-server-test-") as d:
+        yield Path(d)
+
+
+# ---- plain HTTP, for what the client does not send: raw bodies, other headers, /metrics ---------
+
+class Reply:
+    def __init__(self, status, headers, body):
+        self.status, self.headers, self.body = status, headers, body
+
+    def json(self):
+        return json.loads(self.body)
+
+    @property
+    def text(self):
+        return self.body.decode("utf-8", "replace")
+
+
+def request(port, method, path, body=None, headers=None, timeout=120):
+    """One HTTP exchange; the reply whatever its status."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        if isinstance(body, str):
+            body = body.encode()
+        conn.request(method, path, body=body, headers=headers or {})
+        r = conn.getresponse()
+        return Reply(r.status, dict(r.getheaders()), r.read())
+    finally:
+        conn.close()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, proc, port):
+        self.proc, self.port = proc, port
+        self.base = f"http://127.0.0.1:{port}"
+        self.client = openai.OpenAI(api_key=KEY, base_url=f"{self.base}/v1", max_retries=0, timeout=600)
+
+    def get(self, path, headers=None):
+        return request(self.port, "GET", path, headers=headers)
+
+    def post(self, path, body, headers=None):
+        return request(self.port, "POST", path, body=body, headers=headers)
+
+    def metric(self, name, headers=AUTH):
+        """A counter or gauge of /metrics, by its full name."""
+        text = self.get("/metrics", headers).text
+        m = re.search(rf"^{re.escape(name)} (\d+)$", text, re.M)
+        assert m, f"{name} not in /metrics:\n{text}"
+        return int(m.group(1))
+
+    def stop(self):
+        """SIGTERM; the exit status."""
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError("the server did not exit within 60 s of SIGTERM")
+
+
+def start_server(model, *extra):
+    port = free_port()
+    proc = subprocess.Popen([CLI, "serve", "--model", str(model), "--port", str(port), "--api-key", KEY,
+                             *map(str, extra)], stdin=subprocess.DEVNULL)
+    server = Server(proc, port)
+    for _ in range(600):
+        if proc.poll() is not None:
+            raise AssertionError(f"vkvlm serve exited with {proc.returncode} before it was healthy")
+        try:
+            r = server.get("/health")
+            if r.status == 503:
+                assert r.json()["status"] == "loading"
+            elif r.status == 200:
+                assert r.json()["status"] == "ok"
+                return server
+        except OSError:
+            pass  # not listening yet
+        time.sleep(0.1)
+    proc.kill()
+    raise AssertionError(f"server on {server.base} never became healthy")
+
+
+class running:
+    """`with running(model, flags...) as s:` a server stopped on the way out."""
+
+    def __init__(self, model, *extra):
+        self.args = (model, *extra)
+
+    def __enter__(self):
+        self.server = start_server(*self.args)
+        return self.server
+
+    def __exit__(self, *exc):
+        self.server.stop()
+
+
+def png(name):
+    return "data:image/png;base64," + base64.b64encode((DEMO / "examples" / name).read_bytes()).decode()
+
+
+def image_message(name, text):
+    return {"role": "user", "content": [{"type": "image_url", "image_url": {"url": png(name)}},
+                                        {"type": "text", "text": text}]}
+
+
+def generate(tmp, model, messages, *extra):
+    """What `vkvlm generate` answers for the same conversation (greedy)."""
+    file = tmp / f"messages-{uuid.uuid4().hex}.json"
+    file.write_text(json.dumps(messages))
+    out = subprocess.run([CLI, "generate", "--model", str(model), "--messages", str(file), "--json", *extra],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out)
+
+
+def error_of(call):
+    """The API error a call raises; failing the test when it succeeds."""
+    with pytest.raises(openai.APIStatusError) as e:
+        call()
+    return e.value
+
+
+def assert_openai_error(body, param=None):
+    assert "error" in body, f"no error object in {body}"
+    for k in ("message", "type", "param", "code"):
+        assert k in body["error"], f"error.{k} missing in {body}"
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    if param is not None:
+        assert body["error"]["param"] == param
+
+
+def stream_text(stream):
+    """The content of a streamed answer."""
+    text = ""
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            text += chunk.choices[0].delta.content
+    return text
+
+
+def chat(client, messages, **kw):
+    """A greedy chat completion; extensions (ignore_eos, lookup_ngram, ...) in extra_body."""
+    known = {"model", "max_tokens", "stream", "stream_options", "logprobs", "top_logprobs", "temperature"}
+    extra = {k: kw.pop(k) for k in list(kw) if k not in known}
+    kw.setdefault("model", "shapes-llava")
+    kw.setdefault("temperature", 0)
+    return client.chat.completions.create(messages=messages, extra_body=extra or None, **kw)
+
+
+@pytest.fixture(scope="module")
+def demo():
+    s = start_server(DEMO, "--ctx", 1024, "--max-images", 2, "--max-body-mb", 2,
+                     "--allow-local-files", DEMO / "examples", "--kv-slots", 2)
+    yield s
+    assert s.stop() == 0, "the server exits cleanly on SIGTERM"
+
+
+def test_lists_the_model(demo):
+    assert [m.id for m in demo.client.models.list().data] == ["shapes-llava"]
+
+
+def test_non_streaming_image_request_equals_vkvlm_generate(demo, tmp):
+    messages = [image_message("shapes_1.png", "Describe this image.")]
+    want = generate(tmp, DEMO, messages)
+    r = chat(demo.client, messages, max_tokens=64)
+    assert r.object == "chat.completion"
+    assert len(r.choices) == 1
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == want["text"]
+    assert r.choices[0].message.content == "An orange circle at the top left and a black circle at the bottom."
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage.prompt_tokens == len(want["prompt_tokens"])
+    assert r.usage.completion_tokens == len(want["tokens"])
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_a_placeholder_written_in_the_text_takes_the_image_the_request_carries(demo):
+    # LLaVA's documented "<image>\n..." prompt, its image sent as an image_url part.
+    messages = [{"role": "user", "content": [{"type": "text", "text": "<image>\nDescribe this image."},
+                                             {"type": "image_url", "image_url": {"url": png("shapes_1.png")}}]}]
+    r = chat(demo.client, messages, max_tokens=64)
+    assert r.choices[0].message.content == "An orange circle at the top left and a black circle at the bottom."
+    # A placeholder without an image is a 400 that counts both.
+    e = error_of(lambda: chat(demo.client, [{"role": "user", "content": "<image>\nDescribe this image."}]))
+    assert e.status_code == 400
+    assert re.search(r"1 image placeholder\(s\).*0 image\(s\) were given", e.body["message"])
+
+
+def test_streaming_sends_role_content_deltas_finish_reason_usage_and_done(demo, tmp):
+    messages = [image_message("shapes_2.png", "Describe this image.")]
+    want = generate(tmp, DEMO, messages)
+    stream = chat(demo.client, messages, stream=True, stream_options={"include_usage": True})
+    text, role, finish, usage, chunks = "", None, None, None, 0
+    for chunk in stream:
+        chunks += 1
+        assert chunk.object == "chat.completion.chunk"
+        if chunk.usage:
+            usage = chunk.usage
+        if not chunk.choices:
+            continue
+        c = chunk.choices[0]
+        role = c.delta.role or role
+        text += c.delta.content or ""
+        finish = c.finish_reason or finish
+    assert chunks > 3
+    assert role == "assistant"
+    assert text == want["text"]
+    assert finish == "stop"
+    assert usage.prompt_tokens == len(want["prompt_tokens"])
+    assert usage.completion_tokens == len(want["tokens"])
+    # On the wire: server-sent events, each a JSON chunk, the last one `data: [DONE]`.
+    raw = demo.post("/v1/chat/completions", json.dumps({"messages": messages, "temperature": 0, "stream": True}),
+                    JSON_AUTH)
+    assert raw.status == 200
+    assert raw.headers["Content-Type"].startswith("text/event-stream")
+    events = raw.text.strip().split("\n\n")
+    assert events[-1] == "data: [DONE]"
+    assert all(e.startswith("data: {") for e in events[:-1])
+    assert "".join(json.loads(e[6:])["choices"][0]["delta"].get("content") or "" for e in events[:-1]
+                   if json.loads(e[6:])["choices"]) == want["text"]
+
+
+def test_a_follow_up_turn_reuses_the_kv_cache_and_answers_as_generate_does(demo, tmp):
+    first = [image_message("shapes_3.png", "Describe this image.")]
+    a = chat(demo.client, first)
+    follow_up = [*first, {"role": "assistant", "content": a.choices[0].message.content},
+                 {"role": "user", "content": "How many shapes are there?"}]
+    b = chat(demo.client, follow_up)
+    cached = b.usage.prompt_tokens_details.cached_tokens
+    assert cached > a.usage.prompt_tokens, f"cached {cached} of {b.usage.prompt_tokens}"
+    assert b.choices[0].message.content == generate(tmp, DEMO, follow_up)["text"]
+
+
+def test_two_interleaved_conversations_each_keep_their_cache(demo, tmp):  # --kv-slots 2
+    a1 = [image_message("shapes_0.png", "Describe this image.")]
+    b1 = [image_message("shapes_2.png", "Describe this image.")]
+    ra, rb = chat(demo.client, a1), chat(demo.client, b1)
+    more = {"role": "user", "content": "How many shapes are there?"}
+    a2 = [*a1, {"role": "assistant", "content": ra.choices[0].message.content}, more]
+    b2 = [*b1, {"role": "assistant", "content": rb.choices[0].message.content}, more]
+    ra2, rb2 = chat(demo.client, a2), chat(demo.client, b2)
+    assert ra2.usage.prompt_tokens_details.cached_tokens > ra.usage.prompt_tokens, "conversation A reused its cache"
+    assert rb2.usage.prompt_tokens_details.cached_tokens > rb.usage.prompt_tokens, "conversation B reused its cache"
+    assert ra2.choices[0].message.content == generate(tmp, DEMO, a2)["text"]
+    assert rb2.choices[0].message.content == generate(tmp, DEMO, b2)["text"]
+
+
+def test_local_image_files_only_inside_allow_local_files(demo):
+    ok = chat(demo.client, [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "shapes_0.png"}},
+                                                         {"type": "text", "text": "Where is the orange square?"}]}])
+    assert ok.choices[0].message.content == "It is on the right."
+    e = error_of(lambda: chat(demo.client, [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "../config.json"}}]}]))
+    assert e.status_code == 400
+    assert "no such image file in the folder the server allows" in e.body["message"]
+
+
+def test_8_concurrent_clients_all_get_their_own_correct_answers(demo):
+    picked = [EXAMPLES[i] for i in (0, 3, 5, 7, 10, 12, 15, 18)]
+
+    def ask(i):
+        ex = picked[i]
+        r = chat(demo.client, [image_message(ex["image"], ex["question"])], stream=i % 2 == 1)
+        return stream_text(r) if i % 2 == 1 else r.choices[0].message.content
+
+    with ThreadPoolExecutor(len(picked)) as pool:
+        answers = list(pool.map(ask, range(len(picked))))
+    for ex, answer in zip(picked, answers):
+        assert answer == ex["greedy_fp16_reference"], ex["question"]
+
+
+def ask_with_logprobs(client, body, stream):
+    """Text, finish reason and every step's logprobs, streamed or not."""
+    r = chat(client, **body, stream=stream)
+    if not stream:
+        c = r.choices[0]
+        return {"text": c.message.content, "logprobs": [t.model_dump() for t in c.logprobs.content],
+                "finish": c.finish_reason}
+    text, finish, logprobs = "", None, []
+    for c in r:
+        if not c.choices:
+            continue
+        text += c.choices[0].delta.content or ""
+        if c.choices[0].logprobs:
+            logprobs += [t.model_dump() for t in c.choices[0].logprobs.content]
+        finish = c.choices[0].finish_reason or finish
+    return {"text": text, "logprobs": logprobs, "finish": finish}
+
+
+def test_parallel_8_clients_decode_together_and_answer_exactly_as_one_at_a_time():
+    # Different prompt lengths: four images (one each, answers of different lengths) and four
+    # text-only turns, one cut short by max_tokens.
+    picked = [EXAMPLES[i] for i in (2, 5, 10, 17, 1, 7, 12, 19)]
+
+    def short(i):
+        ex = picked[i]
+        messages = ([image_message(ex["image"], ex["question"])] if i < 4
+                    else [{"role": "user", "content": f"[{i}] {ex['question']}"}])
+        return {"messages": messages, "logprobs": True, "top_logprobs": 2, "max_tokens": 3 if i == 6 else 64}
+
+    # Long answers (ignore_eos), so that the eight overlap whatever the order they arrive in.
+    def long(i):
+        return {"messages": [{"role": "user", "content": f"({i}) {picked[i]['question']}"}], "logprobs": True,
+                "top_logprobs": 2, "max_tokens": 24 + i, "ignore_eos": True}
+
+    def same(got, want, what):
+        assert got["text"] == want["text"], what
+        assert got["finish"] == want["finish"], what
+        assert got["logprobs"] == want["logprobs"], f"{what}: every step's logprobs"
+
+    # Every request gets a slot no conversation used (16 slots; no two prompts share an image or
+    # more than their first tokens, so none continues another's slot): nothing is reused, and
+    # batched and alone must agree bit for bit (a continued prefix is computed in other row
+    # blocks and rounds differently). One at a time, on a server that decodes one at a time:
+    with running(DEMO, "--ctx", 512, "--kv-slots", 16) as single:
+        alone = [ask_with_logprobs(single.client, short(i), False) for i in range(8)]
+        alone_long = [ask_with_logprobs(single.client, long(i), False) for i in range(8)]
+    assert alone[6]["finish"] == "length"
+    with running(DEMO, "--ctx", 512, "--parallel", 8, "--kv-slots", 16) as s, ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda i: ask_with_logprobs(s.client, short(i), i % 2 == 1), range(8)))
+        for i, ex in enumerate(picked):
+            same(together[i], alone[i], ex["question"])
+            if i < 4:
+                assert together[i]["text"] == ex["greedy_fp16_reference"], ex["question"]
+        steps0, advanced0 = s.metric("vkvlm_decode_steps_total"), s.metric("vkvlm_decode_step_sequences_total")
+        together_long = list(pool.map(lambda i: ask_with_logprobs(s.client, long(i), i % 2 == 0), range(8)))
+        for i, ex in enumerate(picked):
+            same(together_long[i], alone_long[i], f"({i}) {ex['question']}")
+        # They were decoded together: the batched steps advanced several sequences each.
+        steps1, advanced1 = s.metric("vkvlm_decode_steps_total"), s.metric("vkvlm_decode_step_sequences_total")
+        mean = (advanced1 - advanced0) / (steps1 - steps0)
+        assert mean > 3, f"mean batch {mean} over {steps1 - steps0} steps"
+
+
+def test_errors_come_in_openais_shape_with_the_right_status(demo):
+    hi = [{"role": "user", "content": "hi"}]
+    images = [{"type": "image_url", "image_url": {"url": png(n)}} for n in ("shapes_0.png", "shapes_1.png", "shapes_2.png")]
+    image = lambda url: json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]})
+    cases = [
+        ("malformed JSON", '{"messages": [', 400, None, None, {}),
+        ("wrong type: temperature", json.dumps({"messages": hi, "temperature": "hot"}), 400, "temperature", None, {}),
+        ("wrong type: messages", json.dumps({"messages": "hi"}), 400, "messages", None, {}),
+        ("wrong type: max_tokens", json.dumps({"messages": hi, "max_tokens": "5"}), 400, "max_tokens", None, {}),
+        ("empty messages", json.dumps({"messages": []}), 400, "messages", None, {}),
+        ("unknown role", json.dumps({"messages": [{"role": "wizard", "content": "hi"}]}), 400, "messages[0].role", None, {}),
+        ("n > 1", json.dumps({"messages": hi, "n": 2}), 400, "n", None, {}),
+        ("chat_template_kwargs not an object", json.dumps({"messages": hi, "chat_template_kwargs": [1]}), 400,
+         "chat_template_kwargs", None, {}),
+        ("too many images", json.dumps({"messages": [{"role": "user", "content": images}]}), 400, None, "too_many_images", {}),
+        ("image that does not decode", image("data:image/png;base64,aGVsbG8gd29ybGQ="), 400, None, "invalid_image", {}),
+        ("remote image URL", image("https://example.com/cat.png"), 400, None, "invalid_image_url", {}),
+        ("prompt over the context", json.dumps({"messages": [{"role": "user", "content": "red circle " * 700}]}), 400, None,
+         "context_length_exceeded", {}),
+        ("body over the size limit", json.dumps({"messages": [{"role": "user", "content": "x" * (3 << 20)}]}), 413, None,
+         None, {}),
+        ("missing API key", json.dumps({"messages": hi}), 401, None, None, {"Authorization": ""}),
+        ("wrong API key", json.dumps({"messages": hi}), 401, None, None, {"Authorization": "Bearer nope"}),
+    ]
+    for name, body, status, param, code, headers in cases:
+        r = demo.post("/v1/chat/completions", body, {**JSON_AUTH, **headers})
+        assert r.status == status, name
+        assert_openai_error(r.json(), param)
+        if code:
+            assert r.json()["error"]["code"] == code, name
+    # The official client sees the same errors.
+    assert error_of(lambda: chat(demo.client, [])).status_code == 400
+    unauth = openai.OpenAI(api_key="wrong", base_url=f"{demo.base}/v1", max_retries=0)
+    assert error_of(lambda: unauth.models.list()).status_code == 401
+    # And the server is still well.
+    assert demo.get("/health").status == 200
+
+
+def test_a_client_that_disconnects_mid_stream_stops_its_generation_and_frees_its_place(demo):
+    cancelled_before = demo.metric("vkvlm_cancelled_requests_total")
+    # ignore_eos (an extension, as in vLLM) makes this a long generation.
+    stream = chat(demo.client, [{"role": "user", "content": "red"}], max_tokens=900, stream=True, ignore_eos=True)
+    for chunks, _ in enumerate(stream, 1):
+        if chunks == 5:
+            break
+    stream.close()  # the connection goes away mid-answer
+    cancelled = cancelled_before
+    for _ in range(100):
+        cancelled = demo.metric("vkvlm_cancelled_requests_total")
+        if cancelled != cancelled_before:
+            break
+        time.sleep(0.1)
+    assert cancelled == cancelled_before + 1, "the generation was cancelled"
+    assert demo.metric("vkvlm_requests_in_flight") == 0
+    assert demo.metric("vkvlm_generated_tokens_total") > 0
+    r = chat(demo.client, [image_message("shapes_0.png", "How many shapes are there?")])
+    assert r.choices[0].message.content == "There is 1 shape."
+
+
+# ---- what a hostile client can try ----------------------------------------------------------------
+
+def raw_exchange(port, chunks, gap=0.0, timeout=20.0):
+    """Writes the chunks to one connection (gap seconds apart) while reading what comes back; the
+    status of the reply (-1: none before the connection ended, -2: none in time) and its bytes."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    data = bytearray()
+    ended = threading.Event()
+
+    def read():
+        try:
+            while True:
+                d = sock.recv(65536)
+                if not d:
+                    break
+                data.extend(d)
+        except OSError:
+            pass
+        ended.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    deadline = time.monotonic() + timeout
+    try:
+        for c in chunks:
+            if ended.is_set() or time.monotonic() > deadline:
+                break
+            sock.sendall(c.encode("latin1") if isinstance(c, str) else c)
+            if gap:
+                time.sleep(gap)
+    except OSError:
+        pass  # the server closed the connection while we wrote
+    finished = ended.wait(max(0.0, deadline - time.monotonic()))
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
+    reader.join(5)
+    m = re.match(rb"HTTP/1\.1 (\d+)", bytes(data))
+    return (int(m.group(1)) if m else (-1 if finished else -2)), bytes(data)
+
+
+def gray_png(w, h):
+    """A PNG of w x h gray pixels, written here."""
+    def chunk(kind, payload):
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+    rows = (b"\0" + b"\x80" * w) * h
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)) +
+            chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def peak_rss_kib(pid):
+    return int(re.search(r"VmHWM:\s+(\d+)", Path(f"/proc/{pid}/status").read_text()).group(1))
+
+
+def test_hardening_bodies_paths_slow_clients_leaving_clients_narrow_images_metrics(tmp):
+    # A folder the server may read, with links that lead out of it.
+    allow, outside = tmp / "allow", tmp / "outside"
+    (allow / "sub").mkdir(parents=True)
+    outside.mkdir()
+    shape = (DEMO / "examples/shapes_0.png").read_bytes()
+    (allow / "inside.png").write_bytes(shape)
+    (outside / "secret.png").write_bytes(shape)
+    (allow / "link_out.png").symlink_to(outside / "secret.png")
+    (allow / "link_dir").symlink_to(outside)
+    with running(DEMO, "--ctx", 512, "--allow-local-files", allow, "--max-body-mb", 2, "--request-timeout", 3,
+                 "--max-concurrency", 4) as s:
+        def ask(url):
+            return s.post("/v1/chat/completions", json.dumps({"max_tokens": 4, "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Hi"}]}]}), JSON_AUTH)
+
+        # 1. Paths: links out of the folder are refused, with the same answer whether the outside
+        # file exists or not, naming no path of the server's; other schemes and NUL bytes too.
+        assert ask("inside.png").status == 200
+        refused = set()
+        for url in ("nonexistent/../link_out.png", f"file://{allow}/nonexistent/../link_out.png",
+                    "nonexistent/../link_dir/secret.png", "link_out.png", "link_dir/secret.png", "../outside/secret.png",
+                    "../outside/absent.png", str(outside / "secret.png")):
+            r = ask(url)
+            assert r.status == 400, url
+            message = r.json()["error"]["message"]
+            refused.add(message)
+            assert str(tmp) not in message, f"the answer names a server path: {message}"
+        assert len(refused) == 1, f"every refusal reads the same: {refused}"
+        for url in ("ftp://127.0.0.1/x.png", "gopher://x/y.png", "inside.png\u0000.txt"):
+            r = ask(url)
+            assert r.status == 400, url
+            assert str(tmp) not in r.json()["error"]["message"]
+
+        # 2. A chunked body over the limit gets 413 while it arrives; the server does not swallow it.
+        rss_before = peak_rss_kib(s.proc.pid)
+        head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+                "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+        piece = b"x" * (1 << 20)
+        chunk = f"{len(piece):x}\r\n".encode() + piece + b"\r\n"
+        t0 = time.monotonic()
+        status, data = raw_exchange(s.port, [head] + [chunk] * 150)
+        assert status == 413, data[:200]
+        assert time.monotonic() - t0 < 10, "the refusal comes while the body is still arriving"
+        assert peak_rss_kib(s.proc.pid) - rss_before < 64 * 1024, "the oversized body was not kept"
+
+        # 3. A narrow image (1 x 20000) costs what its crop costs, not its 336 x 6.7M resize.
+        narrow = "data:image/png;base64," + base64.b64encode(gray_png(1, 20000)).decode()
+        rss0 = peak_rss_kib(s.proc.pid)
+        nr = ask(narrow)
+        assert nr.status == 200, nr.text
+        assert peak_rss_kib(s.proc.pid) - rss0 < 200 * 1024, "a narrow image's peak memory stays small"
+
+        # 4. Slow clients: 40 connections that trickle their headers never lock /health out, and
+        # each is closed once the request time limit passes.
+        slow_chunks = ["POST /v1/chat/completions HTTP/1.1\r\n"] + [f"X-Slow-{i}: 1\r\n" for i in range(30)]
+        with ThreadPoolExecutor(40) as pool:
+            slow = [pool.submit(raw_exchange, s.port, slow_chunks, 0.5, 30) for _ in range(40)]
+            time.sleep(0.5)
+            for _ in range(5):
+                t = time.monotonic()
+                assert s.get("/health").status == 200
+                assert time.monotonic() - t < 1, "/health answers under the flood"
+                time.sleep(0.3)
+            for f in slow:
+                assert f.result()[0] == 408, "a request that does not arrive in time is closed with 408"
+
+        # 5. Clients that leave while queued give their admission back at once: a burst whose
+        # clients all leave early does not keep the next ones out.
+        body = json.dumps({"max_tokens": 400, "ignore_eos": True, "stream": True,
+                           "messages": [{"role": "user", "content": "red"}]}).encode()
+        leave = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+                 f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+        with ThreadPoolExecutor(12) as pool:
+            list(pool.map(lambda _: raw_exchange(s.port, [leave], timeout=0.15), range(12)))
+        in_flight = s.metric("vkvlm_requests_in_flight")
+        for _ in range(50):
+            if in_flight == 0:
+                break
+            time.sleep(0.1)
+            in_flight = s.metric("vkvlm_requests_in_flight")
+        assert in_flight == 0, "every leaving client's admission was freed"
+        with ThreadPoolExecutor(3) as pool:
+            after = list(pool.map(lambda _: chat(s.client, [image_message("shapes_0.png", "How many shapes are there?")],
+                                                 max_tokens=8), range(3)))
+        for r in after:
+            assert r.choices[0].message.content == "There is 1 shape."
+
+        # 6. /metrics needs the key (as /v1 does); the scheme is case-insensitive.
+        assert s.get("/metrics").status == 401
+        assert s.get("/metrics", {"Authorization": f"bearer {KEY}"}).status == 200
+        assert s.get("/v1/models", {"Authorization": f"BEARER {KEY}"}).status == 200
+        assert s.get("/v1/models", {"Authorization": f"Basic {KEY}"}).status == 401
+
+
+def test_metrics_public_opens_metrics_alone():
+    with running(DEMO, "--ctx", 256, "--metrics-public") as s:
+        assert s.get("/metrics").status == 200
+        assert s.get("/v1/models").status == 401
+
+
+def test_a_fixture_model_answers_as_vkvlm_generate_does_with_logprobs(tmp):
+    with running(FIXTURE, "--ctx", 256, "--max-concurrency", 1) as s:
+        cases = json.loads((FIXTURE / "cases.json").read_text())["cases"]
+        text_only = next(c for c in cases if c["name"] == "text_only")
+        want = generate(tmp, FIXTURE, text_only["messages"], "--max-tokens", "12", "--ctx", "256")
+        r = chat(s.client, text_only["messages"], model="llava15-f16", max_tokens=12, logprobs=True, top_logprobs=3)
+        assert r.choices[0].message.content == want["text"]
+        assert r.usage.prompt_tokens == len(want["prompt_tokens"])
+        lp = r.choices[0].logprobs.content
+        assert len(lp) == r.usage.completion_tokens
+        for step in lp:
+            assert step.logprob <= 0
+            assert len(step.top_logprobs) == 3
+            # Greedy: the chosen token is the most likely one.
+            assert abs(step.top_logprobs[0].logprob - step.logprob) < 1e-4
+        # --max-concurrency 1: requests arriving while one is in flight are turned away with 429.
+        def attempt(_):
+            try:
+                return chat(s.client, text_only["messages"], model="llava15-f16", max_tokens=12)
+            except openai.APIStatusError as e:
+                return e
+        with ThreadPoolExecutor(3) as pool:
+            burst = list(pool.map(attempt, range(3)))
+        ok = [b for b in burst if not isinstance(b, Exception)]
+        busy = [b for b in burst if isinstance(b, Exception)]
+        assert len(ok) >= 1
+        assert len(busy) >= 1, "a burst over the limit gets 429"
+        for b in busy:
+            assert b.status_code == 429
+            assert b.code == "server_busy"
+        for b in ok:
+            assert b.choices[0].message.content == want["text"]
+
+
+def test_speculative_decoding_answers_as_without_it_and_reports_drafts(demo, tmp):
+    # The demo model drafting for itself: every draft is accepted, and the answers are the plain ones.
+    messages = [image_message("shapes_1.png", "Describe this image.")]
+    with running(DEMO, "--ctx", 512, "--draft-model", DEMO, "--num-draft-tokens", 4, "--kv-slots", 2) as s:
+        want = generate(tmp, DEMO, messages)
+        r = chat(s.client, messages)
+        assert r.choices[0].message.content == want["text"]
+        assert r.usage.draft_tokens > 0
+        assert r.usage.accepted_tokens == r.usage.draft_tokens
+        # Streaming, a follow-up turn on both caches, and a per-request draft length.
+        follow = [*messages, {"role": "assistant", "content": want["text"]},
+                  {"role": "user", "content": "How many shapes are there?"}]
+        text, usage = "", None
+        for chunk in chat(s.client, follow, stream=True, stream_options={"include_usage": True}, num_draft_tokens=2):
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+            usage = chunk.usage or usage
+        assert text == generate(tmp, DEMO, follow)["text"]
+        assert usage.prompt_tokens_details.cached_tokens > 0
+        assert usage.draft_tokens > 0
+        assert s.metric("vkvlm_draft_tokens_total") == r.usage.draft_tokens + usage.draft_tokens
+        assert s.metric("vkvlm_accepted_draft_tokens_total") == r.usage.accepted_tokens + usage.accepted_tokens
+        for body, param in (({"num_draft_tokens": 0}, "num_draft_tokens"), ({"lookup_ngram": 2}, "lookup_ngram")):
+            e = error_of(lambda: chat(s.client, messages, **body))
+            assert e.status_code == 400
+            assert_openai_error({"error": e.body}, param)
+    # Prompt lookup, asked for by the request: 'square' recurs, so it drafts.
+    r = chat(demo.client, [image_message("shapes_0.png", "What color is the square?")], lookup_ngram=1)
+    assert r.choices[0].message.content == "The square is orange."
+    assert r.usage.draft_tokens > 0
+    assert r.usage.accepted_tokens <= r.usage.draft_tokens
+
+
+def test_prompt_cache_every_conversation_that_starts_like_the_cached_one_continues_it(tmp):
+    answer = "An orange circle at the top left and a black circle at the bottom."
+    described = [image_message("shapes_1.png", "Describe this image."), {"role": "assistant", "content": answer}]
+    file = tmp / "messages-described.json"
+    file.write_text(json.dumps([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]},
+                                described[1]]))
+    cache_file = tmp / "described.cache"
+    out = subprocess.run([CLI, "cache-prompt", "--messages", file, "--image", DEMO / "examples/shapes_1.png",
+                          "--out", cache_file], check=True, capture_output=True, text=True).stdout
+    rows = int(re.match(r"cached (\d+) prompt tokens", out).group(1))
+    assert rows > 0
+    with running(DEMO, "--ctx", 512, "--prompt-cache", cache_file) as s:
+        follow = [*described, {"role": "user", "content": "How many shapes are there?"}]
+        a = chat(s.client, follow)
+        assert a.choices[0].message.content == generate(tmp, DEMO, follow)["text"]
+        assert a.usage.prompt_tokens_details.cached_tokens == rows, "the first request already starts from the cache"
+        # Another conversation takes the only slot; the next one like the cache gets the cache back.
+        other = [image_message("shapes_0.png", "What color is the square?")]
+        assert chat(s.client, other).choices[0].message.content == "The square is orange."
+        b = chat(s.client, [*described, {"role": "user", "content": "Where is the black circle?"}])
+        assert b.usage.prompt_tokens_details.cached_tokens >= rows
+    # A cache of another model stops the server at load with a message naming the file.
+    wrong = subprocess.run([CLI, "serve", "--model", FIXTURE, "--port", str(free_port()), "--prompt-cache", cache_file],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                           timeout=300)
+    assert wrong.returncode == 1
+    assert re.search(r"described\.cache.*another model", wrong.stderr), wrong.stderr
+
+
+def test_kv_bits_quantized_kv_caches_answer_as_the_command_line_does_in_the_bytes_metrics_reports(tmp):
+    with running(DEMO, "--ctx", 256, "--kv-bits", 4, "--kv-group-size", 32, "--kv-slots", 2, "--metrics-public") as s:
+        messages = [{"role": "user", "content": "What color is the square?"}]
+        r = chat(s.client, messages, max_tokens=16)
+        want = generate(tmp, DEMO, messages, "--ctx", "256", "--kv-bits", "4", "--kv-group-size", "32", "--max-tokens", "16")
+        assert r.choices[0].message.content == want["text"]
+        assert want["kv_cache"]["format"] == "q4 group 32"
+        # Two slots of the demo model's cache: 4 layers, K and V, 256 rows of 128 values at 4 bits
+        # plus an f16 scale and bias per 32.
+        values = 4 * 2 * 256 * 128
+        expected = 2 * (values // 2 + (values // 32) * 4)
+        assert f'vkvlm_kv_cache_bytes{{model="shapes-llava",format="q4 group 32"}} {expected}\n' in s.get("/metrics").text
+
+
+def test_several_models_routed_by_name_loaded_on_demand_max_loaded_1_patch_config(tmp):
+    with running(f"shapes={DEMO}", "--model", f"llava={FIXTURE}", "--max-loaded", 1, "--ctx", 256) as s:
+        def models():
+            return {m["id"]: m["loaded"] for m in s.get("/v1/models", AUTH).json()["data"]}
+
+        assert models() == {"shapes": True, "llava": False}, "the active model loads at start, the other on demand"
+        assert s.get("/health").json()["models"] == {"shapes": "ready", "llava": "unloaded"}
+        question = [{"role": "user", "content": "Write a haiku about GPUs."}]
+        square = [image_message("shapes_0.png", "What color is the square?")]
+
+        # Two streams at once, one per model: each answers as the command line does with its model.
+        def stream(model, messages):
+            text = ""
+            for c in chat(s.client, messages, model=model, max_tokens=12, stream=True):
+                assert c.model == model
+                text += (c.choices[0].delta.content or "") if c.choices else ""
+            return text
+
+        with ThreadPoolExecutor(2) as pool:
+            fa, fb = pool.submit(stream, "llava", question), pool.submit(stream, "shapes", square)
+            a, b = fa.result(), fb.result()
+        assert a == generate(tmp, FIXTURE, question, "--max-tokens", "12")["text"]
+        assert b == "The square is orange."
+        assert sum(models().values()) == 1, "--max-loaded 1 keeps one loaded"
+        # The llava model again (loaded anew if it was unloaded); "default" is the active one.
+        r = chat(s.client, question, model="llava", max_tokens=12)
+        assert r.model == "llava"
+        assert r.choices[0].message.content == a
+        assert models() == {"shapes": False, "llava": True}
+        d = chat(s.client, square, model="default")
+        assert d.model == "shapes"
+        assert d.choices[0].message.content == "The square is orange."
+        # An unknown model: OpenAI's 404 model_not_found, naming the models there are.
+        e = error_of(lambda: chat(s.client, square, model="gpt-4o"))
+        assert e.status_code == 404
+        assert e.code == "model_not_found"
+        assert re.search(r"gpt-4o.*shapes, llava", e.body["message"])
+        # GET / PATCH /v1/config: the active model answers requests that name none.
+        assert s.get("/v1/config", AUTH).json()["active_model"] == "shapes"
+        patched = request(s.port, "PATCH", "/v1/config", json.dumps({"active_model": "llava"}), JSON_AUTH)
+        assert patched.status == 200
+        assert patched.json()["active_model"] == "llava"
+        unnamed = s.post("/v1/chat/completions", json.dumps({"messages": question, "temperature": 0, "max_tokens": 12}),
+                         JSON_AUTH).json()
+        assert unnamed["model"] == "llava"
+        assert unnamed["choices"][0]["message"]["content"] == a
+        bad = request(s.port, "PATCH", "/v1/config", json.dumps({"active_model": "nope"}), JSON_AUTH)
+        assert bad.status == 404
+        assert bad.json()["error"]["code"] == "model_not_found"
+        other = request(s.port, "PATCH", "/v1/config", json.dumps({"max_loaded": 3}), JSON_AUTH)
+        assert other.status == 400
+
+
+def test_config_file_models_and_settings_a_model_that_cannot_load_is_a_503(tmp):
+    config = tmp / "models.json"
+    broken = tmp / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llava"')  # cut short
+    config.write_text(json.dumps({"models": [{"name": "small", "model": str(DEMO), "ctx": 200, "kv_bits": 8},
+                                             {"name": "fixture", "model": str(FIXTURE), "ctx": 256},
+                                             {"name": "broken", "model": str(broken)}], "active_model": "small"}))
+    # --model's joins the config's; --ctx is the default.
+    with running(DEMO, "--config", config, "--ctx", 512) as s:
+        cfg = s.get("/v1/config", AUTH).json()
+        assert cfg["active_model"] == "small"
+        assert [[m["name"], m["ctx"], m["kv_cache"]] for m in cfg["models"]] == [
+            ["shapes-llava", 512, "f16"], ["small", 200, "q8 group 64"], ["fixture", 256, "f16"], ["broken", 512, "f16"]]
+        square = [image_message("shapes_0.png", "What color is the square?")]
+        e = error_of(lambda: chat(s.client, square, model="broken"))
+        assert e.status_code == 503
+        assert e.code == "model_unavailable"
+        assert re.search(r"model broken could not be loaded: .*config\.json", e.body["message"])
+        assert s.get("/health").json()["models"]["broken"] == "failed"
+        r = chat(s.client, square, model="small")
+        assert r.choices[0].message.content == "The square is orange."
+    config.write_text(json.dumps({"models": [{"name": "small", "model": str(DEMO), "context": 128}]}))
+    wrong = subprocess.run([CLI, "serve", "--config", config, "--port", str(free_port())], stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=300)
+    assert wrong.returncode == 1
+    assert re.search(r"models\.json.*models\[0\].*unknown key 'context'", wrong.stderr), wrong.stderr
+
+
+def test_max_kv_size_answers_run_past_the_rotating_cache(tmp):
+    with running(DEMO, "--max-kv-size", 24) as s:
+        messages = [{"role": "user", "content": "What color is the square?"}]
+        r = chat(s.client, messages, max_tokens=40, ignore_eos=True)
+        assert r.usage.completion_tokens == 40
+        assert r.usage.prompt_tokens + r.usage.completion_tokens > 24
+        assert r.choices[0].finish_reason == "length"
+        want = generate(tmp, DEMO, messages, "--max-kv-size", "24", "--max-tokens", "40", "--ignore-eos")
+        assert r.choices[0].message.content == want["text"]
