@@ -29,7 +29,8 @@ nlohmann::json seed_runs() {
 
 std::vector<std::string> seed_models() {
   std::vector<std::string> out;
-  for (auto& m : seed_runs()["models"]) out.push_back(m["model"]);
+  const nlohmann::json runs = seed_runs();
+  for (auto& m : runs["models"]) out.push_back(m["model"]);
   return out;
 }
 
@@ -38,7 +39,8 @@ class SeedTokens : public testing::TestWithParam<std::string> {};
 TEST_P(SeedTokens, VkvlmGivesMlxVlmsTokensWhereMlxVlmFollowsTheReference) {
   const std::string name = GetParam();
   nlohmann::json run;
-  for (auto& m : seed_runs()["models"])
+  const nlohmann::json runs = seed_runs();
+  for (auto& m : runs["models"])
     if (m["model"] == name) run = m;
   Model& model = fixture_model(name);
   Expected exp(name);
