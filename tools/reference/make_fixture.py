@@ -59,8 +59,9 @@ def model_inputs(processor, config, case, images_dir):
     kw = {"text": [text], "return_tensors": "pt"}
     if images:
         kw["images"] = images
-    inputs = processor(**kw)
-    return text, dict(inputs)
+    inputs = dict(processor(**kw))
+    inputs.pop("labels", None)  # only for training: it would make the forward pass compute a loss
+    return text, inputs
 
 
 def per_token(inputs, ids):
@@ -129,6 +130,10 @@ def run_case(model, processor, config, case, images_dir, steps):
     text, inputs = model_inputs(processor, config, case, images_dir)
     ids = inputs["input_ids"]
     tensors, meta = {}, {"prompt_text": text, "n_prompt_tokens": int(ids.shape[1])}
+    if config.model_type == "paligemma":
+        # The processor writes the image tokens, BOS and newline around the prefix itself.
+        meta["prompt_text"] = processor.tokenizer.decode(ids[0])
+        meta["image_tokens"] = [int((ids[0] == config.image_token_id).sum())] if case["images"] else []
     tensors["input_ids"] = ids[0].to(torch.int32).numpy()
     if "pixel_values" in inputs:
         pv = inputs["pixel_values"]
