@@ -20,8 +20,6 @@
 namespace vkvlm::test {
 namespace {
 
-constexpr double kNearTie = 0.05;  // as the fixture test: the reference's top two closer than this may swap
-
 nlohmann::json seed_runs() {
   std::ifstream in(test_data_dir() + "/mlx_vlm/greedy.json");
   return nlohmann::json::parse(in);
@@ -70,7 +68,7 @@ TEST_P(SeedTokens, VkvlmGivesMlxVlmsTokensWhereMlxVlmFollowsTheReference) {
     // Where mlx-vlm leaves the reference, and where the reference itself nearly ties.
     size_t leaves = 0, tie = 0;
     while (leaves < tokens.size() && leaves < reference.size() && tokens[leaves] == reference[leaves]) ++leaves;
-    while (tie < reference.size() && top10[tie * 10] - top10[tie * 10 + 1] >= kNearTie) ++tie;
+    while (tie < reference.size() && top10[tie * 10] - top10[tie * 10 + 1] >= kReferenceNearTie) ++tie;
     const size_t upto = std::min({leaves, tie, r.tokens.size()});
     for (size_t s = 0; s < upto; ++s) ASSERT_EQ(r.tokens[s], tokens[s]) << "step " << s;
     compared += upto;

@@ -25,7 +25,6 @@ namespace {
 
 constexpr double kFeatureNmse = 1e-4;
 constexpr double kLogitTolerance = 2e-2;  // relative to the reference's largest logit
-constexpr double kNearTie = 0.05;
 
 
 struct Case {
@@ -211,7 +210,7 @@ TEST_P(FixtureModel, MatchesReference) {
   auto top10 = exp.f32(p + "top10_logits");
   ASSERT_EQ(r.tokens.size(), greedy.size());
   for (size_t s = 0; s < greedy.size(); ++s) {
-    if (top10[s * 10] - top10[s * 10 + 1] < kNearTie) break;  // the reference itself nearly tied here
+    if (top10[s * 10] - top10[s * 10 + 1] < kReferenceNearTie) break;  // the reference itself nearly tied here
     ASSERT_EQ(r.tokens[s], greedy[s]) << "greedy step " << s;
   }
 }
