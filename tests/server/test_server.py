@@ -7,6 +7,7 @@ with VKVLM_CLI and VKVLM_SOURCE_DIR set.
 """
 
 import base64
+import contextlib
 import http.client
 import json
 import os
@@ -128,18 +129,14 @@ def start_server(model, *extra):
     raise AssertionError(f"server on {server.base} never became healthy")
 
 
-class running:
+@contextlib.contextmanager
+def running(model, *extra):
     """`with running(model, flags...) as s:` a server stopped on the way out."""
-
-    def __init__(self, model, *extra):
-        self.args = (model, *extra)
-
-    def __enter__(self):
-        self.server = start_server(*self.args)
-        return self.server
-
-    def __exit__(self, *exc):
-        self.server.stop()
+    server = start_server(model, *extra)
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def png(name):
@@ -263,8 +260,8 @@ def test_streaming_sends_role_content_deltas_finish_reason_usage_and_done(demo, 
     events = raw.text.strip().split("\n\n")
     assert events[-1] == "data: [DONE]"
     assert all(e.startswith("data: {") for e in events[:-1])
-    assert "".join(json.loads(e[6:])["choices"][0]["delta"].get("content") or "" for e in events[:-1]
-                   if json.loads(e[6:])["choices"]) == want["text"]
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]) == want["text"]
 
 
 def test_a_follow_up_turn_reuses_the_kv_cache_and_answers_as_generate_does(demo, tmp):

@@ -19,7 +19,6 @@ Architectures: llava, llava_next, qwen2_vl, paligemma (what transformers itself 
 """
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -172,8 +171,7 @@ def run_case(model, processor, config, case, images_dir, steps):
     meta["min_top2_margin"] = min(margins)
     # The same tokens from generate() with a KV cache.
     with torch.no_grad():
-        gen_kw = {k: v for k, v in inputs.items()}
-        out = model.generate(**gen_kw, max_new_tokens=steps, do_sample=False, output_logits=True,
+        out = model.generate(**inputs, max_new_tokens=steps, do_sample=False, output_logits=True,
                              return_dict_in_generate=True, eos_token_id=None, pad_token_id=0)
     cached = out.sequences[0, ids.shape[1]:].tolist()
     diffs = []
