@@ -516,22 +516,24 @@ std::string quant_kv_name(const testing::TestParamInfo<QuantKvCase>& info) {
 
 // One group quantized on the host as MLX's affine_quantize (mlx/ops.cpp): the endpoint of
 // larger magnitude is the bias, exactly; the scale spans the range in 2^bits - 1 steps; both
-// stored as f16. Returns the codes and writes what they dequantize to.
+// stored as f16, the codes computed with the unrounded ones (as mx.quantize does). Returns the
+// codes and writes what they dequantize to.
 std::vector<int> mlx_quantize_group(const float* x, int n, int bits, float* dequantized, float* scale_out) {
-  const double n_bins = double((1 << bits) - 1);
-  double lo = x[0], hi = x[0];
-  for (int i = 1; i < n; ++i) lo = std::min<double>(lo, x[i]), hi = std::max<double>(hi, x[i]);
+  // In float, as MLX computes it.
+  const float n_bins = float((1 << bits) - 1);
+  float lo = x[0], hi = x[0];
+  for (int i = 1; i < n; ++i) lo = std::min(lo, x[i]), hi = std::max(hi, x[i]);
   const bool low_edge = std::abs(lo) > std::abs(hi);
-  double scale = std::max((hi - lo) / n_bins, 1e-7);
+  float scale = std::max((hi - lo) / n_bins, 1e-7f);
   if (!low_edge) scale = -scale;
-  const double edge = low_edge ? lo : hi;
-  const double q0 = std::nearbyint(edge / scale);
-  double bias = 0;
+  const float edge = low_edge ? lo : hi;
+  const float q0 = std::nearbyint(edge / scale);
+  float bias = 0;
   if (q0 != 0) scale = edge / q0, bias = edge;
-  const float s16 = f16_to_f32(f32_to_f16(float(scale))), b16 = f16_to_f32(f32_to_f16(float(bias)));
+  const float s16 = f16_to_f32(f32_to_f16(scale)), b16 = f16_to_f32(f32_to_f16(bias));
   std::vector<int> q(size_t(n), 0);
   for (int i = 0; i < n; ++i) {
-    q[size_t(i)] = int(std::clamp(std::nearbyint((double(x[i]) - b16) / s16), 0.0, n_bins));
+    q[size_t(i)] = int(std::clamp(std::nearbyint((x[i] - bias) / scale), 0.0f, n_bins));
     dequantized[i] = s16 * float(q[size_t(i)]) + b16;
   }
   *scale_out = s16;

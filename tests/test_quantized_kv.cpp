@@ -1,8 +1,8 @@
 // A quantized KV cache (--kv-bits) on the fixture models.
 //
 // Exactness: against the Hugging Face reference run with the same quantized cache
-// (tools/quantized_kv_reference.py: transformers in float64, every cached K/V row replaced by its
-// MLX affine quantization before attention reads it; tests/data/quantized_kv/), the logits of
+// (tools/reference/quantized_kv_reference.py: transformers in float64, every cached K/V row
+// replaced by its MLX affine quantization before attention reads it; tests/data/quantized_kv/), the logits of
 // every step agree and every token is the reference's choice.
 //
 // Accuracy: against the float reference (the fixtures' expected outputs), 8 bits keep every
