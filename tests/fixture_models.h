@@ -20,7 +20,7 @@ namespace vkvlm::test {
 constexpr double kReferenceNearTie = 0.05;
 
 // A fixture model's folder under tests/data: the shared fixtures, and the checkpoints derived
-// from them in other layouts (tests/data/derived, made by tools/derive_mlx2024_fixtures.py).
+// from them in other layouts (tests/data/derived, made by tools/reference/derive_mlx2024_fixtures.py).
 inline std::string model_dir(const std::string& name) {
   return test_data_dir() + (name.find("-2024") != std::string::npos ? "/derived/" : "/fixtures/") + name;
 }

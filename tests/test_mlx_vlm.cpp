@@ -1,10 +1,12 @@
 // vkvlm beside the seed: mlx-vlm's own greedy tokens on the mlx-community-layout fixtures
 // (tests/data/mlx_vlm/greedy.json, made by tools/reference/mlx_vlm_greedy.py with mlx-vlm on
-// MLX's CPU backend). mlx-vlm computes in the checkpoint's bf16 and f32, so where its tokens
-// leave the transformers reference (float64 on the dequantized weights: the fixture's greedy_ids)
-// the reference wins; before that step, and before the reference's own near-tie, vkvlm must
-// give exactly mlx-vlm's tokens. Every case prints where mlx-vlm left the reference and its margin
-// there.
+// MLX's CPU backend), twice: as mlx-vlm runs the checkpoint (in its bf16/f16), and with the
+// model's float tensors in float32 (the same weights).
+// - As shipped, mlx-vlm rounds its activations to bf16, so where its tokens leave the
+//   transformers reference (float64 on the dequantized weights: the fixture's greedy_ids) the
+//   reference wins; before that step, and before the reference's own near-tie, vkvlm must give
+//   exactly mlx-vlm's tokens. Every case prints where mlx-vlm left the reference and its margin.
+// - In float32, mlx-vlm's tokens are vkvlm's at every step before the reference's own near-tie.
 #include <gtest/gtest.h>
 
 #include <fstream>
@@ -72,7 +74,12 @@ TEST_P(SeedTokens, VkvlmGivesMlxVlmsTokensWhereMlxVlmFollowsTheReference) {
     const size_t upto = std::min({leaves, tie, r.tokens.size()});
     for (size_t s = 0; s < upto; ++s) ASSERT_EQ(r.tokens[s], tokens[s]) << "step " << s;
     compared += upto;
-    std::cout << name << " " << cname << ": vkvlm = mlx-vlm for " << upto << " steps; ";
+    const auto tokens_f32 = seed["tokens_f32"].get<std::vector<int32_t>>();
+    const size_t upto_f32 = std::min({tie, tokens_f32.size(), r.tokens.size()});
+    for (size_t s = 0; s < upto_f32; ++s) ASSERT_EQ(r.tokens[s], tokens_f32[s]) << "step " << s << " (float32)";
+    EXPECT_GT(upto_f32, 0u) << "no step before the reference's first near-tie";
+    std::cout << name << " " << cname << ": vkvlm = mlx-vlm for " << upto << " steps (float32: " << upto_f32
+              << "); ";
     if (leaves < tokens.size() && leaves < reference.size())
       std::cout << "mlx-vlm leaves the reference at step " << leaves << " (its top-2 margin " << margins[leaves]
                 << ", the reference's " << top10[leaves * 10] - top10[leaves * 10 + 1] << ")\n";

@@ -1,7 +1,7 @@
 // A rotating KV cache (--max-kv-size, mlx-lm's RotatingKVCache): identical to the plain cache
 // while the conversation fits; past it, each token is computed from the first 4 tokens and the
 // most recent ones. The reference for those steps is Hugging Face transformers in float64 with
-// the attention mask such a cache amounts to (tools/rotating_cache_reference.py made
+// the attention mask such a cache amounts to (tools/reference/rotating_cache_reference.py made
 // tests/data/rotating_cache/qwen2vl-bf16.json from this test's token sequence).
 #include <gtest/gtest.h>
 

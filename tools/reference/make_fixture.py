@@ -3,6 +3,7 @@
 and a case list, with the current Hugging Face transformers on the CPU in float64:
 
     tools/reference/run make_fixture.py MODEL_DIR CASES.json OUT_DIR [--images DIR] [--steps 12]
+        [--weights-from MLX_DIR]
 
 CASES.json: {"cases": [{"name", "images": [file names in --images], "messages": [...] (a chat, as
 apply_chat_template takes it) or "prefix": TEXT (PaliGemma), "template_kwargs": {...}}]}; an
@@ -14,6 +15,11 @@ and expected.safetensors: per case the prompt ids after image expansion, the pro
 prompt position, and 12 greedy steps (their top-10 ids and logits), each step re-running the whole
 sequence without a KV cache, as the shared fixtures were made. Qwen2-VL adds image_grid_thw and the
 M-RoPE position_ids. The greedy tokens are also checked against generate() with a KV cache.
+
+--weights-from MLX_DIR: the fixture of an mlx-community twin of MODEL_DIR (what mlx_vlm.convert
+wrote from it): OUT_DIR links MLX_DIR's files and every weight is the twin's, dequantized exactly
+(mlx_weights.py), which transformers cannot load itself; MODEL_DIR gives the architecture and the
+processor (the converter's processor_config.json is not one transformers reads back, see README).
 
 Architectures: llava, llava_next, qwen2_vl, paligemma (what transformers itself defines).
 """
@@ -28,11 +34,13 @@ import transformers
 from PIL import Image
 from safetensors.numpy import save_file
 
+from mlx_weights import load_mlx_weights
+
 # Pixel tensors larger than this are summarized by their stats alone (the fixtures' size budget).
 PIXEL_BUDGET = 8 << 20
 
 
-def load(model_dir):
+def load(model_dir, weights_from=None):
     config = transformers.AutoConfig.from_pretrained(model_dir)
     # Images through PIL (resampling on the 8-bit image, as the shared fixtures were made), not
     # the torchvision backend transformers 5 picks by default; video processors keep theirs.
@@ -40,6 +48,8 @@ def load(model_dir):
     processor = transformers.AutoProcessor.from_pretrained(model_dir, image_processor=images)
     model = transformers.AutoModelForImageTextToText.from_pretrained(
         model_dir, dtype=torch.float64, attn_implementation="eager").eval()
+    if weights_from:
+        load_mlx_weights(model, weights_from)
     return config, processor, model
 
 
@@ -81,27 +91,45 @@ def rope_positions(model, inputs, ids):
     return pos, int(delta.reshape(-1)[0])
 
 
+def placeholder_ids(config):
+    """The token ids the processor expands for images and videos."""
+    return {getattr(config, k) for k in ("image_token_id", "image_token_index", "video_token_id")
+            if getattr(config, k, None) is not None}
+
+
 def forward(model, config, inputs, ids):
     """Logits (float64) of the whole sequence ids, the images re-encoded, no KV cache."""
     kw = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     kw.update(per_token(inputs, ids))
-    kw["input_ids"] = ids
     kw["attention_mask"] = torch.ones_like(ids)
+    n_prompt = inputs["input_ids"].shape[1]
     if config.model_type == "qwen2_vl":
         kw["position_ids"] = rope_positions(model, inputs, ids)[0]
     if config.model_type == "paligemma":
         # The prompt (prefix) attends bidirectionally; generated tokens causally.
-        n_prompt = inputs["input_ids"].shape[1]
         kw["token_type_ids"] = (torch.arange(ids.shape[1]) >= n_prompt).long().unsqueeze(0)
+    generated = ids[0, n_prompt:].tolist()
+    if "pixel_values" in inputs and placeholder_ids(config) & set(generated):
+        # A generated token that is an image placeholder is text (as generate() with a KV cache,
+        # and an engine, treat it); the model would count it as an image's, so the sequence goes
+        # in as embeddings: the prompt's image rows the projected features, the rest looked up.
+        embeds = model.get_input_embeddings()(ids).clone()
+        is_image = torch.isin(ids[0], torch.tensor(sorted(placeholder_ids(config))))
+        is_image[n_prompt:] = False
+        embeds[0, is_image] = projected_features(model, config, inputs).to(embeds.dtype)
+        for k in ("pixel_values", "image_grid_thw", "image_sizes", "pixel_values_videos", "video_grid_thw"):
+            kw.pop(k, None)
+        kw["inputs_embeds"] = embeds
+    else:
+        kw["input_ids"] = ids
     with torch.no_grad():
         out = model(**kw, use_cache=False)
     return out.logits[0].to(torch.float64)
 
 
-def image_features(model, config, inputs):
-    """The projector's output, one row per image token, float32 (None without images)."""
-    if "pixel_values" not in inputs:
-        return None
+def projected_features(model, config, inputs):
+    """The projector's output as the model places it at its image tokens: one row per image
+    token, float64."""
     kw = {"pixel_values": inputs["pixel_values"]}
     if config.model_type == "qwen2_vl":
         kw["image_grid_thw"] = inputs["image_grid_thw"]
@@ -113,7 +141,20 @@ def image_features(model, config, inputs):
         feats = feats.pooler_output
     if isinstance(feats, (list, tuple)):
         feats = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats])
-    return feats.reshape(-1, feats.shape[-1]).to(torch.float32).numpy()
+    return feats.reshape(-1, feats.shape[-1])
+
+
+def image_features(model, config, inputs):
+    """The fixtures' image_features: the projector's output, one row per image token, float32
+    (None without images). PaliGemma's are divided by sqrt(text hidden_size), which Gemma's
+    embedding scale multiplies back (transformers 4 divided there; 5 scales the text embeddings
+    alone), as the shared fixtures' README defines them."""
+    if "pixel_values" not in inputs:
+        return None
+    feats = projected_features(model, config, inputs)
+    if config.model_type == "paligemma":
+        feats = feats / config.text_config.hidden_size ** 0.5
+    return feats.to(torch.float32).numpy()
 
 
 def pixel_stats(pv, model_type):
@@ -125,7 +166,7 @@ def pixel_stats(pv, model_type):
     return torch.stack([flat.mean(-1), flat.abs().mean(-1)], -1).to(torch.float32).numpy()
 
 
-def run_case(model, processor, config, case, images_dir, steps):
+def run_case(model, processor, config, case, images_dir, steps, pixel_budget):
     text, inputs = model_inputs(processor, config, case, images_dir)
     ids = inputs["input_ids"]
     tensors, meta = {}, {"prompt_text": text, "n_prompt_tokens": int(ids.shape[1])}
@@ -137,7 +178,7 @@ def run_case(model, processor, config, case, images_dir, steps):
     if "pixel_values" in inputs:
         pv = inputs["pixel_values"]
         tensors["pixel_stats"] = pixel_stats(pv, config.model_type)
-        if pv.numel() * 4 <= PIXEL_BUDGET:
+        if pv.numel() * 4 <= pixel_budget:
             tensors["pixel_values"] = pv.to(torch.float32).numpy()
         feats = image_features(model, config, inputs)
         tensors["image_features"] = feats
@@ -182,7 +223,7 @@ def run_case(model, processor, config, case, images_dir, steps):
     return tensors, meta
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model_dir", type=Path)
     p.add_argument("cases", type=Path)
@@ -191,30 +232,39 @@ def main():
                                                               "folder's ../images, as in the shared fixtures)")
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--only", default="", help="comma-separated case names (default: all)")
-    a = p.parse_args()
+    p.add_argument("--pixel-budget", type=int, default=PIXEL_BUDGET,
+                   help="pixel tensors larger than this many bytes are kept as their stats alone")
+    p.add_argument("--weights-from", type=Path, default=None,
+                   help="an mlx-community twin of MODEL_DIR: its files and its weights, dequantized")
+    a = p.parse_args(argv)
     torch.manual_seed(0)
     images_dir = a.images or a.cases.resolve().parent.parent / "images"
-    config, processor, model = load(a.model_dir)
+    config, processor, model = load(a.model_dir, a.weights_from)
     if config.model_type not in ("llava", "llava_next", "qwen2_vl", "paligemma"):
         sys.exit(f"make_fixture: model_type '{config.model_type}' is not one this tool knows")
     listed = json.loads(a.cases.read_text())
     cases = [c for c in listed["cases"] if not a.only or c["name"] in a.only.split(",")]
     a.out_dir.mkdir(parents=True, exist_ok=True)
-    for f in sorted(a.model_dir.iterdir()):
+    for f in sorted((a.weights_from or a.model_dir).iterdir()):
         dest = a.out_dir / f.name
         if f.name not in ("cases.json", "expected.safetensors") and not dest.exists():
             dest.symlink_to(f.resolve())
     tensors, out_cases = {}, []
     for case in cases:
         print(f"make_fixture: {case['name']}", file=sys.stderr)
-        t, meta = run_case(model, processor, config, case, images_dir, a.steps)
+        t, meta = run_case(model, processor, config, case, images_dir, a.steps, a.pixel_budget)
         tensors.update({f"{case['name']}.{k}": np.ascontiguousarray(v) for k, v in t.items()})
         keep = {k: case[k] for k in ("name", "images", "messages", "prefix", "template_kwargs") if k in case}
         out_cases.append({**keep, **meta})
-    header = {"model": a.model_dir.name, "arch": config.model_type,
+    header = {"model": (a.weights_from or a.model_dir).name, "arch": config.model_type,
               "reference": f"transformers {transformers.__version__}, torch {torch.__version__}, float64, eager "
-                           "attention, no KV cache (each step re-runs the whole sequence)",
+                           "attention, no KV cache (each step re-runs the whole sequence)"
+                           + (", on the dequantized weights" if a.weights_from else ""),
               "steps": a.steps}
+    if a.weights_from:
+        twin = json.loads((a.weights_from / "config.json").read_text())
+        header["source_fixture"] = a.model_dir.name
+        header["quantization"] = twin.get("quantization")
     (a.out_dir / "cases.json").write_text(json.dumps({**header, "cases": out_cases}, indent=1, ensure_ascii=False) + "\n")
     save_file(tensors, str(a.out_dir / "expected.safetensors"))
 

@@ -1,14 +1,13 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """Reference logits for a rotating KV cache (mlx-lm's RotatingKVCache, `--max-kv-size`), from
-Hugging Face transformers in float64 (../shared/tools/hf-reference).
+Hugging Face transformers in float64.
 
 A rotating cache of N rows keeps the first 4 tokens and the N - 4 most recent ones; every token's
 K and V are computed when it is fed, from what the cache holds then. That is one forward pass
 over the whole sequence with the attention mask "query j sees key k when k <= j and (j < N or
 k < 4 or k > j - (N - 4))", which transformers takes as a 4-D additive mask.
 
-  PYTHONPATH=~/hf-reference/site HF_HUB_OFFLINE=1 /usr/bin/python3 tools/rotating_cache_reference.py \
-      MODEL_DIR IDS.json N > tests/data/rotating_cache/NAME.json
+  tools/reference/run rotating_cache_reference.py MODEL_DIR IDS.json N > tests/data/rotating_cache/NAME.json
 
 IDS.json: the prompt ids and the generated ids (e.g. `vkvlm generate --json --max-kv-size N`'s
 prompt_tokens + tokens). Writes, per position, the five largest logits as [id, value] pairs.
@@ -26,7 +25,7 @@ KEEP = 4
 def main():
     model_dir, ids_file, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
     ids = json.load(open(ids_file))
-    model = T.Qwen2VLForConditionalGeneration.from_pretrained(model_dir, torch_dtype=torch.float64).eval()
+    model = T.Qwen2VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float64).eval()
     length = len(ids)
     mask = torch.full((1, 1, length, length), torch.finfo(torch.float64).min, dtype=torch.float64)
     for j in range(length):
