@@ -117,7 +117,8 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, QuantizedKvReference,
                                          ReferenceRun{"qwen2vl-mlx4", "describe", 8, 32},
                                          ReferenceRun{"qwen2vl-mlx4", "text_only", 8, 32},
                                          ReferenceRun{"qwen2vl-mlx4", "two_turns", 8, 32},
-                                         ReferenceRun{"paligemma-bf16", "gray", 8, 32}),
+                                         ReferenceRun{"paligemma-bf16", "gray", 8, 32},
+                                         ReferenceRun{"paligemma-bf16", "no_prefix", 8, 32}),
                          [](const auto& info) {
                            return test_name(info.param.model + "_" + info.param.case_name + "_q" +
                                             std::to_string(info.param.bits));
