@@ -202,49 +202,40 @@ MlpActivation mlp_activation(const std::string& act, const std::string& where, c
 
 }  // namespace
 
-const std::vector<std::string>& text_families() {
-  static const std::vector<std::string> f = {"llama", "mistral", "phi3", "qwen2", "gemma"};
-  return f;
+int TextConfig::smallest_window() const {
+  int w = 0;
+  for (const LayerTraits& l : layers)
+    if (l.window > 0 && (w == 0 || l.window < w)) w = l.window;
+  return w;
 }
 
-TextConfig parse_text_config(const json& j, const std::string& where, const std::string& family) {
+TextConfig parse_text_config(const json& j, const std::string& where, const TextDefaults& d) {
   ConfigFields f(j, where);
   TextConfig t;
-  t.family = family.empty() ? f.string("model_type", "llama") : family;
-  const auto& known = text_families();
-  if (std::find(known.begin(), known.end(), t.family) == known.end()) {
-    std::string list;
-    for (auto& k : known) list += (list.empty() ? "" : ", ") + k;
-    fail(where, ": language model type '", t.family, "' is not supported (", list, " are)");
-  }
-  const bool gemma = t.family == "gemma";
+  t.family = d.family;
   t.vocab_size = f.integer_in("vocab_size", 1, k_max_vocab);
   t.hidden_size = f.integer_in("hidden_size", 1, k_max_width);
   t.intermediate_size = f.integer_in("intermediate_size", 1, k_max_width);
   t.num_layers = f.integer_in("num_hidden_layers", 1, k_max_layers);
   t.num_heads = int(f.integer_in("num_attention_heads", 1, k_max_heads));
   t.num_kv_heads = int(f.integer_in("num_key_value_heads", t.num_heads, 1, t.num_heads));
-  const int64_t default_head_dim = gemma ? 256 : t.hidden_size / t.num_heads;
+  const int64_t default_head_dim = d.head_dim ? d.head_dim : t.hidden_size / t.num_heads;
   t.head_dim = int(f.integer_in("head_dim", default_head_dim, 1, 256));
   if (t.head_dim < 2 || t.head_dim % 2) fail(where, ": head_dim ", t.head_dim, " must be an even number of at least 2");
   t.max_position = f.integer_in("max_position_embeddings", 4096, 1, k_max_positions);
   t.rms_eps = f.number_in("rms_norm_eps", 1e-6, 1e-12, 1.0);
-  if (gemma) {
-    // transformers' Gemma takes hidden_activation and falls back to the tanh GELU (not to
-    // hidden_act, which older configs set to "gelu").
-    t.mlp_activation = mlp_activation(f.string("hidden_activation", "gelu_pytorch_tanh"), where, "hidden_activation");
-    t.norm_plus_one = true;
-    t.embed_scale = std::sqrt(double(t.hidden_size));
-  } else {
-    t.mlp_activation = mlp_activation(f.string("hidden_act", "silu"), where, "hidden_act");
-  }
-  t.attention_bias = f.boolean("attention_bias", t.family == "qwen2");
-  t.tie_embeddings = f.boolean("tie_word_embeddings", gemma);
-  if (f.has("sliding_window") && !gemma && f.boolean("use_sliding_window", t.family != "qwen2"))
-    t.sliding_window = int(f.integer_in("sliding_window", 1, k_max_positions));
+  LayerTraits layer;
+  layer.activation = mlp_activation(f.string(d.activation_key.c_str(), d.activation), where, d.activation_key.c_str());
+  t.norm_plus_one = d.norm_plus_one;
+  if (d.embed_scale_sqrt_hidden) t.embed_scale = std::sqrt(double(t.hidden_size));
+  t.attention_bias = f.boolean("attention_bias", d.attention_bias);
+  t.tie_embeddings = f.boolean("tie_word_embeddings", d.tie_embeddings);
+  if (d.sliding_window && f.has("sliding_window") && f.boolean("use_sliding_window", d.use_sliding_window))
+    layer.window = int(f.integer_in("sliding_window", 1, k_max_positions));
   if (t.num_heads % t.num_kv_heads)
     fail(where, ": num_attention_heads (", t.num_heads, ") must be a multiple of num_key_value_heads (", t.num_kv_heads, ")");
   parse_rope(f, t);
+  t.layers.assign(size_t(t.num_layers), layer);
   return t;
 }
 

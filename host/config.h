@@ -69,6 +69,14 @@ struct RopeConfig {
 // The decoder's activation in its gated MLP: down(act(gate) * up).
 enum class MlpActivation { Silu, GeluTanh };
 
+// One decoder layer's traits, built once from the config (by the family's defaults, or by an
+// architecture whose layers differ); the forward pass branches on a layer's traits, never on a
+// family's name.
+struct LayerTraits {
+  int window = 0;  // sliding attention window in tokens (0: the whole context)
+  MlpActivation activation = MlpActivation::Silu;
+};
+
 // A pre-norm decoder (Llama, Mistral, Phi-3, Qwen2, Gemma): sizes, and the traits that tell
 // the families apart, read from the config rather than from the family's name.
 struct TextConfig {
@@ -77,21 +85,34 @@ struct TextConfig {
   int num_heads = 0, num_kv_heads = 0, head_dim = 0;
   int64_t max_position = 4096;
   double rms_eps = 1e-6;
-  MlpActivation mlp_activation = MlpActivation::Silu;
   bool attention_bias = false;   // q/k/v biases (Qwen2)
   bool tie_embeddings = false;   // the output head is the embedding
   bool norm_plus_one = false;    // RMSNorm multiplies by (1 + w) (Gemma)
   double embed_scale = 1.0;      // input embeddings are multiplied by it (Gemma: sqrt(hidden))
-  int sliding_window = 0;
   RopeConfig rope;
+  std::vector<LayerTraits> layers;  // [num_layers]
+
+  // The smallest sliding window of any layer (0: no layer has one).
+  int smallest_window() const;
 };
 
-// The decoder families vkvlm runs, for messages.
-const std::vector<std::string>& text_families();
+// What a decoder family's config class assumes where config.json is silent, and which keys it
+// reads: each family's are in models/arch/text_families.cpp, next to the architectures.
+struct TextDefaults {
+  std::string family;
+  int head_dim = 0;                      // 0: hidden_size / num_attention_heads
+  std::string activation_key = "hidden_act", activation = "silu";
+  bool norm_plus_one = false;            // RMSNorm multiplies by (1 + w)
+  bool embed_scale_sqrt_hidden = false;  // input embeddings multiplied by sqrt(hidden_size)
+  bool attention_bias = false;
+  bool tie_embeddings = false;
+  bool sliding_window = true;            // the family reads sliding_window at all
+  bool use_sliding_window = true;        // use_sliding_window's default when sliding_window is set
+};
 
 // A language model's config: `j` is config.json itself for plain causal LMs, or its
-// text_config. `family` overrides j's model_type (e.g. phi3 for phi3_v, qwen2 for qwen2_vl).
-TextConfig parse_text_config(const nlohmann::json& j, const std::string& where, const std::string& family = "");
+// text_config, read with its family's defaults; every layer gets the same traits.
+TextConfig parse_text_config(const nlohmann::json& j, const std::string& where, const TextDefaults& family);
 
 // A ViT as CLIP and SigLIP configs describe it (vision_config).
 struct VisionConfig {

@@ -178,7 +178,6 @@ void LanguageModel::run_layers(gpu::Recorder& rec, const std::vector<Span>& span
 
   const auto sections = cfg_.rope.sections.empty() ? gpu::RopeSections{}
                                                    : gpu::RopeSections::of_sizes(cfg_.rope.sections, cfg_.rope.rot_dim);
-  const gpu::BinaryOp glu = cfg_.mlp_activation == MlpActivation::GeluTanh ? gpu::BinaryOp::GeluTanhMul : gpu::BinaryOp::SiluMul;
   const float eps = float(cfg_.rms_eps);
   // Each span's attention parameters: its rows are the whole pass as far as its cache knows.
   std::vector<gpu::AttentionParams> aps;
@@ -188,14 +187,12 @@ void LanguageModel::run_layers(gpu::Recorder& rec, const std::vector<Span>& span
     ap.kv_heads = KV;
     ap.head_dim = D;
     ap.causal = true;
-    ap.window = cfg_.sliding_window;
     ap.scale = float(1.0 / std::sqrt(double(D)));
     ap.T_total = s.count;
     ap.prefix_end = s.rows->prefix_end;
-    if (s.rows->rotating) {  // mlx-lm's RotatingKVCache: no window mask, the kept rows stay visible
+    if (s.rows->rotating) {  // mlx-lm's RotatingKVCache: the kept rows stay visible
       if (s.count != 1) fail("internal: a rotating cache decodes one row at a time");
       ap.rotating = true;
-      ap.window = 0;
     }
     aps.push_back(ap);
   }
@@ -209,6 +206,11 @@ void LanguageModel::run_layers(gpu::Recorder& rec, const std::vector<Span>& span
   if (cfg_.embed_scale != 1.0) gpu::unary(rec, gpu::UnaryOp::Identity, x, x, float(cfg_.embed_scale));
   for (size_t l = 0; l < layers_.size(); ++l) {
     const DecoderLayer& L = layers_[l];
+    const LayerTraits& traits = cfg_.layers[l];
+    // A rotating cache's decode step sees every row it kept: no window mask.
+    for (gpu::AttentionParams& ap : aps) ap.window = ap.rotating ? 0 : traits.window;
+    const gpu::BinaryOp glu =
+        traits.activation == MlpActivation::GeluTanh ? gpu::BinaryOp::GeluTanhMul : gpu::BinaryOp::SiluMul;
     gpu::rmsnorm(rec, x, L.attn_norm, eps, cfg_.norm_plus_one, h);
     L.qkv.run(rec, h, qkv, false, var);
     // Each step for every span before the next step: the spans' dispatches touch disjoint rows,

@@ -1,8 +1,8 @@
 #pragma once
 // The decoder-only language model (Llama, Mistral, Phi-3, Qwen2, Gemma families) as a sequence
 // of GPU ops, reading top to bottom like llama2.c's forward pass. What tells the families apart
-// is data: the traits in TextConfig (RMSNorm (1 + w), embedding scale, SiLU or GeLU-tanh gated
-// MLP, q/k/v biases, tied head, M-RoPE sections).
+// is data: the traits in TextConfig (RMSNorm (1 + w), embedding scale, q/k/v biases, tied head,
+// M-RoPE sections) and each layer's own (its attention window, its MLP's activation).
 #include <algorithm>
 #include <cstdint>
 #include <string>

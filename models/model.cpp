@@ -38,6 +38,34 @@ std::string image_url_of(const Messages& part) {
   return "";
 }
 
+// `vkvlm info`'s lines for the decoder's kinds of layers: each distinct set of traits, how many
+// layers have it and which ("layers 0-4, 6: sliding window 512, GeGLU").
+std::vector<std::string> layer_kinds(const TextConfig& t) {
+  auto name = [](const LayerTraits& l) {
+    std::string s = l.window > 0 ? "sliding window " + std::to_string(l.window) : std::string("global attention");
+    return s + (l.activation == MlpActivation::GeluTanh ? ", GeGLU MLP" : ", SwiGLU MLP");
+  };
+  std::vector<std::pair<std::string, std::vector<int>>> kinds;  // in order of first appearance
+  for (size_t i = 0; i < t.layers.size(); ++i) {
+    const std::string n = name(t.layers[i]);
+    auto it = std::find_if(kinds.begin(), kinds.end(), [&](const auto& k) { return k.first == n; });
+    if (it == kinds.end()) it = kinds.insert(kinds.end(), {n, {}});
+    it->second.push_back(int(i));
+  }
+  std::vector<std::string> out;
+  for (const auto& [n, idx] : kinds) {
+    std::string ranges;
+    for (size_t i = 0; i < idx.size();) {
+      size_t j = i;
+      while (j + 1 < idx.size() && idx[j + 1] == idx[j] + 1) ++j;
+      ranges += (ranges.empty() ? "" : ", ") + std::to_string(idx[i]) + (j > i ? "-" + std::to_string(idx[j]) : "");
+      i = j + 1;
+    }
+    out.push_back((idx.size() == 1 ? "layer " : "layers ") + ranges + ": " + n);
+  }
+  return out;
+}
+
 }  // namespace
 
 std::string default_model_dir() {
@@ -260,15 +288,15 @@ std::string Model::info(int64_t context_tokens, const KvFormat& kv_format) const
   os << "architecture: " << cfg_.model_type << (cfg_.architecture.empty() ? "" : " (" + cfg_.architecture + ")")
      << (cfg_.arch->prefix_lm() ? ", prefix-LM attention over the prompt" : "") << "\n";
   os << "language model: " << t.family << ", " << t.num_layers << " layers, hidden " << t.hidden_size << ", MLP "
-     << t.intermediate_size << (t.mlp_activation == MlpActivation::GeluTanh ? " (GeGLU)" : " (SwiGLU)") << ", " << t.num_heads
+     << t.intermediate_size << ", " << t.num_heads
      << " heads (" << t.num_kv_heads << " KV) of " << t.head_dim << ", vocabulary " << t.vocab_size << ", max positions "
      << t.max_position << ", rope " << t.rope.type << " theta " << t.rope.theta;
   if (!t.rope.sections.empty()) {
     os << ", M-RoPE sections";
     for (int s : t.rope.sections) os << " " << s;
   }
-  if (t.sliding_window) os << ", sliding window " << t.sliding_window;
   os << "\n";
+  for (const std::string& kind : layer_kinds(t)) os << "  " << kind << "\n";
   if (vision_)
     for (auto& line : vision_->describe()) os << line << "\n";
   os << "weights: " << lm_->format_summary() << " (language model); " << gb(weight_bytes()) << " on the GPU\n";
@@ -355,9 +383,9 @@ Session::Session(Model& model, int64_t context_tokens, bool rotating, const KvFo
     fail("the context must hold between 2 and 2^30 tokens, not ", context_tokens);
   if (rotating && context_tokens <= kRotatingKeep + 1)
     fail("a rotating KV cache needs more than ", kRotatingKeep + 1, " rows, not ", context_tokens);
-  if (rotating && t.sliding_window > 0 && context_tokens > t.sliding_window)
-    fail("a rotating KV cache of ", context_tokens, " rows is larger than the model's sliding window of ", t.sliding_window,
-         " tokens; use at most that");
+  if (rotating && t.smallest_window() > 0 && context_tokens > t.smallest_window())
+    fail("a rotating KV cache of ", context_tokens, " rows is larger than the model's sliding window of ",
+         t.smallest_window(), " tokens; use at most that");
   // Like the reference, positions past max_position_embeddings are allowed (RoPE extends to
   // them); the CLI warns when a context goes beyond what the model was trained for.
   capacity_ = context_tokens;

@@ -721,7 +721,8 @@ TEST(Cli, InfoAndDevices) {
     EXPECT_NE(qwen.out.find(w), std::string::npos) << w << " in\n" << qwen.out;
   CliRun pali = vkvlm({"info", "--model", fixtures_dir() + "/paligemma-bf16"});
   ASSERT_EQ(pali.rc, 0) << pali.err;
-  for (const char* w : {"architecture: paligemma", "prefix-LM", "gemma", "GeGLU", "SiglipImageProcessor", "256 image tokens per image"})
+  for (const char* w : {"architecture: paligemma", "prefix-LM", "gemma", "layers 0-1: global attention, GeGLU MLP",
+                        "SiglipImageProcessor", "256 image tokens per image"})
     EXPECT_NE(pali.out.find(w), std::string::npos) << w << " in\n" << pali.out;
   CliRun dev = vkvlm({"devices"});
   ASSERT_EQ(dev.rc, 0) << dev.err;

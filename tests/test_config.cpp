@@ -57,7 +57,10 @@ TEST(Config, EveryFixtureLayoutParses) {
   EXPECT_NEAR(c.text.rope.attention_factor, 1.1902380714238083, 1e-12);
   EXPECT_EQ(load_model_config(fixtures_dir() + "/llava15-mlx4").quantization.spec.bits, 4);
   EXPECT_EQ(load_model_config(fixtures_dir() + "/llava15-f16").text.rope.theta, 10000.0);
-  EXPECT_EQ(load_model_config(fixtures_dir() + "/llavanext-bf16-legacy").text.sliding_window, 4096);
+  // Mistral's sliding window, on every layer; Qwen2 writes one but leaves it off.
+  for (const LayerTraits& l : load_model_config(fixtures_dir() + "/llavanext-bf16-legacy").text.layers)
+    EXPECT_EQ(l.window, 4096);
+  EXPECT_EQ(load_model_config(fixtures_dir() + "/qwen2vl-bf16").text.smallest_window(), 0);
   // Qwen2-VL: a Qwen2 decoder with q/k/v biases, tied head and M-RoPE sections [4, 6, 6].
   for (const char* m : {"qwen2vl-bf16", "qwen2vl-mlx4"}) {
     auto q = load_model_config(fixtures_dir() + "/" + m);
@@ -79,7 +82,8 @@ TEST(Config, EveryFixtureLayoutParses) {
     EXPECT_EQ(p.text.family, "gemma") << m;
     EXPECT_TRUE(p.text.norm_plus_one);
     EXPECT_DOUBLE_EQ(p.text.embed_scale, std::sqrt(128.0));
-    EXPECT_EQ(p.text.mlp_activation, MlpActivation::GeluTanh);
+    ASSERT_EQ(p.text.layers.size(), size_t(p.text.num_layers));
+    for (const LayerTraits& l : p.text.layers) EXPECT_EQ(l.activation, MlpActivation::GeluTanh);
     EXPECT_EQ(p.text.head_dim, 32);
     EXPECT_EQ(p.text.num_kv_heads, 1);
     EXPECT_TRUE(p.text.tie_embeddings);

@@ -4,6 +4,7 @@
 
 #include "gpu/error.h"
 #include "gpu/recorder.h"
+#include "models/arch/text_families.h"
 
 namespace vkvlm {
 namespace arch {
@@ -12,7 +13,8 @@ using gpu::Mat;
 using gpu::Tensor;
 
 void read_llava_config(const ConfigFields& top, ModelConfig& c, LlavaSettings& s) {
-  c.text = parse_text_config(top.object("text_config").raw(), top.where() + " text_config");
+  const ConfigFields text = top.object("text_config");
+  c.text = parse_text_config(text.raw(), text.where(), text_family(text.string("model_type", "llama"), text.where()));
   VisionConfig clip;  // CLIP ViT-L/14-336, what a vision_config leaves out
   clip.model_type = "clip_vision_model";
   s.vision = parse_vision_config(top.object("vision_config").raw(), top.where() + " vision_config", clip);

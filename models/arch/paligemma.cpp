@@ -7,6 +7,7 @@
 #include "gpu/error.h"
 #include "gpu/recorder.h"
 #include "models/arch/architecture.h"
+#include "models/arch/text_families.h"
 #include "models/vit.h"
 
 namespace vkvlm {
@@ -100,7 +101,7 @@ class Paligemma : public Architecture {
  public:
   void read_config(const ConfigFields& top, const std::string& dir, ModelConfig& c) const override {
     auto s = std::make_shared<PaligemmaSettings>();
-    c.text = parse_text_config(top.object("text_config").raw(), top.where() + " text_config", "gemma");
+    c.text = parse_text_config(top.object("text_config").raw(), top.where() + " text_config", text_family("gemma", top.where()));
     VisionConfig siglip;  // SigLIP So400m/14 at 224 pixels: what a vision_config leaves out
     siglip.model_type = "siglip_vision_model";
     siglip.hidden_size = 1152;

@@ -8,6 +8,7 @@
 #include "gpu/error.h"
 #include "gpu/recorder.h"
 #include "models/arch/architecture.h"
+#include "models/arch/text_families.h"
 #include "models/vit.h"
 
 namespace vkvlm {
@@ -137,7 +138,7 @@ class Phi3v : public Architecture {
  public:
   void read_config(const ConfigFields& top, const std::string& dir, ModelConfig& c) const override {
     auto s = std::make_shared<Phi3vSettings>();
-    c.text = parse_text_config(top.raw(), top.where(), "phi3");
+    c.text = parse_text_config(top.raw(), top.where(), text_family("phi3", top.where()));
     // A real Phi-3-Vision config has no vision_config: it means CLIP ViT-L/14 at 336 pixels.
     VisionConfig clip;
     clip.model_type = "clip_vision_model";

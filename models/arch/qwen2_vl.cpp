@@ -6,6 +6,7 @@
 #include "gpu/error.h"
 #include "gpu/recorder.h"
 #include "models/arch/architecture.h"
+#include "models/arch/text_families.h"
 #include "models/vit.h"
 
 namespace vkvlm {
@@ -129,8 +130,9 @@ class Qwen2vl : public Architecture {
     auto s = std::make_shared<Qwen2vlSettings>();
     // transformers 4 and mlx-vlm keep the language model's fields at the top; transformers 5
     // moves them into text_config.
-    c.text = top.has_object("text_config") ? parse_text_config(top.object("text_config").raw(), top.where() + " text_config", "qwen2")
-                                           : parse_text_config(top.raw(), top.where(), "qwen2");
+    const TextDefaults& qwen2 = text_family("qwen2", top.where());
+    c.text = top.has_object("text_config") ? parse_text_config(top.object("text_config").raw(), top.where() + " text_config", qwen2)
+                                           : parse_text_config(top.raw(), top.where(), qwen2);
     if (c.text.rope.sections.empty())
       fail(top.where(), ": Qwen2-VL needs M-RoPE (rope_scaling with mrope_section), which the config does not give");
     const int64_t V = c.text.vocab_size;
