@@ -6,6 +6,8 @@
 #include <cstring>
 
 #include "gpu/error.h"
+#include "gpu/shader_variants.h"
+#include "shaders/push_constants.h"
 
 namespace vkvlm::gpu {
 namespace {
@@ -146,16 +148,6 @@ WeightRows weight_rows(Recorder& rec, const Weight& w) {
   return r;
 }
 
-struct MatmulPush {
-  uint32_t M, N, K;
-  uint32_t x_off, x_stride;
-  uint32_t w_off, w_stride;
-  uint32_t s_off, s_stride;
-  uint32_t bias_off;
-  uint32_t y_off, y_stride;
-  uint32_t flags;
-  uint32_t group_size;
-};
 
 }  // namespace
 
@@ -240,10 +232,11 @@ void matmul(Recorder& rec, const Mat& x, const Weight& w, const Tensor* bias, co
     fail("internal: the cooperative-matrix GEMM is not available here (device, f16 input or failed self-check)");
   if (var.matmul == Variant::Matmul::Auto && !lanes && !gemv && !x16 && M >= 64) coop = coopmat_usable(rec.context());
   const bool sg = use_subgroup(rec, var);
-  const std::string shader = coop    ? std::string("gemm_coopmat_") + w_suffix(w.format)
-                             : lanes ? std::string("matmul_lanes_") + w_suffix(w.format) + (x16 ? "_x16" : "_x32")
-                                     : std::string(gemv ? "gemv_" : "gemm_") + w_suffix(w.format) + (x16 ? "_x16" : "_x32") +
-                                           (gemv && sg ? "_sg" : "");
+  const variant::MatmulKernel kernel = coop    ? variant::MatmulKernel::Coopmat
+                                      : lanes ? variant::MatmulKernel::Lanes
+                                      : gemv  ? variant::MatmulKernel::Gemv
+                                              : variant::MatmulKernel::Gemm;
+  const std::string shader = variant::matmul(kernel, w.format, x16, gemv && sg);
 
   // Split W by output rows so that each chunk (and its scales) fits one binding.
   const WeightRows wr = weight_rows(rec, w);
@@ -274,7 +267,7 @@ void matmul(Recorder& rec, const Mat& x, const Weight& w, const Tensor* bias, co
       Bound bw = bind_mat(rec, 1, wc, false);
       Bound by = bind_mat(rec, 5, yc, true);
       std::vector<Binding> bindings = {bx.binding, bw.binding, by.binding};
-      MatmulPush pc{};
+      push::Matmul pc{};
       pc.M = u32(mm, "M");
       pc.N = u32(nn, "N");
       pc.K = u32(K, "K");
@@ -378,7 +371,7 @@ bool coopmat_usable(Context& ctx) {
     tiled.matmul = Variant::Matmul::Gemm;
     gpu::matmul(rec, Mat::of(x), w, nullptr, Mat::of(a), false, tiled);
     // Dispatched directly: matmul's coopmat path would ask for this very verdict.
-    MatmulPush pc{};
+    push::Matmul pc{};
     pc.M = uint32_t(M);
     pc.N = uint32_t(N);
     pc.K = uint32_t(K);
@@ -387,7 +380,7 @@ bool coopmat_usable(Context& ctx) {
     pc.y_stride = uint32_t(N);
     Bound bx = bind_whole(rec, 0, x, false), bw = bind_whole(rec, 1, w.data, false), by = bind_whole(rec, 5, b, true);
     Binding bias{4, bw.binding.buffer, bw.binding.offset, 16, false};
-    rec.dispatch(ctx.pipelines().get("gemm_coopmat_f32", {128, 0u}), {bx.binding, bw.binding, bias, by.binding}, &pc,
+    rec.dispatch(ctx.pipelines().get(variant::matmul(variant::MatmulKernel::Coopmat, WeightFormat::F32, false, false), {128, 0u}), {bx.binding, bw.binding, bias, by.binding}, &pc,
                  sizeof(pc), uint32_t(ceil_div(N, 64)), uint32_t(ceil_div(M, 64)));
     rec.submit();
     auto va = ctx.read<float>(a), vb = ctx.read<float>(b);
@@ -408,14 +401,6 @@ bool coopmat_usable(Context& ctx) {
 // normalization
 
 namespace {
-struct NormPush {
-  uint32_t rows, cols;
-  uint32_t x_off, x_stride;
-  uint32_t y_off, y_stride;
-  uint32_t w_off, b_off;
-  float eps;
-  uint32_t flags;
-};
 
 void norm(Recorder& rec, bool rms, const Mat& x, const Tensor& weight, const Tensor* bias, float eps, bool plus_one,
           const Mat& y, const Variant& var) {
@@ -425,7 +410,7 @@ void norm(Recorder& rec, bool rms, const Mat& x, const Tensor& weight, const Ten
   if (weight.dtype() != DType::F32 || weight.numel() < x.cols) fail("internal: norm weight must be f32 [cols]");
   if (bias && (bias->dtype() != DType::F32 || bias->numel() < x.cols)) fail("internal: norm bias must be f32 [cols]");
   const bool sg = use_subgroup(rec, var);
-  const std::string shader = std::string(rms ? "rmsnorm" : "layernorm") + (sg ? "_sg" : "");
+  const std::string shader = variant::norm(rms, sg);
   const uint32_t wg = reduce_wg(rec);
   const auto& pl = rec.context().pipelines().get(shader, {wg});
   int64_t chunk = std::min({rows_per_binding(rec, x), rows_per_binding(rec, y), k_max_grid_rows * 64});
@@ -434,7 +419,7 @@ void norm(Recorder& rec, bool rms, const Mat& x, const Tensor& weight, const Ten
     Bound by = bind_mat(rec, 3, y.row_range(r0, n), true);
     Bound bw = bind_whole(rec, 1, weight, false);
     std::vector<Binding> b = {bx.binding, by.binding, bw.binding};
-    NormPush pc{u32(n, "rows"), u32(x.cols, "cols"), bx.shift, u32(x.stride, "stride"), by.shift,
+    push::Norm pc{u32(n, "rows"), u32(x.cols, "cols"), bx.shift, u32(x.stride, "stride"), by.shift,
                 u32(y.stride, "stride"), bw.shift, 0, eps, plus_one ? 1u : 0u};
     if (bias) {
       Bound bb = bind_whole(rec, 2, *bias, false);
@@ -512,12 +497,8 @@ void rope(Recorder& rec, const Mat& x, int heads, int head_dim, int rot_dim, Rop
   const int64_t pos_chunk = rows_per_binding(rec, tmat);
   const int64_t t_chunk = std::min(rows_per_binding(rec, x), k_max_grid_rows);
   const uint32_t wg = pick_wg(rec, 64);
-  const auto& pl = rec.context().pipelines().get("rope", {wg});
-  struct {
-    uint32_t T, heads, head_dim, rot_dim, x_off, x_stride, pos_off, sections, bound0, bound1, bound2, mode;
-    int32_t pos_begin, pos_end;
-    uint32_t table_off;
-  } pc;
+  const auto& pl = rec.context().pipelines().get(variant::k_rope, {wg});
+  push::Rope pc;
   auto bound = [&](int i) { return uint32_t(std::min<int64_t>(sec.bounds[i], half)); };
   for_chunks(x.rows, t_chunk, [&](int64_t t0, int64_t tn) {
     Bound bx = bind_mat(rec, 0, x.row_range(t0, tn), true);
@@ -588,16 +569,14 @@ void kv_append(Recorder& rec, const Mat& src, const KvRows& cache, const Tensor&
   if (kv_dim % 2) fail("internal: kv_append needs an even row width");
   const int64_t t_chunk = std::min(rows_per_binding(rec, src), k_max_grid_rows);
   const uint32_t wg = pick_wg(rec, 64);
-  struct {
-    uint32_t T, kv_dim, src_off, src_stride, row_off, row_begin, row_end, cache_off, param_off, group_size;
-  } pc;
+  push::KvAppend pc;
   int64_t base = 0;  // the segment's first cache row
   for (const KvMat& seg : cache) {
     check_kv_segment(seg, kv_dim, "KV cache");
     if (!seg.bits && seg.data.t.dtype() != DType::F16) fail("internal: the KV cache must be f16 or quantized");
     if (seg.data.stride != seg.data.cols || (seg.bits && seg.params.stride != seg.params.cols))
       fail("internal: KV cache segments must be dense");
-    const auto& pl = rec.context().pipelines().get(seg.bits ? std::string("kv_append_") + kv_kind(seg) : "kv_append", {wg});
+    const auto& pl = rec.context().pipelines().get(variant::kv_append(seg.bits ? seg.bits : 16), {wg});
     const int64_t row_chunk = kv_rows_per_binding(rec, seg);
     const int64_t row_words = seg.bits ? seg.data.cols : kv_dim / 2;  // 32-bit words per cache row
     const int64_t groups = seg.bits ? kv_dim / seg.group_size : 0;
@@ -663,11 +642,14 @@ void attention(Recorder& rec, const Mat& q, const KvRows& k, const KvRows& v, co
   const int64_t T = q.rows;
   if (T == 0) return;
   if (keys == 0) fail("internal: attention over zero keys");
-  if (ap.prefix_end < 0 || ap.block < 0 || ap.window < 0) fail("internal: negative attention mask parameter");
+  if (ap.window < 0) fail("internal: negative attention window");
+  if (ap.spans.valid() && (ap.spans.dtype() != DType::I32 || ap.spans.numel() < (ap.spans_row + ap.T_total) * 2 ||
+                           ap.spans_row < 0))
+    fail("internal: attention spans must be I32 pairs for every query of the pass");
   const auto& prof = rec.context().profile();
   const bool rows_path = var.attention == Variant::Attention::Rows ||
                          (var.attention == Variant::Attention::Auto && T <= 4);
-  if (ap.rotating && (!rows_path || ap.window || ap.block || first_row.numel() < index + 2))
+  if (ap.rotating && (!rows_path || ap.window || ap.spans.valid() || first_row.numel() < index + 2))
     fail("internal: rotating-cache attention is for the rows path without masks, with a row count beside the row");
 
   // Keys per binding, and how the keys split into partial results: a dispatch reads one
@@ -697,30 +679,26 @@ void attention(Recorder& rec, const Mat& q, const KvRows& k, const KvRows& v, co
 
   // Tiled path: BR queries x BC keys per step, sized to the device's shared memory.
   uint32_t br = 16, bc = 32;
-  auto tiled_shared = [&](uint32_t r, uint32_t c) { return 4ull * (r * D + c * D + r * c + 3 * r); };
+  auto tiled_shared = [&](uint32_t r, uint32_t c) { return 4ull * (r * D + c * D + r * c + 5 * r); };
   while (tiled_shared(br, bc) > prof.max_shared_memory && bc > 8) bc /= 2;
   while (tiled_shared(br, bc) > prof.max_shared_memory && br > 4) br /= 2;
   const uint32_t wg = pick_wg(rec, 128);
   auto pipeline = [&](const KvMat& m) -> const Pipeline& {
-    const std::string shader = rows_path ? std::string("attn_rows_") + kv_kind(m) + (use_subgroup(rec, var) ? "_sg" : "")
-                                         : std::string("attn_tiled_") + kv_kind(m);
+    const std::string shader = variant::attention(rows_path, kv_kind(m), rows_path && use_subgroup(rec, var));
     return rows_path ? rec.context().pipelines().get(shader, {wg, uint32_t(D), uint32_t(ceil_div(D, wg))})
                      : rec.context().pipelines().get(shader, {wg, br, bc, uint32_t(D), uint32_t(ceil_div(br * D, wg))});
   };
 
-  struct {
-    uint32_t T, H, HKV, q_off, q_stride, k_off, k_stride, v_off, v_stride, o_off, o_stride, row_off, key_begin, key_end,
-        flags, window;
-    float scale;
-    uint32_t part_index, n_parts, q_t0, T_total, split_size, prefix_end, block;
-    uint32_t kp_off, kp_stride, vp_off, vp_stride, group_size;
-  } pc;
+  push::Attention pc;
   static_assert(sizeof(pc) <= k_push_constant_bytes);
 
   for_chunks(T, q_chunk, [&](int64_t t0, int64_t tn) {
     Bound bq = bind_mat(rec, 0, q.row_range(t0, tn), false);
     Bound bo = bind_mat(rec, 4, out.row_range(t0, tn), true);
     Bound bs = bind_whole(rec, 3, first_row, false);
+    // The span buffer: the spans' rows of this chunk of queries (or, unread, the row buffer).
+    Bound bspan = ap.spans.valid() ? bind_whole(rec, 8, ap.spans, false) : bs;
+    bspan.binding.slot = 8;
     Tensor parts;
     Binding bparts = bo.binding;
     bparts.slot = 5;
@@ -742,11 +720,13 @@ void attention(Recorder& rec, const Mat& q, const KvRows& k, const KvRows& v, co
       pc = {u32(tn, "T"), u32(H, "H"), u32(HKV, "HKV"), bq.shift, u32(q.stride, "q stride"), bk.shift,
             u32(kp.data.stride, "k stride"), bv.shift, u32(vp.data.stride, "v stride"), bo.shift, u32(out.stride, "o stride"),
             bs.shift + uint32_t(index), u32(j0, "key"), u32(j0 + jn, "key"),
-            (ap.causal && !ap.rotating ? 1u : 0u) | (partial ? 2u : 0u) | (ap.rotating ? 4u : 0u), u32(ap.window, "window"), ap.scale, u32(part, "part"),
+            (ap.causal && !ap.rotating ? 1u : 0u) | (partial ? 2u : 0u) | (ap.rotating ? 4u : 0u) |
+                (ap.spans.valid() ? 8u : 0u),
+            u32(ap.window, "window"), ap.scale, u32(part, "part"),
             u32(n_parts, "parts"), u32(ap.q_t0 + t0, "q_t0"), u32(ap.T_total, "T_total"), split,
-            u32(ap.prefix_end, "prefix_end"), u32(ap.block, "block"), bkp.shift, u32(kp.params.stride, "k params stride"),
+            bspan.shift + u32(ap.spans_row * 2, "span row"), bkp.shift, u32(kp.params.stride, "k params stride"),
             bvp.shift, u32(vp.params.stride, "v params stride"), uint32_t(kp.group_size)};
-      std::vector<Binding> b = {bq.binding, bk.binding, bv.binding, bs.binding, bo.binding, bparts};
+      std::vector<Binding> b = {bq.binding, bk.binding, bv.binding, bs.binding, bo.binding, bparts, bspan.binding};
       if (kp.bits) {
         b.push_back(bkp.binding);
         b.push_back(bvp.binding);
@@ -762,10 +742,8 @@ void attention(Recorder& rec, const Mat& q, const KvRows& k, const KvRows& v, co
       }
     }
     if (partial) {
-      const auto& mpl = rec.context().pipelines().get("attn_merge", {pick_wg(rec, 64)});
-      struct {
-        uint32_t T, H, D, n_parts, o_off, o_stride;
-      } mpc{u32(tn, "T"), u32(H, "H"), u32(D, "D"), u32(n_parts, "parts"), bo.shift, u32(out.stride, "o stride")};
+      const auto& mpl = rec.context().pipelines().get(variant::k_attn_merge, {pick_wg(rec, 64)});
+      push::AttnMerge mpc{u32(tn, "T"), u32(H, "H"), u32(D, "D"), u32(n_parts, "parts"), bo.shift, u32(out.stride, "o stride")};
       Binding bp = bparts;
       bp.slot = 0;
       bp.writes = false;
@@ -811,11 +789,8 @@ void unary(Recorder& rec, UnaryOp op, const Mat& x, const Mat& y, float alpha) {
   check_f32(x, "unary x");
   check_f32(y, "unary y");
   if (x.rows != y.rows || x.cols != y.cols) fail("internal: unary shapes differ");
-  struct Push {
-    uint32_t rows, cols, x_off, x_stride, y_off, y_stride;
-    float alpha;
-  };
-  elementwise<Push>(rec, "unary", uint32_t(op), {x}, y, 1, [&](uint32_t n, const std::vector<uint32_t>& sh, uint32_t ys) {
+  using Push = push::Unary;
+  elementwise<Push>(rec, variant::k_unary, uint32_t(op), {x}, y, 1, [&](uint32_t n, const std::vector<uint32_t>& sh, uint32_t ys) {
     return Push{n, u32(x.cols, "cols"), sh[0], u32(x.stride, "stride"), ys, u32(y.stride, "stride"), alpha};
   });
 }
@@ -826,10 +801,8 @@ void binary(Recorder& rec, BinaryOp op, const Mat& a, const Mat& b, const Mat& y
   check_f32(y, "binary y");
   if (a.cols != y.cols || b.cols != y.cols || (a.rows != y.rows && a.stride != 0) || (b.rows != y.rows && b.stride != 0))
     fail("internal: binary shapes differ");
-  struct Push {
-    uint32_t rows, cols, a_off, a_stride, b_off, b_stride, y_off, y_stride;
-  };
-  elementwise<Push>(rec, "binary", uint32_t(op), {a, b}, y, 1, [&](uint32_t n, const std::vector<uint32_t>& sh, uint32_t ys) {
+  using Push = push::Binary;
+  elementwise<Push>(rec, variant::k_binary, uint32_t(op), {a, b}, y, 1, [&](uint32_t n, const std::vector<uint32_t>& sh, uint32_t ys) {
     return Push{n, u32(y.cols, "cols"), sh[0], u32(a.stride, "stride"), sh[1], u32(b.stride, "stride"), ys,
                 u32(y.stride, "stride")};
   });
@@ -839,21 +812,11 @@ void convert(Recorder& rec, const Mat& x, const Mat& y) {
   check_mat(x, "convert x");
   check_mat(y, "convert y");
   if (x.rows != y.rows || x.cols != y.cols) fail("internal: convert shapes differ");
-  auto name = [](DType t) -> std::string {
-    switch (t) {
-      case DType::F32: return "f32";
-      case DType::F16: return "f16";
-      case DType::BF16: return "bf16";
-      default: fail("internal: convert does not handle ", dtype_name(t));
-    }
-  };
-  const std::string shader = "convert_" + name(x.t.dtype()) + "_" + name(y.t.dtype());
+  const std::string shader = variant::convert(x.t.dtype(), y.t.dtype());
   if (!PipelineRegistry::has_shader(shader)) fail("internal: no conversion from ", dtype_name(x.t.dtype()), " to ", dtype_name(y.t.dtype()));
   const bool pairs = y.t.dtype() == DType::F16;
   if (pairs && (y.offset % 2 || y.stride % 2 || y.cols % 2)) fail("internal: f16 conversion output must be word aligned");
-  struct Push {
-    uint32_t rows, cols, x_off, x_stride, y_off, y_stride;
-  };
+  using Push = push::Convert;
   elementwise<Push>(rec, shader.c_str(), 0, {x}, y, pairs ? 2 : 1, [&](uint32_t n, const std::vector<uint32_t>& sh, uint32_t ys) {
     return Push{n, u32(x.cols, "cols"), sh[0], u32(x.stride, "stride"), ys, u32(y.stride, "stride")};
   });
@@ -872,12 +835,10 @@ void get_rows(Recorder& rec, const Weight& table, const Tensor& ids, int64_t ids
   const Mat& wmat = wr.data;
   const Mat &smat = wr.scales, &bmat = wr.biases;
   const int64_t row_chunk = wr.rows_per_chunk;
-  const std::string shader = std::string("get_rows_") + w_suffix(table.format);
+  const std::string shader = variant::get_rows(table.format);
   const uint32_t wg = pick_wg(rec, 64);
   const auto& pl = rec.context().pipelines().get(shader, {wg, table.scales_bf16 ? 1u : 0u});
-  struct {
-    uint32_t n_ids, cols, ids_off, w_off, w_stride, s_off, s_stride, group_size, y_off, y_stride, row_begin, row_end;
-  } pc;
+  push::GetRows pc;
   const int64_t id_chunk = std::min(rows_per_binding(rec, y), k_max_grid_rows);
   for_chunks(n, id_chunk, [&](int64_t i0, int64_t in) {
     Bound bid = bind_bytes(rec, 0, ids, uint64_t(ids_offset + i0) * 4, uint64_t(ids_offset + i0 + in) * 4, false, 4);
@@ -911,10 +872,8 @@ void patch_embed(Recorder& rec, const Tensor& pixels, int B, int C, int H, int W
   if (positions.numel() < tokens * E) fail("internal: position embeddings cover fewer than ", tokens, " tokens");
   if (y.rows != B * tokens) fail("internal: patch_embed output rows");
   const uint32_t wg = pick_wg(rec, 64);
-  const auto& pl = rec.context().pipelines().get("patch_embed", {wg});
-  struct {
-    uint32_t B, C, H, W, P, E, grid_w, n_patches, y_off, y_stride, flags;
-  } pc;
+  const auto& pl = rec.context().pipelines().get(variant::k_patch_embed, {wg});
+  push::PatchEmbed pc;
   const uint64_t image_bytes = uint64_t(C) * H * W * 4;
   for (int b = 0; b < B; ++b) {
     Bound bp = bind_bytes(rec, 0, pixels, image_bytes * b, image_bytes * (b + 1), false, 4);
@@ -942,10 +901,8 @@ void topk(Recorder& rec, const Mat& x, int k, const Tensor& values, const Tensor
   if (ids.dtype() != DType::U32 || ids.numel() < x.rows * k) fail("internal: topk ids must be u32 [rows, k]");
   const uint32_t seg = 1024;
   const uint32_t wg = pick_wg(rec, 128);
-  const auto& pl = rec.context().pipelines().get("topk", {wg, seg});
-  struct {
-    uint32_t rows, cols, x_off, x_stride, ids_off, ids_stride, has_ids, k, out_off, out_stride;
-  } pc;
+  const auto& pl = rec.context().pipelines().get(variant::k_topk, {wg, seg});
+  push::Topk pc;
   int64_t chunk = std::min(rows_per_binding(rec, x), k_max_grid_rows);
   for_chunks(x.rows, chunk, [&](int64_t r0, int64_t rn) {
     Mat in = x.row_range(r0, rn);
@@ -981,12 +938,9 @@ void topk(Recorder& rec, const Mat& x, int k, const Tensor& values, const Tensor
 void logsumexp(Recorder& rec, const Mat& x, float inv_temp, const Tensor& out, const Variant& var) {
   check_f32(x, "logsumexp x");
   if (out.dtype() != DType::F32 || out.numel() < x.rows) fail("internal: logsumexp output must be f32 [rows]");
-  const std::string shader = use_subgroup(rec, var) ? "logsumexp_sg" : "logsumexp";
+  const std::string shader = variant::logsumexp(use_subgroup(rec, var));
   const auto& pl = rec.context().pipelines().get(shader, {reduce_wg(rec)});
-  struct {
-    uint32_t rows, cols, x_off, x_stride, y_off;
-    float inv_temp;
-  } pc;
+  push::Logsumexp pc;
   int64_t chunk = std::min(rows_per_binding(rec, x), k_max_grid_rows);
   for_chunks(x.rows, chunk, [&](int64_t r0, int64_t rn) {
     Bound bx = bind_mat(rec, 0, x.row_range(r0, rn), false);
@@ -1002,13 +956,10 @@ void repeat_penalty(Recorder& rec, const Mat& row, const Tensor& ids, int64_t n,
   if (row.rows != 1) fail("internal: repeat_penalty takes one logits row");
   if (n == 0) return;
   const uint32_t wg = pick_wg(rec, 64);
-  const auto& pl = rec.context().pipelines().get("repeat_penalty", {wg});
+  const auto& pl = rec.context().pipelines().get(variant::k_repeat_penalty, {wg});
   Bound bi = bind_bytes(rec, 0, ids, 0, uint64_t(n) * 4, false, 4);
   Bound bx = bind_mat(rec, 1, row, true);
-  struct {
-    uint32_t n_ids, ids_off, x_off;
-    float penalty;
-  } pc{u32(n, "ids"), bi.shift, bx.shift, penalty};
+  push::RepeatPenalty pc{u32(n, "ids"), bi.shift, bx.shift, penalty};
   rec.dispatch(pl, {bi.binding, bx.binding}, &pc, sizeof(pc), uint32_t(ceil_div(n, wg)));
 }
 

@@ -131,8 +131,12 @@ struct AttentionParams {
   float scale = 0.125f;
   int64_t T_total = 0;     // queries in this forward pass (keys exist below first row + T_total)
   int64_t q_t0 = 0;        // index of q's first row within the forward pass
-  int64_t prefix_end = 0;  // prefix-LM: keys at rows below it are visible to every query (0: none)
-  int64_t block = 0;       // block-diagonal: row i sees key j only when i / block == j / block (0: off)
+  // The mask as data: each query's span, I32 [rows, 2] of [begin, end) KV rows (begin == end:
+  // none), the pass's query i at row spans_row + i. A causal query sees its span whole besides
+  // the keys up to its row (PaliGemma's prefix, Gemma 3's image blocks); a query that is not
+  // causal sees only its span (a vision tower's images). Invalid: no spans.
+  Tensor spans;
+  int64_t spans_row = 0;
   // A rotating KV cache (decode, one query row): the keys are the rows [0, first_row[index + 1]),
   // every one visible, whatever their order (their positions are in their RoPE, not their rows).
   bool rotating = false;
@@ -140,7 +144,7 @@ struct AttentionParams {
 // out [T, heads*head_dim] = attention of q [T, heads*head_dim] over keys/values k, v
 // [keys, kv_heads*head_dim] (f32, an f16 cache, or a cache of f16 and quantized segments, read
 // as stored: no dequantized copy). Query t is at KV row first_row[index] + q_t0 + t; the masks
-// (causal, window, prefix, block) compare KV rows, except in a rotating cache.
+// (causal, window, spans) compare KV rows, except in a rotating cache.
 void attention(Recorder& rec, const Mat& q, const KvRows& k, const KvRows& v, const Mat& out, const Tensor& first_row,
                int index, const AttentionParams& params, const Variant& var = {});
 inline void attention(Recorder& rec, const Mat& q, const Mat& k, const Mat& v, const Mat& out, const Tensor& first_row,

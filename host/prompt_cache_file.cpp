@@ -6,6 +6,41 @@
 
 namespace vkvlm {
 
+namespace {
+
+// "BEGIN-END,..." -> spans, each within [0, rows), sorted and disjoint.
+std::vector<std::pair<int64_t, int64_t>> parse_spans(const std::string& v, int64_t rows, const std::string& path) {
+  std::vector<std::pair<int64_t, int64_t>> out;
+  size_t i = 0;
+  auto number = [&]() {
+    const size_t start = i;
+    int64_t x = 0;
+    while (i < v.size() && v[i] >= '0' && v[i] <= '9' && i - start < 12) x = x * 10 + (v[i++] - '0');
+    if (i == start) fail("prompt cache ", path, ": 'bidirectional' is '", v, "', not spans BEGIN-END,...");
+    return x;
+  };
+  while (i < v.size()) {
+    const int64_t b = number();
+    if (i >= v.size() || v[i++] != '-') fail("prompt cache ", path, ": 'bidirectional' is '", v, "', not spans BEGIN-END,...");
+    const int64_t e = number();
+    if (b >= e || e > rows || (!out.empty() && b < out.back().second))
+      fail("prompt cache ", path, ": its bidirectional spans '", v, "' are not sorted, disjoint spans within its ", rows,
+           " rows");
+    out.push_back({b, e});
+    if (i < v.size() && (v[i++] != ',' || i == v.size()))
+      fail("prompt cache ", path, ": 'bidirectional' is '", v, "', not spans BEGIN-END,...");
+  }
+  return out;
+}
+
+}  // namespace
+
+std::string format_spans(const std::vector<std::pair<int64_t, int64_t>>& spans) {
+  std::string s;
+  for (const auto& [b, e] : spans) s += (s.empty() ? "" : ",") + std::to_string(b) + "-" + std::to_string(e);
+  return s;
+}
+
 PromptCacheContents read_prompt_cache(const SafetensorsFile& file, const std::string& path, const PromptCacheLayout& expect) {
   const auto& meta = file.metadata();
   auto field = [&](const char* key) -> std::string {
@@ -28,8 +63,9 @@ PromptCacheContents read_prompt_cache(const SafetensorsFile& file, const std::st
   };
   if (meta.count("format") == 0 || meta.at("format") != k_prompt_cache_format)
     fail(path, " is not a vkvlm prompt cache (vkvlm cache-prompt writes them)");
-  if (field("version") != k_prompt_cache_version)
-    fail("prompt cache ", path, " has format version ", field("version"), "; this vkvlm reads version ", k_prompt_cache_version);
+  const std::string version = field("version");
+  if (version != k_prompt_cache_version && version != "1")
+    fail("prompt cache ", path, " has format version ", version, "; this vkvlm reads versions 1 and ", k_prompt_cache_version);
   if (field("model_fingerprint") != expect.fingerprint)
     fail("prompt cache ", path, " was made with another model (", field("model"), ", fingerprint ", field("model_fingerprint"),
          ") than ", expect.model, " (fingerprint ", expect.fingerprint, ")");
@@ -44,7 +80,11 @@ PromptCacheContents read_prompt_cache(const SafetensorsFile& file, const std::st
   if (c.rows >= expect.capacity)
     fail("prompt cache ", path, " holds ", c.rows, " tokens; a context of ", expect.capacity,
          " tokens cannot continue it (raise the context size, e.g. --ctx)");
-  c.prefix_end = number("prefix_end", 0, c.rows);
+  if (version == "1") {
+    if (const int64_t prefix_end = number("prefix_end", 0, c.rows)) c.bidirectional.push_back({0, prefix_end});
+  } else {
+    c.bidirectional = parse_spans(field("bidirectional"), c.rows, path);
+  }
   c.long_factors = number("rope_long_factors", 0, 1) == 1;
   auto tensor = [&](const std::string& name, StDType dtype, std::vector<int64_t> shape) -> const StTensor& {
     auto it = file.tensors().find(name);

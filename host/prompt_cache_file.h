@@ -13,7 +13,9 @@
 namespace vkvlm {
 
 inline constexpr const char* k_prompt_cache_format = "vkvlm-prompt-cache";
-inline constexpr const char* k_prompt_cache_version = "1";
+// Version 2 lists the prompt's bidirectional spans ("bidirectional": "BEGIN-END,..."); version 1
+// files, with a prefix-LM boundary ("prefix_end"), are read too.
+inline constexpr const char* k_prompt_cache_version = "2";
 
 // One tensor per layer and side holding part of the KV rows: "k.L" + suffix, dtype, the cache
 // rows [first_row, end_row) it can hold, cols per row. An f16 cache is one plane ("", F16);
@@ -37,13 +39,17 @@ struct PromptCacheLayout {
 };
 
 struct PromptCacheContents {
-  int64_t rows = 0, prefix_end = 0;
+  int64_t rows = 0;
+  std::vector<std::pair<int64_t, int64_t>> bidirectional;  // [begin, end) row spans, sorted, disjoint
   bool long_factors = false;
   std::vector<uint64_t> keys;                      // [rows]
   // Per layer, per plane: [plane rows, cols], inside the file's mapping (null: no rows there).
   std::vector<std::vector<const StTensor*>> k, v;
   std::map<std::string, std::string> metadata;
 };
+
+// "BEGIN-END,BEGIN-END": the metadata value of bidirectional spans.
+std::string format_spans(const std::vector<std::pair<int64_t, int64_t>>& spans);
 
 // Checks `file` (opened from `path`) against `expect`; throws naming the file and what differs.
 PromptCacheContents read_prompt_cache(const SafetensorsFile& file, const std::string& path, const PromptCacheLayout& expect);

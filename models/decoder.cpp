@@ -145,20 +145,20 @@ void LanguageModel::embed(gpu::Recorder& rec, const Tensor& ids, int64_t offset,
 
 void LanguageModel::forward(gpu::Recorder& rec, const KvCache& cache, const Mat& x, const ForwardRows& rows,
                             const Tensor& rope_table, const Mat* logits) const {
-  run_layers(rec, {Span{&cache, &rows, &rope_table, 0, x.rows}}, x, rows.as_decode_steps, logits);
+  run_layers(rec, {SequenceRows{&cache, &rows, &rope_table, 0, x.rows}}, x, rows.as_decode_steps, logits);
 }
 
 void LanguageModel::forward_batch(gpu::Recorder& rec, const std::vector<Sequence>& sequences, const Mat& x,
                                   const Mat& logits) const {
   if (int64_t(sequences.size()) != x.rows || logits.rows != x.rows)
     fail("internal: a batched step has ", sequences.size(), " sequences for ", x.rows, " rows");
-  std::vector<Span> spans;
+  std::vector<SequenceRows> parts;
   for (size_t b = 0; b < sequences.size(); ++b)
-    spans.push_back({sequences[b].cache, &sequences[b].rows, sequences[b].rope_table, int64_t(b), 1});
-  run_layers(rec, spans, x, /*as_decode_steps=*/true, &logits);
+    parts.push_back({sequences[b].cache, &sequences[b].rows, sequences[b].rope_table, int64_t(b), 1});
+  run_layers(rec, parts, x, /*as_decode_steps=*/true, &logits);
 }
 
-void LanguageModel::run_layers(gpu::Recorder& rec, const std::vector<Span>& spans, const Mat& x, bool as_decode_steps,
+void LanguageModel::run_layers(gpu::Recorder& rec, const std::vector<SequenceRows>& parts, const Mat& x, bool as_decode_steps,
                                const Mat* logits) const {
   const int64_t T = x.rows, E = cfg_.hidden_size, I = cfg_.intermediate_size;
   const int H = cfg_.num_heads, KV = cfg_.num_kv_heads, D = cfg_.head_dim;
@@ -181,7 +181,7 @@ void LanguageModel::run_layers(gpu::Recorder& rec, const std::vector<Span>& span
   const float eps = float(cfg_.rms_eps);
   // Each span's attention parameters: its rows are the whole pass as far as its cache knows.
   std::vector<gpu::AttentionParams> aps;
-  for (const Span& s : spans) {
+  for (const SequenceRows& s : parts) {
     gpu::AttentionParams ap;
     ap.heads = H;
     ap.kv_heads = KV;
@@ -189,7 +189,8 @@ void LanguageModel::run_layers(gpu::Recorder& rec, const std::vector<Span>& span
     ap.causal = true;
     ap.scale = float(1.0 / std::sqrt(double(D)));
     ap.T_total = s.count;
-    ap.prefix_end = s.rows->prefix_end;
+    ap.spans = s.rows->spans;
+    ap.spans_row = s.rows->spans_row;
     if (s.rows->rotating) {  // mlx-lm's RotatingKVCache: the kept rows stay visible
       if (s.count != 1) fail("internal: a rotating cache decodes one row at a time");
       ap.rotating = true;
@@ -213,21 +214,21 @@ void LanguageModel::run_layers(gpu::Recorder& rec, const std::vector<Span>& span
         traits.activation == MlpActivation::GeluTanh ? gpu::BinaryOp::GeluTanhMul : gpu::BinaryOp::SiluMul;
     gpu::rmsnorm(rec, x, L.attn_norm, eps, cfg_.norm_plus_one, h);
     L.qkv.run(rec, h, qkv, false, var);
-    // Each step for every span before the next step: the spans' dispatches touch disjoint rows,
+    // Each step for every sequence before the next step: their dispatches touch disjoint rows,
     // so a batch needs three barriers here whatever its size.
-    for (const Span& s : spans) {
+    for (const SequenceRows& s : parts) {
       const ForwardRows& r = *s.rows;
       gpu::rope(rec, q.row_range(s.first, s.count), H, D, cfg_.rope.rot_dim, gpu::RopeMode::RotateHalf, *s.rope_table,
                 r.positions, r.positions_row, sections);
       gpu::rope(rec, k.row_range(s.first, s.count), KV, D, cfg_.rope.rot_dim, gpu::RopeMode::RotateHalf, *s.rope_table,
                 r.positions, r.positions_row, sections);
     }
-    for (const Span& s : spans) {
+    for (const SequenceRows& s : parts) {
       gpu::kv_append(rec, k.row_range(s.first, s.count), s.cache->k[l], s.rows->kv_row, s.rows->kv_row_index);
       gpu::kv_append(rec, v.row_range(s.first, s.count), s.cache->v[l], s.rows->kv_row, s.rows->kv_row_index);
     }
-    for (size_t i = 0; i < spans.size(); ++i) {
-      const Span& s = spans[i];
+    for (size_t i = 0; i < parts.size(); ++i) {
+      const SequenceRows& s = parts[i];
       gpu::attention(rec, q.row_range(s.first, s.count), s.cache->k[l], s.cache->v[l], attn.row_range(s.first, s.count),
                      s.rows->kv_row, s.rows->kv_row_index, aps[i], var);
     }

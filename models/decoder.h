@@ -63,7 +63,10 @@ struct ForwardRows {
   int kv_row_index = 0;
   gpu::Tensor positions;       // I32 [rows, positions per token]: the RoPE positions
   int64_t positions_row = 0;   // the row of `positions` the pass's first row reads
-  int64_t prefix_end = 0;      // prefix-LM: KV rows below it are visible to every row
+  // Rows that also see a span whole (PaliGemma's prefix, Gemma 3's image blocks): I32
+  // [rows, 2] of [begin, end) KV rows, the pass's row i at spans_row + i; invalid: none.
+  gpu::Tensor spans;
+  int64_t spans_row = 0;
   // Compute each row exactly as a one-row decode step does (the GEMV and the per-row attention
   // kernels whatever the row count), so that speculative verification reproduces decoding.
   bool as_decode_steps = false;
@@ -108,13 +111,13 @@ class LanguageModel {
 
  private:
   // Rows [first, first + count) of a forward pass: one sequence's cache and positions.
-  struct Span {
+  struct SequenceRows {
     const KvCache* cache;
     const ForwardRows* rows;
     const gpu::Tensor* rope_table;
     int64_t first, count;
   };
-  void run_layers(gpu::Recorder& rec, const std::vector<Span>& spans, const gpu::Mat& x, bool as_decode_steps,
+  void run_layers(gpu::Recorder& rec, const std::vector<SequenceRows>& parts, const gpu::Mat& x, bool as_decode_steps,
                   const gpu::Mat* logits) const;
 
   gpu::Context& ctx_;

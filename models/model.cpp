@@ -262,8 +262,9 @@ Prompt Model::build_cacheable_prompt(const Messages& messages, const std::vector
   Prompt p = build_prompt(messages, images, vars, /*add_generation_prompt=*/false);
   const Prompt asked = build_prompt(messages, images, vars, /*add_generation_prompt=*/true);
   int64_t shared = int64_t(shared_prefix(p.keys, asked.keys));
-  // A bidirectional prefix is cacheable whole or not at all.
-  if (p.prefix_end > 0 && shared < p.prefix_end) shared = 0;
+  // A bidirectional span is cacheable whole or not at all.
+  for (const BidirectionalSpan& b : p.bidirectional)
+    if (b.begin < shared && shared < b.end) shared = b.begin;
   if (keep_leading_rows(p, shared) == 0)
     fail("the conversation has no prefix that its continuations keep (its template renders it differently when it goes on)");
   return p;
@@ -402,7 +403,7 @@ Session::~Session() = default;
 void Session::reset() {
   wrapped_ = false;
   cached_keys_.clear();
-  cached_prefix_end_ = 0;
+  cached_spans_.clear();
   drafting_.reset();
 }
 
@@ -428,8 +429,8 @@ int64_t Session::prefill(const Prompt& prompt, const std::vector<Tensor>& featur
   for (int64_t c0 = from; c0 < to;) {
     if (cancelled && c0 > from && cancelled()) return c0;
     int64_t n = std::min(k_prefill_chunk, to - c0);
-    // A bidirectional prefix's rows see each other: the rest of it goes in one pass.
-    if (c0 < prompt.prefix_end) n = std::max(n, std::min(prompt.prefix_end, to) - c0);
+    // A bidirectional span's rows see each other: a pass holds a span whole.
+    n = std::min(end_outside_spans(prompt.bidirectional, c0 + n), to) - c0;
     gpu::Recorder rec(ctx_);
     std::vector<int32_t> ids(prompt.ids.begin() + c0, prompt.ids.begin() + c0 + n);
     for (auto& id : ids)
@@ -449,7 +450,11 @@ int64_t Session::prefill(const Prompt& prompt, const std::vector<Tensor>& featur
     ctx_.upload(rows.kv_row, &first, 4);
     rows.positions = rec.scratch(gpu::DType::I32, {n, comps}, "positions");
     ctx_.upload(rows.positions, prompt.positions.data() + c0 * comps, size_t(n * comps) * 4);
-    rows.prefix_end = prompt.prefix_end;
+    if (!prompt.bidirectional.empty()) {
+      const std::vector<int32_t> pairs = span_rows(prompt.bidirectional, c0, c0 + n);
+      rows.spans = rec.scratch(gpu::DType::I32, {n, 2}, "attention spans");
+      ctx_.upload(rows.spans, pairs.data(), pairs.size() * 4);
+    }
     Mat logits = Mat::of(logits_);
     lm.forward(rec, cache_, x, rows, rope_table_, c0 + n == to ? &logits : nullptr);
     rec.submit();
@@ -460,12 +465,9 @@ int64_t Session::prefill(const Prompt& prompt, const std::vector<Tensor>& featur
 
 int64_t Session::reusable_rows(const Prompt& prompt, bool long_factors) const {
   if (long_factors != rope_long_) return 0;  // cached keys were rotated with the other factors
-  const int64_t common = int64_t(shared_prefix(cached_keys_, prompt.keys));
-  // A bidirectional prefix's rows depend on the whole prefix: they are reusable only when the
-  // cached rows were computed with the same prefix, whole.
-  if ((prompt.prefix_end || cached_prefix_end_) && (prompt.prefix_end != cached_prefix_end_ || common < prompt.prefix_end))
-    return 0;
-  return common;
+  // A bidirectional span's rows depend on the whole span: they are reusable only when the cached
+  // rows were computed with the same span, whole.
+  return rows_valid_under(cached_spans_, prompt.bidirectional, int64_t(shared_prefix(cached_keys_, prompt.keys)));
 }
 
 Session::Prepared Session::prepare(const Prompt& prompt, const CancelCheck& cancelled) {
@@ -476,7 +478,7 @@ Session::Prepared Session::prepare(const Prompt& prompt, const CancelCheck& canc
          capacity_, " tokens (raise ", rotating_ ? "--max-kv-size" : "the context size, e.g. --ctx", ")");
   const int comps = model_.config().text.rope.positions_per_token();
   if (prompt.keys.size() != prompt.ids.size() || prompt.position_components != comps ||
-      prompt.positions.size() != prompt.ids.size() * size_t(comps) || prompt.prefix_end < 0 || prompt.prefix_end > N)
+      prompt.positions.size() != prompt.ids.size() * size_t(comps) || !valid_spans(prompt.bidirectional, N))
     fail("internal: the prompt's rows, keys and positions disagree");
   // The RoPE table must cover every prompt position and every position decoding can reach.
   int64_t largest = prompt.next_position + (capacity_ - N);
@@ -506,11 +508,10 @@ Session::Prepared Session::prepare(const Prompt& prompt, const CancelCheck& canc
 
   auto t0 = std::chrono::steady_clock::now();
   const int64_t reached = prefill(prompt, p.features, p.reused, N, cancelled);
-  // A bidirectional prefix is only whole or nothing; causal rows are kept as far as they got.
-  const int64_t kept = reached < N && prompt.prefix_end > 0 ? 0 : reached;
-  cached_keys_.assign(prompt.keys.begin(), prompt.keys.begin() + kept);
+  // Rows are kept as far as prefill got (its passes never cut a span), with the spans they hold.
+  cached_keys_.assign(prompt.keys.begin(), prompt.keys.begin() + reached);
   wrapped_ = false;  // the rows follow the conversation again
-  cached_prefix_end_ = kept ? prompt.prefix_end : 0;
+  cached_spans_ = spans_within(prompt.bidirectional, reached);
   p.cancelled = reached < N;
   p.prefill_seconds = seconds_since(t0);
   return p;
@@ -713,7 +714,7 @@ void Session::switch_to_long_factors(const Prompt& prompt, const std::vector<int
   ensure_rope(true, rope_positions_);
   prefill(all, features, 0, all.size());
   cached_keys_ = all.keys;
-  cached_prefix_end_ = all.prefix_end;
+  cached_spans_ = all.bidirectional;
 }
 
 namespace {

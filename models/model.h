@@ -272,7 +272,7 @@ class Session {
   std::unique_ptr<Drafting> drafting_;  // while this session drafts for another
   KvCache cache_;
   std::vector<uint64_t> cached_keys_;
-  int64_t cached_prefix_end_ = 0;  // the prefix-LM boundary the cached rows were computed with
+  std::vector<BidirectionalSpan> cached_spans_;  // the bidirectional spans the cached rows were computed with
   bool rope_long_ = false;
   int64_t rope_positions_ = 0;     // positions rope_table_ covers
   gpu::Tensor rope_table_;         // f32 [rope_positions_, rot/2, 2] for the current factors

@@ -81,8 +81,57 @@ int64_t keep_leading_rows(Prompt& p, int64_t rows) {
   for (const auto& s : p.spans)
     if (s.position + s.length <= rows) spans.push_back(s);
   p.spans = std::move(spans);
-  p.prefix_end = std::min(p.prefix_end, rows);
+  // A span cut short is still whole in what is kept (a shorter prefix); spans past it go.
+  std::vector<BidirectionalSpan> kept;
+  for (BidirectionalSpan b : p.bidirectional)
+    if (b.begin < rows) kept.push_back({b.begin, std::min(b.end, rows)});
+  p.bidirectional = std::move(kept);
   return rows;
+}
+
+bool valid_spans(const std::vector<BidirectionalSpan>& spans, int64_t rows) {
+  int64_t end = 0;
+  for (const BidirectionalSpan& b : spans) {
+    if (b.begin < end || b.end <= b.begin || b.end > rows) return false;
+    end = b.end;
+  }
+  return true;
+}
+
+int64_t rows_valid_under(const std::vector<BidirectionalSpan>& cached, const std::vector<BidirectionalSpan>& spans,
+                         int64_t common) {
+  int64_t valid = common;
+  for (const auto* list : {&cached, &spans})
+    for (const BidirectionalSpan& b : *list) {
+      if (b.begin >= valid) break;
+      const bool both = std::find(cached.begin(), cached.end(), b) != cached.end() &&
+                        std::find(spans.begin(), spans.end(), b) != spans.end();
+      if (!both || b.end > common) valid = b.begin;
+    }
+  return valid;
+}
+
+std::vector<BidirectionalSpan> spans_within(const std::vector<BidirectionalSpan>& spans, int64_t rows) {
+  std::vector<BidirectionalSpan> out;
+  for (const BidirectionalSpan& b : spans)
+    if (b.end <= rows) out.push_back(b);
+  return out;
+}
+
+int64_t end_outside_spans(const std::vector<BidirectionalSpan>& spans, int64_t to) {
+  for (const BidirectionalSpan& b : spans)
+    if (b.begin < to && to < b.end) return b.end;
+  return to;
+}
+
+std::vector<int32_t> span_rows(const std::vector<BidirectionalSpan>& spans, int64_t from, int64_t to) {
+  std::vector<int32_t> out(size_t(2 * (to - from)), 0);
+  for (const BidirectionalSpan& b : spans)
+    for (int64_t r = std::max(b.begin, from); r < std::min(b.end, to); ++r) {
+      out[size_t(2 * (r - from))] = int32_t(b.begin);
+      out[size_t(2 * (r - from) + 1)] = int32_t(b.end);
+    }
+  return out;
 }
 
 }  // namespace vkvlm

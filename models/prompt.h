@@ -30,6 +30,13 @@ struct ImageSpan {
   size_t image = 0;  // index into Prompt::images
 };
 
+// Rows [begin, end) of a causal prompt that see each other whole: PaliGemma's prefix (the whole
+// prompt), Gemma 3's image blocks. The attention layout of a prompt is a list of these.
+struct BidirectionalSpan {
+  int64_t begin = 0, end = 0;
+  bool operator==(const BidirectionalSpan&) const = default;
+};
+
 struct Prompt {
   // Token ids; image rows hold the model's image token (Phi-3-Vision: -k for image k, 1-based,
   // as its processor makes them).
@@ -41,7 +48,7 @@ struct Prompt {
   int position_components = 1;      // RoPE positions per token (3 for M-RoPE)
   std::vector<int32_t> positions;   // [rows, position_components]
   int64_t next_position = 0;        // the first generated token's position; each next one adds 1
-  int64_t prefix_end = 0;           // prefix-LM: rows below it see each other whole (0: causal)
+  std::vector<BidirectionalSpan> bidirectional;  // sorted, disjoint (none: causal throughout)
 
   int64_t size() const { return int64_t(ids.size()); }
 };
@@ -53,6 +60,21 @@ size_t shared_prefix(const std::vector<T>& a, const std::vector<T>& b) {
   while (n < a.size() && n < b.size() && a[n] == b[n]) ++n;
   return n;
 }
+
+// Whether spans are sorted, disjoint, non-empty and within rows [0, rows).
+bool valid_spans(const std::vector<BidirectionalSpan>& spans, int64_t rows);
+// Of `common` leading rows that a prompt with `spans` shares with rows computed under `cached`,
+// how many stay valid: a span's rows depend on the whole span, so a span counts only when both
+// have it and it ends within the shared rows; the rows from its start are recomputed otherwise.
+int64_t rows_valid_under(const std::vector<BidirectionalSpan>& cached, const std::vector<BidirectionalSpan>& spans,
+                         int64_t common);
+// The spans wholly within rows [0, rows).
+std::vector<BidirectionalSpan> spans_within(const std::vector<BidirectionalSpan>& spans, int64_t rows);
+// `to`, moved to the end of any span it would cut: a pass must hold a span whole.
+int64_t end_outside_spans(const std::vector<BidirectionalSpan>& spans, int64_t to);
+// The attention kernels' per-row data for rows [from, to): each row's span as [begin, end)
+// (rows outside every span: [0, 0)), I32 pairs.
+std::vector<int32_t> span_rows(const std::vector<BidirectionalSpan>& spans, int64_t from, int64_t to);
 
 // Identity of a prompt row for KV reuse: text tokens by id, image rows by image and offset.
 uint64_t text_key(int32_t id);

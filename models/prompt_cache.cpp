@@ -77,6 +77,8 @@ int64_t Session::save_prompt_cache(const Prompt& prompt, const std::string& path
         ctx_.download(plane_tensor(side[0] == 'k' ? cache_.k[l] : cache_.v[l], planes, i), kv.back().data(), bytes);
         tensors.push_back({layer_name(side, l) + pl.suffix, pl.dtype, {pl.rows_of(rows), pl.cols}, kv.back().data(), bytes});
       }
+  std::vector<std::pair<int64_t, int64_t>> spans;
+  for (const BidirectionalSpan& b : prompt.bidirectional) spans.push_back({b.begin, b.end});
   std::ostringstream images;
   for (size_t i = 0; i < prompt.images.size(); ++i) images << (i ? "," : "") << std::hex << prompt.images[i].hash;
   std::map<std::string, std::string> meta = notes;
@@ -89,7 +91,7 @@ int64_t Session::save_prompt_cache(const Prompt& prompt, const std::string& path
       {"layers", std::to_string(cache_.k.size())},
       {"kv_width", std::to_string(width)},
       {"rows", std::to_string(rows)},
-      {"prefix_end", std::to_string(prompt.prefix_end)},
+      {"bidirectional", format_spans(spans)},
       {"rope_long_factors", rope_long_ ? "1" : "0"},
       {"images", images.str()},
       {"prompt", prompt.text},
@@ -121,7 +123,8 @@ Session::LoadedPromptCache Session::load_prompt_cache(const std::string& path) {
     }
   ensure_rope(c.long_factors, rope_positions_);
   cached_keys_ = std::move(c.keys);
-  cached_prefix_end_ = c.prefix_end;
+  cached_spans_.clear();
+  for (const auto& [b, e] : c.bidirectional) cached_spans_.push_back({b, e});
   return {c.rows, std::move(c.metadata)};
 }
 

@@ -166,7 +166,15 @@ void VisionTransformer::blocks(gpu::Recorder& rec, const Mat& x, int64_t block, 
   ap.causal = false;
   ap.scale = float(1.0 / std::sqrt(double(D)));
   ap.T_total = rows;
-  ap.block = block == rows ? 0 : block;
+  if (block < rows) {  // crops batched: each attends to itself alone
+    std::vector<int32_t> pairs(size_t(2 * rows));
+    for (int64_t r = 0; r < rows; ++r) {
+      pairs[size_t(2 * r)] = int32_t(r / block * block);
+      pairs[size_t(2 * r + 1)] = int32_t(std::min(rows, (r / block + 1) * block));
+    }
+    ap.spans = rec.scratch(gpu::DType::I32, {rows, 2}, "vision attention spans");
+    ctx_.upload(ap.spans, pairs.data(), pairs.size() * 4);
+  }
   const float eps = float(shape_.eps);
   const auto sections = gpu::RopeSections::of_sizes({D / 4, D / 4}, D);
   for (const Block& B : blocks_) {

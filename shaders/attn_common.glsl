@@ -8,25 +8,14 @@
 // is read from the row buffer. Masks work on KV rows (not RoPE positions). Keys j in
 // [key_begin, key_end) are bound, the first at k_off/v_off; keys at or past first + T_total do
 // not exist yet.
-layout(push_constant) uniform Params {
-  uint T, H, HKV;
-  uint q_off, q_stride;
-  uint k_off, k_stride;
-  uint v_off, v_stride;
-  uint o_off, o_stride;
-  uint row_off;
-  uint key_begin, key_end;
-  uint flags;  // 1: causal, 2: write partial (acc, max, sum) instead of the output, 4: rotating
-              // cache (keys are a set: rows below first_row[row_off + 1] are all visible; no mask)
-  uint window;  // sliding window: key j is visible from row i when i - j < window (0: off)
-  float scale;
-  uint part_index, n_parts;
-  uint q_t0, T_total;
-  uint split_size;  // keys per workgroup (attn_rows)
-  uint prefix_end;  // prefix-LM: keys below it are visible to every query despite causality
-  uint block;       // block-diagonal: key j is visible from row i only when j / block == i / block (0: off)
-  uint kp_off, kp_stride, vp_off, vp_stride, group_size;  // quantized K/V: the (scale, bias) words
-} p;
+//
+// The mask is data: a causal query sees the keys up to its own row (within the sliding window),
+// and, when the span buffer is bound (flag 8), also every key of the span its row belongs to
+// (PaliGemma's prefix, Gemma 3's image blocks); a query that is not causal sees every key, or
+// only its span's (a vision tower's images, block-diagonal). Spans are [begin, end) in KV rows,
+// one pair per query of the pass (begin == end: none).
+#define PUSH_ATTENTION
+#include "push_constants.h"
 
 layout(binding = 0) readonly buffer QBuf { float qs[]; };
 #ifdef KV_F16
@@ -74,22 +63,29 @@ float v_at(uint j, uint kvh, uint d) { return vs[p.v_off + (j - p.key_begin) * p
 layout(binding = 3) readonly buffer RowBuf { int first_row[]; };
 layout(binding = 4) writeonly buffer OBuf { float os[]; };
 layout(binding = 5) writeonly buffer PartBuf { float parts[]; };
+layout(binding = 8) readonly buffer SpanBuf { int spans[]; };
 
-bool key_visible(uint j, uint row) {
-  if (p.block != 0u && j / p.block != row / p.block) return false;
-  if (p.window != 0u && j + p.window <= row) return false;
-  if ((p.flags & 1u) != 0u && j > row && j >= p.prefix_end) return false;
-  return true;
+// The keys [lo, hi) the pass's query i (at KV row `row`) sees: one contiguous range.
+uvec2 visible_keys(uint i, uint row) {
+  uvec2 r = uvec2(0u, 0xffffffffu);
+  if ((p.flags & 1u) != 0u) r = uvec2(p.window != 0u && row + 1u > p.window ? row + 1u - p.window : 0u, row + 1u);
+  if ((p.flags & 8u) != 0u) {
+    const uint b = uint(spans[p.span_off + 2u * i]), e = uint(spans[p.span_off + 2u * i + 1u]);
+    if (e > b) r = (p.flags & 1u) != 0u ? uvec2(min(r.x, b), max(r.y, e)) : uvec2(b, e);
+  }
+  return r;
 }
 
-// The keys [kb, ke) that can be visible from rows [first, last], within [kb, ke) given.
-void visible_range(uint first, uint last, inout uint kb, inout uint ke) {
-  if ((p.flags & 1u) != 0u) ke = min(ke, max(last + 1, p.prefix_end));
-  if (p.window != 0u && first + 1 > p.window) kb = max(kb, first + 1 - p.window);
-  if (p.block != 0u) {
-    kb = max(kb, first / p.block * p.block);
-    ke = min(ke, (last / p.block + 1) * p.block);
+// The keys [kb, ke) that can be visible from the pass's queries [i0, i1] (KV rows from row0),
+// within [kb, ke) given.
+void visible_range(uint i0, uint i1, uint row0, inout uint kb, inout uint ke) {
+  uvec2 r = visible_keys(i0, row0);
+  for (uint i = i0 + 1u; i <= i1; ++i) {
+    const uvec2 ri = visible_keys(i, row0 + (i - i0));
+    r = uvec2(min(r.x, ri.x), max(r.y, ri.y));
   }
+  kb = max(kb, r.x);
+  ke = min(ke, r.y);
 }
 
 // Writes one output element, or the partial result when the keys are split across dispatches.

@@ -6,10 +6,8 @@
 
 layout(local_size_x_id = 0) in;
 
-layout(push_constant) uniform Params {
-  uint T, H, D, n_parts;
-  uint o_off, o_stride;
-} p;
+#define PUSH_ATTN_MERGE
+#include "push_constants.h"
 
 layout(binding = 0) readonly buffer PartBuf { float parts[]; };
 layout(binding = 1) writeonly buffer OBuf { float os[]; };

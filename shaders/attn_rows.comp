@@ -64,7 +64,7 @@ void main() {
     ke = min(ke, uint(first_row[p.row_off + 1]));
   } else {
     ke = min(ke, first + p.T_total);
-    visible_range(row, row, kb, ke);
+    visible_range(p.q_t0 + t, p.q_t0 + t, row, kb, ke);
   }
 
   for (uint d = tid; d < D; d += WG) q_sh[d] = qs[p.q_off + t * p.q_stride + h * D + d] * p.scale;

@@ -20,6 +20,7 @@ shared float s_sh[BR * BC];
 shared float m_sh[BR];
 shared float l_sh[BR];
 shared float alpha_sh[BR];
+shared uvec2 keys_sh[BR];  // each query's visible keys [lo, hi)
 
 void main() {
   const uint tid = gl_LocalInvocationID.x;
@@ -29,7 +30,6 @@ void main() {
   const uint kvh = h / (p.H / p.HKV);
   const uint first = uint(first_row[p.row_off]);
   const uint first_q_row = first + p.q_t0 + qt0;
-  const uint last_q_row = first + p.q_t0 + min(qt0 + BR, p.T) - 1;
 
   for (uint e = tid; e < BR * D; e += WG) {
     const uint r = e / D, d = e % D, t = qt0 + r;
@@ -38,13 +38,14 @@ void main() {
   if (tid < BR) {
     m_sh[tid] = NEG_INF;
     l_sh[tid] = 0.0;
+    keys_sh[tid] = qt0 + tid < p.T ? visible_keys(p.q_t0 + qt0 + tid, first_q_row + tid) : uvec2(0u, 0u);
   }
   float o[EPT];
   [[unroll]] for (uint i = 0; i < EPT; ++i) o[i] = 0.0;
 
   uint kb = p.key_begin;
   uint ke = min(p.key_end, first + p.T_total);
-  visible_range(first_q_row, last_q_row, kb, ke);
+  visible_range(p.q_t0 + qt0, p.q_t0 + min(qt0 + BR, p.T) - 1, first_q_row, kb, ke);
   barrier();
 
   for (uint j0 = kb; j0 < ke; j0 += BC) {
@@ -56,7 +57,7 @@ void main() {
     for (uint e = tid; e < BR * BC; e += WG) {
       const uint r = e / BC, c = e % BC, j = j0 + c;
       float s = NEG_INF;
-      if (j < ke && key_visible(j, first_q_row + r)) {
+      if (j < ke && j >= keys_sh[r].x && j < keys_sh[r].y) {
         s = 0.0;
         for (uint d = 0; d < D; ++d) s += q_sh[r * D + d] * kv_sh[c * D + d];
       }

@@ -7,12 +7,8 @@
 layout(local_size_x_id = 0) in;
 layout(constant_id = 1) const uint OP = 0;  // 0: a + b, 1: a * b, 2: silu(a) * b, 3: gelu_tanh(a) * b, 4: gelu_erf(a) * b
 
-layout(push_constant) uniform Params {
-  uint rows, cols;
-  uint a_off, a_stride;
-  uint b_off, b_stride;
-  uint y_off, y_stride;
-} p;
+#define PUSH_BINARY
+#include "push_constants.h"
 
 layout(binding = 0) readonly buffer ABuf { float as_[]; };
 layout(binding = 1) readonly buffer BBuf { float bs[]; };

@@ -6,11 +6,8 @@
 
 layout(local_size_x_id = 0) in;
 
-layout(push_constant) uniform Params {
-  uint rows, cols;
-  uint x_off, x_stride;
-  uint y_off, y_stride;
-} p;
+#define PUSH_CONVERT
+#include "push_constants.h"
 
 #ifdef SRC_F32
 layout(binding = 0) readonly buffer XBuf { float xs[]; };

@@ -19,16 +19,8 @@ layout(constant_id = 4) const uint TN = 4;
 layout(constant_id = 5) const bool SCALES_BF16 = false;
 const uint BK = 32;
 
-layout(push_constant) uniform Params {
-  uint M, N, K;
-  uint x_off, x_stride;
-  uint w_off, w_stride;
-  uint s_off, s_stride;
-  uint bias_off;
-  uint y_off, y_stride;
-  uint flags;  // 1: bias, 2: accumulate into y, 4: vector loads of W
-  uint group_size;
-} p;
+#define PUSH_MATMUL
+#include "push_constants.h"
 
 #ifdef X_F16
 layout(binding = 0) readonly buffer XBuf { float16_t xs[]; };

@@ -19,16 +19,8 @@ layout(local_size_x_id = 0) in;  // 4 subgroups of 32
 layout(constant_id = 1) const bool SCALES_BF16 = false;
 const uint BM = 64, BN = 64, BK = 32, T = 16;
 
-layout(push_constant) uniform Params {
-  uint M, N, K;
-  uint x_off, x_stride;
-  uint w_off, w_stride;
-  uint s_off, s_stride;
-  uint bias_off;
-  uint y_off, y_stride;
-  uint flags;  // 1: bias, 2: accumulate into y, 4: vector loads of W
-  uint group_size;
-} p;
+#define PUSH_MATMUL
+#include "push_constants.h"
 
 layout(binding = 0) readonly buffer XBuf { float xs[]; };
 #if defined(W_F32)

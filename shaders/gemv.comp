@@ -23,16 +23,8 @@ layout(constant_id = 3) const bool SCALES_BF16 = false;
 
 #include "reduce.glsl"
 
-layout(push_constant) uniform Params {
-  uint M, N, K;
-  uint x_off, x_stride;  // in elements of x
-  uint w_off, w_stride;  // in elements (f32 / halves) or U32 words (quantized)
-  uint s_off, s_stride;  // quantized scales and biases, in halves
-  uint bias_off;
-  uint y_off, y_stride;
-  uint flags;            // 1: bias, 2: accumulate into y, 4: vector loads of W, 8: vec4 loads of x
-  uint group_size;
-} p;
+#define PUSH_MATMUL
+#include "push_constants.h"
 
 #ifdef X_F16
 layout(binding = 0) readonly buffer XBuf { float16_t xs[]; };

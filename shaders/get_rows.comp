@@ -8,15 +8,8 @@
 layout(local_size_x_id = 0) in;
 layout(constant_id = 1) const bool SCALES_BF16 = false;
 
-layout(push_constant) uniform Params {
-  uint n_ids, cols;
-  uint ids_off;
-  uint w_off, w_stride;
-  uint s_off, s_stride;
-  uint group_size;
-  uint y_off, y_stride;
-  uint row_begin, row_end;
-} p;
+#define PUSH_GET_ROWS
+#include "push_constants.h"
 
 layout(binding = 0) readonly buffer IdBuf { int ids[]; };
 #if defined(W_F32)

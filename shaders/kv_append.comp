@@ -10,15 +10,8 @@
 
 layout(local_size_x_id = 0) in;
 
-layout(push_constant) uniform Params {
-  uint T, kv_dim;
-  uint src_off, src_stride;
-  uint row_off;
-  uint cache_row_begin, cache_row_end;  // cache rows this binding holds
-  uint cache_off;                       // in words, for cache_row_begin
-  uint param_off;                       // quantized: in words, for cache_row_begin
-  uint group_size;
-} p;
+#define PUSH_KV_APPEND
+#include "push_constants.h"
 
 layout(binding = 0) readonly buffer SrcBuf { float src[]; };
 layout(binding = 1) readonly buffer RowBuf { int first_row[]; };

@@ -6,12 +6,8 @@
 layout(local_size_x_id = 0) in;
 #include "reduce.glsl"
 
-layout(push_constant) uniform Params {
-  uint rows, cols;
-  uint x_off, x_stride;
-  uint y_off;
-  float inv_temp;
-} p;
+#define PUSH_LOGSUMEXP
+#include "push_constants.h"
 
 layout(binding = 0) readonly buffer XBuf { float xs[]; };
 layout(binding = 1) writeonly buffer YBuf { float ys[]; };

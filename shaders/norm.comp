@@ -8,14 +8,8 @@
 layout(local_size_x_id = 0) in;
 #include "reduce.glsl"
 
-layout(push_constant) uniform Params {
-  uint rows, cols;
-  uint x_off, x_stride;
-  uint y_off, y_stride;
-  uint w_off, b_off;
-  float eps;
-  uint flags;  // 1: weight is (1 + w)
-} p;
+#define PUSH_NORM
+#include "push_constants.h"
 
 layout(binding = 0) readonly buffer XBuf { float xs[]; };
 layout(binding = 1) readonly buffer WBuf { float w[]; };

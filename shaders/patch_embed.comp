@@ -8,12 +8,8 @@
 
 layout(local_size_x_id = 0) in;
 
-layout(push_constant) uniform Params {
-  uint B, C, H, W, P, E;
-  uint grid_w, n_patches;
-  uint y_off, y_stride;
-  uint flags;  // 1: class token, 2: conv bias
-} p;
+#define PUSH_PATCH_EMBED
+#include "push_constants.h"
 
 layout(binding = 0) readonly buffer PixBuf { float px[]; };
 layout(binding = 1) readonly buffer WBuf { float w[]; };

@@ -7,11 +7,8 @@
 
 layout(local_size_x_id = 0) in;
 
-layout(push_constant) uniform Params {
-  uint n_ids, ids_off;
-  uint x_off;
-  float penalty;
-} p;
+#define PUSH_REPEAT_PENALTY
+#include "push_constants.h"
 
 layout(binding = 0) readonly buffer IdBuf { int ids[]; };
 layout(binding = 1) buffer XBuf { float xs[]; };

@@ -14,16 +14,8 @@
 
 layout(local_size_x_id = 0) in;
 
-layout(push_constant) uniform Params {
-  uint T, heads, head_dim, rot_dim;
-  uint x_off, x_stride;
-  uint pos_off;                         // index of row 0's first position in the positions buffer
-  uint sections;                        // positions per token (1..4)
-  uint bound0, bound1, bound2;          // frequency bounds of sections 0..2 (the last ends at rot/2)
-  uint mode;
-  int table_pos_begin, table_pos_end;   // positions this table binding holds
-  uint table_off;                       // in vec2 units, for table_pos_begin
-} p;
+#define PUSH_ROPE
+#include "push_constants.h"
 
 layout(binding = 0) buffer XBuf { float xs[]; };
 layout(binding = 1) readonly buffer PosBuf { int positions[]; };

@@ -8,14 +8,8 @@
 layout(local_size_x_id = 0) in;
 layout(constant_id = 1) const uint SEG = 1024;
 
-layout(push_constant) uniform Params {
-  uint rows, cols;
-  uint x_off, x_stride;
-  uint ids_off, ids_stride;
-  uint has_ids;
-  uint k;
-  uint out_off, out_stride;  // per row: n_segments * k results
-} p;
+#define PUSH_TOPK
+#include "push_constants.h"
 
 layout(binding = 0) readonly buffer XBuf { float xs[]; };
 layout(binding = 1) readonly buffer InIdBuf { uint in_ids[]; };

@@ -7,12 +7,8 @@
 layout(local_size_x_id = 0) in;
 layout(constant_id = 1) const uint OP = 0;  // 0: identity, 1: silu, 2: gelu (erf), 3: gelu (tanh), 4: quick_gelu
 
-layout(push_constant) uniform Params {
-  uint rows, cols;
-  uint x_off, x_stride;
-  uint y_off, y_stride;
-  float alpha;
-} p;
+#define PUSH_UNARY
+#include "push_constants.h"
 
 layout(binding = 0) readonly buffer XBuf { float xs[]; };
 layout(binding = 1) writeonly buffer YBuf { float ys[]; };

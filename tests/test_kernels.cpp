@@ -5,8 +5,11 @@
 #include <cmath>
 #include <map>
 #include <numeric>
+#include <set>
 #include <sstream>
 
+#include "gpu/pipelines.h"
+#include "gpu/shader_variants.h"
 #include "tests/kernel_harness.h"
 
 namespace vkvlm::test {
@@ -46,6 +49,19 @@ std::string matmul_name(const testing::TestParamInfo<MatmulCase>& info) {
 }
 
 class MatmulTest : public testing::TestWithParam<MatmulCase> {};
+
+// Every shader variant the ops can ask for (gpu/shader_variants.h) is compiled, and every
+// compiled one is asked for: a misspelled or forgotten variant fails here, not in a user's run.
+TEST(ShaderVariants, EveryVariantAskedForIsCompiledAndEveryCompiledOneAskedFor) {
+  const std::vector<std::string> compiled = gpu::PipelineRegistry::shader_names();
+  const std::set<std::string> have(compiled.begin(), compiled.end());
+  std::set<std::string> asked;
+  for (const std::string& name : gpu::variant::all()) {
+    EXPECT_TRUE(have.count(name)) << name << " is asked for but not compiled (shaders/shaders.cmake)";
+    asked.insert(name);
+  }
+  for (const std::string& name : compiled) EXPECT_TRUE(asked.count(name)) << name << " is compiled but never asked for";
+}
 
 TEST_P(MatmulTest, MatchesReference) {
   const auto& c = GetParam();
@@ -354,7 +370,9 @@ struct AttnCase {
   int window;
   Variant::Attention path;
   uint32_t keys_per_split;
-  int64_t prefix_end = 0, block = 0;
+  // Bidirectional spans [begin, end) of KV rows: a causal query in one also sees the whole span
+  // (PaliGemma's prefix, Gemma 3's images); a query that is not causal sees only its span.
+  std::vector<std::pair<int64_t, int64_t>> spans = {};
   int64_t rotating_rows = 0;  // a rotating cache of this many written rows: all visible (0: off)
 };
 
@@ -365,10 +383,16 @@ std::string attn_name(const testing::TestParamInfo<AttnCase>& info) {
      << "kv" << c.HKV << "_D" << c.D << (c.causal ? "_causal" : "_full");
   if (c.window) os << "_window" << c.window;
   if (c.keys_per_split) os << "_split" << c.keys_per_split;
-  if (c.prefix_end) os << "_prefix" << c.prefix_end;
-  if (c.block) os << "_block" << c.block;
+  for (const auto& [b, e] : c.spans) os << "_span" << b << "to" << e;
   if (c.rotating_rows) os << "_rotating" << c.rotating_rows;
   return os.str();
+}
+
+// The span holding KV row `row` ([0, 0): none).
+std::pair<int64_t, int64_t> span_of(const AttnCase& c, int64_t row) {
+  for (const auto& s : c.spans)
+    if (s.first <= row && row < s.second) return s;
+  return {0, 0};
 }
 
 // softmax(q k^T * scale + mask) v in double over the cache rows kr, vr [rows, HKV * D].
@@ -383,11 +407,15 @@ std::vector<double> attention_reference(const AttnCase& c, const std::vector<flo
       const int64_t pos = c.n_past + t;
       std::vector<double> s;
       std::vector<int64_t> js;
+      const auto span = span_of(c, pos);
       for (int64_t j = 0; j < (c.rotating_rows ? c.rotating_rows : c.n_past + c.T); ++j) {
+        const bool in_span = span.first <= j && j < span.second;
         if (c.rotating_rows) {  // a rotating cache: every written row, older or newer
-        } else if (c.causal && j > pos && j >= c.prefix_end) continue;  // prefix-LM: the prefix is seen whole
-        if (c.window && pos - j >= c.window) continue;
-        if (c.block && j / c.block != pos / c.block) continue;  // block-diagonal
+        } else if (c.causal) {  // its own row and those before it, within the window, and its span
+          if (!in_span && (j > pos || (c.window && pos - j >= c.window))) continue;
+        } else if (span.second > span.first && !in_span) {
+          continue;  // only its span
+        }
         double d = 0;
         for (int e = 0; e < c.D; ++e) d += double(qv[size_t(t * qd + h * c.D + e)]) * kr[size_t(j * kvd + kvh * c.D + e)];
         s.push_back(d * scale);
@@ -413,8 +441,15 @@ gpu::AttentionParams attention_params(const AttnCase& c) {
   ap.window = c.window;
   ap.scale = float(1.0 / std::sqrt(double(c.D)));
   ap.T_total = c.T;
-  ap.prefix_end = c.prefix_end;
-  ap.block = c.block;
+  if (!c.spans.empty()) {  // each query's span, as the kernels read it
+    std::vector<int32_t> pairs;
+    for (int64_t t = 0; t < c.T; ++t) {
+      const auto s = span_of(c, c.n_past + t);
+      pairs.push_back(int32_t(s.first));
+      pairs.push_back(int32_t(s.second));
+    }
+    ap.spans = upload_i32(pairs, "spans");
+  }
   ap.rotating = c.rotating_rows > 0;
   return ap;
 }
@@ -476,21 +511,26 @@ std::vector<AttnCase> attn_cases() {
   }
   out.push_back({1, 300, 2, 1, 64, true, 0, Variant::Attention::Rows, 7});
   out.push_back({3, 61, 4, 2, 96, true, 16, Variant::Attention::Rows, 32});
-  // Prefix-LM (PaliGemma): rows below prefix_end see each other whole; later rows are causal.
+  // Prefix-LM (PaliGemma): the prefix's rows see each other whole; later rows are causal.
   for (auto path : {Variant::Attention::Tiled, Variant::Attention::Rows}) {
-    out.push_back({37, 0, 4, 1, 32, true, 0, path, 0, 37});   // the whole prompt in one pass
-    out.push_back({20, 0, 2, 1, 64, true, 0, path, 0, 13});   // a prefix, then causal rows
-    out.push_back({3, 4, 2, 2, 64, true, 0, path, 0, 7});     // the rest of a cached prefix
-    out.push_back({1, 40, 4, 1, 32, true, 0, path, 0, 30});   // decoding after the prefix
-    // Block-diagonal (crops batched through a vision tower): uneven last block.
-    out.push_back({37, 0, 2, 2, 64, false, 0, path, 0, 0, 12});
+    out.push_back({37, 0, 4, 1, 32, true, 0, path, 0, {{0, 37}}});  // the whole prompt in one pass
+    out.push_back({20, 0, 2, 1, 64, true, 0, path, 0, {{0, 13}}});  // a prefix, then causal rows
+    out.push_back({3, 4, 2, 2, 64, true, 0, path, 0, {{0, 7}}});    // the rest of a cached prefix
+    out.push_back({1, 40, 4, 1, 32, true, 0, path, 0, {{0, 30}}});  // decoding after the prefix
+    // Gemma 3: images attend to themselves whole inside a causal prompt, with a sliding window
+    // shorter than an image (its rows still see the whole image) and rows between and after.
+    out.push_back({40, 0, 4, 2, 64, true, 8, path, 0, {{5, 17}, {20, 33}}});
+    out.push_back({12, 30, 2, 1, 32, true, 6, path, 0, {{31, 39}}});  // an image in a later pass
+    // Block-diagonal (crops batched through a vision tower): uneven last block; uneven images.
+    out.push_back({37, 0, 2, 2, 64, false, 0, path, 0, {{0, 12}, {12, 24}, {24, 36}, {36, 37}}});
+    out.push_back({37, 0, 2, 2, 32, false, 0, path, 0, {{0, 5}, {5, 23}, {23, 37}}});
   }
-  out.push_back({40, 0, 2, 1, 64, true, 0, Variant::Attention::Rows, 16, 29});
+  out.push_back({40, 0, 2, 1, 64, true, 0, Variant::Attention::Rows, 16, {{0, 29}}});
   // A rotating cache, decoding at row 5 of a full cache (rows after it hold older tokens), and
   // split over workgroups; and before it filled (written rows only).
-  out.push_back({1, 5, 4, 2, 64, true, 0, Variant::Attention::Rows, 0, 0, 0, 15});
-  out.push_back({1, 3, 2, 1, 128, true, 0, Variant::Attention::Rows, 4, 0, 0, 13});
-  out.push_back({1, 6, 2, 2, 80, true, 0, Variant::Attention::Rows, 0, 0, 0, 7});
+  out.push_back({1, 5, 4, 2, 64, true, 0, Variant::Attention::Rows, 0, {}, 15});
+  out.push_back({1, 3, 2, 1, 128, true, 0, Variant::Attention::Rows, 4, {}, 13});
+  out.push_back({1, 6, 2, 2, 80, true, 0, Variant::Attention::Rows, 0, {}, 7});
   return out;
 }
 
@@ -632,7 +672,7 @@ std::vector<QuantKvCase> quant_kv_cases() {
     }
   // Split over workgroups, across the f16/quantized boundary; a rotating cache.
   out.push_back({{1, 300, 2, 1, 64, true, 0, Variant::Attention::Rows, 64}, 8, 64, 100});
-  out.push_back({{1, 5, 4, 2, 64, true, 0, Variant::Attention::Rows, 0, 0, 0, 15}, 4, 32, 4});
+  out.push_back({{1, 5, 4, 2, 64, true, 0, Variant::Attention::Rows, 0, {}, 15}, 4, 32, 4});
   return out;
 }
 

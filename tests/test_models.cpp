@@ -100,10 +100,13 @@ TEST_P(FixtureModel, MatchesReference) {
       EXPECT_EQ(prompt.images[k].tokens, c["image_tokens"][k].get<int64_t>());
     }
   } else {
-    for (int64_t t = 0; t < N; ++t) ASSERT_EQ(prompt.positions[size_t(t)], t + (prompt.prefix_end ? 1 : 0)) << "token " << t;
+    for (int64_t t = 0; t < N; ++t)
+      ASSERT_EQ(prompt.positions[size_t(t)], t + (prompt.bidirectional.empty() ? 0 : 1)) << "token " << t;
   }
-  if (tc.model.rfind("paligemma-", 0) == 0) EXPECT_EQ(prompt.prefix_end, N);  // the whole prompt is the prefix
-  else EXPECT_EQ(prompt.prefix_end, 0);
+  if (tc.model.rfind("paligemma-", 0) == 0)  // the whole prompt is the prefix
+    EXPECT_EQ(prompt.bidirectional, (std::vector<BidirectionalSpan>{{0, N}}));
+  else
+    EXPECT_TRUE(prompt.bidirectional.empty());
 
   // 2. The image processor: statistics of every crop (or patch row), and the pixels where the
   // reference keeps them. JPEGs decode exactly as PIL decodes them (libjpeg). The reference's

@@ -135,14 +135,20 @@ TEST(PromptCacheQuantized, ContinuesAsComputingTheWholePromptDoes) {
   fs::remove(file);
 }
 
-// Rewrites a cache with one metadata entry changed.
-void rewrite_metadata(const std::string& from, const std::string& to, const std::string& key, const std::string& value) {
+// Rewrites a cache with metadata entries changed (an empty value: the entry removed).
+void rewrite_metadata(const std::string& from, const std::string& to,
+                      const std::vector<std::pair<std::string, std::string>>& changes) {
   SafetensorsFile f(from);
   std::vector<StWrite> tensors;
   for (const auto& [name, t] : f.tensors()) tensors.push_back({name, t.dtype, t.shape, t.data, t.bytes});
   auto meta = f.metadata();
-  meta[key] = value;
+  for (const auto& [key, value] : changes)
+    if (value.empty()) meta.erase(key);
+    else meta[key] = value;
   write_safetensors_file(to, tensors, meta);
+}
+void rewrite_metadata(const std::string& from, const std::string& to, const std::string& key, const std::string& value) {
+  rewrite_metadata(from, to, {{key, value}});
 }
 
 TEST(PromptCacheErrors, ForeignDamagedOrTooLargeCachesAreRefusedByName) {
@@ -176,6 +182,24 @@ TEST(PromptCacheErrors, ForeignDamagedOrTooLargeCachesAreRefusedByName) {
   expect_error([&] { s.load_prompt_cache(q8); }, {q8.c_str(), "q8", "f16"});
   rewrite_metadata(file, q8, "version", "99");
   expect_error([&] { s.load_prompt_cache(q8); }, {q8.c_str(), "version", "99"});
+  // The bidirectional spans it lists: not spans, unsorted or overlapping, or past its rows.
+  for (const char* bad : {"x", "3-1", "0-2,1-3", "0-999", "0-2,"}) {
+    SCOPED_TRACE(bad);
+    rewrite_metadata(file, q8, "bidirectional", bad);
+    expect_error([&] { s.load_prompt_cache(q8); }, {q8.c_str(), "bidirectional", bad});
+  }
+  // A version 1 file (a prefix-LM boundary instead of spans) still continues; without its
+  // boundary it is refused by name.
+  rewrite_metadata(file, q8, {{"version", "1"}, {"bidirectional", ""}, {"prefix_end", "0"}});
+  {
+    Session v1(model, 64);
+    EXPECT_EQ(v1.load_prompt_cache(q8).rows, cached.size());
+    const GenerationResult got = v1.generate(full, greedy(4));
+    EXPECT_EQ(got.cached_tokens, cached.size());
+    EXPECT_EQ(got.tokens, first.tokens);
+  }
+  rewrite_metadata(file, q8, {{"version", "1"}, {"bidirectional", ""}});
+  expect_error([&] { s.load_prompt_cache(q8); }, {q8.c_str(), "prefix_end"});
   rewrite_metadata(file, q8, "rows", "12x");
   expect_error([&] { s.load_prompt_cache(q8); }, {q8.c_str(), "rows", "12x"});
   rewrite_metadata(file, q8, "rows", "3");  // the tensors say otherwise

@@ -132,6 +132,10 @@ def prompt_cache_seeds():
         return struct.pack("<Q", len(h)) + h + data
     write("prompt_cache", "valid", cache(5))
     write("prompt_cache", "prefix", cache(3, {"prefix_end": "3"}))
+    # Version 2: the bidirectional spans listed (two image blocks), and spans that overlap.
+    v2 = {"version": "2", "bidirectional": "0-2,3-5"}
+    write("prompt_cache", "spans_v2", cache(5, v2))
+    write("prompt_cache", "spans_v2_overlapping", cache(5, dict(v2, bidirectional="0-3,2-5")))
     write("prompt_cache", "q8", cache(2, {"kv_dtype": "q8"}))
     write("prompt_cache", "too_long", cache(70))
     write("prompt_cache", "missing_v1", cache(4, drop="v.1"))

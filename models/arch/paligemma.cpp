@@ -169,7 +169,7 @@ class Paligemma : public Architecture {
     b.text(t.tokenizer.encode(tail, false));
     text += tail;
     Prompt p = b.finish(std::move(text), std::move(images));
-    p.prefix_end = p.size();  // the whole prompt attends to itself
+    p.bidirectional = {{0, p.size()}};  // the whole prompt attends to itself
     return p;
   }
 

@@ -36,7 +36,12 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       for (const auto& layer : *side)
         for (const auto* t : layer)
           if (t) sink = sink ^ t->data[0] ^ t->data[t->bytes - 1];
-    if (c.keys.size() != size_t(c.rows) || c.prefix_end > c.rows) __builtin_trap();
+    if (c.keys.size() != size_t(c.rows)) __builtin_trap();
+    int64_t end = 0;
+    for (const auto& [b, e] : c.bidirectional) {
+      if (b < end || e <= b || e > c.rows) __builtin_trap();
+      end = e;
+    }
   } catch (const std::exception&) {
   }
   return 0;
