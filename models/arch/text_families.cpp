@@ -5,28 +5,16 @@
 namespace vkvlm {
 namespace {
 
-TextDefaults llama() {
+// A family with transformers' defaults: Llama, Mistral, Phi-3.
+TextDefaults plain(const char* family) {
   TextDefaults d;
-  d.family = "llama";
-  return d;
-}
-
-TextDefaults mistral() {
-  TextDefaults d;
-  d.family = "mistral";
-  return d;
-}
-
-TextDefaults phi3() {
-  TextDefaults d;
-  d.family = "phi3";
+  d.family = family;
   return d;
 }
 
 // Qwen2 writes sliding_window into every config but applies it only with use_sliding_window.
 TextDefaults qwen2() {
-  TextDefaults d;
-  d.family = "qwen2";
+  TextDefaults d = plain("qwen2");
   d.attention_bias = true;
   d.use_sliding_window = false;
   return d;
@@ -36,8 +24,7 @@ TextDefaults qwen2() {
 // sliding window. transformers' Gemma takes hidden_activation and falls back to the tanh GELU
 // (not to hidden_act, which older configs set to "gelu").
 TextDefaults gemma() {
-  TextDefaults d;
-  d.family = "gemma";
+  TextDefaults d = plain("gemma");
   d.head_dim = 256;
   d.activation_key = "hidden_activation";
   d.activation = "gelu_pytorch_tanh";
@@ -49,7 +36,7 @@ TextDefaults gemma() {
 }
 
 const std::vector<TextDefaults>& families() {
-  static const std::vector<TextDefaults> f = {llama(), mistral(), phi3(), qwen2(), gemma()};
+  static const std::vector<TextDefaults> f = {plain("llama"), plain("mistral"), plain("phi3"), qwen2(), gemma()};
   return f;
 }
 
