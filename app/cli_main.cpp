@@ -41,7 +41,7 @@
 #include "app/server.h"
 #include "host/tokenizer.h"
 #include "models/batch.h"
-#include "models/model.h"
+#include "models/session.h"
 
 namespace fs = std::filesystem;
 using namespace vkvlm;

@@ -10,7 +10,7 @@
 #include "gpu/context.h"
 #include "gpu/device.h"
 #include "host/hub_cache.h"
-#include "models/model.h"
+#include "models/session.h"
 
 namespace vkvlm {
 

@@ -29,7 +29,7 @@
 #include "host/hub_cache.h"
 #include "host/image.h"
 #include "models/batch.h"
-#include "models/model.h"
+#include "models/session.h"
 
 namespace vkvlm::server {
 namespace fs = std::filesystem;

@@ -16,7 +16,7 @@
 
 #include "base/error.h"
 #include "gpu/device.h"
-#include "models/model.h"
+#include "models/session.h"
 
 namespace vkvlm {
 namespace {

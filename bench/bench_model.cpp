@@ -23,7 +23,7 @@
 #include "gpu/device.h"
 #include "gpu/error.h"
 #include "host/hub_cache.h"
-#include "models/model.h"
+#include "models/session.h"
 
 namespace vkvlm::bench {
 namespace {

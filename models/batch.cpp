@@ -26,7 +26,7 @@ bool DecodeBatch::holds(const Session& session) const {
 
 void DecodeBatch::add(Session& session, const Prompt& prompt, const GenerationParams& params, uint64_t tag,
                       const StepCallback& on_step, const CancelCheck& cancelled) {
-  if (&session.model_ != &model_) fail("internal: a batch decodes sessions of one model");
+  if (&session.model() != &model_) fail("internal: a batch decodes sessions of one model");
   if (holds(session)) fail("internal: a session is in the batch already");
   if (params.lookup_ngram > 0) fail("internal: speculative decoding is not batched");
   auto seq = std::make_unique<Sequence>();
@@ -48,23 +48,23 @@ void DecodeBatch::record() {
   std::vector<LanguageModel::Sequence> seqs;
   recorded_.clear();
   for (int64_t b = 0; b < B; ++b) {
-    Session& s = *running_[size_t(b)]->session;
-    // Each sequence's token, KV row and positions are its session's own (staged by stage_feed).
-    lm.embed(rec, s.token_, 0, 1, x.row_range(b, 1));
+    const Session::DecodeInputs in = running_[size_t(b)]->session->decode_inputs();
+    // Each sequence's token, KV row and positions are its session's own (staged by its run).
+    lm.embed(rec, in.token, 0, 1, x.row_range(b, 1));
     LanguageModel::Sequence q;
-    q.cache = &s.cache_;
-    q.rows.kv_row = s.kv_row_;
-    q.rows.positions = s.positions_;
-    q.rows.rotating = s.rotating_;
-    q.rope_table = &s.rope_table_;
+    q.cache = in.cache;
+    q.rows.kv_row = in.kv_row;
+    q.rows.positions = in.positions;
+    q.rows.rotating = in.rotating;
+    q.rope_table = in.rope_table;
     seqs.push_back(q);
     recorded_.push_back({running_[size_t(b)]->serial, running_[size_t(b)]->run->graphs_version});
   }
   lm.forward_batch(rec, seqs, x, logits);
   for (int64_t b = 0; b < B; ++b) {
     Session& s = *running_[size_t(b)]->session;
-    rec.copy(logits.t, uint64_t(b) * uint64_t(V) * 4, s.logits_, 0, uint64_t(V) * 4);
-    s.record_tail(rec, *running_[size_t(b)]->run->graphs);
+    rec.copy(logits.t, uint64_t(b) * uint64_t(V) * 4, s.decode_inputs().logits, 0, uint64_t(V) * 4);
+    s.record_sampling_tail(rec, *running_[size_t(b)]->run);
   }
 }
 

@@ -9,7 +9,7 @@
 #include <memory>
 #include <vector>
 
-#include "models/model.h"
+#include "models/session.h"
 
 namespace vkvlm {
 

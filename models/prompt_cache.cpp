@@ -12,7 +12,7 @@
 #include "gpu/context.h"
 #include "host/prompt_cache_file.h"
 #include "host/safetensors.h"
-#include "models/model.h"
+#include "models/session.h"
 
 namespace vkvlm {
 namespace {

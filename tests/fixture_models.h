@@ -9,7 +9,7 @@
 
 #include <nlohmann/json.hpp>
 
-#include "models/model.h"
+#include "models/session.h"
 #include "tests/kernel_harness.h"
 #include "tests/test_paths.h"
 

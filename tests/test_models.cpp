@@ -15,7 +15,7 @@
 #include "host/image_processing.h"
 #include "base/numeric.h"
 #include "host/safetensors.h"
-#include "models/model.h"
+#include "models/session.h"
 #include "tests/fixture_models.h"
 #include "tests/kernel_harness.h"
 #include "tests/test_paths.h"

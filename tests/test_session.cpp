@@ -6,7 +6,7 @@
 #include <algorithm>
 #include <cmath>
 
-#include "models/model.h"
+#include "models/session.h"
 #include "tests/kernel_harness.h"
 #include "tests/test_paths.h"
 
