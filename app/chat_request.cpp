@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <sstream>
 
+#include "base/json.h"
 #include "base/files.h"
 
 namespace vkvlm::server {
@@ -103,7 +104,7 @@ Image load_image_url(const std::string& url, const std::string& param, const fs:
 json parse_request_body(const std::string& raw) {
   json body;
   try {
-    body = json::parse(raw);
+    body = parse_json<json>(raw);
   } catch (const json::exception& e) {
     throw ApiError(400, std::string("the request body is not valid JSON: ") + e.what(), "invalid_request_error", "",
                    "invalid_json");
@@ -177,7 +178,7 @@ ChatRequest parse_chat_request(const json& body, const RequestLimits& limits) {
   if (const json* kw = field(body, "chat_template_kwargs")) {
     if (!kw->is_object())
       throw ApiError(400, "'chat_template_kwargs' must be an object", "invalid_request_error", "chat_template_kwargs");
-    r.template_vars = nlohmann::json::parse(kw->dump());
+    r.template_vars = nlohmann::json(*kw);  // bounded in depth when the body was parsed
   }
   auto& p = r.params;
   p.sampling.temperature = float(number_field(body, "temperature", 1.0, 0.0, 2.0));

@@ -26,6 +26,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "base/json.h"
 #include "gpu/context.h"
 #include "gpu/device.h"
 #include "gpu/error.h"
@@ -58,7 +59,7 @@ std::string read_file(const std::string& path, const char* what) { return read_f
 // A JSON file, key order kept (tojson in a template shows it).
 Messages read_json_file(const std::string& path, const char* what) {
   try {
-    return Messages::parse(read_file(path, what));
+    return parse_json<Messages>(read_file(path, what));
   } catch (const nlohmann::json::exception& e) {
     throw Error(std::string(what) + " " + path + " is not valid JSON: " + e.what());
   }
@@ -121,7 +122,7 @@ nlohmann::json template_vars(const Flags& f) {
   if (!f.has("chat-template-kwargs")) return nullptr;
   nlohmann::json j;
   try {
-    j = nlohmann::json::parse(f.str("chat-template-kwargs"));
+    j = parse_json(f.str("chat-template-kwargs"));
   } catch (const nlohmann::json::exception& e) {
     throw UsageError(std::string("--chat-template-kwargs is not valid JSON: ") + e.what());
   }
@@ -299,7 +300,7 @@ int generate_batch(const Flags& f) {
     try {
       Messages j;
       try {
-        j = Messages::parse(line);
+        j = parse_json<Messages>(line);
       } catch (const nlohmann::json::exception& e) {
         throw Error(std::string("not valid JSON: ") + e.what());
       }
@@ -589,7 +590,7 @@ int cmd_chat(int argc, char** argv) {
     if (it == cache.metadata.end() || it->second.empty())
       throw Error("prompt cache " + f.str("prompt-cache") + " holds no conversation (vkvlm cache-prompt writes one)");
     if (f.has("system")) throw UsageError("give --system or --prompt-cache, not both: the cached conversation has its start");
-    start = Messages::parse(it->second);
+    start = parse_json<Messages>(it->second);
     const auto slots = model.image_slots(start);
     const std::string why = check_supplied_images(slots, pending.size(), "--image gave");
     if (!why.empty()) throw Error("the prompt cache's conversation: " + why);

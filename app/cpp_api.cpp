@@ -4,6 +4,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "base/json.h"
 #include "app/conversation.h"
 #include "base/error.h"
 #include "base/files.h"
@@ -113,13 +114,13 @@ Conversation parse_conversation(const Model& model, const std::string& messages_
                                 const std::vector<std::vector<uint8_t>>& images, const std::string& template_vars) {
   Conversation c;
   try {
-    c.messages = Messages::parse(messages_json);
+    c.messages = parse_json<Messages>(messages_json);
   } catch (const std::exception& e) {
     fail("messages are not valid JSON: ", e.what());
   }
   if (!template_vars.empty()) {
     try {
-      c.vars = nlohmann::json::parse(template_vars);
+      c.vars = parse_json(template_vars);
     } catch (const std::exception& e) {
       fail("template_vars is not valid JSON: ", e.what());
     }

@@ -20,6 +20,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "base/json.h"
 #include "app/chat_request.h"
 #include "app/flags.h"
 #include "app/http.h"
@@ -176,7 +177,7 @@ class Server {
       try {
         json body;
         try {
-          body = json::parse(req.body);
+          body = parse_json<json>(req.body);
         } catch (const std::exception&) {
           throw ApiError(400, "the request body is not valid JSON", "invalid_request_error", "", "invalid_json");
         }
@@ -927,7 +928,7 @@ ServedModelOptions served_model(const std::string& name, const std::string& sour
 void read_config(const std::string& path, Options& o) {
   json j;
   try {
-    j = json::parse(read_file_bounded(path, 1 << 20, "server config"));
+    j = parse_json<json>(read_file_bounded(path, 1 << 20, "server config"));
   } catch (const json::exception& e) {
     fail("server config ", path, " is not valid JSON: ", e.what());
   }

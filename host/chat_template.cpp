@@ -2,6 +2,7 @@
 
 #include <filesystem>
 
+#include "base/json.h"
 #include "base/error.h"
 #include "base/files.h"
 
@@ -13,7 +14,7 @@ namespace {
 nlohmann::ordered_json read_json_file(const fs::path& p) {
   const std::string text = read_file_bounded(p.string(), uint64_t(64) << 20, "file");
   try {
-    return nlohmann::ordered_json::parse(text);
+    return parse_json<nlohmann::ordered_json>(text);
   } catch (const std::exception& e) {
     fail(p.string(), " is not valid JSON: ", e.what());
   }

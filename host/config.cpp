@@ -5,6 +5,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "base/json.h"
 #include "base/error.h"
 #include "base/files.h"
 
@@ -15,7 +16,7 @@ using nlohmann::json;
 json read_json_file(const std::string& path) {
   const std::string text = read_file_bounded(path, uint64_t(256) << 20, "file");
   try {
-    return json::parse(text);
+    return parse_json<json>(text);
   } catch (const json::exception& e) {
     fail(path, " is not valid JSON: ", e.what());
   }

@@ -9,6 +9,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "base/json.h"
 #include "base/error.h"
 #include "base/files.h"
 #include "host/hub_download.h"
@@ -54,7 +55,7 @@ bool snapshot_complete(const fs::path& snapshot) {
   const fs::path index = snapshot / "model.safetensors.index.json";
   if (fs::exists(index, ec)) {
     try {
-      const auto j = nlohmann::json::parse(read_file_bounded(index.string(), 64 << 20, "weights index"));
+      const auto j = parse_json(read_file_bounded(index.string(), 64 << 20, "weights index"));
       for (const auto& [tensor, file] : j.at("weight_map").items())
         if (!file.is_string() || !fs::exists(snapshot / file.get<std::string>(), ec)) return false;
       return true;

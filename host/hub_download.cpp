@@ -16,6 +16,7 @@
 #include <httplib.h>
 #include <nlohmann/json.hpp>
 
+#include "base/json.h"
 #include "base/error.h"
 #include "host/hub_cache.h"
 
@@ -332,7 +333,7 @@ HubDownloadResult hub_download(const std::string& name, const HubOptions& o) {
   if (info.status != 200) repo_error(info, repo, o, "its file list");
   nlohmann::json j;
   try {
-    j = nlohmann::json::parse(info.body);
+    j = parse_json(info.body);
   } catch (const std::exception&) {
     fail(o.endpoint, " answered the file list of ", repo.id(), " with something that is not JSON");
   }

@@ -13,6 +13,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "base/json.h"
 #include "base/error.h"
 #include "base/files.h"
 #include "base/numeric.h"
@@ -134,7 +135,7 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
     if (hdr[0] != '{') fail(path, " is not a valid safetensors file: the header is not a JSON object");
     nlohmann::json j;
     try {
-      j = nlohmann::json::parse(hdr, hdr + header_len);
+      j = parse_json(std::string_view(hdr, header_len));
     } catch (const nlohmann::json::exception& e) {
       fail(path, " has a corrupt safetensors header: ", e.what());
     }
@@ -240,7 +241,7 @@ TensorStore TensorStore::open_directory(const std::string& dir) {
     {
       const std::string text = read_file_bounded(index.string(), uint64_t(64) << 20, "weights index");
       try {
-        j = nlohmann::json::parse(text);
+        j = parse_json(text);
       } catch (const nlohmann::json::exception& e) {
         fail(index.string(), " is not valid JSON: ", e.what());
       }

@@ -5,6 +5,7 @@
 #include <queue>
 #include <sstream>
 
+#include "base/json.h"
 #include "base/error.h"
 #include "base/files.h"
 #include "host/unicode.h"
@@ -914,7 +915,7 @@ Tokenizer Tokenizer::from_file(const std::string& path) {
   const std::string text = read_file_bounded(path, uint64_t(512) << 20, "tokenizer");
   json j;
   try {
-    j = json::parse(text);
+    j = parse_json<json>(text);
   } catch (const json::exception& e) {
     fail(path, " is not valid JSON: ", e.what());
   }

@@ -784,6 +784,11 @@ TEST(Cli, WrongInputsGetOneClearLine) {
   std::ofstream(tmp("remote.json")) << R"([{"role":"user","content":[{"type":"image_url","image_url":{"url":"https://example.com/a.png"}},{"type":"text","text":"hi"}]}])";
   std::ofstream(tmp("noimage.json")) << R"([{"role":"user","content":[{"type":"text","text":"hi"}]}])";
   std::ofstream(tmp("norole.jsonl")) << R"({"prompt": "hi"})" << "\n" << R"({"messages": [{"content": "hi"}]})" << "\n";
+  // JSON nesting 100,000 levels deep (a batch line's "id", a messages file, template kwargs):
+  // refused as it is read, before anything could walk it recursively.
+  const std::string deep = std::string(100000, '[') + std::string(100000, ']');
+  std::ofstream(tmp("deep.jsonl")) << R"({"prompt": "hi"})" << "\n" << R"({"prompt": "hi", "id": )" << deep << "}\n";
+  std::ofstream(tmp("deep.json")) << R"([{"role":"user","content":)" << deep << "}]";
   std::ofstream(tmp("turns.json")) << R"([{"role":"user","content":"caption en"},{"role":"assistant","content":"a cat"},
                                           {"role":"user","content":"caption es"}])";
   const std::string pali = fixtures_dir() + "/paligemma-bf16";
@@ -821,6 +826,10 @@ TEST(Cli, WrongInputsGetOneClearLine) {
       {{"frobnicate"}, 2, {"unknown command 'frobnicate'"}},
       {{"generate", "--batch", tmp("bad.json")}, 1, {"bad.json", "line 1", "not valid JSON"}},
       {{"generate", "--batch", tmp("noimage.json")}, 1, {"noimage.json", "line 1", "JSON object"}},
+      {{"generate", "--batch", tmp("deep.jsonl")}, 1, {"deep.jsonl", "line 2", "nest deeper than 256"}},
+      {{"generate", "--messages", tmp("deep.json")}, 1, {"deep.json", "nest deeper than 256"}},
+      {{"generate", "--prompt", "x", "--chat-template-kwargs", "{\"x\": " + deep.substr(99000, 2000) + "}"}, 2,
+       {"--chat-template-kwargs", "nest deeper than 256"}},
       {{"generate", "--batch", tmp("missing.jsonl")}, 1, {"missing.jsonl"}},
       {{"generate", "--batch", tmp("norole.jsonl")}, 1, {"norole.jsonl", "line 2", "message 0", "\"role\" string"}},
       {{"generate", "--batch", tmp("noimage.json"), "--prompt", "x"}, 2, {"--batch", "--prompt"}},

@@ -6,6 +6,8 @@
 #include <filesystem>
 #include <fstream>
 
+#include "base/json.h"
+#include "host/tokenizer.h"
 #include "models/arch/architecture.h"
 #include "models/model_config.h"
 #include "tests/expect_error.h"
@@ -21,6 +23,21 @@ std::string temp_dir(const std::string& name) {
   std::string d = (scratch_dir() / "config" / name).string();
   fs::create_directories(d);
   return d;
+}
+
+// Every JSON file a model folder holds is refused, by name, when its arrays and objects nest
+// deeper than k_max_json_depth, as it is read (no later recursive walk can overflow a stack);
+// brackets inside strings are text.
+TEST(Config, JsonNestedTooDeepIsRefusedAsItIsRead) {
+  const std::string deep = std::string(100000, '[') + std::string(100000, ']');
+  EXPECT_EQ(json_too_deep_at(deep), size_t(k_max_json_depth));
+  EXPECT_EQ(json_too_deep_at(std::string(k_max_json_depth, '{') + std::string(k_max_json_depth, '}')), std::string_view::npos);
+  EXPECT_EQ(json_too_deep_at("{\"a\": \"[[[[\\\"[[[[\", \"b\": [1]}", 1), size_t(25)) << "the bracket of b, not those in a";
+  const std::string dir = temp_dir("deep");
+  std::ofstream(dir + "/config.json") << R"({"model_type": "llama", "x": )" << deep << "}";
+  expect_error([&] { load_model_config(dir); }, {"config.json", "nest deeper than 256"});
+  std::ofstream(dir + "/tokenizer.json") << R"({"model": )" << deep << "}";
+  expect_error([&] { Tokenizer::from_file(dir + "/tokenizer.json"); }, {"tokenizer.json", "nest deeper than 256"});
 }
 
 TEST(Config, MissingAndWrongFieldsAreNamed) {

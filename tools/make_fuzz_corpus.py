@@ -283,6 +283,15 @@ def chat_request_seeds():
     }
     for name, body in bodies.items():
         write("chat_request", name, json.dumps(body).encode())
+    # Nesting past the parse-time bound (256), where a recursive walk once overflowed the stack,
+    # and just within it.
+    hi = json.dumps([{"role": "user", "content": "hi"}])
+    write("chat_request", "deep_kwargs", ('{"messages": %s, "chat_template_kwargs": {"x": %s}}'
+                                          % (hi, "[" * 5000 + "]" * 5000)).encode())
+    write("chat_request", "deep_content", ('{"messages": [{"role": "user", "content": %s}]}'
+                                           % ('{"a":' * 2000 + "1" + "}" * 2000)).encode())
+    write("chat_request", "nested_within_bound", ('{"messages": %s, "chat_template_kwargs": {"x": %s}}'
+                                                  % (hi, "[" * 250 + "]" * 250)).encode())
 
 
 def http_seeds():

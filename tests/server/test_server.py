@@ -414,6 +414,31 @@ def test_errors_come_in_openais_shape_with_the_right_status(demo):
     assert demo.get("/health").status == 200
 
 
+def test_json_nested_100000_deep_is_refused_as_it_is_read_and_the_server_lives(demo):
+    """Arrays 100,000 levels deep in a 200 KB body (which once ended the server with SIGSEGV when
+    chat_template_kwargs was re-serialized): a 400 naming the nesting, wherever they sit."""
+    hi = json.dumps([{"role": "user", "content": "hi"}])
+    deep = "[" * 100_000 + "]" * 100_000
+    bodies = {
+        "chat_template_kwargs": '{"messages": %s, "chat_template_kwargs": {"x": %s}}' % (hi, deep),
+        "a message's content": '{"messages": [{"role": "user", "content": %s}]}' % deep,
+        "an unknown key": '{"messages": %s, "metadata": {"a": %s}}' % (hi, deep),
+        "objects, not arrays": '{"messages": %s, "chat_template_kwargs": %s}' % (hi, '{"a":' * 50_000 + "1" + "}" * 50_000),
+    }
+    for where, body in bodies.items():
+        r = demo.post("/v1/chat/completions", body, JSON_AUTH)
+        assert r.status == 400, where
+        assert_openai_error(r.json(), None)
+        assert "nest deeper than 256 levels" in r.json()["error"]["message"], where
+        assert r.json()["error"]["code"] == "invalid_json", where
+    # Brackets inside strings are text, not nesting; moderate nesting is read as before.
+    text = json.dumps({"messages": [{"role": "user", "content": "[" * 1000}], "max_tokens": 2})
+    assert demo.post("/v1/chat/completions", text, JSON_AUTH).status == 200
+    nested = '{"messages": %s, "max_tokens": 2, "chat_template_kwargs": {"x": %s}}' % (hi, "[" * 100 + "]" * 100)
+    assert demo.post("/v1/chat/completions", nested, JSON_AUTH).status == 200
+    assert demo.get("/health").status == 200
+
+
 def test_a_client_that_disconnects_mid_stream_stops_its_generation_and_frees_its_place(demo):
     cancelled_before = demo.metric("vkvlm_cancelled_requests_total")
     # ignore_eos (an extension, as in vLLM) makes this a long generation.
