@@ -5,6 +5,7 @@
 #include <sys/file.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
@@ -16,8 +17,8 @@
 #include <httplib.h>
 #include <nlohmann/json.hpp>
 
-#include "base/json.h"
 #include "base/error.h"
+#include "base/json.h"
 #include "host/hub_cache.h"
 
 namespace vkvlm {
@@ -62,6 +63,12 @@ bool is_sha256(const std::string& s) {
   return std::regex_match(s, re);
 }
 
+// A small (non-LFS) file's ETag on the hub: git's blob SHA-1.
+bool is_sha1(const std::string& s) {
+  static const std::regex re("^[0-9a-f]{40}$");
+  return std::regex_match(s, re);
+}
+
 // One HTTP exchange at a time, following redirects by hand so that the token goes to the
 // endpoint's host only (a CDN it redirects to gets no credentials).
 class Hub {
@@ -95,19 +102,19 @@ class Hub {
       if (!o_.token.empty() && u.origin == origin_) h.emplace("Authorization", "Bearer " + o_.token);
       Reply r;
       r.url = url;
-      bool redirect = false;
+      bool not_the_file = false;  // a redirect's or an error's body: never handed to the sink
       httplib::Result res = [&] {
         if (std::strcmp(method, "HEAD") == 0) return cli.Head(u.path.c_str(), h);
         if (!sink) return cli.Get(u.path.c_str(), h);
         return cli.Get(
             u.path.c_str(), h,
             [&](const httplib::Response& resp) {
-              redirect = resp.status >= 300 && resp.status < 400;
-              if (redirect || resp.status >= 400) return true;  // an error's body is not the file
+              not_the_file = resp.status >= 300;
+              if (not_the_file) return true;
               return on_headers ? on_headers(resp) : true;
             },
             [&](const char* data, size_t n) {
-              if (redirect) return true;
+              if (not_the_file) return true;
               return sink(data, n);
             });
       }();
@@ -179,11 +186,18 @@ class FileLock {
   int fd_ = -1;
 };
 
-std::string sha256_file(const fs::path& path) {
+// The hex digest of a file: SHA-256 (an LFS file's identity), or with `git_blob` git's SHA-1 of
+// the blob ("blob SIZE\0" then the bytes: a small file's ETag on the hub).
+std::string digest_file(const fs::path& path, bool git_blob) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) fail("cannot read ", path.string(), ": ", std::strerror(errno));
   EVP_MD_CTX* md = EVP_MD_CTX_new();
-  EVP_DigestInit_ex(md, EVP_sha256(), nullptr);
+  EVP_DigestInit_ex(md, git_blob ? EVP_sha1() : EVP_sha256(), nullptr);
+  if (git_blob) {
+    std::error_code ec;
+    const std::string header = "blob " + std::to_string(fs::file_size(path, ec)) + std::string(1, '\0');
+    EVP_DigestUpdate(md, header.data(), header.size());
+  }
   std::vector<char> buf(1 << 20);
   ssize_t n;
   while ((n = ::read(fd, buf.data(), buf.size())) > 0) EVP_DigestUpdate(md, buf.data(), size_t(n));
@@ -229,78 +243,132 @@ class Progress {
   clock::time_point t0_, shown_{};
 };
 
-// Downloads `url` into blob (via blob.incomplete, resumed when an earlier run left one),
-// checking the size and, when given, the SHA-256. Returns the bytes transferred.
-uint64_t fetch_blob(Hub& hub, const std::string& url, const fs::path& blob, uint64_t size, const std::string& sha256,
+// Whether the file at `path` is the one the hub announced: its size, and its SHA-256 (LFS files)
+// or git blob SHA-1 (small files) when the ETag is one; "" when it is, else what differs.
+std::string check_blob(const fs::path& path, uint64_t size, const std::string& etag) {
+  std::error_code ec;
+  const uint64_t have = fs::file_size(path, ec);
+  if (ec || have != size) return "it has " + std::to_string(ec ? 0 : have) + " bytes, not " + std::to_string(size);
+  if (is_sha256(etag) || is_sha1(etag)) {
+    const std::string actual = digest_file(path, is_sha1(etag));
+    if (actual != etag)
+      return std::string("checksum mismatch: the hub announced ") + (is_sha1(etag) ? "git SHA-1 " : "SHA-256 ") + etag +
+             ", the file has " + actual;
+  }
+  return "";
+}
+
+// Downloads `url` into blob via blob.incomplete, resuming what an earlier run left there. A
+// partial file that turns out wrong (or that the server will not resume: 416) is downloaded
+// anew, once; the file is checked against the hub's size and checksum before it is moved into
+// place. Returns the bytes transferred.
+uint64_t fetch_blob(Hub& hub, const std::string& url, const fs::path& blob, uint64_t size, const std::string& etag,
                     const std::string& name) {
   const fs::path part = blob.string() + ".incomplete";
   std::error_code ec;
-  uint64_t have = fs::exists(part, ec) ? fs::file_size(part, ec) : 0;
-  if (have > size) {
-    fs::remove(part, ec);
-    have = 0;
-  }
-  int fd = ::open(part.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0644);
-  if (fd < 0) fail("cannot write ", part.string(), ": ", std::strerror(errno));
-  uint64_t done = have, got = 0;
-  Progress progress(hub.options().progress, name, size, have);
-  std::string write_error;
-  httplib::Headers range;
-  if (have > 0) range.emplace("Range", "bytes=" + std::to_string(have) + "-");
-  Hub::Reply r;
-  try {
-    r = hub.request(
-        "GET", url, true, range,
-        [&](const char* data, size_t n) {
-          size_t off = 0;
-          while (off < n) {
-            const ssize_t w = ::write(fd, data + off, n - off);
-            if (w < 0) {
-              if (errno == EINTR) continue;
-              write_error = std::strerror(errno);
-              if (errno == ENOSPC || errno == EDQUOT || errno == EFBIG) write_error += " (is the disk full?)";
-              return false;
-            }
-            off += size_t(w);
-          }
-          done += n;
-          got += n;
-          progress.update(done);
-          return done <= size;
-        },
-        [&](const httplib::Response& resp) {
-          // 206: the server continues where the file stopped; 200: it starts over.
-          if (resp.status != 206) {
-            if (::ftruncate(fd, 0) != 0) return false;
-            done = 0;
-          }
-          return ::lseek(fd, off_t(done), SEEK_SET) >= 0;
-        });
-  } catch (const Error& e) {
-    ::close(fd);
-    if (!write_error.empty()) fail("cannot write ", part.string(), ": ", write_error);
-    if (std::string(e.what()) == "canceled" && done > size)
-      fail(url, " sent more than the ", size, " bytes the hub announced for ", name);
-    fail("the download of ", name, " stopped after ", done, " of ", size, " bytes (", e.what(), "); run again to resume");
-  }
-  const int close_rc = ::close(fd);
-  if (!write_error.empty()) fail("cannot write ", part.string(), ": ", write_error);
-  if (close_rc != 0) fail("cannot write ", part.string(), ": ", std::strerror(errno));
-  if (r.status >= 400) fail("downloading ", name, " from ", r.url, " failed with HTTP ", r.status);
-  progress.update(done, true);
-  if (done != size)
-    fail("the download of ", name, " stopped after ", done, " of ", size, " bytes; run again to resume");
-  if (!sha256.empty()) {
-    const std::string actual = sha256_file(part);
-    if (actual != sha256) {
+  uint64_t got = 0;
+  for (int attempt = 0;; ++attempt) {
+    uint64_t have = fs::exists(part, ec) ? fs::file_size(part, ec) : 0;
+    if (have > size) {
       fs::remove(part, ec);
-      fail("checksum mismatch for ", name, ": the hub announced SHA-256 ", sha256, ", the download has ", actual,
-           " (removed; run again to download it anew)");
+      have = 0;
     }
+    const bool resumed = have > 0;
+    int status = 200;
+    if (have < size) {  // a complete one (killed while it was being checked) is only checked
+      int fd = ::open(part.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0644);
+      if (fd < 0) fail("cannot write ", part.string(), ": ", std::strerror(errno));
+      uint64_t done = have;
+      Progress progress(hub.options().progress, name, size, have);
+      std::string write_error;
+      httplib::Headers range;
+      if (have > 0) range.emplace("Range", "bytes=" + std::to_string(have) + "-");
+      Hub::Reply r;
+      try {
+        r = hub.request(
+            "GET", url, true, range,
+            [&](const char* data, size_t n) {
+              size_t off = 0;
+              while (off < n) {
+                const ssize_t w = ::write(fd, data + off, n - off);
+                if (w < 0) {
+                  if (errno == EINTR) continue;
+                  write_error = std::strerror(errno);
+                  if (errno == ENOSPC || errno == EDQUOT || errno == EFBIG) write_error += " (is the disk full?)";
+                  return false;
+                }
+                off += size_t(w);
+              }
+              done += n;
+              got += n;
+              progress.update(done);
+              return done <= size;
+            },
+            [&](const httplib::Response& resp) {
+              // 206: the server continues where the file stopped; 200: it starts over.
+              if (resp.status != 206) {
+                if (::ftruncate(fd, 0) != 0) return false;
+                done = 0;
+              }
+              return ::lseek(fd, off_t(done), SEEK_SET) >= 0;
+            });
+      } catch (const Error& e) {
+        ::close(fd);
+        if (!write_error.empty()) fail("cannot write ", part.string(), ": ", write_error);
+        if (std::string(e.what()) == "canceled" && done > size)
+          fail(url, " sent more than the ", size, " bytes the hub announced for ", name);
+        fail("the download of ", name, " stopped after ", done, " of ", size, " bytes (", e.what(), "); run again to resume");
+      }
+      const int close_rc = ::close(fd);
+      if (!write_error.empty()) fail("cannot write ", part.string(), ": ", write_error);
+      if (close_rc != 0) fail("cannot write ", part.string(), ": ", std::strerror(errno));
+      status = r.status;
+      if (status != 416 && status >= 400) fail("downloading ", name, " from ", r.url, " failed with HTTP ", status);
+      if (status != 416) {
+        progress.update(done, true);
+        if (done != size)
+          fail("the download of ", name, " stopped after ", done, " of ", size, " bytes; run again to resume");
+      }
+    }
+    const std::string wrong = status == 416 ? "the server would not resume it" : check_blob(part, size, etag);
+    if (wrong.empty()) break;
+    fs::remove(part, ec);
+    if (resumed && attempt == 0) continue;  // what an earlier run left was not the file: from the start
+    fail("the download of ", name, " is not the file the hub announced: ", wrong, " (removed; run again to download it anew)");
   }
   fs::rename(part, blob, ec);
   if (ec) fail("cannot move ", part.string(), " into place: ", ec.message());
   return got;
+}
+
+// A name for a temporary file beside another, unique across processes and threads.
+std::string temporary_suffix() {
+  static std::atomic<uint64_t> counter{0};
+  return ".tmp." + std::to_string(::getpid()) + "." + std::to_string(++counter);
+}
+
+// Writes `data` to `path` through a temporary file in the same folder and a rename, so that a
+// reader at any moment sees the old contents or the new, never a part.
+void write_file_atomically(const fs::path& path, const std::string& data) {
+  const fs::path tmp = path.string() + temporary_suffix();
+  FILE* out = std::fopen(tmp.c_str(), "wb");
+  if (!out) fail("cannot write ", tmp.string(), ": ", std::strerror(errno));
+  const bool written = std::fwrite(data.data(), 1, data.size(), out) == data.size();
+  if (std::fclose(out) != 0 || !written) fail("cannot write ", tmp.string());
+  std::error_code ec;
+  fs::rename(tmp, path, ec);
+  if (ec) fail("cannot write ", path.string(), ": ", ec.message());
+}
+
+// Points `link` at `target` through a temporary link and a rename (which replaces whatever was
+// there atomically), so that concurrent downloads of one repository all end with the link.
+void link_atomically(const fs::path& target, const fs::path& link) {
+  const fs::path tmp = link.string() + temporary_suffix();
+  std::error_code ec;
+  fs::remove(tmp, ec);
+  fs::create_symlink(target, tmp, ec);
+  if (!ec) fs::rename(tmp, link, ec);
+  if (ec) fail("cannot link ", link.string(), " to its blob: ", ec.message());
 }
 
 }  // namespace
@@ -365,7 +433,14 @@ HubDownloadResult hub_download(const std::string& name, const HubOptions& o) {
   result.commit = commit;
   for (const auto& f : files) {
     const fs::path link = snapshot / f;
-    if (fs::exists(link, ec)) continue;  // follows the link: a dangling one is fetched again
+    // A linked file is there (a dangling link is fetched again); a small file's blob, named by
+    // its git SHA-1, is checked against its name first (no request needed).
+    if (fs::exists(link, ec)) {
+      const fs::path blob = fs::canonical(link, ec);
+      const std::string named = blob.filename().string();
+      if (!is_sha1(named) || check_blob(blob, fs::file_size(blob, ec), named).empty()) continue;
+      fs::remove(blob, ec);
+    }
     // The file's identity without its body: the hub answers HEAD with a redirect for LFS files,
     // and X-Linked-Etag / X-Linked-Size give the blob's SHA-256 and size.
     const std::string url = o.endpoint + "/" + repo.org + "/" + repo.name + "/resolve/" + commit + "/" + percent_encode_path(f);
@@ -389,25 +464,23 @@ HubDownloadResult hub_download(const std::string& name, const HubOptions& o) {
     const fs::path blob = dir / "blobs" / etag;
     {
       FileLock lock(fs::path(o.cache) / ".locks" / repo.cache_folder() / (etag + ".lock"));
-      if (!fs::exists(blob, ec) || fs::file_size(blob, ec) != size) {
-        result.bytes += fetch_blob(hub, url, blob, size, is_sha256(etag) ? etag : "", f);
+      // A small file's blob is checked again each time (cheap; a corrupt one, from an earlier
+      // version that did not check, is downloaded anew); an LFS blob was checked when it came.
+      const bool cached = fs::exists(blob, ec) && fs::file_size(blob, ec) == size &&
+                          (!is_sha1(etag) || check_blob(blob, size, etag).empty());
+      if (!cached) {
+        result.bytes += fetch_blob(hub, url, blob, size, etag, f);
         result.fetched.push_back(f);
       }
     }
     fs::create_directories(link.parent_path(), ec);
     fs::path target = fs::path("..") / ".." / "blobs" / etag;
     for (auto p = fs::path(f).parent_path(); !p.empty(); p = p.parent_path()) target = fs::path("..") / target;
-    fs::remove(link, ec);  // a dangling link from an interrupted run
-    fs::create_symlink(target, link, ec);
-    if (ec) fail("cannot link ", link.string(), " to its blob: ", ec.message());
+    link_atomically(target, link);  // replacing a dangling link from an interrupted run
   }
   if (!is_commit_hash(repo.revision) || repo.revision != commit) {
     fs::create_directories(dir / "refs" / fs::path(repo.revision).parent_path(), ec);
-    const fs::path ref = dir / "refs" / repo.revision;
-    FILE* out = std::fopen(ref.c_str(), "wb");
-    if (!out) fail("cannot write ", ref.string(), ": ", std::strerror(errno));
-    const bool written = std::fwrite(commit.data(), 1, commit.size(), out) == commit.size();
-    if (std::fclose(out) != 0 || !written) fail("cannot write ", ref.string());
+    write_file_atomically(dir / "refs" / repo.revision, commit);  // readers resolving it offline never see it empty
   }
   return result;
 }

@@ -18,6 +18,7 @@
 #include <fstream>
 #include <map>
 #include <mutex>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -27,14 +28,20 @@
 
 namespace vkvlm::test {
 
-inline std::string sha256_hex(const std::string& data) {
+inline std::string digest_hex(const std::string& data, const EVP_MD* md) {
   unsigned char out[EVP_MAX_MD_SIZE];
   unsigned int len = 0;
-  EVP_Digest(data.data(), data.size(), out, &len, EVP_sha256(), nullptr);
+  EVP_Digest(data.data(), data.size(), out, &len, md, nullptr);
   static const char* hex = "0123456789abcdef";
   std::string s;
   for (unsigned i = 0; i < len; ++i) s += std::string(1, hex[out[i] >> 4]) + hex[out[i] & 15];
   return s;
+}
+
+inline std::string sha256_hex(const std::string& data) { return digest_hex(data, EVP_sha256()); }
+// A small file's ETag on the hub: git's SHA-1 of the blob.
+inline std::string git_blob_sha1(const std::string& data) {
+  return digest_hex("blob " + std::to_string(data.size()) + std::string(1, '\0') + data, EVP_sha1());
 }
 
 class FakeHub {
@@ -47,6 +54,7 @@ class FakeHub {
     int64_t drop_after = -1;                   // the first weight download stops after this many bytes
     bool html_listing = false;                 // the file list comes back as a web page (a captive portal)
     bool no_etag = false;                      // files come without ETag or size (a proxy that strips them)
+    std::set<std::string> fail_once;           // small files whose first GET is a 500 with an error page
   };
 
   FakeHub() {
@@ -83,7 +91,15 @@ class FakeHub {
         blobs_.emplace(sha, Blob{it->second, r->drop_after});  // a HEAD again does not re-arm the drop
         return;
       }
-      if (!r->no_etag) res.set_header("ETag", "\"" + sha.substr(0, 40) + "\"");
+      if (!r->no_etag) res.set_header("ETag", "\"" + git_blob_sha1(it->second) + "\"");
+      {
+        std::lock_guard<std::mutex> l(m_);
+        if (req.method == "GET" && r->fail_once.count(path) && !failed_.count(path)) {
+          failed_.insert(path);  // a transient server error, with a body that is not the file
+          res.status = 500;
+          return res.set_content("Internal Server Error: try again later", "text/plain");
+        }
+      }
       res.set_content(it->second, "application/octet-stream");
     });
     server_.Get(R"(/cdn/([0-9a-f]{64}))", [this](const httplib::Request& req, httplib::Response& res) {
@@ -170,6 +186,7 @@ class FakeHub {
   std::map<std::string, Repo> repos_;
   std::mutex m_;
   std::map<std::string, Blob> blobs_;
+  std::set<std::string> failed_;  // fail_once files already failed
   std::atomic<int> requests_{0}, ranged_{0};
 };
 

@@ -8,6 +8,7 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <csignal>
 #include <filesystem>
 #include <fstream>
@@ -125,17 +126,106 @@ TEST(HubDownload, AnInterruptedTransferResumesWhereItStopped) {
   EXPECT_FALSE(fs::exists(part));
 }
 
-TEST(HubDownload, ConcurrentDownloadsShareOneBlob) {
+// Four at once: every file is written once, and all four succeed (each links the snapshot to
+// the blobs; a link is replaced atomically, never removed and re-created).
+TEST(HubDownload, ConcurrentDownloadsShareOneBlobAndAllSucceed) {
   FakeHub hub;
   const fs::path src = model_folder("lock"), cache = temp_dir("lock-cache");
   hub.add("acme/tiny", src, k_commit);
-  HubDownloadResult a, b;
-  std::thread t1([&] { a = hub_download("acme/tiny", options(hub, cache)); });
-  std::thread t2([&] { b = hub_download("acme/tiny", options(hub, cache)); });
-  t1.join();
-  t2.join();
-  EXPECT_EQ(a.fetched.size() + b.fetched.size(), 3u) << "each file was written once";
-  EXPECT_EQ(slurp(fs::path(a.snapshot) / "model.safetensors"), slurp(src / "model.safetensors"));
+  std::vector<HubDownloadResult> results(4);
+  std::vector<std::string> errors(4);
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < results.size(); ++i)
+    threads.emplace_back([&, i] {
+      try {
+        results[i] = hub_download("acme/tiny", options(hub, cache));
+      } catch (const std::exception& e) {
+        errors[i] = e.what();
+      }
+    });
+  for (auto& t : threads) t.join();
+  size_t fetched = 0;
+  for (size_t i = 0; i < results.size(); ++i) {
+    EXPECT_EQ(errors[i], "") << "download " << i;
+    fetched += results[i].fetched.size();
+  }
+  EXPECT_EQ(fetched, 3u) << "each file was written once";
+  EXPECT_EQ(slurp(fs::path(results[0].snapshot) / "model.safetensors"), slurp(src / "model.safetensors"));
+}
+
+// A transient server error's body never lands in the file being downloaded: the run fails naming
+// the status, and the next one downloads the file whole.
+TEST(HubDownload, AServerErrorsBodyNeverEndsUpInTheFile) {
+  FakeHub hub;
+  const fs::path src = model_folder("error500"), cache = temp_dir("error500-cache");
+  hub.add("acme/tiny", src, k_commit).fail_once = {"tokenizer.json"};
+  expect_error([&] { hub_download("acme/tiny", options(hub, cache)); }, {"tokenizer.json", "HTTP 500"});
+  const fs::path blobs = cache / "models--acme--tiny" / "blobs";
+  for (const auto& e : fs::directory_iterator(blobs))
+    EXPECT_EQ(slurp(e.path()).find("Internal Server Error"), std::string::npos) << e.path();
+  const HubDownloadResult r = hub_download("acme/tiny", options(hub, cache));
+  EXPECT_EQ(slurp(fs::path(r.snapshot) / "tokenizer.json"), slurp(src / "tokenizer.json"));
+}
+
+// What an interrupted run left is checked, not trusted: a whole .incomplete (killed while it was
+// being checked) is checked and moved into place without a request for bytes past its end (a
+// 416); a wrong one, and a corrupt small file in the cache, are downloaded anew.
+TEST(HubDownload, WhatAnEarlierRunLeftIsCheckedNotTrusted) {
+  FakeHub hub;
+  const fs::path src = model_folder("leftover"), cache = temp_dir("leftover-cache");
+  hub.add("acme/tiny", src, k_commit);
+  const fs::path repo = cache / "models--acme--tiny", blobs = repo / "blobs", snap = repo / "snapshots" / k_commit;
+  const std::string weights = slurp(src / "model.safetensors"), tokenizer = slurp(src / "tokenizer.json");
+  const fs::path weights_blob = blobs / sha256_hex(weights), tokenizer_blob = blobs / git_blob_sha1(tokenizer);
+  hub_download("acme/tiny", options(hub, cache));
+  ASSERT_TRUE(fs::exists(tokenizer_blob)) << "small files' blobs are named by their git SHA-1, as the hub's ETag";
+
+  // The whole weights file left as .incomplete, its link gone.
+  fs::remove(snap / "model.safetensors");
+  fs::rename(weights_blob, weights_blob.string() + ".incomplete");
+  const int ranged = hub.ranged_requests();
+  HubDownloadResult r = hub_download("acme/tiny", options(hub, cache));
+  EXPECT_EQ(hub.ranged_requests(), ranged) << "no Range past the end";
+  EXPECT_EQ(r.bytes, 0u);
+  EXPECT_EQ(slurp(snap / "model.safetensors"), weights);
+
+  // A .incomplete of the right size but the wrong bytes: downloaded anew.
+  fs::remove(snap / "model.safetensors");
+  fs::remove(weights_blob);
+  std::ofstream(weights_blob.string() + ".incomplete", std::ios::binary) << std::string(weights.size(), 'x');
+  r = hub_download("acme/tiny", options(hub, cache));
+  EXPECT_EQ(slurp(snap / "model.safetensors"), weights);
+
+  // A corrupt tokenizer blob of the right size (an earlier version cached error pages): found by
+  // its git SHA-1 and downloaded anew.
+  fs::remove(tokenizer_blob);
+  std::ofstream(tokenizer_blob, std::ios::binary) << std::string(tokenizer.size(), '?');
+  r = hub_download("acme/tiny", options(hub, cache));
+  EXPECT_EQ(r.fetched, std::vector<std::string>{"tokenizer.json"});
+  EXPECT_EQ(slurp(snap / "tokenizer.json"), tokenizer);
+}
+
+// refs/main is replaced atomically: a process resolving the model while another download
+// rewrites it never reads an empty or partial ref.
+TEST(HubDownload, RefsAreNeverSeenHalfWritten) {
+  FakeHub hub;
+  const fs::path src = model_folder("refs"), cache = temp_dir("refs-cache");
+  hub.add("acme/tiny", src, k_commit);
+  hub_download("acme/tiny", options(hub, cache));
+  const fs::path ref = cache / "models--acme--tiny" / "refs" / "main";
+  std::atomic<bool> done{false};
+  std::atomic<int> bad{0}, reads{0};
+  std::thread reader([&] {
+    while (!done) {
+      if (slurp(ref) != k_commit) ++bad;
+      ++reads;
+    }
+  });
+  for (int i = 0; i < 20; ++i) hub_download("acme/tiny", options(hub, cache));
+  done = true;
+  reader.join();
+  EXPECT_GT(reads.load(), 0);
+  EXPECT_EQ(bad.load(), 0) << "of " << reads.load() << " reads";
 }
 
 TEST(HubDownload, FailuresSayWhatHappened) {
