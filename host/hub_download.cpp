@@ -69,6 +69,20 @@ bool is_sha1(const std::string& s) {
   return std::regex_match(s, re);
 }
 
+// The most a reply kept in memory (a file list, an error) may hold.
+constexpr size_t k_max_reply_bytes = size_t(32) << 20;
+
+// A Location header resolved against the URL that answered with it: absolute, scheme-relative
+// ("//host/path"), absolute-path ("/path") or relative to the answering path's folder.
+std::string resolve_location(const Url& from, const std::string& loc) {
+  if (loc.rfind("http://", 0) == 0 || loc.rfind("https://", 0) == 0) return loc;
+  if (loc.rfind("//", 0) == 0) return from.origin.substr(0, from.origin.find("//")) + loc;
+  if (loc.rfind("/", 0) == 0) return from.origin + loc;
+  std::string dir = from.path.substr(0, from.path.find_first_of("?#"));
+  dir = dir.substr(0, dir.rfind('/') + 1);
+  return from.origin + (dir.empty() ? "/" : dir) + loc;
+}
+
 // One HTTP exchange at a time, following redirects by hand so that the token goes to the
 // endpoint's host only (a CDN it redirects to gets no credentials).
 class Hub {
@@ -102,22 +116,42 @@ class Hub {
       if (!o_.token.empty() && u.origin == origin_) h.emplace("Authorization", "Bearer " + o_.token);
       Reply r;
       r.url = url;
+      // Nothing is asked for compressed (no Accept-Encoding), so nothing is decompressed: a
+      // body that comes encoded anyway is refused, not inflated.
+      cli.set_decompress(false);
       bool not_the_file = false;  // a redirect's or an error's body: never handed to the sink
+      bool encoded = false, too_large = false;
+      // Without a sink the body is kept, up to k_max_reply_bytes.
+      auto keep = [&](const char* data, size_t n) {
+        if (r.body.size() + n > k_max_reply_bytes) {
+          too_large = true;
+          return false;
+        }
+        r.body.append(data, n);
+        return true;
+      };
       httplib::Result res = [&] {
         if (std::strcmp(method, "HEAD") == 0) return cli.Head(u.path.c_str(), h);
-        if (!sink) return cli.Get(u.path.c_str(), h);
         return cli.Get(
             u.path.c_str(), h,
             [&](const httplib::Response& resp) {
+              const std::string coding = resp.get_header_value("Content-Encoding");
+              encoded = !coding.empty() && coding != "identity";
+              if (encoded) return false;
               not_the_file = resp.status >= 300;
-              if (not_the_file) return true;
+              if (not_the_file || !sink) return true;
               return on_headers ? on_headers(resp) : true;
             },
             [&](const char* data, size_t n) {
+              if (!sink) return keep(data, n);
               if (not_the_file) return true;
               return sink(data, n);
             });
       }();
+      if (encoded)
+        fail(u.origin, " answered ", u.path, " with a body in a content coding that was not asked for (",
+             res ? res->get_header_value("Content-Encoding") : std::string("compressed"), ")");
+      if (too_large) fail(u.origin, " answered ", u.path, " with more than ", k_max_reply_bytes >> 20, " MB");
       if (!res) {
         const httplib::Error e = res.error();
         if (e == httplib::Error::Canceled) throw Error("canceled");
@@ -128,10 +162,8 @@ class Hub {
       }
       r.status = res->status;
       r.headers = res->headers;
-      r.body = res->body;
       if (follow && r.status >= 300 && r.status < 400 && res->has_header("Location")) {
-        std::string loc = res->get_header_value("Location");
-        url = loc.rfind("http", 0) == 0 ? loc : u.origin + loc;
+        url = resolve_location(u, res->get_header_value("Location"));
         continue;
       }
       return r;
@@ -449,8 +481,9 @@ HubDownloadResult hub_download(const std::string& name, const HubOptions& o) {
     if (head.status >= 300 && head.status < 400) {
       // The hub's own redirects (a renamed repository) are followed; a redirect elsewhere is the
       // blob's storage, which the download follows.
-      const std::string loc = head.header("Location");
-      if (loc.rfind("/", 0) == 0 && head.header("X-Linked-Etag").empty()) head = hub.request("HEAD", head.url, true);
+      const std::string loc = resolve_location(split_url(head.url), head.header("Location"));
+      if (split_url(loc).origin == split_url(o.endpoint).origin && head.header("X-Linked-Etag").empty())
+        head = hub.request("HEAD", head.url, true);
     }
     std::string etag = strip_etag(head.header("X-Linked-Etag"));
     if (etag.empty()) etag = strip_etag(head.header("ETag"));

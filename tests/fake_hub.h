@@ -55,6 +55,9 @@ class FakeHub {
     bool html_listing = false;                 // the file list comes back as a web page (a captive portal)
     bool no_etag = false;                      // files come without ETag or size (a proxy that strips them)
     std::set<std::string> fail_once;           // small files whose first GET is a 500 with an error page
+    bool gzip_listing = false;                 // the file list comes gzip-encoded, though nobody asked
+    int64_t listing_padding = 0;               // the file list comes with this many bytes of spaces after it
+    bool relative_redirects = false;           // small files first answer 302 to a relative Location
   };
 
   FakeHub() {
@@ -65,6 +68,20 @@ class FakeHub {
       const std::string rev = req.matches[3];
       if (rev != "main" && rev != r->commit) return not_found(res, "RevisionNotFound");
       if (r->html_listing) return res.set_content("<html><body>Sign in to the network</body></html>", "text/html");
+      if (r->gzip_listing) {  // a small gzip stream that would inflate to far more (a bomb)
+        res.set_header("Content-Encoding", "gzip");
+        return res.set_content(std::string("\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff", 10) + std::string(4096, '\0'),
+                               "application/json");
+      }
+      if (r->listing_padding > 0) {  // an answer that goes on and on
+        const int64_t pad = r->listing_padding;
+        res.set_content_provider(size_t(pad), "application/json", [](size_t offset, size_t length, httplib::DataSink& sink) {
+          const std::string spaces(std::min<size_t>(length, 1 << 20), ' ');
+          sink.write(spaces.data(), spaces.size());
+          return true;
+        });
+        return;
+      }
       nlohmann::json siblings = nlohmann::json::array();
       for (const auto& [path, data] : r->files) siblings.push_back({{"rfilename", path}});
       res.set_content(nlohmann::json{{"id", req.matches[1].str() + "/" + req.matches[2].str()}, {"sha", r->commit},
@@ -90,6 +107,10 @@ class FakeHub {
         std::lock_guard<std::mutex> l(m_);
         blobs_.emplace(sha, Blob{it->second, r->drop_after});  // a HEAD again does not re-arm the drop
         return;
+      }
+      if (r->relative_redirects && !req.has_param("moved")) {  // to the same file, by a relative URL
+        res.status = 302;
+        return res.set_header("Location", path.substr(path.rfind('/') + 1) + "?moved=1");
       }
       if (!r->no_etag) res.set_header("ETag", "\"" + git_blob_sha1(it->second) + "\"");
       {

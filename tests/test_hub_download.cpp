@@ -205,6 +205,21 @@ TEST(HubDownload, WhatAnEarlierRunLeftIsCheckedNotTrusted) {
   EXPECT_EQ(slurp(snap / "tokenizer.json"), tokenizer);
 }
 
+// What a hub or a proxy answers that vkvlm did not ask for: a file list gzip-encoded (not
+// inflated: refused), one that goes on past 32 MB (refused, not held), and redirects to relative
+// URLs (followed from the folder that answered, as a browser would).
+TEST(HubDownload, UnaskedEncodingsEndlessAnswersAndRelativeRedirects) {
+  FakeHub hub;
+  const fs::path src = model_folder("answers"), cache = temp_dir("answers-cache");
+  hub.add("acme/gzip", src, k_commit).gzip_listing = true;
+  expect_error([&] { hub_download("acme/gzip", options(hub, cache)); }, {"content coding", "gzip"});
+  hub.add("acme/endless", src, k_commit).listing_padding = int64_t(40) << 20;
+  expect_error([&] { hub_download("acme/endless", options(hub, cache)); }, {"more than 32 MB"});
+  hub.add("acme/moved", src, k_commit).relative_redirects = true;
+  const HubDownloadResult r = hub_download("acme/moved", options(hub, cache));
+  EXPECT_EQ(slurp(fs::path(r.snapshot) / "tokenizer.json"), slurp(src / "tokenizer.json"));
+}
+
 // refs/main is replaced atomically: a process resolving the model while another download
 // rewrites it never reads an empty or partial ref.
 TEST(HubDownload, RefsAreNeverSeenHalfWritten) {
