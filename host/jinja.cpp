@@ -1864,6 +1864,12 @@ Value apply_filter(const std::string& name, const Value& v, Args& a, int line, C
       if ((name == "min") == (compare(x, best, line, ctx) < 0) && compare(x, best, line, ctx) != 0) best = x;
     return best;
   }
+  // As Jinja2's map, select, reject, selectattr and rejectattr: a falsy value (none, undefined,
+  // an empty list) gives an empty sequence, its arguments unread (Functionary's template filters
+  // `tools` when there are none).
+  if ((name == "map" || name == "select" || name == "reject" || name == "selectattr" || name == "rejectattr") &&
+      !v.truthy())
+    return Value(List{}).set_seq(Value::Seq::Iterator);
   if (name == "map") {
     Value attr = a.get(99, "attribute");
     List out;

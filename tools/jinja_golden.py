@@ -72,6 +72,9 @@ CASES = [
     ("macro_with_defaults", "{% macro greet(name, punct='!') %}Hi {{ name }}{{ punct }}{% endmacro %}{{ greet('a') }} {{ greet('b', '?') }} {{ greet(name='c', punct='.') }}", {}),
     ("filters_strings", "{{ '  pad  ' | trim }}|{{ 'Mixed Case' | upper }}|{{ 'Mixed Case' | lower }}|{{ 'hello world' | title }}|{{ 'abc' | capitalize }}|{{ 'a-b-c' | replace('-', '+') }}|{{ 'héllo' | length }}", {}),
     ("filters_lists", "{{ items | length }}|{{ items | first }}|{{ items | last }}|{{ items | join(', ') }}|{{ items | reverse | list }}|{{ [3,1,2] | sort }}|{{ [1,1,2] | unique | list }}|{{ [1,2,3] | sum }}|{{ [4,2,8] | min }}{{ [4,2,8] | max }}", {"items": ["x", "y", "z"]}),
+    # Jinja2's select/reject/map filters give an empty sequence for a falsy value (Functionary
+    # v3.1 filters `tools`, None when absent); their arguments are not read then.
+    ("filters_on_none", "[{{ none | selectattr('type', 'equalto', 'function') | list }}|{{ none | rejectattr('x') | list }}|{{ none | select('odd') | list }}|{{ none | reject | list }}|{{ none | map(attribute='name') | list }}|{{ tools | selectattr('type', 'equalto', 'function') | list | length }}|{{ undefined_thing | map('upper') | join }}|{{ [] | map('nonexistent_filter') | list }}]", {"tools": None}),
     ("filters_select_map", "{{ msgs | selectattr('role', 'equalto', 'user') | list | length }}|{{ msgs | rejectattr('role', 'equalto', 'user') | map(attribute='role') | join(',') }}|{{ [1,2,3,4] | select('even') | list }}|{{ [1,2,3,4] | reject('odd') | list }}|{{ ['a','b'] | map('upper') | join }}", {"msgs": CONVERSATION}),
     ("default_filter", "{{ missing | default('dflt') }}|{{ '' | default('empty', true) }}|{{ none_value | default('x') }}|{{ 0 | d(5) }}", {"none_value": None}),
     ("tojson", "{{ tools | tojson }}\n{{ {'a': [1, 2.5, true, none], 'ü': 'é\"\\n'} | tojson }}\n{{ tools[0] | tojson(indent=4) }}", {"tools": TOOLS}),
