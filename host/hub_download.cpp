@@ -437,10 +437,19 @@ HubDownloadResult hub_download(const std::string& name, const HubOptions& o) {
   } catch (const std::exception&) {
     fail(o.endpoint, " answered the file list of ", repo.id(), " with something that is not JSON");
   }
+  // Its shape, checked before it is read: a wrong one is named, not a library's type error.
+  auto shape_error = [&](const char* what) {
+    fail(o.endpoint, " answered the file list of ", repo.id(), " with JSON of another shape: ", what);
+  };
+  if (!j.is_object()) shape_error("not an object");
+  if (j.contains("sha") && !j["sha"].is_string()) shape_error("'sha' is not a string");
+  if (j.contains("siblings") && !j["siblings"].is_array()) shape_error("'siblings' is not a list");
   const std::string commit = j.value("sha", "");
   if (!is_commit_hash(commit)) fail(o.endpoint, " gave no commit for revision '", repo.revision, "' of ", repo.id());
   std::vector<std::string> files;
   for (const auto& s : j.value("siblings", nlohmann::json::array())) {
+    if (!s.is_object() || (s.contains("rfilename") && !s["rfilename"].is_string()))
+      shape_error("a sibling without a string 'rfilename'");
     const std::string f = s.value("rfilename", "");
     if (f.empty() || f.find("..") != std::string::npos || f.front() == '/') continue;
     if (hub_file_needed(f)) files.push_back(f);

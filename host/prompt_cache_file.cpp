@@ -79,7 +79,7 @@ PromptCacheContents read_prompt_cache(const SafetensorsFile& file, const std::st
   c.rows = number("rows", 1, int64_t(1) << 30);
   if (c.rows >= expect.capacity)
     fail("prompt cache ", path, " holds ", c.rows, " tokens; a context of ", expect.capacity,
-         " tokens cannot continue it (raise the context size, e.g. --ctx)");
+         " tokens cannot continue it (raise ", expect.context_flag, ")");
   if (version == "1") {
     if (const int64_t prefix_end = number("prefix_end", 0, c.rows)) c.bidirectional.push_back({0, prefix_end});
   } else {

@@ -36,6 +36,7 @@ struct PromptCacheLayout {
   std::vector<PromptCachePlane> planes;      // how those rows are stored
   int position_components = 1;
   int64_t capacity = 0;                      // the session's rows: the cache must leave one free
+  std::string context_flag = "--ctx";        // the option that sets them, for the advice
 };
 
 struct PromptCacheContents {

@@ -111,9 +111,9 @@ std::vector<float> StTensor::to_f32() const {
   return out;
 }
 
-SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
+SafetensorsFile::SafetensorsFile(const std::string& path, const char* what) : path_(path) {
   uint64_t size = 0;
-  const int fd = open_regular_file(path, "weights file", size);
+  const int fd = open_regular_file(path, what, size);
   map_size_ = size_t(size);
   if (map_size_ < 8) {
     ::close(fd);
@@ -324,10 +324,14 @@ void write_safetensors_file(const std::string& path, const std::vector<StWrite>&
   }
   std::string h = header.dump();
   h.append((8 - h.size() % 8) % 8, ' ');  // the data starts 8-byte aligned
+  std::error_code dir_ec;
+  if (fs::is_directory(path, dir_ec)) fail("cannot write ", path, ": it is a folder (give a file name)");
   const std::string tmp = path + ".tmp-" + std::to_string(::getpid());
   {
+    errno = 0;
     std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    if (!out) fail("cannot write ", path, ": ", std::strerror(errno));
+    if (!out)
+      fail("cannot write ", path, ": ", errno ? std::strerror(errno) : "its folder does not take a new file");
     const uint64_t n = h.size();
     char len[8];
     for (int i = 0; i < 8; ++i) len[i] = char((n >> (8 * i)) & 0xFF);

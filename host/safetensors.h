@@ -31,7 +31,8 @@ struct StTensor {
 
 class SafetensorsFile {
  public:
-  explicit SafetensorsFile(const std::string& path);
+  // `what` names the file in errors ("weights file", "prompt cache").
+  explicit SafetensorsFile(const std::string& path, const char* what = "weights file");
   ~SafetensorsFile();
   SafetensorsFile(const SafetensorsFile&) = delete;
   SafetensorsFile& operator=(const SafetensorsFile&) = delete;

@@ -102,7 +102,7 @@ int64_t Session::save_prompt_cache(const Prompt& prompt, const std::string& path
 }
 
 Session::LoadedPromptCache Session::load_prompt_cache(const std::string& path) {
-  const SafetensorsFile file(path);  // validated: a truncated or corrupted file throws here
+  const SafetensorsFile file(path, "prompt cache");  // validated: a truncated or corrupted file throws here
   const auto& t = model_.config().text;
   PromptCacheLayout expect;
   expect.model = model_.config().dir;
@@ -113,6 +113,7 @@ Session::LoadedPromptCache Session::load_prompt_cache(const std::string& path) {
   expect.kv_width = int64_t(t.num_kv_heads) * t.head_dim;
   expect.position_components = t.rope.positions_per_token();
   expect.capacity = capacity_;
+  expect.context_flag = rotating_ ? "--max-kv-size" : "--ctx";
   // Every tensor is checked before the rows go in: a bad file leaves the session as it was.
   PromptCacheContents c = read_prompt_cache(file, path, expect);
   reset();

@@ -58,6 +58,7 @@ class FakeHub {
     bool gzip_listing = false;                 // the file list comes gzip-encoded, though nobody asked
     int64_t listing_padding = 0;               // the file list comes with this many bytes of spaces after it
     bool relative_redirects = false;           // small files first answer 302 to a relative Location
+    std::string raw_listing;                   // the file list answered verbatim (a JSON of another shape)
   };
 
   FakeHub() {
@@ -68,6 +69,7 @@ class FakeHub {
       const std::string rev = req.matches[3];
       if (rev != "main" && rev != r->commit) return not_found(res, "RevisionNotFound");
       if (r->html_listing) return res.set_content("<html><body>Sign in to the network</body></html>", "text/html");
+      if (!r->raw_listing.empty()) return res.set_content(r->raw_listing, "application/json");
       if (r->gzip_listing) {  // a small gzip stream that would inflate to far more (a bomb)
         res.set_header("Content-Encoding", "gzip");
         return res.set_content(std::string("\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff", 10) + std::string(4096, '\0'),

@@ -546,6 +546,22 @@ TEST(Cli, PromptCacheAcrossProcesses) {
   EXPECT_EQ(broken.rc, 1);
   EXPECT_NE(broken.err.find("broken.cache"), std::string::npos) << broken.err;
   EXPECT_EQ(vkvlm({"cache-prompt", "--prompt", "x"}).rc, 2) << "--out is required";
+  // What is wrong is said as it is: a missing cache is a prompt cache (not a weights file), a
+  // folder given to --out is a folder, and a cache too long for a rotating cache names its flag.
+  CliRun missing = vkvlm({"generate", "--prompt", "x", "--prompt-cache", tmp("nope.cache")});
+  EXPECT_EQ(missing.rc, 1);
+  EXPECT_NE(missing.err.find("prompt cache"), std::string::npos) << missing.err;
+  EXPECT_EQ(missing.err.find("weights"), std::string::npos) << missing.err;
+  fs::create_directories(tmp("cache-folder"));
+  CliRun folder = vkvlm({"cache-prompt", "--prompt", "x", "--out", tmp("cache-folder")});
+  EXPECT_EQ(folder.rc, 1);
+  EXPECT_NE(folder.err.find("is a folder"), std::string::npos) << folder.err;
+  EXPECT_EQ(folder.err.find("Success"), std::string::npos) << folder.err;
+  CliRun small = vkvlm({"generate", "--model", model, "--prompt", "Hi", "--max-tokens", "2", "--max-kv-size", "12",
+                        "--prompt-cache", tmp("llava.cache")});
+  EXPECT_EQ(small.rc, 1);
+  EXPECT_NE(small.err.find("cannot continue it (raise --max-kv-size)"), std::string::npos) << small.err;
+  EXPECT_EQ(small.err.find("--ctx"), std::string::npos) << small.err;
 
   // chat resumes the cached conversation (a described image), its image from --image.
   const std::string shapes = k_demo + "/examples/shapes_1.png";

@@ -215,6 +215,11 @@ TEST(HubDownload, UnaskedEncodingsEndlessAnswersAndRelativeRedirects) {
   expect_error([&] { hub_download("acme/gzip", options(hub, cache)); }, {"content coding", "gzip"});
   hub.add("acme/endless", src, k_commit).listing_padding = int64_t(40) << 20;
   expect_error([&] { hub_download("acme/endless", options(hub, cache)); }, {"more than 32 MB"});
+  // A file list of another shape is named as such, with the hub and the repository.
+  hub.add("acme/shape", src, k_commit).raw_listing = R"({"sha": 5, "siblings": []})";
+  expect_error([&] { hub_download("acme/shape", options(hub, cache)); }, {"acme/shape", "another shape", "'sha'"});
+  hub.add("acme/shape2", src, k_commit).raw_listing = R"({"sha": ")" + k_commit + R"(", "siblings": [{"rfilename": 3}]})";
+  expect_error([&] { hub_download("acme/shape2", options(hub, cache)); }, {"acme/shape2", "another shape", "rfilename"});
   hub.add("acme/moved", src, k_commit).relative_redirects = true;
   const HubDownloadResult r = hub_download("acme/moved", options(hub, cache));
   EXPECT_EQ(slurp(fs::path(r.snapshot) / "tokenizer.json"), slurp(src / "tokenizer.json"));
