@@ -290,6 +290,64 @@ std::string check_blob(const fs::path& path, uint64_t size, const std::string& e
   return "";
 }
 
+// Fetches the rest of `url` into `part`, which holds its first `have` bytes (the whole file when
+// the server starts over); returns the HTTP status: the file is whole unless it is 416 (the
+// server will not resume there). Any other failure is an error that says how far it got.
+int transfer(Hub& hub, const std::string& url, const fs::path& part, uint64_t have, uint64_t size,
+             const std::string& name, uint64_t& got) {
+  int fd = ::open(part.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0644);
+  if (fd < 0) fail("cannot write ", part.string(), ": ", std::strerror(errno));
+  uint64_t done = have;
+  Progress progress(hub.options().progress, name, size, have);
+  std::string write_error;
+  httplib::Headers range;
+  if (have > 0) range.emplace("Range", "bytes=" + std::to_string(have) + "-");
+  Hub::Reply r;
+  try {
+    r = hub.request(
+        "GET", url, true, range,
+        [&](const char* data, size_t n) {
+          size_t off = 0;
+          while (off < n) {
+            const ssize_t w = ::write(fd, data + off, n - off);
+            if (w < 0) {
+              if (errno == EINTR) continue;
+              write_error = std::strerror(errno);
+              if (errno == ENOSPC || errno == EDQUOT || errno == EFBIG) write_error += " (is the disk full?)";
+              return false;
+            }
+            off += size_t(w);
+          }
+          done += n;
+          got += n;
+          progress.update(done);
+          return done <= size;
+        },
+        [&](const httplib::Response& resp) {
+          // 206: the server continues where the file stopped; 200: it starts over.
+          if (resp.status != 206) {
+            if (::ftruncate(fd, 0) != 0) return false;
+            done = 0;
+          }
+          return ::lseek(fd, off_t(done), SEEK_SET) >= 0;
+        });
+  } catch (const Error& e) {
+    ::close(fd);
+    if (!write_error.empty()) fail("cannot write ", part.string(), ": ", write_error);
+    if (std::string(e.what()) == "canceled" && done > size)
+      fail(url, " sent more than the ", size, " bytes the hub announced for ", name);
+    fail("the download of ", name, " stopped after ", done, " of ", size, " bytes (", e.what(), "); run again to resume");
+  }
+  const int close_rc = ::close(fd);
+  if (!write_error.empty()) fail("cannot write ", part.string(), ": ", write_error);
+  if (close_rc != 0) fail("cannot write ", part.string(), ": ", std::strerror(errno));
+  if (r.status == 416) return r.status;
+  if (r.status >= 400) fail("downloading ", name, " from ", r.url, " failed with HTTP ", r.status);
+  progress.update(done, true);
+  if (done != size) fail("the download of ", name, " stopped after ", done, " of ", size, " bytes; run again to resume");
+  return r.status;
+}
+
 // Downloads `url` into blob via blob.incomplete, resuming what an earlier run left there. A
 // partial file that turns out wrong (or that the server will not resume: 416) is downloaded
 // anew, once; the file is checked against the hub's size and checksum before it is moved into
@@ -306,62 +364,8 @@ uint64_t fetch_blob(Hub& hub, const std::string& url, const fs::path& blob, uint
       have = 0;
     }
     const bool resumed = have > 0;
-    int status = 200;
-    if (have < size) {  // a complete one (killed while it was being checked) is only checked
-      int fd = ::open(part.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0644);
-      if (fd < 0) fail("cannot write ", part.string(), ": ", std::strerror(errno));
-      uint64_t done = have;
-      Progress progress(hub.options().progress, name, size, have);
-      std::string write_error;
-      httplib::Headers range;
-      if (have > 0) range.emplace("Range", "bytes=" + std::to_string(have) + "-");
-      Hub::Reply r;
-      try {
-        r = hub.request(
-            "GET", url, true, range,
-            [&](const char* data, size_t n) {
-              size_t off = 0;
-              while (off < n) {
-                const ssize_t w = ::write(fd, data + off, n - off);
-                if (w < 0) {
-                  if (errno == EINTR) continue;
-                  write_error = std::strerror(errno);
-                  if (errno == ENOSPC || errno == EDQUOT || errno == EFBIG) write_error += " (is the disk full?)";
-                  return false;
-                }
-                off += size_t(w);
-              }
-              done += n;
-              got += n;
-              progress.update(done);
-              return done <= size;
-            },
-            [&](const httplib::Response& resp) {
-              // 206: the server continues where the file stopped; 200: it starts over.
-              if (resp.status != 206) {
-                if (::ftruncate(fd, 0) != 0) return false;
-                done = 0;
-              }
-              return ::lseek(fd, off_t(done), SEEK_SET) >= 0;
-            });
-      } catch (const Error& e) {
-        ::close(fd);
-        if (!write_error.empty()) fail("cannot write ", part.string(), ": ", write_error);
-        if (std::string(e.what()) == "canceled" && done > size)
-          fail(url, " sent more than the ", size, " bytes the hub announced for ", name);
-        fail("the download of ", name, " stopped after ", done, " of ", size, " bytes (", e.what(), "); run again to resume");
-      }
-      const int close_rc = ::close(fd);
-      if (!write_error.empty()) fail("cannot write ", part.string(), ": ", write_error);
-      if (close_rc != 0) fail("cannot write ", part.string(), ": ", std::strerror(errno));
-      status = r.status;
-      if (status != 416 && status >= 400) fail("downloading ", name, " from ", r.url, " failed with HTTP ", status);
-      if (status != 416) {
-        progress.update(done, true);
-        if (done != size)
-          fail("the download of ", name, " stopped after ", done, " of ", size, " bytes; run again to resume");
-      }
-    }
+    // A whole one (killed while it was being checked) is only checked.
+    const int status = have < size ? transfer(hub, url, part, have, size, name, got) : 200;
     const std::string wrong = status == 416 ? "the server would not resume it" : check_blob(part, size, etag);
     if (wrong.empty()) break;
     fs::remove(part, ec);
