@@ -396,7 +396,9 @@ struct Server::Impl {
           view.set_broken();  // a stream cannot change its status any more; the connection ends
         }
       }
-      keep_alive = keep_alive && view.finish();
+      // The terminating chunk ends the body whatever the connection does next.
+      const bool finished = view.finish();
+      keep_alive = keep_alive && finished;
     } else {
       const std::string r = head(res.status, res.content_type, res.headers, &res.body, keep_alive) + res.body;
       keep_alive = write_all(c->fd, r.data(), r.size(), limits.write_seconds) && keep_alive;

@@ -460,6 +460,94 @@ def test_a_client_that_disconnects_mid_stream_stops_its_generation_and_frees_its
     assert r.choices[0].message.content == "There is 1 shape."
 
 
+def test_a_leaving_client_at_parallel_1_hands_its_slot_to_the_next_at_once(demo):
+    # The demo server decodes one conversation at a time: the second request waits for the first.
+    stream = chat(demo.client, [{"role": "user", "content": "red"}], max_tokens=900, stream=True, ignore_eos=True)
+    with ThreadPoolExecutor(1) as pool:
+        for chunks, _ in enumerate(stream, 1):
+            if chunks == 5:
+                break
+        waiting = pool.submit(lambda: chat(demo.client, [image_message("shapes_0.png", "How many shapes are there?")],
+                                           max_tokens=8))
+        time.sleep(0.3)
+        assert not waiting.done(), "the second request waits for the first's slot"
+        left = time.monotonic()
+        stream.close()
+        r = waiting.result(timeout=60)
+        waited = time.monotonic() - left
+    assert r.choices[0].message.content == "There is 1 shape."
+    assert waited < 1.5, f"the slot was handed on {waited:.2f} s after its client left"
+
+
+def read_http_response(sock):
+    """Reads one whole HTTP/1.1 response from a socket, as the protocol frames it: (status, headers,
+    body); AssertionError when the bytes end before the framing says the response ends."""
+    buf = bytearray()
+
+    def need(n):
+        while len(buf) < n:
+            d = sock.recv(65536)
+            assert d, f"the connection ended inside the response: {bytes(buf[-80:])!r}"
+            buf.extend(d)
+
+    def line():
+        while b"\r\n" not in buf:
+            need(len(buf) + 1)
+        i = buf.index(b"\r\n")
+        out = bytes(buf[:i])
+        del buf[:i + 2]
+        return out
+
+    status = int(line().split()[1])
+    headers = {}
+    while (h := line()):
+        k, v = h.decode("latin1").split(":", 1)
+        headers[k.strip().lower()] = v.strip()
+    body = bytearray()
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        while (size := int(line().split(b";")[0], 16)):
+            need(size + 2)
+            body += buf[:size]
+            assert buf[size:size + 2] == b"\r\n", "a chunk ends with CRLF"
+            del buf[:size + 2]
+        while line():  # trailers, then the empty line that ends the message
+            pass
+    else:
+        n = int(headers["content-length"])
+        need(n)
+        body += buf[:n]
+    return status, headers, bytes(body)
+
+
+@pytest.mark.parametrize("connection", ["close", "keep-alive"])
+@pytest.mark.parametrize("stream", [True, False])
+def test_every_response_ends_as_http_1_1_frames_it_whatever_the_connection_header(demo, connection, stream):
+    body = json.dumps({"max_tokens": 6, "stream": stream, "messages": [{"role": "user", "content": "red"}]}).encode()
+    req = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+           f"Connection: {connection}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+           ).encode() + body
+    with socket.create_connection(("127.0.0.1", demo.port), timeout=60) as sock:
+        sock.sendall(req)
+        status, headers, data = read_http_response(sock)
+        assert status == 200, data
+        assert headers["connection"] == connection
+        if stream:
+            assert headers["transfer-encoding"] == "chunked"
+            assert data.endswith(b"data: [DONE]\n\n")
+        else:
+            assert json.loads(data)["usage"]["completion_tokens"] == 6
+        if connection == "close":
+            assert sock.recv(1) == b"", "the server closes the connection after the response"
+        else:  # the connection serves a second request
+            sock.sendall(req)
+            assert read_http_response(sock)[0] == 200
+    # Python's urllib sends Connection: close and checks the chunked framing as it reads.
+    import urllib.request
+    r = urllib.request.urlopen(urllib.request.Request(f"{demo.base}/v1/chat/completions", data=body,
+                                                      headers=JSON_AUTH), timeout=60)
+    assert r.read().rstrip().endswith(b"[DONE]" if stream else b"}")
+
+
 # ---- what a hostile client can try ----------------------------------------------------------------
 
 def raw_exchange(port, chunks, gap=0.0, timeout=20.0):
