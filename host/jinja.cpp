@@ -4,7 +4,9 @@
 #include <charconv>
 #include <cmath>
 #include <cstring>
+#include <optional>
 #include <sstream>
+#include <string_view>
 #include <unordered_set>
 
 #include "base/error.h"
@@ -17,11 +19,107 @@ namespace vkvlm::jinja {
 
 namespace {
 std::string float_repr(double v);
+
+// What one render may do, counted where the work happens: a statement or a loop iteration is a
+// step, and so is every 128 bytes an operation reads (strings compared, searched or hashed, lists
+// copied or scanned), so a loop over a cheap-looking `x in long_string` costs what it does.
+struct RenderMeter {
+  static constexpr int64_t max_steps = 1'000'000;
+  static constexpr uint64_t work_bytes_per_step = 128;
+  int64_t steps = 0;
+  uint64_t work_bytes = 0;
+  int line = 0;      // the statement running, for the error
+  std::string name;  // the template's
+  void check() const {
+    if (steps + int64_t(work_bytes / work_bytes_per_step) > max_steps)
+      fail(name, " line ", line,
+           ": the template ran more than 1000000 steps (a loop that is too long, or long strings or lists "
+           "compared, searched or copied too often?)");
+  }
+};
+thread_local RenderMeter* g_meter = nullptr;  // the render running on this thread, if any
+
+constexpr size_t max_string_bytes = 16u << 20;  // one string a template builds
+[[noreturn]] void string_too_long() { fail("the template built a string longer than 16 MiB"); }
+
+// Counts `bytes` of work against the running render (none outside a render).
+void work(uint64_t bytes) {
+  if (!g_meter) return;
+  g_meter->work_bytes += bytes;
+  g_meter->check();
 }
+
+// Where `needle` next occurs in `hay` at or after `from` (npos: nowhere), in time linear in the
+// bytes it reads whatever the text: short needles by the library's search (at most 32 compares
+// a byte), longer ones by Knuth-Morris-Pratt, since a naive search of 'aaa…ab' in 'aaa…a' is
+// quadratic.
+size_t find_text(std::string_view hay, std::string_view needle, size_t from = 0) {
+  if (from > hay.size()) return std::string_view::npos;
+  const size_t m = needle.size();
+  if (m <= 32) {
+    const size_t at = hay.find(needle, from);
+    work((at == std::string_view::npos ? hay.size() : at + m) - from);
+    return at;
+  }
+  std::vector<uint32_t> border(m, 0);  // border[i]: the longest proper border of needle[0..i]
+  for (size_t i = 1, k = 0; i < m; ++i) {
+    while (k && needle[i] != needle[k]) k = border[k - 1];
+    if (needle[i] == needle[k]) ++k;
+    border[i] = uint32_t(k);
+  }
+  size_t k = 0;
+  for (size_t i = from; i < hay.size(); ++i) {
+    while (k && hay[i] != needle[k]) k = border[k - 1];
+    if (hay[i] == needle[k]) ++k;
+    if (k == m) {
+      work(m + i + 1 - from);
+      return i + 1 - m;
+    }
+  }
+  work(m + hay.size() - from);
+  return std::string_view::npos;
+}
+
+// How many characters (code points; an invalid byte is one) a UTF-8 string holds.
+size_t char_count(std::string_view s) {
+  work(s.size());
+  // ASCII bytes are characters each; the decoder runs from the first byte that is not.
+  size_t i = 0;
+  while (i < s.size() && static_cast<unsigned char>(s[i]) < 0x80) ++i;
+  size_t n = i;
+  for (; i < s.size(); ++n) unicode::next(s, i);
+  return n;
+}
+
+// The characters of a UTF-8 string by index, with no value per character: ASCII text indexes
+// its bytes, other text keeps each character's starting offset (4 bytes a character).
+class CharIndex {
+ public:
+  explicit CharIndex(std::string_view s) : s_(s) {
+    work(s.size());
+    ascii_ = std::all_of(s.begin(), s.end(), [](char c) { return static_cast<unsigned char>(c) < 0x80; });
+    if (ascii_) return;
+    for (size_t i = 0; i < s.size();) {
+      starts_.push_back(uint32_t(i));
+      unicode::next(s, i);
+    }
+    starts_.push_back(uint32_t(s.size()));
+  }
+  size_t size() const { return ascii_ ? s_.size() : starts_.size() - 1; }
+  std::string_view at(size_t i) const {
+    return ascii_ ? s_.substr(i, 1) : s_.substr(starts_[i], starts_[i + 1] - starts_[i]);
+  }
+
+ private:
+  std::string_view s_;
+  bool ascii_ = true;
+  std::vector<uint32_t> starts_;
+};
+}  // namespace
 
 std::string Dict::hash_key(const Value& k) {
   switch (k.kind()) {
-    case Value::Kind::String: return "s" + k.str();
+    case Value::Kind::String: work(k.str().size()); return "s" + k.str();
     case Value::Kind::None: return "n";
     case Value::Kind::Bool:
     case Value::Kind::Int: return "i" + std::to_string(k.as_int());
@@ -60,9 +158,15 @@ void Dict::set(const Value& k, Value v) {
 void Dict::set(const std::string& k, Value v) { set(Value(k), std::move(v)); }
 void Dict::set(const char* k, Value v) { set(Value(k), std::move(v)); }
 
+static_assert(sizeof(Value) == 32, "a value is 32 bytes: what lists cost is counted at that size");
+
+const std::string& Value::empty_string() {
+  static const std::string empty;
+  return empty;
+}
 Value Value::undefined(std::string name) {
   Value v;
-  v.s_ = std::move(name);
+  if (!name.empty()) v.ptr_ = std::make_shared<std::string>(std::move(name));
   return v;
 }
 Value Value::none() {
@@ -74,31 +178,31 @@ Value::Value(bool b) : kind_(Kind::Bool), b_(b) {}
 Value::Value(int v) : kind_(Kind::Int), i_(v) {}
 Value::Value(int64_t v) : kind_(Kind::Int), i_(v) {}
 Value::Value(double v) : kind_(Kind::Float), f_(v) {}
-Value::Value(const char* s) : kind_(Kind::String), s_(s) {}
-Value::Value(std::string s) : kind_(Kind::String), s_(std::move(s)) {}
-Value::Value(List l) : kind_(Kind::List), list_(std::make_shared<List>(std::move(l))) {
-  for (auto& x : *list_) depth_ = std::max(depth_, x.depth_);
+Value::Value(const char* s) : kind_(Kind::String), ptr_(std::make_shared<std::string>(s)) {}
+Value::Value(std::string s) : kind_(Kind::String), ptr_(std::make_shared<std::string>(std::move(s))) {}
+Value::Value(List l) : kind_(Kind::List), ptr_(std::make_shared<List>(std::move(l))) {
+  for (auto& x : list()) depth_ = std::max(depth_, x.depth_);
   if (++depth_ > max_nesting) fail("the template built lists nested deeper than ", max_nesting, " levels");
 }
 
 Value& Value::update_depth() {
   if (kind_ != Kind::Dict) return *this;
   int d = 0;
-  for (auto& [k, x] : dict_->items) d = std::max(d, x.depth_);
-  depth_ = d + 1;
-  if (depth_ > max_nesting) fail("the template built values nested deeper than ", max_nesting, " levels");
+  for (auto& [k, x] : dict_ref().items) d = std::max(d, int(x.depth_));
+  if (d + 1 > max_nesting) fail("the template built values nested deeper than ", max_nesting, " levels");
+  depth_ = uint16_t(d + 1);
   return *this;
 }
 Value Value::dict() {
   Value v;
   v.kind_ = Kind::Dict;
-  v.dict_ = std::make_shared<Dict>();
+  v.ptr_ = std::make_shared<Dict>();
   return v;
 }
 Value Value::function(Function f) {
   Value v;
   v.kind_ = Kind::Function;
-  v.fn_ = std::make_shared<Function>(std::move(f));
+  v.ptr_ = std::make_shared<Function>(std::move(f));
   return v;
 }
 
@@ -138,9 +242,9 @@ bool Value::truthy() const {
     case Kind::Bool: return b_;
     case Kind::Int: return i_ != 0;
     case Kind::Float: return f_ != 0;
-    case Kind::String: return !s_.empty();
-    case Kind::List: return seq_ == Seq::Iterator || !list_->empty();  // a generator object is always true
-    case Kind::Dict: return !dict_->items.empty();
+    case Kind::String: return !str().empty();
+    case Kind::List: return seq_ == Seq::Iterator || !list().empty();  // a generator object is always true
+    case Kind::Dict: return !dict_ref().items.empty();
     case Kind::Function: return true;
   }
   return false;
@@ -170,7 +274,7 @@ double Value::as_float() const {
 
 std::string Value::type_name() const {
   switch (kind_) {
-    case Kind::Undefined: return s_.empty() ? "undefined" : "undefined ('" + s_ + "')";
+    case Kind::Undefined: return str().empty() ? "undefined" : "undefined ('" + str() + "')";
     case Kind::None: return "none";
     case Kind::Bool: return "boolean";
     case Kind::Int: return "integer";
@@ -279,7 +383,9 @@ std::string json_key_text(const Value& k) {
 // json.dumps(x, ensure_ascii=False, indent=indent) as Python formats it.
 void python_json(std::string& out, const Value& v, int indent, int depth, const std::string& item_sep,
                  const std::string& key_sep) {
+  if (out.size() > max_string_bytes) string_too_long();
   auto newline = [&](int d) {
+    if (out.size() + size_t(indent) * size_t(d) > max_string_bytes) string_too_long();
     out += '\n';
     out.append(size_t(indent * d), ' ');
   };
@@ -354,26 +460,35 @@ struct WalkGuard {
 std::string Value::repr() const {
   const WalkGuard guard;
   switch (kind_) {
-    case Kind::Undefined: return "";
+    case Kind::Undefined: return "Undefined";  // as repr(jinja2.Undefined()) inside a list or dict
     case Kind::None: return "None";
     case Kind::Bool: return b_ ? "True" : "False";
     case Kind::Int: return std::to_string(i_);
     case Kind::Float: return float_repr(f_);
-    case Kind::String: return py_str_repr(s_);
+    case Kind::String: return py_str_repr(str());
     case Kind::List: {
       // Jinja2 prints a generator as its memory address, which no prompt can use.
       if (seq_ == Seq::Iterator) fail("a generator cannot be printed (convert it with |list)");
       const bool tuple = seq_ == Seq::Tuple;
       std::string s = tuple ? "(" : "[";
-      for (size_t i = 0; i < list_->size(); ++i) s += (i ? ", " : "") + (*list_)[i].repr();
-      s += tuple ? (list_->size() == 1 ? ",)" : ")") : "]";
+      for (size_t i = 0; i < list().size(); ++i) {
+        if (i) s += ", ";
+        s += list()[i].repr();
+        if (s.size() > max_string_bytes) string_too_long();
+      }
+      s += tuple ? (list().size() == 1 ? ",)" : ")") : "]";
       if (seq_ == Seq::DictItems || seq_ == Seq::DictKeys || seq_ == Seq::DictValues) s = type_name() + "(" + s + ")";
       return s;
     }
     case Kind::Dict: {
       std::string s = "{";
-      for (size_t i = 0; i < dict_->items.size(); ++i)
-        s += (i ? ", " : "") + dict_->items[i].first.repr() + ": " + dict_->items[i].second.repr();
+      for (size_t i = 0; i < dict_ref().items.size(); ++i) {
+        if (i) s += ", ";
+        s += dict_ref().items[i].first.repr();
+        s += ": ";
+        s += dict_ref().items[i].second.repr();
+        if (s.size() > max_string_bytes) string_too_long();
+      }
       return s + "}";
     }
     case Kind::Function: return "<function>";
@@ -384,7 +499,7 @@ std::string Value::repr() const {
 std::string Value::to_output() const {
   switch (kind_) {
     case Kind::Undefined: return "";
-    case Kind::String: return s_;
+    case Kind::String: return str();
     default: return repr();
   }
 }
@@ -396,15 +511,15 @@ nlohmann::json Value::to_json() const {
     case Kind::Bool: return b_;
     case Kind::Int: return i_;
     case Kind::Float: return f_;
-    case Kind::String: return s_;
+    case Kind::String: return str();
     case Kind::List: {
       auto a = nlohmann::json::array();
-      for (auto& x : *list_) a.push_back(x.to_json());
+      for (auto& x : list()) a.push_back(x.to_json());
       return a;
     }
     case Kind::Dict: {
       auto o = nlohmann::json::object();
-      for (auto& [k, x] : dict_->items) o[json_key_text(k)] = x.to_json();
+      for (auto& [k, x] : dict_ref().items) o[json_key_text(k)] = x.to_json();
       return o;
     }
     case Kind::Function: return nullptr;
@@ -763,13 +878,12 @@ struct Context {
 
   // What one render may take. Chat templates take a few thousand steps and produce a few
   // kilobytes; these are far past any of them and far short of hurting the process.
-  static constexpr int64_t max_steps = 1'000'000;   // statements run and loop iterations
   static constexpr size_t max_output = 16u << 20;   // bytes rendered
-  static constexpr size_t max_string = 16u << 20;   // bytes in one string value
+  static constexpr size_t max_string = max_string_bytes;  // bytes in one string value
   static constexpr size_t max_list = 1u << 20;      // items in one list value
   static constexpr int max_calls = 64;              // macro calls inside macro calls
   static constexpr uint64_t max_bytes_made = 256u << 20;  // bytes of strings and lists built, all told
-  int64_t steps = 0;
+  RenderMeter meter;  // steps and work (see RenderMeter)
   int calls = 0;
   uint64_t bytes_made = 0;
 
@@ -779,7 +893,9 @@ struct Context {
   }
 
   void step(int line) {
-    if (++steps > max_steps) error(line, "the template ran more than 1000000 steps (a loop that is too long?)");
+    meter.line = line;
+    ++meter.steps;
+    meter.check();
   }
   void check_output(int line) {
     if (out.size() > max_output) error(line, "the template rendered more than 16 MiB");
@@ -809,6 +925,7 @@ Flow exec_body(const std::vector<std::unique_ptr<Template::Node>>& body, Context
 
 bool equals(const Value& a, const Value& b) {
   const WalkGuard guard;
+  work(sizeof(Value));
   if (a.is_number() && b.is_number()) return a.as_float() == b.as_float();
   if (a.kind() == Value::Kind::Bool && b.is_number()) return double(a.truthy()) == b.as_float();
   if (b.kind() == Value::Kind::Bool && a.is_number()) return double(b.truthy()) == a.as_float();
@@ -816,7 +933,10 @@ bool equals(const Value& a, const Value& b) {
   switch (a.kind()) {
     case Value::Kind::Undefined: case Value::Kind::None: return true;
     case Value::Kind::Bool: return a.truthy() == b.truthy();
-    case Value::Kind::String: return a.str() == b.str();
+    case Value::Kind::String:
+      if (a.str().size() != b.str().size()) return false;
+      work(a.str().size());
+      return a.str() == b.str();
     case Value::Kind::List: {
       if (a.list().size() != b.list().size()) return false;
       for (size_t i = 0; i < a.list().size(); ++i)
@@ -839,11 +959,16 @@ bool equals(const Value& a, const Value& b) {
 
 int compare(const Value& a, const Value& b, int line, Context& ctx) {
   const WalkGuard guard;
+  work(sizeof(Value));
   if (a.is_number() && b.is_number()) {
     double x = a.as_float(), y = b.as_float();
     return x < y ? -1 : x > y ? 1 : 0;
   }
-  if (a.is_string() && b.is_string()) return a.str() < b.str() ? -1 : a.str() > b.str() ? 1 : 0;
+  if (a.is_string() && b.is_string()) {
+    work(std::min(a.str().size(), b.str().size()));
+    const int c = a.str().compare(b.str());
+    return c < 0 ? -1 : c > 0 ? 1 : 0;
+  }
   if (a.is_list() && b.is_list()) {
     for (size_t i = 0; i < std::min(a.list().size(), b.list().size()); ++i) {
       int c = compare(a.list()[i], b.list()[i], line, ctx);
@@ -857,7 +982,7 @@ int compare(const Value& a, const Value& b, int line, Context& ctx) {
 bool contains(const Value& container, const Value& item, int line, Context& ctx) {
   if (container.is_string()) {
     if (!item.is_string()) ctx.error(line, "'in <string>' needs a string on the left, not " + item.type_name());
-    return container.str().find(item.str()) != std::string::npos;
+    return find_text(container.str(), item.str()) != std::string::npos;
   }
   if (container.is_list()) {
     for (auto& x : container.list())
@@ -875,19 +1000,26 @@ bool contains(const Value& container, const Value& item, int line, Context& ctx)
 // The items a for loop or a filter walks over. A generator is used up by it.
 List iterate(const Value& v, int line, Context& ctx) {
   if (v.is_list()) {
+    work(v.list().size() * sizeof(Value));
     if (v.seq() != Value::Seq::Iterator) return v.list();
     List items = std::move(v.list());
     v.list().clear();
     return items;
   }
   if (v.is_dict()) {
+    work(v.dict_ref().items.size() * sizeof(Value));
     List keys;
     for (auto& [k, x] : v.dict_ref().items) keys.push_back(k);
     return keys;
   }
   if (v.is_string()) {
+    // A string walks as its characters, one value each: sized before they are made.
+    const CharIndex cs(v.str());
+    if (cs.size() > Context::max_list) ctx.error(line, "the template built a list of more than 1048576 items");
+    ctx.charge(cs.size() * (sizeof(Value) + 32), line);
     List chars;
-    for (auto c : unicode::chars(v.str())) chars.push_back(Value(std::string(c)));
+    chars.reserve(cs.size());
+    for (size_t i = 0; i < cs.size(); ++i) chars.push_back(Value(std::string(cs.at(i))));
     return chars;
   }
   if (v.is_undefined()) return {};
@@ -980,13 +1112,15 @@ std::string str_replace(const std::string& s, const std::string& from, const std
   size_t pos = 0;
   int64_t n = 0;
   while (count < 0 || n < count) {
-    size_t f = s.find(from, pos);
+    size_t f = find_text(s, from, pos);
     if (f == std::string::npos) break;
+    if (out.size() + (f - pos) + to.size() > max_string_bytes) string_too_long();
     out.append(s, pos, f - pos);
     out += to;
     pos = f + from.size();
     ++n;
   }
+  if (out.size() + (s.size() - pos) > max_string_bytes) string_too_long();
   out.append(s, pos, std::string::npos);
   return out;
 }
@@ -1007,6 +1141,7 @@ List str_split(const std::string& s, const Value& sep, int64_t maxsplit) {
       }
       size_t b = i;
       while (i < s.size() && !std::isspace(static_cast<unsigned char>(s[i]))) ++i;
+      if (out.size() >= (1u << 20)) fail("the template built a list of more than 1048576 items");
       out.push_back(Value(s.substr(b, i - b)));
       ++n;
     }
@@ -1017,7 +1152,8 @@ List str_split(const std::string& s, const Value& sep, int64_t maxsplit) {
   size_t pos = 0;
   int64_t n = 0;
   while (maxsplit < 0 || n < maxsplit) {
-    size_t f = s.find(d, pos);
+    if (out.size() >= (1u << 20)) fail("the template built a list of more than 1048576 items");
+    size_t f = find_text(s, d, pos);
     if (f == std::string::npos) break;
     out.push_back(Value(s.substr(pos, f - pos)));
     pos = f + d.size();
@@ -1031,11 +1167,11 @@ List str_split(const std::string& s, const Value& sep, int64_t maxsplit) {
 Value slice(const Value& v, const Value& start, const Value& stop, const Value& step, int line, Context& ctx) {
   int64_t st = step.is_undefined() || step.is_none() ? 1 : step.as_int();
   if (st == 0) ctx.error(line, "slice step cannot be zero");
-  std::vector<std::string> chars;
+  std::optional<CharIndex> chars;
   int64_t n;
   if (v.is_string()) {
-    for (auto c : unicode::chars(v.str())) chars.emplace_back(c);
-    n = int64_t(chars.size());
+    chars.emplace(v.str());
+    n = int64_t(chars->size());
   } else if (v.is_list()) {
     n = int64_t(v.list().size());
   } else {
@@ -1048,19 +1184,18 @@ Value slice(const Value& v, const Value& start, const Value& stop, const Value& 
     if (st > 0) return std::clamp<int64_t>(i, 0, n);
     return std::clamp<int64_t>(i, -1, n - 1);
   };
-  int64_t b = norm(start, st > 0 ? 0 : n - 1), e = norm(stop, st > 0 ? n : -1);
-  std::vector<int64_t> idx;
-  if (st > 0)
-    for (int64_t i = b; i < e; i += st) idx.push_back(i);
-  else
-    for (int64_t i = b; i > e; i += st) idx.push_back(i);
+  const int64_t b = norm(start, st > 0 ? 0 : n - 1), e = norm(stop, st > 0 ? n : -1);
+  // Each index of the slice in order; the count first, so nothing is built past the limits.
+  const int64_t count = st > 0 ? (e > b ? (e - b - 1) / st + 1 : 0)
+                               : (b > e ? int64_t(uint64_t(b - e - 1) / (uint64_t(0) - uint64_t(st))) + 1 : 0);
   if (v.is_string()) {
     std::string s;
-    for (auto i : idx) s += chars[size_t(i)];
+    for (int64_t k = 0; k < count; ++k) s += chars->at(size_t(b + k * st));
     return Value(s);
   }
   List l;
-  for (auto i : idx) l.push_back(v.list()[size_t(i)]);
+  l.reserve(size_t(count));
+  for (int64_t k = 0; k < count; ++k) l.push_back(v.list()[size_t(b + k * st)]);
   return Value(l);
 }
 
@@ -1123,12 +1258,9 @@ std::string format_field(const Value& v, const std::string& spec) {
     if (v.is_number() || v.kind() == Value::Kind::Bool) fail("format code 's' is for strings, not ", v.type_name());
     body = v.to_output();
     if (precision >= 0) {
-      auto cs = unicode::chars(body);
-      if (int64_t(cs.size()) > precision) {
-        std::string cut;
-        for (int64_t k = 0; k < precision; ++k) cut += std::string(cs[size_t(k)]);
-        body = cut;
-      }
+      size_t end = 0;
+      for (int64_t k = 0; k < precision && end < body.size(); ++k) unicode::next(body, end);
+      body.resize(end);
     }
   } else {
     if (!v.is_number() && v.kind() != Value::Kind::Bool) fail("format code '", std::string(1, type), "' is for numbers, not ", v.type_name());
@@ -1167,7 +1299,7 @@ std::string format_field(const Value& v, const std::string& spec) {
     if (body[0] != '-' && sign != '-') body = std::string(1, sign) + body;
   }
   if (!align) align = numeric ? '>' : '<';
-  const int64_t n = int64_t(unicode::chars(body).size());
+  const int64_t n = int64_t(char_count(body));
   if (n >= width) return body;
   const size_t pad = size_t(width - n);
   if (align == '<') return body + std::string(pad, fill);
@@ -1308,6 +1440,7 @@ Value method(const Value& obj, const std::string& name, int line, Context& ctx) 
           if (!c.is_string()) fail(name, "() takes strings");
           const std::string& s = o.str();
           const std::string& x = c.str();
+          work(x.size());
           bool hit = name == "startswith" ? s.compare(0, x.size(), x) == 0
                                           : s.size() >= x.size() && s.compare(s.size() - x.size(), x.size(), x) == 0;
           if (hit) return Value(true);
@@ -1329,19 +1462,26 @@ Value method(const Value& obj, const std::string& name, int line, Context& ctx) 
         std::string s;
         Value items = a.get(0, "iterable");
         if (!items.is_list()) fail("join() takes a list");
-        for (size_t i = 0; i < items.list().size(); ++i) s += (i ? o.str() : "") + items.list()[i].to_output();
+        for (size_t i = 0; i < items.list().size(); ++i) {
+          if (i) s += o.str();
+          s += items.list()[i].to_output();
+          if (s.size() > max_string_bytes) string_too_long();
+        }
         return Value(s);
       });
     if (name == "find" || name == "count")
       return bind([name](const Value& o, Args& a) {
         Value x = a.get(0, "sub");
         if (!x.is_string()) fail(name, "() takes a string");
+        const std::string& s = o.str();
+        const std::string& sub = x.str();
         if (name == "find") {
-          size_t f = o.str().find(x.str());
-          return Value(f == std::string::npos ? int64_t(-1) : int64_t(f));
+          size_t f = find_text(s, sub);
+          return Value(f == std::string::npos ? int64_t(-1) : int64_t(char_count(std::string_view(s).substr(0, f))));
         }
+        if (sub.empty()) return Value(int64_t(char_count(s)) + 1);  // as Python: between every character
         int64_t n = 0;
-        for (size_t p = o.str().find(x.str()); p != std::string::npos && !x.str().empty(); p = o.str().find(x.str(), p + x.str().size())) ++n;
+        for (size_t p = find_text(s, sub); p != std::string::npos; p = find_text(s, sub, p + sub.size())) ++n;
         return Value(n);
       });
     if (name == "isdigit" || name == "isspace" || name == "isalpha" || name == "isalnum" || name == "isupper" ||
@@ -1432,11 +1572,16 @@ Value get_item(const Value& obj, const Value& key, int line, Context& ctx) {
       if (i < 0 || i >= n) return Value::undefined("[" + std::to_string(key.as_int()) + "]");
       return obj.list()[size_t(i)];
     }
-    auto cs = unicode::chars(obj.str());
-    int64_t n = int64_t(cs.size());
-    if (i < 0) i += n;
-    if (i < 0 || i >= n) return Value::undefined();
-    return Value(std::string(cs[size_t(i)]));
+    const std::string& s = obj.str();
+    if (i < 0) i += int64_t(char_count(s));
+    if (i < 0) return Value::undefined();
+    size_t at = 0;
+    for (int64_t k = 0; k < i && at < s.size(); ++k) unicode::next(s, at);
+    if (at >= s.size()) return Value::undefined();
+    size_t end = at;
+    unicode::next(s, end);
+    work(end);
+    return Value(s.substr(at, end - at));
   }
   if (obj.is_undefined()) ctx.error(line, "'" + obj.undefined_name() + "' is undefined (reading [" + key.to_output() + "])");
   ctx.error(line, "cannot index a " + obj.type_name());
@@ -1710,7 +1855,7 @@ Value apply_filter(const std::string& name, const Value& v, Args& a, int line, C
     return same_safety(s);
   }
   if (name == "length" || name == "count") {
-    if (v.is_string()) return Value(int64_t(unicode::chars(v.str()).size()));
+    if (v.is_string()) return Value(int64_t(char_count(v.str())));
     if (v.is_list() && v.seq() == Value::Seq::Iterator) ctx.error(line, "object of type 'generator' has no len() (convert it with |list)");
     if (v.is_list()) return Value(int64_t(v.list().size()));
     if (v.is_dict()) return Value(int64_t(v.dict_ref().items.size()));
@@ -1729,9 +1874,12 @@ Value apply_filter(const std::string& name, const Value& v, Args& a, int line, C
     Value attr = a.get(1, "attribute");
     std::string s;
     List l = iterate(v, line, ctx);
+    const std::string separator = sep.to_output();
     for (size_t i = 0; i < l.size(); ++i) {
       Value item = attr.is_string() ? attribute_path(l[i], attr.str(), line, ctx) : l[i];
-      s += (i ? sep.to_output() : "") + item.to_output();
+      if (i) s += separator;
+      s += item.to_output();
+      if (s.size() > Context::max_string) ctx.error(line, "the template built a string longer than 16 MiB");
     }
     return Value(s);
   }
@@ -1798,9 +1946,10 @@ Value apply_filter(const std::string& name, const Value& v, Args& a, int line, C
   }
   if (name == "reverse") {
     if (v.is_string()) {
-      auto cs = unicode::chars(v.str());
+      const CharIndex cs(v.str());
       std::string s;
-      for (auto it = cs.rbegin(); it != cs.rend(); ++it) s += *it;
+      s.reserve(v.str().size());
+      for (size_t i = cs.size(); i-- > 0;) s += cs.at(i);
       return Value(s);
     }
     if (v.is_list() && v.seq() == Value::Seq::Iterator) ctx.error(line, "'generator' object is not reversible");
@@ -1810,20 +1959,33 @@ Value apply_filter(const std::string& name, const Value& v, Args& a, int line, C
     return Value(std::move(l)).set_seq(Value::Seq::Iterator);
   }
   // Sorting is stable and, unless case_sensitive, compares strings lower-cased, as Jinja2 does.
+  // A key is made once per item (as Python's key= does), its bytes counted as made.
   const auto sort_key = [&](Value k, bool case_sensitive) {
-    return !case_sensitive && k.is_string() ? Value(str_lower(k.str())) : k;
+    if (case_sensitive || !k.is_string()) return k;
+    ctx.charge(k.str().size(), line);
+    return Value(str_lower(k.str()));
+  };
+  // Sorts items by their keys, stably; the items in their new order.
+  const auto sorted_by = [&](const List& items, const List& keys, bool rev) {
+    std::vector<size_t> order(items.size());
+    for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+    std::stable_sort(order.begin(), order.end(), [&](size_t x, size_t y) {
+      return rev ? compare(keys[y], keys[x], line, ctx) < 0 : compare(keys[x], keys[y], line, ctx) < 0;
+    });
+    List out;
+    out.reserve(items.size());
+    for (size_t i : order) out.push_back(items[i]);
+    return out;
   };
   if (name == "sort") {
     List l = iterate(v, line, ctx);
     const bool rev = a.get(0, "reverse", Value(false)).truthy();
     const bool case_sensitive = a.get(1, "case_sensitive", Value(false)).truthy();
     Value attr = a.get(2, "attribute");
-    std::stable_sort(l.begin(), l.end(), [&](const Value& x, const Value& y) {
-      Value kx = sort_key(attr.is_string() ? attribute_path(x, attr.str(), line, ctx) : x, case_sensitive);
-      Value ky = sort_key(attr.is_string() ? attribute_path(y, attr.str(), line, ctx) : y, case_sensitive);
-      return rev ? compare(ky, kx, line, ctx) < 0 : compare(kx, ky, line, ctx) < 0;
-    });
-    return Value(l);
+    List keys;
+    keys.reserve(l.size());
+    for (auto& x : l) keys.push_back(sort_key(attr.is_string() ? attribute_path(x, attr.str(), line, ctx) : x, case_sensitive));
+    return Value(sorted_by(l, keys, rev));
   }
   if (name == "dictsort") {
     if (!v.is_dict()) ctx.error(line, "dictsort needs a dict, not " + v.type_name());
@@ -1833,19 +1995,24 @@ Value apply_filter(const std::string& name, const Value& v, Args& a, int line, C
     if (!by.is_string() || (by.str() != "key" && by.str() != "value"))
       ctx.error(line, "dictsort: you can only sort by either \"key\" or \"value\"");
     const size_t pos = by.str() == "key" ? 0 : 1;
-    List l = dict_items(v.dict_ref()).list();
-    std::stable_sort(l.begin(), l.end(), [&](const Value& x, const Value& y) {
-      Value kx = sort_key(x.list()[pos], case_sensitive), ky = sort_key(y.list()[pos], case_sensitive);
-      return rev ? compare(ky, kx, line, ctx) < 0 : compare(kx, ky, line, ctx) < 0;
-    });
-    return Value(std::move(l));
+    const List l = dict_items(v.dict_ref()).list();
+    List keys;
+    keys.reserve(l.size());
+    for (auto& x : l) keys.push_back(sort_key(x.list()[pos], case_sensitive));
+    return Value(sorted_by(l, keys, rev));
   }
   if (name == "unique") {
+    // As Jinja2: items (or their attribute) compared lower-cased unless case_sensitive, in a set,
+    // so unhashable ones are an error and the time is linear.
+    const bool case_sensitive = a.get(0, "case_sensitive", Value(false)).truthy();
+    const Value attr = a.get(1, "attribute");
+    std::unordered_set<std::string> seen;
     List out;
     for (auto& x : iterate(v, line, ctx)) {
-      bool seen = false;
-      for (auto& y : out) seen = seen || equals(x, y);
-      if (!seen) out.push_back(x);
+      const Value key = sort_key(attr.is_string() ? attribute_path(x, attr.str(), line, ctx) : x, case_sensitive);
+      const std::string hashed = Dict::hash_key(key);
+      if (hashed.empty()) ctx.error(line, "unique: unhashable type '" + key.type_name() + "'");
+      if (seen.insert(hashed).second) out.push_back(x);
     }
     return Value(std::move(out)).set_seq(Value::Seq::Iterator);
   }
@@ -1955,12 +2122,19 @@ Value apply_filter(const std::string& name, const Value& v, Args& a, int line, C
     if (v.markup() && name != "forceescape") return v;
     return Value(html_escape(v.to_output())).set_markup(true);
   }
-  if (name == "wordcount") return Value(int64_t(str_split(text(), Value(), -1).size()));
+  if (name == "wordcount") {
+    // Words are what whitespace separates, counted without making them.
+    const std::string s = text();
+    int64_t n = 0;
+    for (size_t i = 0; i < s.size(); ++i)
+      n += !std::isspace(static_cast<unsigned char>(s[i])) && (i == 0 || std::isspace(static_cast<unsigned char>(s[i - 1])));
+    return Value(n);
+  }
   if (name == "center") {
     int64_t width = a.get(0, "width", Value(int64_t(80))).as_int();
     if (width > int64_t(Context::max_string)) ctx.error(line, "the template built a string longer than 16 MiB");
     std::string s = text();
-    int64_t n = int64_t(unicode::chars(s).size());
+    int64_t n = int64_t(char_count(s));
     if (n >= width) return same_safety(s);
     const int64_t margin = width - n, left = margin / 2 + (margin & width & 1);  // as CPython's str.center
     return same_safety(std::string(size_t(left), ' ') + s + std::string(size_t(margin - left), ' '));
@@ -2805,6 +2979,13 @@ Template& Template::operator=(Template&&) noexcept = default;
 std::string Template::render(const std::map<std::string, Value>& variables) const {
   Context ctx;
   ctx.name = name_;
+  ctx.meter.name = name_;
+  // The meter counts work done anywhere below this render, on this thread.
+  struct MeterScope {
+    RenderMeter* saved;
+    explicit MeterScope(RenderMeter* m) : saved(g_meter) { g_meter = m; }
+    ~MeterScope() { g_meter = saved; }
+  } meter_scope(&ctx.meter);
   ctx.scopes.push_back(globals());
   ctx.scopes.push_back(std::make_shared<Scope>());
   for (auto& [k, v] : variables) ctx.set(k, v);

@@ -43,7 +43,7 @@ using Function = std::function<Value(Args&)>;
 
 class Value {
  public:
-  enum class Kind { Undefined, None, Bool, Int, Float, String, List, Dict, Function };
+  enum class Kind : uint8_t { Undefined, None, Bool, Int, Float, String, List, Dict, Function };
   // Which Python sequence a List value stands for: they differ in how they print, convert to
   // JSON, count and test true. An Iterator (a generator from map/select/..., reversed()) is
   // always true, has no length, cannot be printed or turned into JSON, and is used up by the
@@ -79,11 +79,11 @@ class Value {
   bool truthy() const;
   int64_t as_int() const;
   double as_float() const;
-  const std::string& str() const { return s_; }
-  List& list() const { return *list_; }
-  Dict& dict_ref() const { return *dict_; }
-  const Function& fn() const { return *fn_; }
-  const std::string& undefined_name() const { return s_; }
+  const std::string& str() const { return ptr_ ? *static_cast<const std::string*>(ptr_.get()) : empty_string(); }
+  List& list() const { return *static_cast<List*>(ptr_.get()); }
+  Dict& dict_ref() const { return *static_cast<Dict*>(ptr_.get()); }
+  const Function& fn() const { return *static_cast<const Function*>(ptr_.get()); }
+  const std::string& undefined_name() const { return str(); }
 
   std::string to_output() const;  // what {{ }} prints (Python str())
   std::string repr() const;       // Python repr()
@@ -114,16 +114,20 @@ class Value {
   Value& update_depth();
 
  private:
+  // 32 bytes a value: a list of a million items is 32 MB.
   Kind kind_ = Kind::Undefined;
-  int depth_ = 0;
-  bool b_ = false, namespace_ = false, markup_ = false;
   Seq seq_ = Seq::List;
-  int64_t i_ = 0;
-  double f_ = 0;
-  std::string s_;
-  std::shared_ptr<List> list_;
-  std::shared_ptr<Dict> dict_;
-  std::shared_ptr<Function> fn_;
+  bool b_ = false, namespace_ = false, markup_ = false;
+  uint16_t depth_ = 0;
+  union {
+    int64_t i_ = 0;
+    double f_;
+  };
+  // By kind: the text (a String, or an Undefined's name), List, Dict or Function. Strings are
+  // immutable, so copies of a value share their text: a list of one long string repeated holds
+  // it once, and a template's memory is the bytes it built.
+  std::shared_ptr<void> ptr_;
+  static const std::string& empty_string();
 };
 
 struct Args {

@@ -3,6 +3,9 @@
 // processors rendered for every fixture conversation.
 #include <gtest/gtest.h>
 
+#include <sys/resource.h>
+
+#include <chrono>
 #include <fstream>
 
 #include <nlohmann/json.hpp>
@@ -161,6 +164,46 @@ TEST(Jinja, HostileTemplatesHitLimitsNotTheProcess) {
   EXPECT_EQ(render("{% for m in messages %}{{ m['role'] }}:{{ m['content'] }};{% endfor %}",
                    {{"messages", Value::from_json(nlohmann::json::parse(R"([{"role": "user", "content": "hi"}])"))}}),
             "user:hi;");
+}
+
+// A template costs what it holds and what it does: a long string copied into a list is held
+// once, nothing is built past the string limit on the way to it, a search or comparison of
+// long strings is linear and counts its bytes against the step budget, and |unique is linear.
+TEST(Jinja, TemplatesCostWhatTheyHoldAndDo) {
+  auto render = [](const std::string& src) { return Template(src, "chat template").render({}); };
+  const std::string s = "{% set s = 'x' * 16000000 %}";
+  EXPECT_EQ(render(s + "{{ ([s] * 1000) | length }}|{{ ([s] * 1000)[999] | length }}"), "1000|16000000");
+  for (const char* build : {"{{ ([s] * 1000) | join }}", "{{ '-'.join([s] * 1000) }}", "{{ [s] * 1000 }}",
+                            "{{ ([s] * 1000) | tojson }}", "{{ ([s] * 1000) ~ '' }}", "{{ {'k': [s] * 1000} }}",
+                            "{{ s.replace('x', s) }}", "{{ s | replace('x', 'yy') }}", "{{ {'a': 1} | tojson(indent=100000000) }}"})
+    expect_error([&] { render(s + build); }, {"string longer than 16 MiB"});
+  // 'aaa…ab' in 'aaa…a' reads each byte once, whatever the call.
+  const std::string h = "{% set h = 'a' * 8000000 %}{% set n = 'a' * 4000000 ~ 'b' %}";
+  EXPECT_EQ(render(h + "{{ n in h }}|{{ h.find(n) }}|{{ h.count(n) }}|{{ h.replace(n, '') | length }}|{{ h.split(n) | length }}"),
+            "False|-1|0|8000000|1");
+  // ... and a loop of them, of comparisons, sorts or character indexing of long strings runs out of steps.
+  for (const char* loop : {"{% for i in range(100000) %}{% if n in h %}{% endif %}{% endfor %}",
+                           "{% set t = 'a' * 8000000 %}{% for i in range(1000000) %}{% if h == t %}{% endif %}{% endfor %}",
+                           "{{ ([h] * 100000) | sort(case_sensitive=true) | length }}", "{% for i in range(100000) %}{{ h[-1] }}{% endfor %}",
+                           "{% for i in range(100000) %}{{ h | length }}{% endfor %}",
+                           "{% set d = {h: 1} %}{% for i in range(1000000) %}{{ d[h] }}{% endfor %}",
+                           "{% set l = range(100000) | list %}{% for i in range(100000) %}{{ -1 in l }}{% endfor %}"})
+    expect_error([&] { render(h + loop); }, {"more than 1000000 steps"});
+  // Sorting without case makes each item's lower-cased key once, and counts it as made.
+  expect_error([&] { render(h + "{{ ([h] * 100000) | sort | length }}"); }, {"more than 256 MiB"});
+  EXPECT_EQ(render("{{ (['b', 'A', 'a', 'C'] * 2) | sort }}"), "['A', 'a', 'A', 'a', 'b', 'b', 'C', 'C']");
+  // A string walked character by character is sized before its characters are made.
+  expect_error([&] { render(h + "{% for c in h %}{% endfor %}"); }, {"list of more than 1048576 items"});
+  expect_error([&] { render(h + "{{ h | list | length }}"); }, {"list of more than 1048576 items"});
+  expect_error([&] { render("{{ ('a ' * 4000000).split() | length }}"); }, {"list of more than 1048576 items"});
+  EXPECT_EQ(render("{{ ('a ' * 4000000) | wordcount }}"), "4000000");
+  // |unique of a million items: one pass, not a million squared.
+  EXPECT_EQ(render("{{ range(1000000) | list | unique | list | length }}"), "1000000");
+  EXPECT_EQ(render("{{ (['a', 'b'] * 500000) | unique | list }}"), "['a', 'b']");
+  // Nothing above held more than a few copies of its longest string.
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  EXPECT_LT(usage.ru_maxrss, 1200L * 1024) << "peak resident KiB";
 }
 
 }  // namespace

@@ -125,6 +125,12 @@ CASES = [
     ("crlf_source_and_trailing_newline", "a\r\n{% if true %}\r\nb\r{{ 'x\r\ny' }}{% endif %}\n", {}),
     ("raw_keeps_its_newline", "{% raw %}\n{{ x }}{% endraw %}\nY|{% raw -%}\n  Z\n  {% endraw %}\n.", {}),
     ("items_of_undefined_is_empty", "{% for k, v in missing | items %}x{% endfor %}.", {}),
+    # Strings by character, not byte; long needles (another search path) found as short ones are.
+    ("string_indexing_and_slices_by_character", "{{ s[0] }}{{ s[-1] }}{{ s[2] }}|{{ s[1:4] }}|{{ s[::-1] }}|{{ s[::2] }}|{{ s[-2:] }}|{{ s[5:1:-2] }}|{{ s[:-100] }}|{{ s[100:] }}|{{ s | reverse }}|{{ s | length }}|{{ s.find('ü') }}|{{ s.count('') }}|{{ [s[9]] }}|{% for c in s[:3] %}<{{ c }}>{% endfor %}", {"s": "añb€cüd你e"}),
+    ("long_needles", "{{ n in h }}|{{ (n ~ 'x') in h }}|{{ h.find(n) }}|{{ h.count(n) }}|{{ h.replace(n, '+') }}|{{ h.split(n) }}|{{ h.find(n ~ 'x') }}", {"n": "ab" * 20 + "c", "h": "ab" * 30 + "c-" + "ab" * 20 + "c" + "ab" * 20 + "c"}),
+    ("unique_ignores_case_unless_asked", "{{ ['a', 'A', 'b', 'a'] | unique | list }}|{{ ['a', 'A', 'b'] | unique(case_sensitive=true) | list }}|{{ [{'n': 'X'}, {'n': 'x'}, {'n': 'y'}] | unique(attribute='n') | list }}|{{ [1, true, 1.0, 2] | unique | list }}", {}),
+    ("unique_of_unhashable_raises", "{{ [[1], [1]] | unique | list }}", {}),
+    ("wordcount_and_center_by_character", "{{ '  one two\tthree\n four ' | wordcount }}|[{{ 'ü' | center(4) }}]|{{ '{:.2}|{:>4}'.format('äöü', 'é') }}", {}),
 ]
 
 # Conversations every real template is rendered with (as transformers passes them).

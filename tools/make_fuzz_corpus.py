@@ -236,6 +236,16 @@ def jinja_seeds():
             template = json.load(open(cfg_path)).get("chat_template")
         if isinstance(template, str):
             write("jinja", "model-" + os.path.basename(folder), template.encode())
+    # Templates that cost more than they look: a long string repeated, long searches, |unique.
+    hostile = {
+        "hostile-repeated-long-string": "{% set s = 'x' * 16000000 %}{{ ([s] * 1000) | length }}{{ ([s] * 1000) | join }}",
+        "hostile-long-search": "{% set h = 'a' * 4000000 %}{% set n = 'a' * 2000000 ~ 'b' %}"
+                               "{% for i in range(1000) %}{{ n in h }}{{ h.count(n) }}{% endfor %}",
+        "hostile-unique": "{{ range(1000000) | list | unique | list | length }}",
+        "hostile-sort-long-strings": "{% set h = 'a' * 4000000 %}{{ ([h] * 100000) | sort | length }}",
+    }
+    for name, source in hostile.items():
+        write("jinja", name, source.encode())
 
 
 # ---- images ------------------------------------------------------------------------------------
