@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <sstream>
 
+#include "app/request_memory.h"
 #include "base/json.h"
 #include "base/files.h"
 
@@ -57,10 +58,19 @@ bool bool_field(const json& body, const char* name, bool dflt) {
 
 }  // namespace
 
-Image load_image_url(const std::string& url, const std::string& param, const fs::path& local_root) {
+Image load_image_url(const std::string& url, const std::string& param, const fs::path& local_root, const ReserveMemory& reserve) {
+  ImageLimits limits;
+  if (reserve)
+    limits.on_size = [&](int w, int h) {
+      reserve(uint64_t(w) * uint64_t(h) * cost::per_pixel,
+              "an image of " + std::to_string(w) + "x" + std::to_string(h) + " pixels");
+    };
   if (url.rfind("data:", 0) == 0) {
+    if (reserve) reserve(url.size(), "an image's bytes");  // decoded from base64 beside the URL
     try {
-      return decode_data_url(url);
+      return decode_data_url(url, limits);
+    } catch (const ApiError&) {
+      throw;
     } catch (const std::exception& e) {
       throw ApiError(400, std::string("image could not be decoded: ") + e.what(), "invalid_request_error", param, "invalid_image");
     }
@@ -87,14 +97,20 @@ Image load_image_url(const std::string& url, const std::string& param, const fs:
   const fs::path rel = real.lexically_relative(local_root);
   if (rel.empty() || *rel.begin() == ".." || rel.is_absolute()) throw outside;
   std::string bytes;
+  if (reserve) {
+    const uint64_t size = fs::file_size(real, ec);
+    reserve(2 * std::min<uint64_t>(ec ? 0 : size, limits.max_file_bytes), "an image file's bytes");  // read, then copied
+  }
   try {
-    bytes = read_file_bounded(real.string(), ImageLimits{}.max_file_bytes, "image");
+    bytes = read_file_bounded(real.string(), limits.max_file_bytes, "image");
   } catch (const std::exception&) {
     throw ApiError(400, "the image file in the allowed folder cannot be read (not a regular file, or too large)",
                    "invalid_request_error", param, "invalid_image");
   }
   try {
-    return decode_image(std::vector<uint8_t>(bytes.begin(), bytes.end()), "file " + rel.string());
+    return decode_image(std::vector<uint8_t>(bytes.begin(), bytes.end()), "file " + rel.string(), limits);
+  } catch (const ApiError&) {
+    throw;
   } catch (const std::exception& e) {
     throw ApiError(400, std::string("image could not be decoded: ") + e.what(), "invalid_request_error", param, "invalid_image");
   }
@@ -123,6 +139,12 @@ ChatRequest parse_chat_request(const json& body, const RequestLimits& limits) {
   if (!msgs) throw ApiError(400, "'messages' is required", "invalid_request_error", "messages");
   if (!msgs->is_array()) throw ApiError(400, "'messages' must be a list", "invalid_request_error", "messages");
   if (msgs->empty()) throw ApiError(400, "'messages' must not be empty", "invalid_request_error", "messages");
+  if (msgs->size() > size_t(limits.max_messages))
+    throw ApiError(400,
+                   "'messages' holds " + std::to_string(msgs->size()) + " messages, more than the server's --max-messages of " +
+                       std::to_string(limits.max_messages),
+                   "invalid_request_error", "messages", "too_many_messages");
+  size_t parts_seen = 0;
   static const char* roles[] = {"system", "user", "assistant", "tool", "developer"};
   r.messages = json::array();
   for (size_t i = 0; i < msgs->size(); ++i) {
@@ -144,6 +166,12 @@ ChatRequest parse_chat_request(const json& body, const RequestLimits& limits) {
       out["content"] = *content;
     } else if (content->is_array()) {
       json parts = json::array();
+      parts_seen += content->size();
+      if (parts_seen > size_t(limits.max_parts))
+        throw ApiError(400,
+                       "the messages hold more than the server's --max-parts of " + std::to_string(limits.max_parts) +
+                           " content parts",
+                       "invalid_request_error", at + ".content", "too_many_parts");
       for (size_t k = 0; k < content->size(); ++k) {
         const json& part = (*content)[k];
         const std::string pat = at + ".content[" + std::to_string(k) + "]";
@@ -163,7 +191,7 @@ ChatRequest parse_chat_request(const json& body, const RequestLimits& limits) {
           if (int(r.images.size()) >= limits.max_images)
             throw ApiError(400, "a request may hold at most " + std::to_string(limits.max_images) + " images",
                            "invalid_request_error", "messages", "too_many_images");
-          r.images.push_back(load_image_url(url, pat + ".image_url", limits.local_root));
+          r.images.push_back(load_image_url(url, pat + ".image_url", limits.local_root, limits.reserve));
           parts.push_back({{"type", "image"}});
         } else {
           throw ApiError(400, pat + ".type '" + type + "' is not supported (text, image_url)", "invalid_request_error", pat + ".type");
@@ -234,5 +262,27 @@ ChatRequest parse_chat_request(const json& body, const RequestLimits& limits) {
   return r;
 }
 
+
+namespace {
+uint64_t text_bytes(const nlohmann::json& j) {  // nesting bounded when the body was parsed
+  if (j.is_string()) return j.get_ref<const std::string&>().size();
+  uint64_t n = 0;
+  if (j.is_object())
+    for (auto& [k, v] : j.items()) n += k.size() + text_bytes(v);
+  else if (j.is_array())
+    for (auto& v : j) n += text_bytes(v);
+  else
+    n = 8;
+  return n;
+}
+}  // namespace
+
+uint64_t template_text_bytes(const ChatRequest& r) { return text_bytes(r.messages) + text_bytes(r.template_vars); }
+
+uint64_t message_items(const ChatRequest& r) {
+  uint64_t n = 0;
+  for (auto& m : r.messages) n += 1 + (m.contains("content") && m["content"].is_array() ? m["content"].size() : 0);
+  return n;
+}
 
 }  // namespace vkvlm::server

@@ -843,6 +843,8 @@ const char* k_usage =
     "            [--model NAME=DIR|REPO]... [--config FILE] [--max-loaded N] [--active-model NAME]\n"
     "            several models, chosen by the request's \"model\", loaded on first use\n"
     "            [--parallel N]   decode up to N conversations of a model together (continuous batching)\n"
+    "            [--max-request-memory MB]   memory requests may hold together (default: a quarter of RAM)\n"
+    "            [--max-messages N] [--max-parts N] [--max-body-mb MB]   per request (10000, 10000, 64)\n"
     "            OpenAI-compatible server\n"
     "  download  ORG/NAME[@REVISION]   fetch a model from the Hugging Face hub into its cache (HF_ENDPOINT,\n"
     "            HF_TOKEN); prints the snapshot folder. Elsewhere a missing ORG/NAME is downloaded as needed\n"

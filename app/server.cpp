@@ -24,6 +24,7 @@
 #include "app/chat_request.h"
 #include "app/flags.h"
 #include "app/http.h"
+#include "app/request_memory.h"
 #include "base/files.h"
 #include "gpu/device.h"
 #include "gpu/error.h"
@@ -42,6 +43,7 @@ void set_error(http::Response& res, const ApiError& e) {
   res.status = e.status;
   res.content_type = "application/json";
   res.body = error_body(e.what(), e.type, e.param, e.code);
+  if (e.status == 429) res.headers.emplace_back("Retry-After", "1");
 }
 
 // Whether an Authorization header carries this key: the Bearer scheme, in any case.
@@ -107,7 +109,9 @@ json logprob_entry(const Tokenizer& tok, int32_t id, float logprob, const std::s
 
 class Server {
  public:
-  explicit Server(Options o) : opt_(std::move(o)) {
+  explicit Server(Options o)
+      : opt_(std::move(o)),
+        request_memory_(opt_.max_request_memory ? opt_.max_request_memory : default_request_memory()) {
     if (opt_.models.empty()) fail("internal: a server without models");
     for (const auto& m : opt_.models) {
       for (const auto& other : models_)
@@ -407,6 +411,12 @@ class Server {
     os << "# HELP vkvlm_decode_step_sequences_total Sequences those steps advanced (over steps: the mean batch size).\n"
        << "# TYPE vkvlm_decode_step_sequences_total counter\nvkvlm_decode_step_sequences_total " << metrics_.batch_sequences
        << "\n";
+    os << "# HELP vkvlm_request_memory_bytes Memory reserved by the requests being handled (--max-request-memory).\n"
+       << "# TYPE vkvlm_request_memory_bytes gauge\nvkvlm_request_memory_bytes " << request_memory_.in_use() << "\n";
+    os << "# HELP vkvlm_request_memory_peak_bytes The most reserved at once since the start.\n"
+       << "# TYPE vkvlm_request_memory_peak_bytes gauge\nvkvlm_request_memory_peak_bytes " << request_memory_.peak() << "\n";
+    os << "# HELP vkvlm_request_memory_budget_bytes The budget (--max-request-memory).\n"
+       << "# TYPE vkvlm_request_memory_budget_bytes gauge\nvkvlm_request_memory_budget_bytes " << request_memory_.budget() << "\n";
     os << "# HELP vkvlm_cancelled_requests_total Generations stopped because the client went away.\n"
        << "# TYPE vkvlm_cancelled_requests_total counter\nvkvlm_cancelled_requests_total " << metrics_.cancelled << "\n";
     os << "# HELP vkvlm_prefill_tokens_per_second Prompt processing speed of the last request.\n"
@@ -431,6 +441,8 @@ class Server {
   RequestLimits request_limits(const ServedModelOptions& m, const Loaded& L) const {
     RequestLimits l;
     l.max_images = opt_.max_images;
+    l.max_messages = opt_.max_messages;
+    l.max_parts = opt_.max_parts;
     // A rotating cache answers past its rows: max_tokens may reach four times them.
     l.context_tokens = m.rotating ? 4 * m.context_tokens : m.context_tokens;
     l.local_root = local_root_;
@@ -753,6 +765,10 @@ class Server {
                        "rate_limit_exceeded", "", "server_busy");
       // The model the request names (unknown: 404), loaded first if it is not (on the scheduler thread: the
       // request waits for it, as for a generation).
+      // The memory this request will hold, reserved step by step before each is spent.
+      RequestMemory::Hold memory(request_memory_);
+      memory.grow(cost::of_body(measure_json(req.body)),
+                  "its body of " + std::to_string((req.body.size() + (1 << 20) - 1) >> 20) + " MiB, parsed");
       const json body = parse_request_body(req.body);
       const auto named = body.find("model");
       Served& served = *models_[find_model(named != body.end() && named->is_string() ? named->get<std::string>() : "")];
@@ -774,7 +790,11 @@ class Server {
       }
       const ServedModelOptions& spec = served.spec;
       Loaded& L = *loaded;
-      ChatRequest r = parse_chat_request(body, request_limits(spec, L));
+      RequestLimits limits = request_limits(spec, L);
+      limits.reserve = [&memory](uint64_t bytes, const std::string& what) { memory.grow(bytes, what); };
+      ChatRequest r = parse_chat_request(body, limits);
+      memory.grow(template_text_bytes(r) * cost::per_text_byte + message_items(r) * cost::per_message,
+                  "its messages rendered and tokenized");
       Prompt prompt;
       try {
         prompt = L.model->build_prompt(r.messages, r.images, r.template_vars);
@@ -900,6 +920,7 @@ class Server {
   bool quit_ = false;       // (queue_mu_) the scheduler ends once the queue and batches are empty
   uint64_t job_tags_ = 0;   // (scheduler thread)
   Metrics metrics_;
+  RequestMemory request_memory_;
 };
 
 }  // namespace
@@ -997,7 +1018,8 @@ int run_serve(int argc, char** argv, int first) {
            {"quantize", true}, {"metrics-public", false}, {"request-timeout", true}, {"draft-model", true},
            {"num-draft-tokens", true}, {"lookup-ngram", true}, {"prompt-cache", true},
            {"max-kv-size", true}, {"kv-bits", true}, {"kv-group-size", true}, {"quantized-kv-start", true},
-           {"config", true}, {"max-loaded", true}, {"active-model", true}, {"parallel", true}});
+           {"config", true}, {"max-loaded", true}, {"active-model", true}, {"parallel", true},
+           {"max-request-memory", true}, {"max-messages", true}, {"max-parts", true}});
   Options o;
   o.host = f.str("host", "127.0.0.1");
   o.port = int(f.integer("port", 8080, 1, 65535));
@@ -1015,6 +1037,9 @@ int run_serve(int argc, char** argv, int first) {
   o.kv_slots = std::max(o.parallel, int(f.integer("kv-slots", 1, 1, 64)));
   o.allow_local_files = f.str("allow-local-files");
   o.max_images = int(f.integer("max-images", 8, 0, 256));
+  o.max_messages = int(f.integer("max-messages", 10000, 1, 1000000));
+  o.max_parts = int(f.integer("max-parts", 10000, 1, 1000000));
+  o.max_request_memory = uint64_t(f.integer("max-request-memory", 0, 16, int64_t(1) << 30)) << 20;
   o.max_body_bytes = size_t(f.integer("max-body-mb", 64, 1, 4096)) << 20;
   o.metrics_public = f.has("metrics-public");
   o.request_seconds = double(f.integer("request-timeout", 30, 1, 3600));

@@ -42,6 +42,9 @@ struct Options {
   double request_seconds = 30;          // to receive a request's headers and body, once it has begun
   bool metrics_public = false;          // /metrics without the API key
   int max_images = 8;             // per request
+  int max_messages = 10000;       // per request
+  int max_parts = 10000;          // content parts per request
+  uint64_t max_request_memory = 0;  // bytes admitted requests may hold together (0: from the machine)
   int num_draft_tokens = 3;       // drafts per round, unless a request says
   int lookup_ngram = 0;           // prompt-lookup drafting by default (no draft model)
   LoadOptions load;

@@ -35,10 +35,12 @@ bool starts_with(const std::vector<uint8_t>& b, const char* magic, size_t offset
   return b.size() >= offset + n && std::memcmp(b.data() + offset, magic, n) == 0;
 }
 
-void check_size(int w, int h, const std::string& source, const ImageLimits& limits) {
+// `decoding`: the pixels are decoded next (limits.on_size hears of them); otherwise a header's early check.
+void check_size(int w, int h, const std::string& source, const ImageLimits& limits, bool decoding = true) {
   if (w <= 0 || h <= 0) fail("image ", source, " has no pixels");
   if (uint64_t(w) * uint64_t(h) > limits.max_pixels)
     fail("image ", source, " is ", w, "x", h, " pixels, more than the limit of ", limits.max_pixels, " pixels");
+  if (decoding && limits.on_size) limits.on_size(w, h);
 }
 
 // Like PIL's convert("RGB"): grayscale is replicated, alpha is dropped (not composited).
@@ -89,7 +91,7 @@ enum class JpegResult { Ok, Error, Unsupported, TooLarge };
 
 // Decodes baseline/progressive YCbCr, RGB and grayscale JPEGs into RGB; other color spaces (CMYK,
 // YCCK) are left to the fallback decoder.
-JpegResult decode_jpeg(const uint8_t* data, size_t n, uint64_t max_pixels, std::vector<uint8_t>& rgb, int& w, int& h,
+JpegResult decode_jpeg(const uint8_t* data, size_t n, const ImageLimits& limits, std::vector<uint8_t>& rgb, int& w, int& h,
                        char* message) {
   jpeg_decompress_struct cinfo;
   JpegErrors err;
@@ -113,9 +115,17 @@ JpegResult decode_jpeg(const uint8_t* data, size_t n, uint64_t max_pixels, std::
   }
   w = int(cinfo.image_width);
   h = int(cinfo.image_height);
-  if (w <= 0 || h <= 0 || uint64_t(w) * uint64_t(h) > max_pixels) {
+  if (w <= 0 || h <= 0 || uint64_t(w) * uint64_t(h) > limits.max_pixels) {
     jpeg_destroy_decompress(&cinfo);
     return JpegResult::TooLarge;
+  }
+  if (limits.on_size) {
+    try {
+      limits.on_size(w, h);
+    } catch (...) {
+      jpeg_destroy_decompress(&cinfo);
+      throw;
+    }
   }
   cinfo.out_color_space = JCS_RGB;
   cinfo.dct_method = JDCT_ISLOW;
@@ -176,11 +186,11 @@ Image decode_image(const std::vector<uint8_t>& bytes, const std::string& source,
     std::vector<uint8_t> rgb;
     int w = 0, h = 0;
     char message[JMSG_LENGTH_MAX];
-    switch (decode_jpeg(bytes.data(), bytes.size(), limits.max_pixels, rgb, w, h, message)) {
+    switch (decode_jpeg(bytes.data(), bytes.size(), limits, rgb, w, h, message)) {
       case JpegResult::Ok:
         return from_channels(rgb.data(), w, h, 3, source);
       case JpegResult::TooLarge:
-        check_size(w, h, source, limits);
+        check_size(w, h, source, limits, false);
         fail("image ", source, " has no pixels");
       case JpegResult::Error:
         fail("image ", source, " could not be decoded as JPEG (corrupt or truncated): ", message);
@@ -197,12 +207,12 @@ Image decode_image(const std::vector<uint8_t>& bytes, const std::string& source,
   if (starts_with(bytes, "\x89PNG\r\n\x1a\n") && bytes.size() >= 24 && starts_with(bytes, "IHDR", 12)) {
     const uint32_t pw = be32(16), ph = be32(20);
     if (pw == 0 || ph == 0 || uint64_t(pw) * ph > limits.max_pixels)
-      check_size(int(std::min<uint32_t>(pw, INT32_MAX)), int(std::min<uint32_t>(ph, INT32_MAX)), source, limits);
+      check_size(int(std::min<uint32_t>(pw, INT32_MAX)), int(std::min<uint32_t>(ph, INT32_MAX)), source, limits, false);
   } else if ((starts_with(bytes, "GIF87a") || starts_with(bytes, "GIF89a")) && bytes.size() >= 10) {
-    check_size(int(le16(6)), int(le16(8)), source, limits);
+    check_size(int(le16(6)), int(le16(8)), source, limits, false);
   } else if (starts_with(bytes, "BM") && bytes.size() >= 26) {
     const int32_t bw = int32_t(le32(18)), bh = int32_t(le32(22));
-    check_size(bw, bh == INT32_MIN ? 0 : std::abs(bh), source, limits);
+    check_size(bw, bh == INT32_MIN ? 0 : std::abs(bh), source, limits, false);
   }
   int w = 0, h = 0, channels = 0;
   if (!stbi_info_from_memory(bytes.data(), int(bytes.size()), &w, &h, &channels))

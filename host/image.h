@@ -2,6 +2,7 @@
 // Images: decoding (JPEG, PNG, BMP, GIF, TGA through stb_image; WebP through libwebp) into 8-bit
 // RGB, and the Hugging Face image processors' pixel pipelines.
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -17,6 +18,9 @@ struct Image {
 struct ImageLimits {
   uint64_t max_file_bytes = 64ull << 20;
   uint64_t max_pixels = 64ull << 20;  // width * height
+  // Called with an image's size once its header is read, before its pixels are decoded (a
+  // server reserves their memory here); it may throw to refuse the image.
+  std::function<void(int width, int height)> on_size;
 };
 
 // Decodes an image file's bytes; errors name `source` and the reason.

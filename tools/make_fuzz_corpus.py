@@ -302,6 +302,14 @@ def chat_request_seeds():
                                            % ('{"a":' * 2000 + "1" + "}" * 2000)).encode())
     write("chat_request", "nested_within_bound", ('{"messages": %s, "chat_template_kwargs": {"x": %s}}'
                                                   % (hi, "[" * 250 + "]" * 250)).encode())
+    # Counts past the caps, and an image whose pixels would take more than the memory budget.
+    write("chat_request", "many_messages", json.dumps({"messages": [{"role": "user", "content": "x"}] * 100}).encode())
+    write("chat_request", "many_parts", json.dumps({"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "x"}] * 100}]}).encode())
+    wide = io.BytesIO()
+    Image.new("L", (5000, 5000), 128).save(wide, "PNG")
+    write("chat_request", "image_past_the_budget", json.dumps({"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(wide.getvalue()).decode()}}]}]}).encode())
 
 
 def http_seeds():

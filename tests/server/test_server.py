@@ -699,6 +699,107 @@ def test_hardening_bodies_paths_slow_clients_leaving_clients_narrow_images_metri
         assert s.get("/v1/models", {"Authorization": f"Basic {KEY}"}).status == 401
 
 
+def reset_peak_rss(pid):
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM starts again from VmRSS
+
+
+def rss_kib(pid):
+    return int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{pid}/status").read_text()).group(1))
+
+
+def test_request_memory_is_planned_before_it_is_spent_and_bounded_server_wide():
+    budget_mib = 256
+    with running(DEMO, "--ctx", 1024, "--max-body-mb", 64, "--max-request-memory", budget_mib, "--max-messages", 2000,
+                 "--max-parts", 3000) as s:
+        def post(body):
+            return s.post("/v1/chat/completions", body if isinstance(body, bytes) else json.dumps(body), JSON_AUTH)
+
+        def measured(body):
+            """The reply, and how far the server's resident memory rose while it handled the body."""
+            reset_peak_rss(s.proc.pid)
+            before = rss_kib(s.proc.pid)
+            r = post(body)
+            return r, (peak_rss_kib(s.proc.pid) - before) / 1024
+
+        hi = [{"role": "user", "content": "red"}]
+        # Large valid bodies of every shape, each sized to fit the budget: what each held at its
+        # peak stays within the budget, whatever its ratio to the body.
+        shapes = {
+            "template variables: 500,000 numbers": {"max_tokens": 2, "messages": hi, "chat_template_kwargs": {"x": [1] * 500_000}},
+            "an unread field: 1,100,000 empty objects": {"max_tokens": 2, "messages": hi, "junk": [{}] * 1_100_000},
+            "one message of 6 MB": {"max_tokens": 2, "messages": [{"role": "user", "content": "red " * 1_500_000}]},
+            "1,900 messages": {"max_tokens": 2, "messages": [{"role": "user", "content": "red blue " * 20}] * 1_900},
+            "2,900 text parts": {"max_tokens": 2, "messages": [{"role": "user", "content": [{"type": "text", "text": "red "}] * 2_900}]},
+        }
+        for name, body in shapes.items():
+            raw = json.dumps(body).encode()
+            r, peak_mib = measured(raw)
+            assert r.status in (200, 400), (name, r.status, r.text[:300])
+            if r.status == 400:
+                assert r.json()["error"]["code"] == "context_length_exceeded", r.text
+            ratio = peak_mib * 2**20 / len(raw)
+            print(f"{name}: body {len(raw) / 2**20:.1f} MiB, peak +{peak_mib:.0f} MiB ({ratio:.0f}x the body)")
+            assert peak_mib <= budget_mib, f"{name}: the request held {peak_mib:.0f} MiB, more than the budget"
+        assert s.metric("vkvlm_request_memory_bytes") == 0, "every reservation was given back"
+        assert 0 < s.metric("vkvlm_request_memory_peak_bytes") <= budget_mib << 20
+        assert s.metric("vkvlm_request_memory_budget_bytes") == budget_mib << 20
+
+        # Four times larger: refused with 413 before it is parsed, naming what it needs and the flag.
+        big = json.dumps({"max_tokens": 2, "messages": hi, "junk": [{}] * 2_400_000}).encode()
+        r, peak_mib = measured(big)
+        assert r.status == 413, r.text[:300]
+        assert r.json()["error"]["code"] == "request_too_large"
+        assert "--max-request-memory of 256 MiB" in r.json()["error"]["message"]
+        assert peak_mib < 3 * len(big) / 2**20 + 16, "the refused body was never expanded"
+
+        # An image's pixels are reserved from its header, before it is decoded: 4200 x 4200 is
+        # 269 MiB of pixels at 16 bytes each, past the budget.
+        huge = "data:image/png;base64," + base64.b64encode(gray_png(4200, 4200)).decode()
+        r, peak_mib = measured({"max_tokens": 2, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": huge}}, {"type": "text", "text": "Hi"}]}]})
+        assert r.status == 413 and "an image of 4200x4200 pixels" in r.json()["error"]["message"], r.text[:300]
+        assert peak_mib < 32, "the image was not decoded"
+
+        # Message and part counts past their caps: a 400 that names the cap, before any expansion.
+        r = post({"messages": [{"role": "user", "content": "x"}] * 2_001})
+        assert r.status == 400 and r.json()["error"]["code"] == "too_many_messages", r.text[:300]
+        assert "--max-messages of 2000" in r.json()["error"]["message"]
+        r = post({"messages": [{"role": "user", "content": [{"type": "text", "text": "x"}] * 1_600}] * 2})
+        assert r.status == 400 and r.json()["error"]["code"] == "too_many_parts", r.text[:300]
+
+        # Three at once that each fit alone but not together: those that do not fit now get 429
+        # with Retry-After, the server's peak stays within the budget, and each alone succeeds.
+        heavy = json.dumps({"max_tokens": 2, "messages": hi, "junk": [{}] * 900_000}).encode()
+        reset_peak_rss(s.proc.pid)
+        before = rss_kib(s.proc.pid)
+        start = threading.Barrier(3)
+
+        def send(_):
+            conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=120)
+            conn.putrequest("POST", "/v1/chat/completions")
+            for k, v in {**JSON_AUTH, "Content-Length": str(len(heavy))}.items():
+                conn.putheader(k, v)
+            conn.endheaders()
+            start.wait()
+            conn.send(heavy)
+            reply = conn.getresponse()
+            out = (reply.status, reply.getheader("Retry-After"), reply.read())
+            conn.close()
+            return out
+
+        with ThreadPoolExecutor(3) as pool:
+            replies = list(pool.map(send, range(3)))
+        peak_mib = (peak_rss_kib(s.proc.pid) - before) / 1024
+        statuses = sorted(status for status, _, _ in replies)
+        assert statuses[0] == 200 and set(statuses) <= {200, 429}, statuses
+        for status, retry, body in replies:
+            if status == 429:
+                assert retry == "1" and json.loads(body)["error"]["code"] == "server_busy"
+        assert peak_mib <= budget_mib + 3 * len(heavy) / 2**20, f"three at once held {peak_mib:.0f} MiB"
+        print(f"three bodies of {len(heavy) / 2**20:.1f} MiB at once: {statuses}, peak +{peak_mib:.0f} MiB")
+        assert post(heavy).status == 200
+
+
 def test_metrics_public_opens_metrics_alone():
     with running(DEMO, "--ctx", 256, "--metrics-public") as s:
         assert s.get("/metrics").status == 200

@@ -1,0 +1,89 @@
+#include "app/request_memory.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <fstream>
+
+#include "app/chat_request.h"
+
+namespace vkvlm::server {
+
+JsonSize measure_json(std::string_view text) {
+  // A value starts at each '[', '{', '"' outside strings (keys count: they are held too) and at
+  // each other token (numbers, true, false, null) after a separator.
+  JsonSize s;
+  s.bytes = text.size();
+  bool in_string = false, escaped = false, in_token = false;
+  for (const char c : text) {
+    if (in_string) {
+      if (escaped) escaped = false;
+      else if (c == '\\') escaped = true;
+      else if (c == '"') in_string = false;
+      continue;
+    }
+    const bool structural = c == '[' || c == '{' || c == ']' || c == '}' || c == ',' || c == ':' || c == '"' ||
+                            c == ' ' || c == '\t' || c == '\n' || c == '\r';
+    if (c == '"') in_string = true;
+    if (c == '[' || c == '{' || c == '"') ++s.values;
+    if (!structural && !in_token) ++s.values;
+    in_token = !structural;
+  }
+  return s;
+}
+
+uint64_t cost::of_body(const JsonSize& size) {
+  return base + size.bytes * per_body_byte + size.values * per_json_value;
+}
+
+namespace {
+std::string mib(uint64_t bytes) { return std::to_string((bytes + (1 << 20) - 1) >> 20) + " MiB"; }
+}  // namespace
+
+RequestMemory::Hold::~Hold() {
+  std::lock_guard<std::mutex> l(budget_->m_);
+  budget_->in_use_ -= bytes_;
+}
+
+void RequestMemory::Hold::grow(uint64_t bytes, const std::string& what) {
+  RequestMemory& b = *budget_;
+  std::lock_guard<std::mutex> l(b.m_);
+  const uint64_t total = bytes_ + bytes;
+  if (total > b.budget_)
+    throw ApiError(413,
+                   "the request needs about " + mib(total) + " of memory (" + what + "), more than the server's --max-request-memory of " +
+                       mib(b.budget_),
+                   "invalid_request_error", "", "request_too_large");
+  if (b.in_use_ + bytes > b.budget_)
+    throw ApiError(429,
+                   "the server's request memory is in use (" + mib(b.in_use_) + " of " + mib(b.budget_) + "; this request needs " +
+                       mib(total) + "); retry later",
+                   "rate_limit_exceeded", "", "server_busy");
+  bytes_ = total;
+  b.in_use_ += bytes;
+  b.peak_ = std::max(b.peak_, b.in_use_);
+}
+
+uint64_t RequestMemory::in_use() const {
+  std::lock_guard<std::mutex> l(m_);
+  return in_use_;
+}
+
+uint64_t RequestMemory::peak() const {
+  std::lock_guard<std::mutex> l(m_);
+  return peak_;
+}
+
+uint64_t default_request_memory() {
+  const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+  uint64_t physical = pages > 0 && page > 0 ? uint64_t(pages) * uint64_t(page) : 4ull << 30;
+  // In a container, its cgroup's limit is the machine (cgroup v2, then v1).
+  for (const char* limit : {"/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"}) {
+    std::ifstream in(limit);
+    uint64_t bytes = 0;
+    if (in >> bytes && bytes > 0) physical = std::min(physical, bytes);
+  }
+  return std::clamp<uint64_t>(physical / 4, 512ull << 20, 32ull << 30);
+}
+
+}  // namespace vkvlm::server
