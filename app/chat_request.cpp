@@ -94,8 +94,8 @@ Image load_image_url(const std::string& url, const std::string& param, const fs:
   std::error_code ec;
   const fs::path real = fs::canonical(fs::path(path).is_absolute() ? fs::path(path) : local_root / path, ec);
   if (ec) throw outside;
+  if (!path_inside(real, local_root)) throw outside;
   const fs::path rel = real.lexically_relative(local_root);
-  if (rel.empty() || *rel.begin() == ".." || rel.is_absolute()) throw outside;
   std::string bytes;
   if (reserve) {
     const uint64_t size = fs::file_size(real, ec);

@@ -51,4 +51,10 @@ std::string read_file_bounded(const std::string& path, uint64_t max_bytes, const
   return out;
 }
 
+bool path_inside(const std::filesystem::path& path, const std::filesystem::path& root) {
+  if (root.empty()) return false;
+  const std::filesystem::path rel = path.lexically_relative(root);
+  return !rel.empty() && rel != "." && *rel.begin() != ".." && !rel.is_absolute();
+}
+
 }  // namespace vkvlm

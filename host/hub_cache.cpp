@@ -101,6 +101,17 @@ std::string cached_model_folder(const RepoId& repo, std::string* why) {
     return missing("has no snapshot " + commit + " of revision '" + repo.revision + "' in the Hugging Face cache");
   if (!snapshot_complete(snapshot))
     return missing("has an incomplete snapshot " + snapshot.string() + " (no config.json or weights: a download cut short?)");
+  // Every link in it must lead into the repository's blobs: one that leads elsewhere was planted.
+  const fs::path blobs = fs::weakly_canonical(dir / "blobs", ec);
+  std::error_code walk;
+  for (auto it = fs::recursive_directory_iterator(snapshot, walk); !walk && it != fs::recursive_directory_iterator();
+       it.increment(walk)) {
+    if (!it->is_symlink(ec)) continue;
+    const fs::path target = fs::weakly_canonical(it->path(), ec);
+    if (!path_inside(target, blobs))
+      fail("the Hugging Face cache's ", it->path().string(), " links outside the cache's blobs (to ", target.string(),
+           "); remove it, or run `vkvlm download ", repo.id(), "` to fetch the file again");
+  }
   return snapshot.string();
 }
 

@@ -3,11 +3,15 @@
 #include <fcntl.h>
 #include <openssl/evp.h>
 #include <sys/file.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 #include <atomic>
 #include <cerrno>
 #include <chrono>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -18,6 +22,7 @@
 #include <nlohmann/json.hpp>
 
 #include "base/error.h"
+#include "base/files.h"
 #include "base/json.h"
 #include "host/hub_cache.h"
 
@@ -83,6 +88,48 @@ std::string resolve_location(const Url& from, const std::string& loc) {
   return from.origin + (dir.empty() ? "/" : dir) + loc;
 }
 
+// Watches a request's progress from a thread of its own: when fewer than `min_bytes` arrive in
+// any `seconds`, it stops the client (which ends the request at once, wherever it waits).
+class StallWatch {
+ public:
+  StallWatch(httplib::Client& cli, double seconds, uint64_t min_bytes)
+      : thread_([this, &cli, seconds, min_bytes] {
+          using clock = std::chrono::steady_clock;
+          const auto window = std::chrono::duration<double>(seconds);
+          auto start = clock::now();
+          uint64_t at_start = 0;
+          std::unique_lock<std::mutex> l(m_);
+          while (!done_) {
+            cv_.wait_for(l, std::chrono::duration<double>(std::min(seconds / 4, 1.0)));
+            if (done_ || clock::now() - start < window) continue;
+            const uint64_t now_bytes = bytes;
+            if (now_bytes - at_start < min_bytes) {
+              stalled = true;
+              cli.stop();
+              return;
+            }
+            start = clock::now();
+            at_start = now_bytes;
+          }
+        }) {}
+  ~StallWatch() {
+    {
+      std::lock_guard<std::mutex> l(m_);
+      done_ = true;
+    }
+    cv_.notify_all();
+    thread_.join();
+  }
+  std::atomic<uint64_t> bytes{0};
+  std::atomic<bool> stalled{false};
+
+ private:
+  std::mutex m_;
+  std::condition_variable cv_;
+  bool done_ = false;
+  std::thread thread_;
+};
+
 // One HTTP exchange at a time, following redirects by hand so that the token goes to the
 // endpoint's host only (a CDN it redirects to gets no credentials).
 class Hub {
@@ -121,6 +168,7 @@ class Hub {
       cli.set_decompress(false);
       bool not_the_file = false;  // a redirect's or an error's body: never handed to the sink
       bool encoded = false, too_large = false;
+      StallWatch watch(cli, o_.stall_seconds, o_.stall_bytes);
       // Without a sink the body is kept, up to k_max_reply_bytes.
       auto keep = [&](const char* data, size_t n) {
         if (r.body.size() + n > k_max_reply_bytes) {
@@ -143,11 +191,15 @@ class Hub {
               return on_headers ? on_headers(resp) : true;
             },
             [&](const char* data, size_t n) {
+              watch.bytes += n;
               if (!sink) return keep(data, n);
               if (not_the_file) return true;
               return sink(data, n);
             });
       }();
+      if (watch.stalled)
+        fail(u.origin, " sent fewer than ", o_.stall_bytes, " bytes in ", o_.stall_seconds, " s for ", u.path,
+             " (a stalled or dripping connection)");
       if (encoded)
         fail(u.origin, " answered ", u.path, " with a body in a content coding that was not asked for (",
              res ? res->get_header_value("Content-Encoding") : std::string("compressed"), ")");
@@ -203,7 +255,7 @@ class FileLock {
  public:
   explicit FileLock(const fs::path& path) {
     fs::create_directories(path.parent_path());
-    fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0644);
     if (fd_ < 0) fail("cannot create the lock file ", path.string(), ": ", std::strerror(errno));
     while (::flock(fd_, LOCK_EX) != 0)
       if (errno != EINTR) fail("cannot lock ", path.string(), ": ", std::strerror(errno));
@@ -295,7 +347,8 @@ std::string check_blob(const fs::path& path, uint64_t size, const std::string& e
 // server will not resume there). Any other failure is an error that says how far it got.
 int transfer(Hub& hub, const std::string& url, const fs::path& part, uint64_t have, uint64_t size,
              const std::string& name, uint64_t& got) {
-  int fd = ::open(part.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0644);
+  // O_NOFOLLOW: a link planted in the cache is never written through.
+  int fd = ::open(part.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0644);
   if (fd < 0) fail("cannot write ", part.string(), ": ", std::strerror(errno));
   uint64_t done = have;
   Progress progress(hub.options().progress, name, size, have);
@@ -364,6 +417,15 @@ uint64_t fetch_blob(Hub& hub, const std::string& url, const fs::path& blob, uint
       have = 0;
     }
     const bool resumed = have > 0;
+    // The disk must hold what is still to come (a hub announcing an absurd size fails here, not
+    // when the disk is full).
+    struct statvfs fs_info {};
+    if (have < size && ::statvfs(blob.parent_path().c_str(), &fs_info) == 0) {
+      const uint64_t free_bytes = uint64_t(fs_info.f_bavail) * uint64_t(fs_info.f_frsize);
+      if (size - have > free_bytes)
+        fail("not enough free space for ", name, ": the hub announces ", size, " bytes, ", size - have, " still to come, and ",
+             blob.parent_path().string(), " has ", free_bytes, " bytes free");
+    }
     // A whole one (killed while it was being checked) is only checked.
     const int status = have < size ? transfer(hub, url, part, have, size, name, got) : 200;
     const std::string wrong = status == 416 ? "the server would not resume it" : check_blob(part, size, etag);
@@ -476,10 +538,14 @@ HubDownloadResult hub_download(const std::string& name, const HubOptions& o) {
   HubDownloadResult result;
   result.snapshot = snapshot.string();
   result.commit = commit;
+  const fs::path blobs = fs::canonical(dir / "blobs", ec);
   for (const auto& f : files) {
     const fs::path link = snapshot / f;
     // A linked file is there (a dangling link is fetched again); a small file's blob, named by
-    // its git SHA-1, is checked against its name first (no request needed).
+    // its git SHA-1, is checked against its name first (no request needed). A link that leads
+    // out of the cache's blobs was not made by a download: it goes (not what it points at), and
+    // the file is fetched.
+    if (fs::is_symlink(link, ec) && !path_inside(fs::weakly_canonical(link, ec), blobs)) fs::remove(link, ec);
     if (fs::exists(link, ec)) {
       const fs::path blob = fs::canonical(link, ec);
       const std::string named = blob.filename().string();
@@ -512,6 +578,10 @@ HubDownloadResult hub_download(const std::string& name, const HubOptions& o) {
       FileLock lock(fs::path(o.cache) / ".locks" / repo.cache_folder() / (etag + ".lock"));
       // A small file's blob is checked again each time (cheap; a corrupt one, from an earlier
       // version that did not check, is downloaded anew); an LFS blob was checked when it came.
+      if (fs::is_symlink(blob, ec) || fs::is_symlink(blob.string() + ".incomplete", ec)) {  // planted: never followed
+        fs::remove(blob, ec);
+        fs::remove(blob.string() + ".incomplete", ec);
+      }
       const bool cached = fs::exists(blob, ec) && fs::file_size(blob, ec) == size &&
                           (!is_sha1(etag) || check_blob(blob, size, etag).empty());
       if (!cached) {

@@ -15,6 +15,10 @@ struct HubOptions {
   std::string token;                                // HF_TOKEN (sent to the endpoint's host only)
   std::string cache;                                // the cache folder (hub_cache_dir())
   bool progress = false;                            // a progress bar on stderr
+  // A request that brings fewer than stall_bytes in any stall_seconds (its answer's head included:
+  // it must begin within that time) is given up, so a server that drips bytes keeps no one waiting.
+  double stall_seconds = 30;
+  uint64_t stall_bytes = 16 << 10;
   static HubOptions from_environment();             // HF_ENDPOINT, HF_TOKEN, the cache, stderr a terminal
 };
 

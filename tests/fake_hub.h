@@ -59,6 +59,8 @@ class FakeHub {
     int64_t listing_padding = 0;               // the file list comes with this many bytes of spaces after it
     bool relative_redirects = false;           // small files first answer 302 to a relative Location
     std::string raw_listing;                   // the file list answered verbatim (a JSON of another shape)
+    int drip_ms = 0;                           // the file list and small files come a byte every drip_ms
+    uint64_t announced_size = 0;               // weight files announce this size instead of their own
   };
 
   FakeHub() {
@@ -86,9 +88,9 @@ class FakeHub {
       }
       nlohmann::json siblings = nlohmann::json::array();
       for (const auto& [path, data] : r->files) siblings.push_back({{"rfilename", path}});
-      res.set_content(nlohmann::json{{"id", req.matches[1].str() + "/" + req.matches[2].str()}, {"sha", r->commit},
-                                     {"siblings", siblings}}.dump(),
-                      "application/json");
+      send(res, nlohmann::json{{"id", req.matches[1].str() + "/" + req.matches[2].str()}, {"sha", r->commit},
+                               {"siblings", siblings}}.dump(),
+           "application/json", r->drip_ms);
     });
     server_.Get(R"(/([^/]+)/([^/]+)/resolve/([^/]+)/(.+))", [this](const httplib::Request& req, httplib::Response& res) {
       ++requests_;
@@ -104,7 +106,7 @@ class FakeHub {
         res.status = 302;
         res.set_header("Location", "/cdn/" + sha);
         res.set_header("X-Linked-Etag", "\"" + (r->wrong_checksum ? sha256_hex(it->second + "x") : sha) + "\"");
-        res.set_header("X-Linked-Size", std::to_string(it->second.size()));
+        res.set_header("X-Linked-Size", std::to_string(r->announced_size ? r->announced_size : it->second.size()));
         res.set_header("ETag", "\"" + sha.substr(0, 40) + "\"");
         std::lock_guard<std::mutex> l(m_);
         blobs_.emplace(sha, Blob{it->second, r->drop_after});  // a HEAD again does not re-arm the drop
@@ -123,7 +125,7 @@ class FakeHub {
           return res.set_content("Internal Server Error: try again later", "text/plain");
         }
       }
-      res.set_content(it->second, "application/octet-stream");
+      send(res, it->second, "application/octet-stream", r->drip_ms);
     });
     server_.Get(R"(/cdn/([0-9a-f]{64}))", [this](const httplib::Request& req, httplib::Response& res) {
       ++requests_;
@@ -190,6 +192,15 @@ class FakeHub {
       if (auth != "Bearer " + it->second.token) return unauthorized(res, 403), nullptr;
     }
     return &it->second;
+  }
+  // A body, all at once or (drip_ms > 0) a byte every drip_ms.
+  static void send(httplib::Response& res, const std::string& body, const char* type, int drip_ms) {
+    if (drip_ms <= 0) return res.set_content(body, type);
+    auto data = std::make_shared<std::string>(body);
+    res.set_content_provider(data->size(), type, [data, drip_ms](size_t offset, size_t, httplib::DataSink& sink) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(drip_ms));
+      return sink.write(data->data() + offset, 1);
+    });
   }
   static void not_found(httplib::Response& res, const char* code) {
     res.status = 404;

@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <csignal>
 #include <filesystem>
 #include <fstream>
@@ -292,6 +293,56 @@ TEST(HubDownload, FailuresSayWhatHappened) {
   std::signal(SIGXFSZ, old_handler);
   EXPECT_NE(message.find("cannot write"), std::string::npos) << message;
   EXPECT_NE(message.find("disk full"), std::string::npos) << message;
+}
+
+// A hub that drips, one that announces an absurd size, and links planted in the cache: each fails
+// with what happened, and nothing outside the cache is read, written or removed.
+TEST(HubDownload, DripsAbsurdSizesAndPlantedLinks) {
+  FakeHub hub;
+  const fs::path src = model_folder("hostile"), cache = temp_dir("hostile-cache");
+  HubOptions o = options(hub, cache);
+  o.stall_seconds = 1;
+  o.stall_bytes = 1024;
+  hub.add("acme/drip", src, k_commit).drip_ms = 100;  // 10 bytes a second
+  const auto t0 = std::chrono::steady_clock::now();
+  expect_error([&] { hub_download("acme/drip", o); }, {"fewer than 1024 bytes in 1 s", "/api/models/acme/drip"});
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(10)) << "the stall was noticed";
+
+  hub.add("acme/huge", src, k_commit).announced_size = uint64_t(1) << 45;  // 32 TiB
+  expect_error([&] { hub_download("acme/huge", o); }, {"not enough free space", "model.safetensors", "35184372088832 bytes"});
+  for (const auto& e : fs::directory_iterator(cache / "models--acme--huge" / "blobs"))
+    EXPECT_LT(fs::file_size(e.path()), 1000u) << e.path() << ": only the small files came, nothing of the weights";
+
+  // A snapshot link planted to a file outside the cache: the download replaces the link and leaves
+  // the file alone; offline resolution refuses it.
+  hub.add("acme/tiny", src, k_commit);
+  const fs::path outside = temp_dir("hostile-outside");
+  std::ofstream(outside / "secret.json") << R"({"secret": true})";
+  const fs::path snapshot = cache / "models--acme--tiny" / "snapshots" / k_commit;
+  fs::create_directories(snapshot);
+  fs::create_directories(cache / "models--acme--tiny" / "refs");
+  std::ofstream(cache / "models--acme--tiny" / "refs" / "main") << k_commit;
+  hub_download("acme/tiny", o);
+  fs::remove(snapshot / "config.json");
+  fs::create_symlink(outside / "secret.json", snapshot / "config.json");
+  {
+    Env c("HF_HUB_CACHE", cache.string()), off("HF_HUB_OFFLINE", "1");
+    expect_error([&] { resolve_model_folder("acme/tiny"); }, {"config.json", "links outside the cache's blobs", "vkvlm download acme/tiny"});
+  }
+  hub_download("acme/tiny", o);
+  EXPECT_EQ(slurp(snapshot / "config.json"), slurp(src / "config.json"));
+  EXPECT_EQ(slurp(outside / "secret.json"), R"({"secret": true})") << "the planted link's target was not touched";
+
+  // A blob's partial file planted as a link: the download never writes through it.
+  const fs::path blobs = cache / "models--acme--weights" / "blobs";
+  hub.add("acme/weights", src, k_commit);
+  fs::create_directories(blobs);
+  std::ofstream(outside / "victim") << "unchanged";
+  const std::string etag = sha256_hex(slurp(src / "model.safetensors"));
+  fs::create_symlink(outside / "victim", blobs / (etag + ".incomplete"));
+  const HubDownloadResult r = hub_download("acme/weights", o);
+  EXPECT_EQ(slurp(fs::path(r.snapshot) / "model.safetensors"), slurp(src / "model.safetensors"));
+  EXPECT_EQ(slurp(outside / "victim"), "unchanged");
 }
 
 TEST(HubDownload, OnlyTheFilesVkvlmReads) {
