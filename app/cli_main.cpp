@@ -30,6 +30,7 @@
 #include "gpu/context.h"
 #include "gpu/device.h"
 #include "gpu/error.h"
+#include "app/batch_line.h"
 #include "app/conversation.h"
 #include "base/files.h"
 #include "app/flags.h"
@@ -62,18 +63,6 @@ Messages read_json_file(const std::string& path, const char* what) {
     return parse_json<Messages>(read_file(path, what));
   } catch (const nlohmann::json::exception& e) {
     throw Error(std::string(what) + " " + path + " is not valid JSON: " + e.what());
-  }
-}
-
-// A conversation's shape: a non-empty array of {"role": string, "content": ...}; `what` names it
-// in errors ("messages file F", "--batch F line N: \"messages\"").
-void check_messages(const Messages& messages, const std::string& what) {
-  if (!messages.is_array() || messages.empty()) throw Error(what + " must hold a non-empty JSON array of messages");
-  for (size_t i = 0; i < messages.size(); ++i) {
-    auto& m = messages[i];
-    if (!m.is_object() || !m.contains("role") || !m["role"].is_string())
-      throw Error(what + ": message " + std::to_string(i) + " needs a \"role\" string");
-    if (!m.contains("content")) throw Error(what + ": message " + std::to_string(i) + " has no content");
   }
 }
 
@@ -295,75 +284,16 @@ int generate_batch(const Flags& f) {
   std::istringstream lines(read_file(path, "batch file"));
   std::string line;
   for (int n = 1; std::getline(lines, line); ++n) {
-    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    if (batch_line_blank(line)) continue;
     const std::string where = "--batch " + path + " line " + std::to_string(n) + ": ";
     try {
-      Messages j;
-      try {
-        j = parse_json<Messages>(line);
-      } catch (const nlohmann::json::exception& e) {
-        throw Error(std::string("not valid JSON: ") + e.what());
-      }
-      if (!j.is_object()) throw Error("each line must be a JSON object with \"prompt\" or \"messages\"");
-      static const std::set<std::string> keys = {"id", "prompt", "messages", "images", "max_tokens", "temperature",
-                                                 "top_p", "top_k", "min_p", "seed", "stop"};
-      for (const auto& [k, v] : j.items())
-        if (!keys.count(k)) throw Error("unknown key '" + k + "'");
-      if (j.contains("prompt") == j.contains("messages")) throw Error("give exactly one of \"prompt\" and \"messages\"");
-      std::vector<std::string> paths;
-      if (j.contains("images")) {
-        if (!j["images"].is_array()) throw Error("\"images\" must be a list of file paths");
-        for (const auto& p : j["images"]) {
-          if (!p.is_string()) throw Error("\"images\" must be a list of file paths");
-          paths.push_back(p.get<std::string>());
-        }
-      }
+      BatchLine b = parse_batch_line(line, defaults);
       Messages messages;
       std::vector<Image> images;
-      if (j.contains("prompt")) {
-        if (!j["prompt"].is_string()) throw Error("\"prompt\" must be a string");
-        make_conversation(model.config(), j["prompt"].get<std::string>(), nullptr, paths, "\"images\" gave", messages, images);
-      } else {
-        check_messages(j["messages"], "\"messages\"");
-        make_conversation(model.config(), std::nullopt, j["messages"], paths, "\"images\" gave", messages, images);
-      }
+      make_conversation(model.config(), b.prompt, std::move(b.messages), b.images, "\"images\" gave", messages, images);
       Item it;
-      it.id = j.contains("id") ? j["id"] : nlohmann::ordered_json();
-      it.params = defaults;
-      auto number = [&](const char* key, double lo, double hi) {
-        if (!j[key].is_number() || j[key].get<double>() < lo || j[key].get<double>() > hi)
-          throw Error(std::string("\"") + key + "\" must be a number from " + std::to_string(lo) + " to " + std::to_string(hi));
-        return j[key].get<double>();
-      };
-      auto whole = [&](const char* key, int64_t lo, int64_t hi) {
-        if (!j[key].is_number_integer() || j[key].get<int64_t>() < lo || j[key].get<int64_t>() > hi)
-          throw Error(std::string("\"") + key + "\" must be a whole number from " + std::to_string(lo) + " to " +
-                      std::to_string(hi));
-        return j[key].get<int64_t>();
-      };
-      if (j.contains("max_tokens")) it.params.max_tokens = int(whole("max_tokens", 0, 1 << 24));
-      if (j.contains("temperature")) it.params.sampling.temperature = float(number("temperature", 0, 100));
-      if (j.contains("top_p")) it.params.sampling.top_p = float(number("top_p", 1e-9, 1));
-      if (j.contains("top_k")) it.params.sampling.top_k = int(whole("top_k", 0, 1 << 24));
-      if (j.contains("min_p")) it.params.sampling.min_p = float(number("min_p", 0, 1));
-      if (j.contains("seed")) {
-        it.params.sampling.seed = uint64_t(whole("seed", 0, INT64_MAX));
-        it.params.sampling.has_seed = true;
-      }
-      if (j.contains("stop")) {
-        it.params.stop.clear();
-        const auto& st = j["stop"];
-        if (st.is_string()) it.params.stop.push_back(st.get<std::string>());
-        else if (st.is_array()) {
-          for (const auto& x : st) {
-            if (!x.is_string()) throw Error("\"stop\" must be a string or a list of strings");
-            it.params.stop.push_back(x.get<std::string>());
-          }
-        } else {
-          throw Error("\"stop\" must be a string or a list of strings");
-        }
-      }
-      it.params.validate();
+      it.id = std::move(b.id);
+      it.params = b.params;
       it.prompt = model.build_prompt(messages, images, vars);
       items.push_back(std::move(it));
     } catch (const std::exception& e) {

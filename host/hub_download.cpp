@@ -488,6 +488,48 @@ bool hub_file_needed(const std::string& path) {
   return std::regex_match(path, re);
 }
 
+HubListing parse_hub_listing(const std::string& body, const std::string& endpoint, const std::string& repo,
+                             const std::string& revision) {
+  nlohmann::json j;
+  try {
+    j = parse_json(body);
+  } catch (const std::exception&) {
+    fail(endpoint, " answered the file list of ", repo, " with something that is not JSON");
+  }
+  // Its shape, checked before it is read: a wrong one is named, not a library's type error.
+  auto shape_error = [&](const char* what) {
+    fail(endpoint, " answered the file list of ", repo, " with JSON of another shape: ", what);
+  };
+  if (!j.is_object()) shape_error("not an object");
+  if (j.contains("sha") && !j["sha"].is_string()) shape_error("'sha' is not a string");
+  if (j.contains("siblings") && !j["siblings"].is_array()) shape_error("'siblings' is not a list");
+  HubListing out;
+  out.commit = j.value("sha", "");
+  if (!is_commit_hash(out.commit)) fail(endpoint, " gave no commit for revision '", revision, "' of ", repo);
+  for (const auto& s : j.value("siblings", nlohmann::json::array())) {
+    if (!s.is_object() || (s.contains("rfilename") && !s["rfilename"].is_string()))
+      shape_error("a sibling without a string 'rfilename'");
+    const std::string f = s.value("rfilename", "");
+    if (f.empty() || f.find("..") != std::string::npos || f.front() == '/') continue;
+    if (hub_file_needed(f)) out.files.push_back(f);
+  }
+  return out;
+}
+
+HubFileIdentity parse_file_identity(const std::string& linked_etag, const std::string& etag, const std::string& linked_size,
+                                    const std::string& content_length, const std::string& where) {
+  HubFileIdentity out;
+  out.etag = strip_etag(linked_etag);
+  if (out.etag.empty()) out.etag = strip_etag(etag);
+  const std::string& size_text = linked_size.empty() ? content_length : linked_size;
+  static const std::regex safe_etag("^[A-Za-z0-9_\\-]{8,128}$");
+  if (!std::regex_match(out.etag, safe_etag) || size_text.empty() || size_text.size() > 15 ||
+      size_text.find_first_not_of("0123456789") != std::string::npos)
+    fail("the hub gave no usable ETag and size for ", where);
+  out.size = std::stoull(size_text);
+  return out;
+}
+
 HubDownloadResult hub_download(const std::string& name, const HubOptions& o) {
   RepoId repo;
   if (!parse_repo_id(name, repo)) fail("'", name, "' is not a Hugging Face repository id (ORG/NAME[@REVISION])");
@@ -497,29 +539,9 @@ HubDownloadResult hub_download(const std::string& name, const HubOptions& o) {
                           percent_encode_path(repo.revision);
   const Hub::Reply info = hub.request("GET", api, true);
   if (info.status != 200) repo_error(info, repo, o, "its file list");
-  nlohmann::json j;
-  try {
-    j = parse_json(info.body);
-  } catch (const std::exception&) {
-    fail(o.endpoint, " answered the file list of ", repo.id(), " with something that is not JSON");
-  }
-  // Its shape, checked before it is read: a wrong one is named, not a library's type error.
-  auto shape_error = [&](const char* what) {
-    fail(o.endpoint, " answered the file list of ", repo.id(), " with JSON of another shape: ", what);
-  };
-  if (!j.is_object()) shape_error("not an object");
-  if (j.contains("sha") && !j["sha"].is_string()) shape_error("'sha' is not a string");
-  if (j.contains("siblings") && !j["siblings"].is_array()) shape_error("'siblings' is not a list");
-  const std::string commit = j.value("sha", "");
-  if (!is_commit_hash(commit)) fail(o.endpoint, " gave no commit for revision '", repo.revision, "' of ", repo.id());
-  std::vector<std::string> files;
-  for (const auto& s : j.value("siblings", nlohmann::json::array())) {
-    if (!s.is_object() || (s.contains("rfilename") && !s["rfilename"].is_string()))
-      shape_error("a sibling without a string 'rfilename'");
-    const std::string f = s.value("rfilename", "");
-    if (f.empty() || f.find("..") != std::string::npos || f.front() == '/') continue;
-    if (hub_file_needed(f)) files.push_back(f);
-  }
+  const HubListing listing = parse_hub_listing(info.body, o.endpoint, repo.id(), repo.revision);
+  const std::string& commit = listing.commit;
+  const std::vector<std::string>& files = listing.files;
   bool has_config = false, has_weights = false;
   for (const auto& f : files) {
     has_config |= f == "config.json";
@@ -564,15 +586,11 @@ HubDownloadResult hub_download(const std::string& name, const HubOptions& o) {
       if (split_url(loc).origin == split_url(o.endpoint).origin && head.header("X-Linked-Etag").empty())
         head = hub.request("HEAD", head.url, true);
     }
-    std::string etag = strip_etag(head.header("X-Linked-Etag"));
-    if (etag.empty()) etag = strip_etag(head.header("ETag"));
-    std::string size_text = head.header("X-Linked-Size");
-    if (size_text.empty()) size_text = head.header("Content-Length");
-    static const std::regex safe_etag("^[A-Za-z0-9_\\-]{8,128}$");
-    if (!std::regex_match(etag, safe_etag) || size_text.empty() || size_text.size() > 15 ||
-        size_text.find_first_not_of("0123456789") != std::string::npos)
-      fail(o.endpoint, " gave no usable ETag and size for ", f, " of ", repo.id());
-    const uint64_t size = std::stoull(size_text);
+    const HubFileIdentity identity = parse_file_identity(head.header("X-Linked-Etag"), head.header("ETag"),
+                                                         head.header("X-Linked-Size"), head.header("Content-Length"),
+                                                         f + " of " + repo.id() + " on " + o.endpoint);
+    const std::string& etag = identity.etag;
+    const uint64_t size = identity.size;
     const fs::path blob = dir / "blobs" / etag;
     {
       FileLock lock(fs::path(o.cache) / ".locks" / repo.cache_folder() / (etag + ".lock"));

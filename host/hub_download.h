@@ -29,6 +29,23 @@ struct HubDownloadResult {
   uint64_t bytes = 0;                  // bytes downloaded now
 };
 
+// What the hub answers, read as hub_download reads it (exposed for the fuzzer). The file list of
+// a revision: its commit and the files vkvlm reads, every shape error naming the hub and repo.
+struct HubListing {
+  std::string commit;
+  std::vector<std::string> files;
+};
+HubListing parse_hub_listing(const std::string& body, const std::string& endpoint, const std::string& repo,
+                             const std::string& revision);
+// A file's identity from the headers of the hub's answer to HEAD: the blob's ETag (SHA-256 for
+// an LFS file, git's SHA-1 otherwise) and size; an error when they are missing or unusable.
+struct HubFileIdentity {
+  std::string etag;
+  uint64_t size = 0;
+};
+HubFileIdentity parse_file_identity(const std::string& linked_etag, const std::string& etag, const std::string& linked_size,
+                                    const std::string& content_length, const std::string& where);
+
 // Whether a repository file is one vkvlm reads: configs, tokenizer files, chat templates,
 // processor configs and safetensors weights with their index.
 bool hub_file_needed(const std::string& path);

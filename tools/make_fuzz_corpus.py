@@ -312,6 +312,41 @@ def chat_request_seeds():
         {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(wide.getvalue()).decode()}}]}]}).encode())
 
 
+def hub_seeds():
+    """File lists and HEAD headers as the hub answers them, and as a hostile one might."""
+    commit = "4c0ffee4c0ffee4c0ffee4c0ffee4c0ffee4c0ff"
+    listing = json.dumps({"id": "acme/model", "sha": commit, "siblings": [
+        {"rfilename": f} for f in ("config.json", "model.safetensors", "tokenizer.json", "README.md", "sub/model.safetensors")]})
+    lfs = ["\"" + "ab" * 32 + "\"", "\"" + "cd" * 20 + "\"", "600000", "1234"]
+    small = ["", "\"" + "ef" * 20 + "\"", "", "512"]
+    hostile = {
+        "listing_lfs": [listing] + lfs,
+        "listing_small": [listing] + small,
+        "escaping_names": [json.dumps({"sha": commit, "siblings": [{"rfilename": f} for f in (
+            "../../../etc/passwd.json", "/abs/config.json", "a/../../model.safetensors", "", "ok/../config.json")]})]
+                          + ["\"../../x\"", "W/\"abc\"", "99999999999999999999", "-5"],
+        "wrong_shapes": ['{"sha": 5, "siblings": {}}', '"W/\\"0123456789\\""', "", "1e9", ""],
+        "deep_listing": ["[" * 5000 + "]" * 5000, "", "", "", ""],
+        "not_json": ["<html>Sign in</html>", "", "", "", ""],
+    }
+    for name, parts in hostile.items():
+        write("hub", name, SEP.join(p.encode() for p in parts))
+
+
+def batch_line_seeds():
+    lines = {
+        "prompt": {"id": 1, "prompt": "Describe.", "images": ["a.png"], "max_tokens": 8, "temperature": 0, "seed": 3},
+        "messages": {"id": "x", "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}],
+                     "images": ["b.jpg"], "stop": ["\n", "END"], "top_p": 0.9, "top_k": 40, "min_p": 0.05},
+        "both": {"prompt": "a", "messages": []},
+        "wrong_types": {"prompt": 3, "images": "a.png", "max_tokens": -1, "stop": [1]},
+    }
+    for name, line in lines.items():
+        write("batch_line", name, json.dumps(line).encode())
+    write("batch_line", "deep_id", ('{"id": ' + "[" * 100000 + "]" * 100000 + ', "prompt": "x"}').encode())
+    write("batch_line", "unknown_key", b'{"prompt": "x", "temperatur": 0.5}')
+
+
 def http_seeds():
     reqs = {
         "get": b"\x07GET /health HTTP/1.1\r\nHost: x\r\n\r\n",
@@ -336,6 +371,8 @@ def main():
     image_seeds()
     chat_request_seeds()
     http_seeds()
+    hub_seeds()
+    batch_line_seeds()
     total = sum(len(files) for _, _, files in os.walk(OUT))
     print(f"wrote {total} seed files under {os.path.relpath(OUT, ROOT)}", file=sys.stderr)
 
