@@ -281,7 +281,15 @@ struct Conn {
   double drain_until = 0;   // draining: closed by then even if the client goes on sending
   int requests = 0;
   std::string remote;
+  uint64_t reserved = 0;                    // of Limits::reserve, for `in` and the parser's body
+  std::function<void(uint64_t)> release;    // Limits::release
+  // Gives back what is reserved for bytes no longer held.
+  void release_all() {
+    if (reserved && release) release(reserved);
+    reserved = 0;
+  }
   ~Conn() {
+    release_all();
     if (fd >= 0) ::close(fd);
   }
 };
@@ -447,6 +455,13 @@ struct Server::Impl {
         req.remote = c->remote;
         c->in_request = false;
         c->continue_sent = false;
+        // What was reserved for its bytes goes with the request, until its handler returns.
+        if (c->reserved && limits.release) {
+          const uint64_t bytes = c->reserved;
+          auto release = limits.release;
+          req.memory = std::shared_ptr<void>(nullptr, [release, bytes](void*) { release(bytes); });
+          c->reserved = 0;
+        }
         std::lock_guard<std::mutex> l(m);
         work.emplace_back(std::move(c), std::move(req));
         cv.notify_one();
@@ -512,12 +527,30 @@ struct Server::Impl {
           continue;
         }
         c->in.append(buf, size_t(n));
+        if (!reserve_arrived(*c)) continue;
         advance(c, closed);
       }
       open -= int(closed.size());
       conns.erase(std::remove(conns.begin(), conns.end(), nullptr), conns.end());
     }
     open -= int(conns.size());
+  }
+
+  // Reserves memory for what a connection holds now (Limits::reserve); false when it does not fit,
+  // and then the request is refused with 503 (the server makes the budget hold the largest body).
+  bool reserve_arrived(Conn& c) {
+    if (!limits.reserve) return true;
+    // Heads are bounded by max_head_bytes each; what a body brings is reserved.
+    const uint64_t holds = c.parser->in_body() ? c.in.size() + c.parser->held_bytes() : 0;
+    if (holds <= c.reserved) return true;
+    if (limits.reserve(holds - c.reserved)) {
+      c.reserved = holds;
+      return true;
+    }
+    c.parser->reset();
+    c.release_all();
+    refuse_and_drain(c, 503, "the server is receiving more request bytes at once than it can hold; retry later");
+    return false;
   }
 
   void accept_all(std::vector<std::unique_ptr<Conn>>& conns) {
@@ -529,6 +562,7 @@ struct Server::Impl {
       auto c = std::make_unique<Conn>();
       c->fd = fd;
       c->parser = std::make_unique<RequestParser>(limits);
+      c->release = limits.release;
       c->deadline = now_seconds() + limits.idle_seconds;
       char host[NI_MAXHOST] = "";
       if (::getnameinfo(reinterpret_cast<sockaddr*>(&addr), len, host, sizeof(host), nullptr, 0, NI_NUMERICHOST) == 0) c->remote = host;

@@ -18,6 +18,7 @@ struct Request {
   std::vector<std::pair<std::string, std::string>> headers;  // names lower-cased, in order
   std::string body;
   std::string remote;  // the client's address, for logs
+  std::shared_ptr<void> memory;  // the bytes reserved for it as it arrived (Limits::reserve), until it is done
 
   // The first header of that (case-insensitive) name, or "".
   std::string header(const std::string& name) const;
@@ -60,6 +61,12 @@ struct Limits {
   int workers = 24;                     // requests handled at once
   int max_connections = 512;            // open connections; more are answered 503 and closed
   int max_requests_per_connection = 1000;
+  // Memory for the bytes of requests as they arrive (each connection's buffer and the body parsed
+  // so far), held until the request's handler returns: `reserve` says whether that many more fit
+  // (the connection that does not fit is answered 503),
+  // `release` gives them back. Unset: only the limits above bound them.
+  std::function<bool(uint64_t bytes)> reserve;
+  std::function<void(uint64_t bytes)> release;
 };
 
 // Answers a request the server refuses before any handler runs (413, 400, 404, 405, 503).
@@ -97,6 +104,9 @@ class RequestParser {
   const std::string& error_message() const { return error_; }
   // Whether the client asked to be told to send its body (Expect: 100-continue).
   bool wants_continue() const { return wants_continue_; }
+  // Bytes of the request it holds so far (its body).
+  size_t held_bytes() const { return req_.body.size(); }
+  bool in_body() const { return phase_ != Phase::Head; }
   void reset();
 
  private:

@@ -64,6 +64,19 @@ void RequestMemory::Hold::grow(uint64_t bytes, const std::string& what) {
   b.peak_ = std::max(b.peak_, b.in_use_);
 }
 
+bool RequestMemory::try_reserve(uint64_t bytes) {
+  std::lock_guard<std::mutex> l(m_);
+  if (in_use_ + bytes > budget_) return false;
+  in_use_ += bytes;
+  peak_ = std::max(peak_, in_use_);
+  return true;
+}
+
+void RequestMemory::release(uint64_t bytes) {
+  std::lock_guard<std::mutex> l(m_);
+  in_use_ -= std::min(in_use_, bytes);
+}
+
 uint64_t RequestMemory::in_use() const {
   std::lock_guard<std::mutex> l(m_);
   return in_use_;

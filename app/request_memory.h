@@ -55,6 +55,10 @@ class RequestMemory {
     uint64_t bytes_ = 0;
   };
 
+  // Bytes held outside any Hold (request bodies as they arrive): whether they fit now.
+  bool try_reserve(uint64_t bytes);
+  void release(uint64_t bytes);
+
   uint64_t budget() const { return budget_; }
   uint64_t in_use() const;
   uint64_t peak() const;  // the most reserved at once since the start

@@ -134,6 +134,9 @@ class Server {
     http::Limits limits;
     limits.max_body_bytes = opt_.max_body_bytes;
     limits.request_seconds = opt_.request_seconds;
+    // Bodies as they arrive are held within the request memory too, until their handler returns.
+    limits.reserve = [this](uint64_t bytes) { return request_memory_.try_reserve(bytes); };
+    limits.release = [this](uint64_t bytes) { request_memory_.release(bytes); };
     // Workers run handlers only (a slow client costs no thread while its request arrives):
     // enough for every admitted chat request and for the cheap endpoints beside them.
     limits.workers = opt_.max_concurrency + 8;
@@ -1040,6 +1043,12 @@ int run_serve(int argc, char** argv, int first) {
   o.max_messages = int(f.integer("max-messages", 10000, 1, 1000000));
   o.max_parts = int(f.integer("max-parts", 10000, 1, 1000000));
   o.max_request_memory = uint64_t(f.integer("max-request-memory", 0, 16, int64_t(1) << 30)) << 20;
+  {
+    const uint64_t budget = o.max_request_memory ? o.max_request_memory : default_request_memory();
+    if (o.max_body_bytes + (1 << 20) > budget)
+      throw UsageError("--max-body-mb " + std::to_string(o.max_body_bytes >> 20) + " does not fit in the request memory of " +
+                       std::to_string(budget >> 20) + " MiB (--max-request-memory): a body must fit with room to spare");
+  }
   o.max_body_bytes = size_t(f.integer("max-body-mb", 64, 1, 4096)) << 20;
   o.metrics_public = f.has("metrics-public");
   o.request_seconds = double(f.integer("request-timeout", 30, 1, 3600));

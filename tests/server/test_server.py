@@ -708,6 +708,10 @@ def rss_kib(pid):
 
 
 def test_request_memory_is_planned_before_it_is_spent_and_bounded_server_wide():
+    # A body must fit in the budget: a setup where it cannot is refused at the start.
+    bad = subprocess.run([CLI, "serve", "--model", str(DEMO), "--max-request-memory", "32", "--max-body-mb", "64"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "--max-body-mb 64 does not fit" in bad.stderr, bad.stderr
     budget_mib = 256
     with running(DEMO, "--ctx", 1024, "--max-body-mb", 64, "--max-request-memory", budget_mib, "--max-messages", 2000,
                  "--max-parts", 3000) as s:
@@ -798,6 +802,21 @@ def test_request_memory_is_planned_before_it_is_spent_and_bounded_server_wide():
         assert peak_mib <= budget_mib + 3 * len(heavy) / 2**20, f"three at once held {peak_mib:.0f} MiB"
         print(f"three bodies of {len(heavy) / 2**20:.1f} MiB at once: {statuses}, peak +{peak_mib:.0f} MiB")
         assert post(heavy).status == 200
+
+        # Bodies still arriving count too: six clients sending 60 MB each at once cannot make the
+        # server hold more than the budget; those past it are answered 503 while they send.
+        head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {60 << 20}\r\n\r\n").encode()
+        reset_peak_rss(s.proc.pid)
+        before = rss_kib(s.proc.pid)
+        with ThreadPoolExecutor(6) as pool:
+            uploads = list(pool.map(lambda _: raw_exchange(s.port, [head] + [b" " * (1 << 20)] * 60, timeout=60), range(6)))
+        peak_mib = (peak_rss_kib(s.proc.pid) - before) / 1024
+        statuses = sorted(status for status, _ in uploads)
+        # 503: refused while it arrived; 429: whole, but no room to parse it now; 400: parsed (not JSON).
+        assert set(statuses) <= {400, 429, 503} and 503 in statuses, statuses
+        assert peak_mib <= budget_mib + 64, f"six uploads held {peak_mib:.0f} MiB"
+        print(f"six 60 MB uploads at once: {statuses}, peak +{peak_mib:.0f} MiB")
 
 
 def test_metrics_public_opens_metrics_alone():
