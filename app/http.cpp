@@ -391,6 +391,10 @@ struct Server::Impl {
         res.body = error_body(500, e.what());
       }
     }
+    // The request's bytes are done with: their memory goes back before the answer does, so a
+    // client that has its answer sees the memory free.
+    std::string().swap(req.body);
+    req.memory.reset();
     const std::string conn_header = lower(req.header("connection"));
     bool keep_alive = req.version == "HTTP/1.1" ? conn_header != "close" : conn_header == "keep-alive";
     keep_alive = keep_alive && !stop && ++c->requests < limits.max_requests_per_connection;

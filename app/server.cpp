@@ -769,7 +769,9 @@ class Server {
       // The model the request names (unknown: 404), loaded first if it is not (on the scheduler thread: the
       // request waits for it, as for a generation).
       // The memory this request will hold, reserved step by step before each is spent.
-      RequestMemory::Hold memory(request_memory_);
+      // (Shared: a streamed answer keeps it, with the conversation, until its last byte.)
+      auto hold = std::make_shared<RequestMemory::Hold>(request_memory_);
+      RequestMemory::Hold& memory = *hold;
       memory.grow(cost::of_body(measure_json(req.body)),
                   "its body of " + std::to_string((req.body.size() + (1 << 20) - 1) >> 20) + " MiB, parsed");
       const json body = parse_request_body(req.body);
@@ -848,7 +850,7 @@ class Server {
       // Streaming: the response starts now; generation runs as the body is written.
       res.content_type = "text/event-stream";
       res.headers.push_back({"Cache-Control", "no-cache"});
-      res.stream = [this, shared, job, id, admission, loaded, &served](http::Stream& sink) {
+      res.stream = [this, shared, job, id, admission, hold, loaded, &served](http::Stream& sink) {
         const ServedModelOptions& spec = served.spec;
         Loaded& L = *loaded;
         const ChatRequest& cr = shared->request;
