@@ -137,10 +137,13 @@ class Soak:
         """Writes chunks to one connection; the reply's status (None: none)."""
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as s:
-                for c in chunks:
-                    s.sendall(c)
-                    if gap:
-                        time.sleep(gap)
+                try:
+                    for c in chunks:
+                        s.sendall(c)
+                        if gap:
+                            time.sleep(gap)
+                except OSError:
+                    pass  # the server answered and closed while we sent: its answer is still there to read
                 if not read:
                     return None
                 data = s.recv(256)

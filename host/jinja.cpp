@@ -26,8 +26,9 @@ std::string float_repr(double v);
 struct RenderMeter {
   static constexpr int64_t max_steps = 1'000'000;
   static constexpr uint64_t work_bytes_per_step = 128;
+  static constexpr uint64_t max_bytes_made = 256u << 20;  // bytes of strings and lists built, all told
   int64_t steps = 0;
-  uint64_t work_bytes = 0;
+  uint64_t work_bytes = 0, bytes_made = 0;
   int line = 0;      // the statement running, for the error
   std::string name;  // the template's
   void check() const {
@@ -47,6 +48,14 @@ void work(uint64_t bytes) {
   if (!g_meter) return;
   g_meter->work_bytes += bytes;
   g_meter->check();
+}
+
+// Counts `bytes` of values built (strings, lists) against the running render; `line` for the error.
+void made(uint64_t bytes, int line = 0) {
+  if (!g_meter) return;
+  g_meter->bytes_made += bytes;
+  if (g_meter->bytes_made > RenderMeter::max_bytes_made)
+    fail(g_meter->name, " line ", line ? line : g_meter->line, ": the template built more than 256 MiB of strings and lists");
 }
 
 // Where `needle` next occurs in `hay` at or after `from` (npos: nowhere), in time linear in the
@@ -882,15 +891,10 @@ struct Context {
   static constexpr size_t max_string = max_string_bytes;  // bytes in one string value
   static constexpr size_t max_list = 1u << 20;      // items in one list value
   static constexpr int max_calls = 64;              // macro calls inside macro calls
-  static constexpr uint64_t max_bytes_made = 256u << 20;  // bytes of strings and lists built, all told
   RenderMeter meter;  // steps and work (see RenderMeter)
   int calls = 0;
-  uint64_t bytes_made = 0;
 
-  void charge(uint64_t bytes, int line) {
-    bytes_made += bytes;
-    if (bytes_made > max_bytes_made) error(line, "the template built more than 256 MiB of strings and lists");
-  }
+  void charge(uint64_t bytes, int line) { made(bytes, line); }
 
   void step(int line) {
     meter.line = line;
@@ -1066,9 +1070,10 @@ std::string str_lower(const std::string& s) {
 }
 
 // str.splitlines(): \n, \r, \r\n, \v, \f, \x1c-\x1e, U+0085, U+2028 and U+2029 end a line.
-std::vector<std::string> py_splitlines(const std::string& s) {
-  std::vector<std::string> out;
-  std::string cur;
+// Hands each line to `fn` in turn (none held at once).
+template <typename F>
+void py_splitlines(std::string_view s, F&& fn) {
+  size_t start = 0;
   for (size_t i = 0; i < s.size();) {
     const unsigned char c = static_cast<unsigned char>(s[i]);
     size_t brk = 0;
@@ -1079,15 +1084,14 @@ std::vector<std::string> py_splitlines(const std::string& s) {
              (static_cast<unsigned char>(s[i + 2]) == 0xA8 || static_cast<unsigned char>(s[i + 2]) == 0xA9))
       brk = 3;
     if (brk) {
-      out.push_back(std::move(cur));
-      cur.clear();
+      fn(s.substr(start, i - start));
       i += brk;
+      start = i;
     } else {
-      cur += s[i++];
+      ++i;
     }
   }
-  if (!cur.empty()) out.push_back(std::move(cur));
-  return out;
+  if (start < s.size()) fn(s.substr(start));
 }
 
 // markupsafe.escape.
@@ -1406,6 +1410,7 @@ std::string py_format(const std::string& fmt, const Args& args, bool escape_args
 
 // A dict's (key, value) pairs as tuples.
 Value dict_items(const Dict& d) {
+  made(d.items.size() * (64 + 3 * sizeof(Value)));  // a tuple each
   List l;
   for (auto& [k, v] : d.items) l.push_back(Value(List{k, v}).set_seq(Value::Seq::Tuple));
   return Value(std::move(l));
@@ -1940,9 +1945,7 @@ Value apply_filter(const std::string& name, const Value& v, Args& a, int line, C
   if (name == "items") {
     if (v.is_undefined()) return Value(List{}).set_seq(Value::Seq::Iterator);
     if (!v.is_dict()) ctx.error(line, "items needs a dict");
-    List l;
-    for (auto& [k, x] : v.dict_ref().items) l.push_back(Value(List{k, x}).set_seq(Value::Seq::Tuple));
-    return Value(l).set_seq(Value::Seq::Iterator);
+    return dict_items(v.dict_ref()).set_seq(Value::Seq::Iterator);
   }
   if (name == "reverse") {
     if (v.is_string()) {
@@ -2084,6 +2087,7 @@ Value apply_filter(const std::string& name, const Value& v, Args& a, int line, C
     for (auto& x : iterate(v, line, ctx)) {
       cur.push_back(x);
       if (int64_t(cur.size()) == n) {
+        ctx.charge(64 + cur.size() * sizeof(Value), line);  // each batch is a list of its own
         out.push_back(Value(cur));
         cur.clear();
       }
@@ -2105,16 +2109,17 @@ Value apply_filter(const std::string& name, const Value& v, Args& a, int line, C
       if (w > int64_t(Context::max_string)) ctx.error(line, "the template built a string longer than 16 MiB");
       pad.assign(size_t(std::max<int64_t>(0, w)), ' ');
     }
-    const std::vector<std::string> lines = py_splitlines(text() + "\n");
     std::string out = first ? pad : "";
-    for (size_t i = 0; i < lines.size(); ++i) {
-      if (i) {
+    bool first_line = true;
+    py_splitlines(text() + "\n", [&](std::string_view l) {
+      if (!first_line) {
         out += '\n';
-        if (blank || !lines[i].empty()) out += pad;
+        if (blank || !l.empty()) out += pad;
       }
-      out += lines[i];
+      first_line = false;
+      out += l;
       if (out.size() > Context::max_string) ctx.error(line, "the template built a string longer than 16 MiB");
-    }
+    });
     return Value(out);
   }
   if (name == "safe") return Value(v.to_output()).set_markup(true);

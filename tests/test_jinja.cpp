@@ -197,6 +197,10 @@ TEST(Jinja, TemplatesCostWhatTheyHoldAndDo) {
   expect_error([&] { render(h + "{{ h | list | length }}"); }, {"list of more than 1048576 items"});
   expect_error([&] { render("{{ ('a ' * 4000000).split() | length }}"); }, {"list of more than 1048576 items"});
   EXPECT_EQ(render("{{ ('a ' * 4000000) | wordcount }}"), "4000000");
+  // Lines are indented one at a time, not all split first; batches are lists of their own, counted.
+  expect_error([&] { render("{{ ('\\n' * 16000000) | indent(2, blank=true) }}"); }, {"string longer than 16 MiB"});
+  EXPECT_EQ(render("{{ ('a\\nb' * 3) | indent(1) }}"), "a\n ba\n ba\n b");
+  EXPECT_EQ(render("{{ range(1000000) | batch(1) | list | length }}"), "1000000");
   // |unique of a million items: one pass, not a million squared.
   EXPECT_EQ(render("{{ range(1000000) | list | unique | list | length }}"), "1000000");
   EXPECT_EQ(render("{{ (['a', 'b'] * 500000) | unique | list }}"), "['a', 'b']");
