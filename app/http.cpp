@@ -47,6 +47,7 @@ const char* reason(int status) {
   switch (status) {
     case 100: return "Continue";
     case 200: return "OK";
+    case 204: return "No Content";
     case 400: return "Bad Request";
     case 401: return "Unauthorized";
     case 404: return "Not Found";
@@ -327,7 +328,8 @@ class ConnView : public Stream {
 struct Server::Impl {
   Limits limits;
   ErrorBody error_body;
-  std::map<std::string, std::map<std::string, Handler>> routes;  // path -> method -> handler
+  std::map<std::string, std::map<std::string, Handler>> routes;         // path -> method -> handler
+  std::map<std::string, std::map<std::string, Handler>> prefix_routes;  // prefix -> method -> handler
   int listen_fd = -1;
   int wake[2] = {-1, -1};
   std::atomic<bool> stop{false};
@@ -375,11 +377,24 @@ struct Server::Impl {
   void serve(std::unique_ptr<Conn> c, Request req) {
     Response res;
     ConnView view(c->fd, limits.write_seconds);
-    auto route = routes.find(req.path);
-    if (route == routes.end()) {
+    // The methods of the route the path takes: an exact one, else the longest prefix that holds it.
+    const std::map<std::string, Handler>* methods = nullptr;
+    if (auto exact = routes.find(req.path); exact != routes.end()) methods = &exact->second;
+    for (auto it = prefix_routes.rbegin(); !methods && it != prefix_routes.rend(); ++it)
+      if (req.path.size() > it->first.size() && req.path.compare(0, it->first.size(), it->first) == 0) methods = &it->second;
+    if (!limits.cors_origin.empty() && req.method == "OPTIONS" && methods) {
+      // A browser's preflight: what this path allows, without authentication (it carries none).
+      std::string allowed;
+      for (const auto& [m, h] : *methods) allowed += m + ", ";
+      res.status = 204;
+      res.headers.emplace_back("Access-Control-Allow-Methods", allowed + "OPTIONS");
+      res.headers.emplace_back("Access-Control-Allow-Headers", "Authorization, Content-Type");
+      res.headers.emplace_back("Access-Control-Max-Age", "600");
+      if (limits.cors_origin != "*") res.headers.emplace_back("Vary", "Origin");
+    } else if (!methods) {
       res.status = 404;
       res.body = error_body(404, "no such endpoint");
-    } else if (auto h = route->second.find(req.method); h == route->second.end()) {
+    } else if (auto h = methods->find(req.method); h == methods->end()) {
       res.status = 405;
       res.body = error_body(405, "method not allowed");
     } else {
@@ -391,6 +406,7 @@ struct Server::Impl {
         res.body = error_body(500, e.what());
       }
     }
+    if (!limits.cors_origin.empty()) res.headers.emplace_back("Access-Control-Allow-Origin", limits.cors_origin);
     // The request's bytes are done with: their memory goes back before the answer does, so a
     // client that has its answer sees the memory free.
     std::string().swap(req.body);
@@ -545,7 +561,8 @@ struct Server::Impl {
   bool reserve_arrived(Conn& c) {
     if (!limits.reserve) return true;
     // Heads are bounded by max_head_bytes each; what a body brings is reserved.
-    const uint64_t holds = c.parser->in_body() ? c.in.size() + c.parser->held_bytes() : 0;
+    // (Capacities: a growing buffer holds up to twice what it has received.)
+    const uint64_t holds = c.parser->in_body() ? c.in.capacity() + c.parser->held_bytes() : 0;
     if (holds <= c.reserved) return true;
     if (limits.reserve(holds - c.reserved)) {
       c.reserved = holds;
@@ -596,6 +613,10 @@ Server::~Server() {
 
 void Server::route(const std::string& method, const std::string& path, Handler handler) {
   impl_->routes[path][method] = std::move(handler);
+}
+
+void Server::route_prefix(const std::string& method, const std::string& prefix, Handler handler) {
+  impl_->prefix_routes[prefix][method] = std::move(handler);
 }
 
 bool Server::bind(const std::string& host, int port, std::string* why) {

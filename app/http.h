@@ -61,6 +61,9 @@ struct Limits {
   int workers = 24;                     // requests handled at once
   int max_connections = 512;            // open connections; more are answered 503 and closed
   int max_requests_per_connection = 1000;
+  // CORS: when set ("*" or one origin), every answer allows that origin and preflight requests
+  // (OPTIONS) are answered 204 with the methods and headers the API takes.
+  std::string cors_origin;
   // Memory for the bytes of requests as they arrive (each connection's buffer and the body parsed
   // so far), held until the request's handler returns: `reserve` says whether that many more fit
   // (the connection that does not fit is answered 503),
@@ -79,6 +82,9 @@ class Server {
 
   // Routes an exact path; requests for a known path with another method get 405.
   void route(const std::string& method, const std::string& path, Handler handler);
+  // Routes every path under `prefix` (ending in '/', a path segment more at least) an exact route
+  // does not take; the handler reads the rest from Request::path.
+  void route_prefix(const std::string& method, const std::string& prefix, Handler handler);
   // Listens on host:port; false (with a reason in *why) when it cannot.
   bool bind(const std::string& host, int port, std::string* why);
   // Serves until stop() is called (from any thread, or a signal watcher).
@@ -104,8 +110,8 @@ class RequestParser {
   const std::string& error_message() const { return error_; }
   // Whether the client asked to be told to send its body (Expect: 100-continue).
   bool wants_continue() const { return wants_continue_; }
-  // Bytes of the request it holds so far (its body).
-  size_t held_bytes() const { return req_.body.size(); }
+  // Bytes of memory the request holds so far (its body's buffer).
+  size_t held_bytes() const { return req_.body.capacity(); }
   bool in_body() const { return phase_ != Phase::Head; }
   void reset();
 

@@ -25,6 +25,7 @@
 #include "app/flags.h"
 #include "app/http.h"
 #include "app/request_memory.h"
+#include "models/arch/known_models.h"
 #include "base/files.h"
 #include "gpu/device.h"
 #include "gpu/error.h"
@@ -44,6 +45,21 @@ void set_error(http::Response& res, const ApiError& e) {
   res.content_type = "application/json";
   res.body = error_body(e.what(), e.type, e.param, e.code);
   if (e.status == 429) res.headers.emplace_back("Retry-After", "1");
+}
+
+// %XX escapes decoded (a model name with '/' may come as %2F); a malformed escape stays as it is.
+std::string percent_decode(const std::string& s) {
+  std::string out;
+  for (size_t i = 0; i < s.size(); ++i) {
+    if (s[i] == '%' && i + 2 < s.size() && std::isxdigit(static_cast<unsigned char>(s[i + 1])) &&
+        std::isxdigit(static_cast<unsigned char>(s[i + 2]))) {
+      out += char(std::stoi(s.substr(i + 1, 2), nullptr, 16));
+      i += 2;
+    } else {
+      out += s[i];
+    }
+  }
+  return out;
 }
 
 // Whether an Authorization header carries this key: the Bearer scheme, in any case.
@@ -134,6 +150,7 @@ class Server {
     http::Limits limits;
     limits.max_body_bytes = opt_.max_body_bytes;
     limits.request_seconds = opt_.request_seconds;
+    limits.cors_origin = opt_.cors_origin;
     // Bodies as they arrive are held within the request memory too, until their handler returns.
     limits.reserve = [this](uint64_t bytes) { return request_memory_.try_reserve(bytes); };
     limits.release = [this](uint64_t bytes) { request_memory_.release(bytes); };
@@ -165,21 +182,35 @@ class Server {
       json list = json::array();
       {
         std::lock_guard<std::mutex> l(models_mu_);
-        for (const auto& m : models_)
-          list.push_back({{"id", m->spec.name}, {"object", "model"}, {"created", started_}, {"owned_by", "vkvlm"},
-                          {"loaded", m->loaded != nullptr}});
+        for (const auto& m : models_) list.push_back(model_json(*m));
       }
       res.body = json{{"object", "list"}, {"data", list}}.dump();
       count(200);
     });
+    // One model by its name (which may hold '/': ORG/NAME), as OpenAI's GET /v1/models/{model}.
+    h.route_prefix("GET", "/v1/models/", [this](const http::Request& req, http::Response& res, http::Connection&) {
+      if (!authorized(req, res)) return;
+      const std::string name = percent_decode(req.path.substr(std::strlen("/v1/models/")));
+      std::lock_guard<std::mutex> l(models_mu_);
+      for (const auto& m : models_)
+        if (m->spec.name == name) {
+          res.body = model_json(*m).dump();
+          count(200);
+          return;
+        }
+      set_error(res, ApiError(404, "no model named '" + name + "' is served", "invalid_request_error", "model", "model_not_found"));
+      count(404);
+    });
     // The LLaVA-MLX server's configuration endpoint: GET shows it, PATCH {"active_model": NAME}
     // switches the model for requests that name none or "default".
-    h.route("GET", "/v1/config", [this](const http::Request& req, http::Response& res, http::Connection&) {
+    // (At /api/v1/config too, the path the LLaVA-MLX server gives it.)
+    for (const char* path : {"/v1/config", "/api/v1/config"}) {
+    h.route("GET", path, [this](const http::Request& req, http::Response& res, http::Connection&) {
       if (!authorized(req, res)) return;
       res.body = config_json().dump();
       count(200);
     });
-    h.route("PATCH", "/v1/config", [this](const http::Request& req, http::Response& res, http::Connection&) {
+    h.route("PATCH", path, [this](const http::Request& req, http::Response& res, http::Connection&) {
       if (!authorized(req, res)) return;
       try {
         json body;
@@ -189,7 +220,7 @@ class Server {
           throw ApiError(400, "the request body is not valid JSON", "invalid_request_error", "", "invalid_json");
         }
         if (!body.is_object() || body.size() != 1 || !body.contains("active_model") || !body["active_model"].is_string())
-          throw ApiError(400, "PATCH /v1/config takes {\"active_model\": NAME}", "invalid_request_error", "active_model");
+          throw ApiError(400, "PATCH " + req.path + " takes {\"active_model\": NAME}", "invalid_request_error", "active_model");
         const size_t i = find_model(body["active_model"].get<std::string>(), /*strict=*/true);
         {
           std::lock_guard<std::mutex> l(models_mu_);
@@ -202,6 +233,7 @@ class Server {
         count(e.status);
       }
     });
+    }
     h.route("POST", "/v1/chat/completions",
             [this](const http::Request& req, http::Response& res, http::Connection& conn) { chat(req, res, conn); });
 
@@ -377,6 +409,11 @@ class Server {
     for (const auto& m : models_) names += (names.empty() ? "" : ", ") + m->spec.name;
     throw ApiError(404, "the model '" + name + "' does not exist; this server has " + names, "invalid_request_error", "model",
                    "model_not_found");
+  }
+
+  // A model as /v1/models lists it.
+  json model_json(const Served& m) const {
+    return {{"id", m.spec.name}, {"object", "model"}, {"created", started_}, {"owned_by", "vkvlm"}, {"loaded", m.loaded != nullptr}};
   }
 
   json config_json() {
@@ -936,7 +973,7 @@ namespace {
 // folder's name), or a --config entry; SOURCE a folder or ORG/NAME[@REVISION].
 ServedModelOptions served_model(const std::string& name, const std::string& source, const Options& defaults) {
   ServedModelOptions m;
-  m.dir = resolve_model_folder(source);
+  m.dir = resolve_model(source);
   m.name = name;
   if (m.name.empty() && m.dir != source) m.name = source;  // a repo id: clients see it
   if (m.name.empty()) m.name = fs::path(m.dir).filename().string();
@@ -999,7 +1036,7 @@ void read_config(const std::string& path, Options& o) {
     }
     if (m.contains("kv_group_size")) s.kv_format.group_size = int(integer(m, "kv_group_size", at, 32, 128));
     if (m.contains("quantized_kv_start")) s.kv_format.quantized_start = integer(m, "quantized_kv_start", at, 0, int64_t(1) << 24);
-    if (m.contains("draft_model")) s.draft_model_dir = resolve_model_folder(text(m, "draft_model", at));
+    if (m.contains("draft_model")) s.draft_model_dir = resolve_model(text(m, "draft_model", at));
     s.prompt_cache = text(m, "prompt_cache", at);
     o.models.push_back(s);
   }
@@ -1024,7 +1061,7 @@ int run_serve(int argc, char** argv, int first) {
            {"num-draft-tokens", true}, {"lookup-ngram", true}, {"prompt-cache", true},
            {"max-kv-size", true}, {"kv-bits", true}, {"kv-group-size", true}, {"quantized-kv-start", true},
            {"config", true}, {"max-loaded", true}, {"active-model", true}, {"parallel", true},
-           {"max-request-memory", true}, {"max-messages", true}, {"max-parts", true}});
+           {"max-request-memory", true}, {"max-messages", true}, {"max-parts", true}, {"cors-origin", true}});
   Options o;
   o.host = f.str("host", "127.0.0.1");
   o.port = int(f.integer("port", 8080, 1, 65535));
@@ -1053,6 +1090,8 @@ int run_serve(int argc, char** argv, int first) {
   }
   o.max_body_bytes = size_t(f.integer("max-body-mb", 64, 1, 4096)) << 20;
   o.metrics_public = f.has("metrics-public");
+  o.cors_origin = f.str("cors-origin");
+  if (o.cors_origin.find_first_of("\r\n") != std::string::npos) throw UsageError("--cors-origin takes one origin or *");
   o.request_seconds = double(f.integer("request-timeout", 30, 1, 3600));
   o.num_draft_tokens = int(f.integer("num-draft-tokens", 3, 1, 16));
   o.lookup_ngram = int(f.integer("lookup-ngram", 0, 0, 16));
@@ -1076,7 +1115,7 @@ int run_serve(int argc, char** argv, int first) {
     if (f.has("active-model") || f.has("max-loaded")) throw UsageError("--active-model and --max-loaded go with several models");
     // One model: a folder, or a repo id found in (or downloaded into) the Hugging Face cache.
     ServedModelOptions m = served_model(f.str("model-name"), f.has("model") ? f.str("model") : default_model_dir(), o);
-    m.draft_model_dir = f.has("draft-model") ? resolve_model_folder(f.str("draft-model")) : "";
+    m.draft_model_dir = f.has("draft-model") ? resolve_model(f.str("draft-model")) : "";
     m.prompt_cache = f.str("prompt-cache");
     o.models.push_back(m);
   }

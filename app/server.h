@@ -41,6 +41,7 @@ struct Options {
   size_t max_body_bytes = 64ull << 20;  // whatever the framing (Content-Length or chunked)
   double request_seconds = 30;          // to receive a request's headers and body, once it has begun
   bool metrics_public = false;          // /metrics without the API key
+  std::string cors_origin;              // browsers from this origin ("*": any) may call the API
   int max_images = 8;             // per request
   int max_messages = 10000;       // per request
   int max_parts = 10000;          // content parts per request
