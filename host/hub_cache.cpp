@@ -37,6 +37,23 @@ bool is_commit_hash(const std::string& s) {
   return std::regex_match(s, re);
 }
 
+std::string hub_saved_token() {
+  fs::path path = hub_env("HF_TOKEN_PATH");
+  if (path.empty()) {
+    fs::path home = hub_env("HF_HOME");
+    if (home.empty()) {
+      const std::string xdg = hub_env("XDG_CACHE_HOME");
+      home = (xdg.empty() ? fs::path(hub_env("HOME")) / ".cache" : fs::path(xdg)) / "huggingface";
+    }
+    path = home / "token";
+  }
+  std::error_code ec;
+  if (!fs::is_regular_file(path, ec)) return "";
+  std::string token = read_file_bounded(path.string(), 4096, "Hugging Face token file");
+  const size_t b = token.find_first_not_of(" \t\r\n"), e = token.find_last_not_of(" \t\r\n");
+  return b == std::string::npos ? "" : token.substr(b, e - b + 1);
+}
+
 std::string hub_cache_dir() {
   if (std::string v = hub_env("HF_HUB_CACHE"); !v.empty()) return v;
   if (std::string v = hub_env("HUGGINGFACE_HUB_CACHE"); !v.empty()) return v;  // the older name
@@ -120,8 +137,14 @@ std::string resolve_model_folder(const std::string& name) {
   if (fs::is_directory(name, ec)) return name;
   RepoId repo;
   if (!parse_repo_id(name, repo)) {
-    if (fs::exists(name, ec)) fail("model ", name, " is not a folder");
-    fail("model folder ", name, " does not exist");
+    if (fs::exists(name, ec)) {
+      const bool gguf = name.size() > 5 && name.compare(name.size() - 5, 5, ".gguf") == 0;
+      fail("model ", name, gguf ? " is a GGUF file, which vkvlm does not read" : " is a file, not a model",
+           ": give a Hugging Face or mlx-community checkpoint (a folder with config.json and .safetensors weights) "
+           "or its repository id ORG/NAME");
+    }
+    fail("model folder ", name, " does not exist (give a folder with config.json and .safetensors weights, or a "
+         "repository id ORG/NAME)");
   }
   std::string why;
   const std::string found = cached_model_folder(repo, &why);

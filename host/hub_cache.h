@@ -17,6 +17,9 @@ std::string resolve_model_folder(const std::string& name);
 
 // The cache folder the rules above choose (it need not exist).
 std::string hub_cache_dir();
+// The token `huggingface-cli login` saved: the file $HF_TOKEN_PATH, else $HF_HOME/token (HF_HOME
+// defaulting to $XDG_CACHE_HOME/huggingface, else ~/.cache/huggingface); "" when there is none.
+std::string hub_saved_token();
 // HF_HUB_OFFLINE is set (1, true, yes, on): nothing is downloaded.
 bool hub_offline();
 // An environment variable of the hub's (HF_ENDPOINT, HF_TOKEN, ...), "" when unset.

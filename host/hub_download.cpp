@@ -17,6 +17,7 @@
 #include <cstring>
 #include <filesystem>
 #include <regex>
+#include <set>
 
 #include <httplib.h>
 #include <nlohmann/json.hpp>
@@ -477,6 +478,7 @@ HubOptions HubOptions::from_environment() {
   while (o.endpoint.size() > 1 && o.endpoint.back() == '/') o.endpoint.pop_back();
   o.token = hub_env("HF_TOKEN");
   if (o.token.empty()) o.token = hub_env("HUGGING_FACE_HUB_TOKEN");  // the older name
+  if (o.token.empty()) o.token = hub_saved_token();
   o.cache = hub_cache_dir();
   o.progress = ::isatty(2) != 0;
   return o;
@@ -486,6 +488,37 @@ bool hub_file_needed(const std::string& path) {
   static const std::regex re(
       R"(^(config|generation_config|preprocessor_config|processor_config|tokenizer|tokenizer_config|special_tokens_map|added_tokens|chat_template)\.json$|^chat_template\.jinja$|^[^/]*\.safetensors$|^[^/]*\.safetensors\.index\.json$)");
   return std::regex_match(path, re);
+}
+
+// Of the repository's root *.safetensors, those the checkpoint is made of: the shards its index
+// (already in the snapshot) names, else model.safetensors alone, else all of them.
+static std::vector<std::string> weights_to_fetch(const std::vector<std::string>& weights, const fs::path& snapshot,
+                                          const std::string& repo) {
+  std::error_code ec;
+  const fs::path index = snapshot / "model.safetensors.index.json";
+  if (fs::exists(index, ec)) {
+    nlohmann::json j;
+    try {
+      j = parse_json(read_file_bounded(index.string(), 64 << 20, "weight index"));
+    } catch (const nlohmann::json::exception& e) {
+      fail("the weight index of ", repo, " is not valid JSON: ", e.what());
+    }
+    if (!j.is_object() || !j.contains("weight_map") || !j["weight_map"].is_object())
+      fail("the weight index of ", repo, " has no \"weight_map\" object");
+    std::set<std::string> named;
+    for (const auto& [tensor, file] : j["weight_map"].items()) {
+      if (!file.is_string()) fail("the weight index of ", repo, " maps ", tensor, " to something that is not a file name");
+      named.insert(file.get<std::string>());
+    }
+    std::vector<std::string> out;
+    for (const auto& f : weights)
+      if (named.erase(f)) out.push_back(f);
+    if (!named.empty()) fail("the weight index of ", repo, " names ", *named.begin(), ", which the repository does not hold");
+    return out;
+  }
+  for (const auto& f : weights)
+    if (f == "model.safetensors") return {f};
+  return weights;
 }
 
 HubListing parse_hub_listing(const std::string& body, const std::string& endpoint, const std::string& repo,
@@ -561,7 +594,8 @@ HubDownloadResult hub_download(const std::string& name, const HubOptions& o) {
   result.snapshot = snapshot.string();
   result.commit = commit;
   const fs::path blobs = fs::canonical(dir / "blobs", ec);
-  for (const auto& f : files) {
+  // Brings one file into the snapshot (from the cache when it is there and whole).
+  auto bring = [&](const std::string& f) {
     const fs::path link = snapshot / f;
     // A linked file is there (a dangling link is fetched again); a small file's blob, named by
     // its git SHA-1, is checked against its name first (no request needed). A link that leads
@@ -571,7 +605,7 @@ HubDownloadResult hub_download(const std::string& name, const HubOptions& o) {
     if (fs::exists(link, ec)) {
       const fs::path blob = fs::canonical(link, ec);
       const std::string named = blob.filename().string();
-      if (!is_sha1(named) || check_blob(blob, fs::file_size(blob, ec), named).empty()) continue;
+      if (!is_sha1(named) || check_blob(blob, fs::file_size(blob, ec), named).empty()) return;
       fs::remove(blob, ec);
     }
     // The file's identity without its body: the hub answers HEAD with a redirect for LFS files,
@@ -611,7 +645,16 @@ HubDownloadResult hub_download(const std::string& name, const HubOptions& o) {
     fs::path target = fs::path("..") / ".." / "blobs" / etag;
     for (auto p = fs::path(f).parent_path(); !p.empty(); p = p.parent_path()) target = fs::path("..") / target;
     link_atomically(target, link);  // replacing a dangling link from an interrupted run
+    };
+  // The configs, tokenizer and index first; then the weights the index names (or the one
+  // model.safetensors), not every *.safetensors the repository happens to hold.
+  auto is_weights = [](const std::string& f) { return f.size() > 12 && f.compare(f.size() - 12, 12, ".safetensors") == 0; };
+  std::vector<std::string> weights;
+  for (const auto& f : files) {
+    if (is_weights(f)) weights.push_back(f);
+    else bring(f);
   }
+  for (const auto& f : weights_to_fetch(weights, snapshot, repo.id())) bring(f);
   if (!is_commit_hash(repo.revision) || repo.revision != commit) {
     fs::create_directories(dir / "refs" / fs::path(repo.revision).parent_path(), ec);
     write_file_atomically(dir / "refs" / repo.revision, commit);  // readers resolving it offline never see it empty

@@ -14,6 +14,7 @@
 #include <filesystem>
 #include <fstream>
 #include <random>
+#include <set>
 #include <thread>
 
 #include "host/hub_cache.h"
@@ -343,6 +344,61 @@ TEST(HubDownload, DripsAbsurdSizesAndPlantedLinks) {
   const HubDownloadResult r = hub_download("acme/weights", o);
   EXPECT_EQ(slurp(fs::path(r.snapshot) / "model.safetensors"), slurp(src / "model.safetensors"));
   EXPECT_EQ(slurp(outside / "victim"), "unchanged");
+}
+
+// A sharded checkpoint brings the shards its index names and no other *.safetensors; without an
+// index, model.safetensors alone; an index naming a shard the repository lacks is an error.
+TEST(HubDownload, TheShardsTheIndexNamesAndNoOtherWeights) {
+  FakeHub hub;
+  const fs::path src = temp_dir("shards-src"), cache = temp_dir("shards-cache");
+  std::ofstream(src / "config.json") << R"({"model_type": "llava"})";
+  for (const char* f : {"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "consolidated.safetensors"})
+    std::ofstream(src / f) << "weights of " << f;
+  std::ofstream(src / "model.safetensors.index.json")
+      << R"({"metadata": {}, "weight_map": {"a.weight": "model-00001-of-00002.safetensors",
+                                           "b.weight": "model-00002-of-00002.safetensors",
+                                           "c.weight": "model-00001-of-00002.safetensors"}})";
+  hub.add("acme/sharded", src, k_commit);
+  HubDownloadResult r = hub_download("acme/sharded", options(hub, cache));
+  std::set<std::string> fetched(r.fetched.begin(), r.fetched.end());
+  EXPECT_EQ(fetched, (std::set<std::string>{"config.json", "model.safetensors.index.json", "model-00001-of-00002.safetensors",
+                                            "model-00002-of-00002.safetensors"}));
+  EXPECT_FALSE(fs::exists(fs::path(r.snapshot) / "consolidated.safetensors"));
+
+  const fs::path single = temp_dir("single-src");
+  std::ofstream(single / "config.json") << "{}";
+  std::ofstream(single / "model.safetensors") << "the weights";
+  std::ofstream(single / "adapter_model.safetensors") << "an adapter";
+  hub.add("acme/single", single, k_commit);
+  r = hub_download("acme/single", options(hub, cache));
+  fetched = std::set<std::string>(r.fetched.begin(), r.fetched.end());
+  EXPECT_EQ(fetched, (std::set<std::string>{"config.json", "model.safetensors"}));
+
+  std::ofstream(src / "model.safetensors.index.json") << R"({"weight_map": {"a.weight": "model-00003-of-00003.safetensors"}})";
+  hub.add("acme/broken-index", src, k_commit);
+  expect_error([&] { hub_download("acme/broken-index", options(hub, temp_dir("broken-cache"))); },
+               {"weight index of acme/broken-index", "model-00003-of-00003.safetensors", "does not hold"});
+}
+
+// Without HF_TOKEN, the token `huggingface-cli login` saved is used: $HF_TOKEN_PATH, else $HF_HOME/token.
+TEST(HubDownload, TheTokenHuggingFaceCliLoginSaved) {
+  FakeHub hub;
+  const fs::path src = model_folder("saved-token"), home = temp_dir("hf-home");
+  hub.add("acme/gated", src, k_commit).token = "hf_saved";
+  std::ofstream(home / "token") << "hf_saved\n";
+  Env t("HF_TOKEN", ""), old("HUGGING_FACE_HUB_TOKEN", ""), path("HF_TOKEN_PATH", ""), hf_home("HF_HOME", home.string());
+  EXPECT_EQ(hub_saved_token(), "hf_saved");
+  HubOptions o = HubOptions::from_environment();
+  EXPECT_EQ(o.token, "hf_saved");
+  o.endpoint = hub.endpoint();
+  o.cache = temp_dir("saved-token-cache").string();
+  EXPECT_EQ(hub_download("acme/gated", o).fetched.size(), 3u);
+  // HF_TOKEN_PATH names the file elsewhere; HF_TOKEN, when set, wins over both.
+  std::ofstream(home / "other") << "  hf_other  ";
+  Env p2("HF_TOKEN_PATH", (home / "other").string());
+  EXPECT_EQ(HubOptions::from_environment().token, "hf_other");
+  Env t2("HF_TOKEN", "hf_env");
+  EXPECT_EQ(HubOptions::from_environment().token, "hf_env");
 }
 
 TEST(HubDownload, OnlyTheFilesVkvlmReads) {
