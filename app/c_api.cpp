@@ -192,4 +192,6 @@ void vkvlm_session_stats(const vkvlm_session* s, vkvlm_stats* stats) {
 
 void vkvlm_free(void* p) { std::free(p); }
 
+const char* vkvlm_version(void) { return VKVLM_VERSION_STRING; }
+
 }  // extern "C"

@@ -41,6 +41,7 @@
 #include "host/image.h"
 #include "host/jinja.h"
 #include "app/server.h"
+#include "vkvlm/vkvlm.h"
 #include "host/tokenizer.h"
 #include "models/batch.h"
 #include "models/session.h"
@@ -51,7 +52,7 @@ using namespace vkvlm;
 namespace {
 
 // --model: a folder or a Hugging Face repo id in the local cache; without it, the demo model.
-std::string model_folder(const Flags& f) { return f.has("model") ? resolve_model_folder(f.str("model")) : default_model_dir(); }
+std::string model_folder(const Flags& f) { return f.has("model") ? resolve_model(f.str("model")) : default_model_dir(); }
 
 std::unique_ptr<gpu::Context> make_context() { return std::make_unique<gpu::Context>(gpu::Device::create()); }
 
@@ -157,7 +158,7 @@ struct DraftModel {
 DraftModel load_draft(const Flags& f, gpu::Context& ctx, const Model& target, int64_t context_tokens) {
   DraftModel d;
   if (!f.has("draft-model")) return d;
-  d.model = std::make_unique<Model>(ctx, resolve_model_folder(f.str("draft-model")), load_options(f));
+  d.model = std::make_unique<Model>(ctx, resolve_model(f.str("draft-model")), load_options(f));
   check_draft_model(target, *d.model);
   d.session = std::make_unique<Session>(*d.model, context_tokens);
   return d;
@@ -534,8 +535,11 @@ int cmd_chat(int argc, char** argv) {
   Messages history = start;
   std::vector<Image> images = start_images;
   const bool tty = isatty(0);
-  std::fprintf(stderr, "vkvlm chat: %s. Commands: /image PATH (attach to the next message), /reset, /exit. "
-               "Ctrl-C stops a reply.\n", dir.c_str());
+  static const char* k_chat_help =
+      "Commands: /image PATH (attach to the next message), /save FILE (the conversation as a prompt cache;\n"
+      "  `vkvlm chat --prompt-cache FILE` continues it), /clear (start again), /help, /exit. A message that\n"
+      "  begins with / is a command: begin it with // to send one /. Ctrl-C stops a reply.\n";
+  std::fprintf(stderr, "vkvlm chat: %s. /help lists the commands.\n", dir.c_str());
   install_sigint_handler();
   PromptReader reader;
   bool interrupted_at_prompt = false;
@@ -553,7 +557,11 @@ int cmd_chat(int argc, char** argv) {
     interrupted_at_prompt = false;
     if (line.empty()) continue;
     if (line == "/exit" || line == "/quit") break;
-    if (line == "/reset") {
+    if (line == "/help") {
+      std::fputs(k_chat_help, stderr);
+      continue;
+    }
+    if (line == "/reset" || line == "/clear") {
       history = start;
       images = start_images;
       session.reset();
@@ -570,6 +578,26 @@ int cmd_chat(int argc, char** argv) {
       }
       continue;
     }
+    if (line == "/save" || line.rfind("/save ", 0) == 0) {
+      const std::string path = line.size() > 6 ? line.substr(6) : "";
+      try {
+        if (path.empty()) throw UsageError("/save takes the file to write: /save FILE");
+        if (history.empty()) throw UsageError("there is no conversation to save yet");
+        const Prompt prompt = model.build_cacheable_prompt(history, images, vars);
+        const int64_t rows = session.save_prompt_cache(
+            prompt, path, {{"messages", history.dump()}, {"template_vars", vars.is_null() ? "" : vars.dump()}});
+        std::fprintf(stderr, "(saved %lld tokens and %zu message(s) to %s)\n", (long long)rows, history.size(), path.c_str());
+      } catch (const std::exception& e) {
+        std::fprintf(stderr, "vkvlm: error: %s\n", e.what());
+      }
+      continue;
+    }
+    if (line[0] == '/' && line.rfind("//", 0) != 0) {
+      std::fprintf(stderr, "(unknown command %s: /help lists them; begin a message with // to send one /)\n",
+                   line.substr(0, line.find(' ')).c_str());
+      continue;
+    }
+    if (line.rfind("//", 0) == 0) line.erase(0, 1);
     Messages content = Messages::array();
     for (auto& img : pending) {
       images.push_back(img);
@@ -775,6 +803,7 @@ const char* k_usage =
     "            [--parallel N]   decode up to N conversations of a model together (continuous batching)\n"
     "            [--max-request-memory MB]   memory requests may hold together (default: a quarter of RAM)\n"
     "            [--max-messages N] [--max-parts N] [--max-body-mb MB]   per request (10000, 10000, 64)\n"
+    "            [--cors-origin ORIGIN|*]   browsers from ORIGIN may call the API (preflight answered)\n"
     "            OpenAI-compatible server\n"
     "  download  ORG/NAME[@REVISION]   fetch a model from the Hugging Face hub into its cache (HF_ENDPOINT,\n"
     "            HF_TOKEN); prints the snapshot folder. Elsewhere a missing ORG/NAME is downloaded as needed\n"
@@ -786,6 +815,23 @@ const char* k_usage =
     "VKVLM_VALIDATE=1, VKVLM_MAX_BINDING_BYTES, VKVLM_MAX_ALLOCATION_BYTES, VKVLM_MODEL; models named\n"
     "ORG/NAME[@REVISION]: HF_HUB_CACHE / HF_HOME, HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE=1 (cache only).\n";
 
+// One command's part of the usage (its lines, up to the next command's), with the notes that
+// apply to every command; the whole usage for a name that is no command.
+std::string command_usage(const std::string& cmd) {
+  const std::string usage = k_usage;
+  const size_t at = usage.find("\n  " + cmd + " ");
+  if (at == std::string::npos) return usage;
+  size_t end = at + 1;
+  for (size_t next = usage.find('\n', end); next != std::string::npos; next = usage.find('\n', end)) {
+    end = next + 1;
+    // A line that starts another command ("  NAME  ...") or leaves the list ends this one.
+    if (usage.compare(end, 12, std::string(12, ' ')) != 0) break;
+  }
+  const size_t notes = usage.find("\nWithout --model");
+  return "usage: vkvlm " + cmd + " [options]\n\n" + usage.substr(at + 1, end - at - 1) +
+         (notes == std::string::npos ? "" : usage.substr(notes));
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -795,9 +841,13 @@ int main(int argc, char** argv) {
     return argc < 2 ? 2 : 0;
   }
   const std::string cmd = argv[1];
+  if (cmd == "--version" || cmd == "version") {
+    std::printf("vkvlm %s\n", vkvlm_version());
+    return 0;
+  }
   for (int i = 2; i < argc; ++i)
     if (std::strcmp(argv[i], "--help") == 0 || std::strcmp(argv[i], "-h") == 0) {
-      std::fputs(k_usage, stdout);
+      std::fputs(command_usage(cmd).c_str(), stdout);
       return 0;
     }
   try {
@@ -812,7 +862,7 @@ int main(int argc, char** argv) {
     if (cmd == "models") return cmd_models(argc, argv);
     if (cmd == "serve") return server::run_serve(argc, argv, 2);
     throw UsageError("unknown command '" + cmd +
-                     "' (generate, chat, cache-prompt, tokenize, render-template, info, serve, devices)");
+                     "' (generate, chat, serve, cache-prompt, render-template, tokenize, info, download, models, devices)");
   } catch (const UsageError& e) {
     std::fprintf(stderr, "vkvlm: %s (see vkvlm --help)\n", e.what());
     return 2;

@@ -5,6 +5,7 @@
 #include <fstream>
 
 #include "base/json.h"
+#include "models/arch/known_models.h"
 #include "app/conversation.h"
 #include "base/error.h"
 #include "base/files.h"
@@ -39,12 +40,12 @@ LoadOptions load_options(const EngineOptions& o) {
 }  // namespace
 
 void Engine::Impl::load(const std::string& model_dir, const EngineOptions& options) {
-  model = std::make_unique<Model>(*ctx, resolve_model_folder(model_dir), load_options(options));
+  model = std::make_unique<Model>(*ctx, resolve_model(model_dir), load_options(options));
   if (!options.draft_model.empty()) load_draft(options.draft_model, options);
 }
 
 void Engine::Impl::load_draft(const std::string& dir, const EngineOptions& options) {
-  auto d = std::make_unique<Model>(*ctx, resolve_model_folder(dir), load_options(options));
+  auto d = std::make_unique<Model>(*ctx, resolve_model(dir), load_options(options));
   check_draft_model(*model, *d);
   draft = std::move(d);
 }

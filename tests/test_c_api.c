@@ -42,6 +42,10 @@ static unsigned char* read_file(const char* path, size_t* size) {
 
 int main(void) {
   char* err = NULL;
+  char version[32];
+  snprintf(version, sizeof(version), "%d.%d.%d", VKVLM_VERSION_MAJOR, VKVLM_VERSION_MINOR, VKVLM_VERSION_PATCH);
+  CHECK(strcmp(vkvlm_version(), VKVLM_VERSION_STRING) == 0 && strcmp(version, VKVLM_VERSION_STRING) == 0,
+        "the library's version %s is the header's %s (%s)", vkvlm_version(), VKVLM_VERSION_STRING, version);
   vkvlm_engine* bad = vkvlm_engine_load("/nonexistent/model", NULL, &err);
   CHECK(bad == NULL && err && strstr(err, "/nonexistent/model"), "a missing model is an error naming it (%s)", err ? err : "");
   vkvlm_free(err);

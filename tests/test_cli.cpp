@@ -21,6 +21,7 @@
 #include <nlohmann/json.hpp>
 
 #include "host/image.h"
+#include "vkvlm/vkvlm.h"
 #include "host/safetensors.h"
 #include "tests/fake_hub.h"
 #include "tests/test_paths.h"
@@ -73,6 +74,28 @@ CliRun vkvlm(const std::vector<std::string>& args, const std::string& stdin_data
 }
 
 const std::string k_demo = VKVLM_SOURCE_DIR "/models/shapes-llava";
+
+TEST(Cli, VersionHelpAndUnknownCommands) {
+  // A command's --help shows that command's options, not the others'.
+  const CliRun serve = vkvlm({"serve", "--help"});
+  EXPECT_EQ(serve.rc, 0);
+  EXPECT_NE(serve.out.find("--max-request-memory"), std::string::npos) << serve.out;
+  EXPECT_NE(serve.out.find("--cors-origin"), std::string::npos) << serve.out;
+  EXPECT_EQ(serve.out.find("--top-logits"), std::string::npos) << serve.out;
+  EXPECT_EQ(serve.out.find("tokenize"), std::string::npos) << serve.out;
+  const CliRun gen = vkvlm({"generate", "--help"});
+  EXPECT_NE(gen.out.find("--max-kv-size"), std::string::npos) << gen.out;
+  EXPECT_EQ(gen.out.find("--max-request-memory"), std::string::npos) << gen.out;
+
+  const CliRun v = vkvlm({"--version"});
+  EXPECT_EQ(v.rc, 0);
+  EXPECT_EQ(v.out, std::string("vkvlm ") + VKVLM_VERSION_STRING + "\n");
+  const CliRun u = vkvlm({"summon"});
+  EXPECT_EQ(u.rc, 2);
+  for (const char* cmd : {"generate", "chat", "serve", "cache-prompt", "render-template", "tokenize", "info", "download",
+                          "models", "devices"})
+    EXPECT_NE(u.err.find(cmd), std::string::npos) << cmd << " missing from: " << u.err;
+}
 
 TEST(Cli, GenerateOnTheBundledDemoModelByDefault) {
   CliRun r = vkvlm({"generate", "--image", k_demo + "/examples/shapes_0.png", "--prompt", "Where is the orange square?"});
@@ -500,6 +523,31 @@ TEST(Cli, ChatKeepsTheConversation) {
   EXPECT_EQ(r.out, "An orange circle at the top left and a black circle at the bottom.\n" + g.out);
 }
 
+// The chat commands: /help lists them, an unknown one is not sent to the model, // sends one
+// /, /clear starts again, /save writes a prompt cache that a later chat continues.
+TEST(Cli, ChatCommands) {
+  const std::string img = k_demo + "/examples/shapes_1.png";
+  fs::remove(tmp("chat.cache"));
+  CliRun r = vkvlm({"chat"}, "/help\n/bogus now\n/save\n/image " + img + "\nDescribe this image.\n/save " + tmp("chat.cache") +
+                                 "\n/clear\n//help\n/exit\n");
+  ASSERT_EQ(r.rc, 0) << r.err;
+  for (const char* cmd : {"/image PATH", "/save FILE", "/clear", "/help", "/exit"})
+    EXPECT_NE(r.err.find(cmd), std::string::npos) << cmd << " missing from the help: " << r.err;
+  EXPECT_NE(r.err.find("unknown command /bogus"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("/save takes the file"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("(saved "), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("(conversation cleared)"), std::string::npos) << r.err;
+  // Two answers: the image's description, then one to "/help" sent as a message.
+  EXPECT_EQ(r.out.rfind("An orange circle at the top left and a black circle at the bottom.\n", 0), 0u) << r.out;
+  EXPECT_EQ(std::count(r.out.begin(), r.out.end(), '\n'), 2) << r.out;
+  // The saved conversation continues in another process.
+  CliRun c = vkvlm({"chat", "--prompt-cache", tmp("chat.cache"), "--image", img}, "How many shapes are there?\n/exit\n");
+  ASSERT_EQ(c.rc, 0) << c.err;
+  EXPECT_NE(c.err.find("continuing the cached conversation"), std::string::npos) << c.err;
+  EXPECT_NE(c.err.find("2 message(s)"), std::string::npos) << c.err;
+  EXPECT_FALSE(c.out.empty());
+}
+
 // A prompt cache written by one process and continued by others: generate answers as without
 // it (same tokens, logits within 1e-3) and computes only the rows after the cache; chat resumes
 // the cached conversation; a cache of another model is refused.
@@ -807,10 +855,13 @@ TEST(Cli, WrongInputsGetOneClearLine) {
   std::ofstream(tmp("deep.json")) << R"([{"role":"user","content":)" << deep << "}]";
   std::ofstream(tmp("turns.json")) << R"([{"role":"user","content":"caption en"},{"role":"assistant","content":"a cat"},
                                           {"role":"user","content":"caption es"}])";
+  std::ofstream(tmp("model.gguf")) << "GGUF";
   const std::string pali = fixtures_dir() + "/paligemma-bf16";
   const std::string img = k_demo + "/examples/shapes_0.png";
   std::vector<BadRun> cases = {
       {{"generate", "--model", "/nonexistent/model", "--prompt", "x"}, 1, {"/nonexistent/model", "does not exist"}},
+      {{"generate", "--model", tmp("model.gguf"), "--prompt", "x"}, 1, {"model.gguf", "GGUF file", "config.json", "ORG/NAME"}},
+      {{"generate", "--model", "Qwen2-VL-2B-Instruct", "--prompt", "x"}, 1, {"did you mean the repository Qwen/Qwen2-VL-2B-Instruct"}},
       {{"generate", "--model", tmp(""), "--prompt", "x"}, 1, {"config.json"}},
       {{"generate", "--prompt", "x", "--temp", "hot"}, 2, {"--temp", "hot"}},
       {{"generate", "--prompt", "x", "--max-tokens", "-4"}, 2, {"--max-tokens"}},

@@ -18,9 +18,19 @@
 
 #include <vulkan/vulkan.h>
 
+/* The version of this header (CMake's project version is checked against it). */
+#define VKVLM_VERSION_MAJOR 0
+#define VKVLM_VERSION_MINOR 1
+#define VKVLM_VERSION_PATCH 0
+#define VKVLM_VERSION_STRING "0.1.0"
+
 #ifdef __cplusplus
 extern "C" {
 #endif
+
+/* The version of the library linked ("MAJOR.MINOR.PATCH"), which may differ from the header's
+ * when a shared library is replaced. */
+const char* vkvlm_version(void);
 
 typedef struct vkvlm_engine vkvlm_engine;   /* a device and a loaded model */
 typedef struct vkvlm_session vkvlm_session; /* a conversation and its KV cache */

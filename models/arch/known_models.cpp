@@ -1,5 +1,10 @@
 #include "models/arch/known_models.h"
 
+#include <cctype>
+
+#include "base/error.h"
+#include "host/hub_cache.h"
+
 namespace vkvlm {
 
 // Each entry's layout is that of a fixture the suite checks against the Hugging Face reference
@@ -24,6 +29,21 @@ const std::vector<KnownModel>& known_models() {
        "448x448 input (1024 image tokens); a task prefix instead of a chat"},
   };
   return models;
+}
+
+std::string resolve_model(const std::string& name) {
+  try {
+    return resolve_model_folder(name);
+  } catch (const Error& e) {
+    auto lower = [](std::string t) {
+      for (auto& c : t) c = char(std::tolower(static_cast<unsigned char>(c)));
+      return t;
+    };
+    for (const auto& m : known_models())
+      if (name.find('/') == std::string::npos && lower(m.repo.substr(m.repo.find('/') + 1)) == lower(name))
+        throw Error(std::string(e.what()) + "; did you mean the repository " + m.repo + "?");
+    throw;
+  }
 }
 
 }  // namespace vkvlm

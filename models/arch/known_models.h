@@ -18,4 +18,8 @@ struct KnownModel {
 
 const std::vector<KnownModel>& known_models();
 
+// resolve_model_folder(name) (host/hub_cache.h), and when `name` is no folder but the last part
+// of a known model's repository id, the error suggests that id.
+std::string resolve_model(const std::string& name);
+
 }  // namespace vkvlm
