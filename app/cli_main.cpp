@@ -804,6 +804,8 @@ const char* k_usage =
     "            [--max-request-memory MB]   memory requests may hold together (default: a quarter of RAM)\n"
     "            [--max-messages N] [--max-parts N] [--max-body-mb MB]   per request (10000, 10000, 64)\n"
     "            [--cors-origin ORIGIN|*]   browsers from ORIGIN may call the API (preflight answered)\n"
+    "            [--drain-timeout S]   on SIGTERM, requests in flight may finish within S seconds (30);\n"
+    "            GET /health/ready (503 while loading or draining), /health/live\n"
     "            OpenAI-compatible server\n"
     "  download  ORG/NAME[@REVISION]   fetch a model from the Hugging Face hub into its cache (HF_ENDPOINT,\n"
     "            HF_TOKEN); prints the snapshot folder. Elsewhere a missing ORG/NAME is downloaded as needed\n"

@@ -85,6 +85,7 @@ struct Metrics {
   uint64_t batch_steps = 0, batch_sequences = 0;   // batched decode steps, and the sequences they advanced
   double prefill_tps = 0, decode_tps = 0;
   std::atomic<int> in_flight{0}, queued{0};
+  std::atomic<int> decoding{0};  // generations holding a conversation slot now (scheduler thread)
 };
 
 // A streaming request as its generation needs it, kept alive by the response's writer.
@@ -163,14 +164,21 @@ class Server {
       return error_body(message, type, "", code);
     });
     http::Server& h = *http_;
-    h.route("GET", "/health", [this](const http::Request&, http::Response& res, http::Connection&) {
-      res.status = ready_ ? 200 : 503;
-      json states = json::object();
-      {
-        std::lock_guard<std::mutex> l(models_mu_);
-        for (const auto& m : models_) states[m->spec.name] = m->state;
-      }
-      res.body = json{{"status", ready_ ? "ok" : "loading"}, {"models", states}}.dump();
+    // Readiness (/health, /health/ready): 200 once the active model is loaded, 503 while it loads
+    // and once the server drains; liveness (/health/live): 200 while the process serves at all.
+    for (const char* path : {"/health", "/health/ready"})
+      h.route("GET", path, [this](const http::Request&, http::Response& res, http::Connection&) {
+        const bool ready = ready_ && !draining_;
+        res.status = ready ? 200 : 503;
+        json states = json::object();
+        {
+          std::lock_guard<std::mutex> l(models_mu_);
+          for (const auto& m : models_) states[m->spec.name] = m->state;
+        }
+        res.body = json{{"status", draining_ ? "draining" : ready_ ? "ok" : "loading"}, {"models", states}}.dump();
+      });
+    h.route("GET", "/health/live", [](const http::Request&, http::Response& res, http::Connection&) {
+      res.body = json{{"status", "alive"}}.dump();
     });
     h.route("GET", "/metrics", [this](const http::Request& req, http::Response& res, http::Connection&) {
       if (!opt_.metrics_public && !authorized(req, res)) return;
@@ -256,9 +264,16 @@ class Server {
       load();
       if (load_failed_) http_->stop();
     });
+    // The first signal drains: no new requests (503), those in flight finish, for at most
+    // --drain-timeout seconds; a second signal, or the timeout, stops them.
     std::thread watcher([this, set] {
       int sig = 0;
       sigwait(&set, &sig);
+      draining_ = true;
+      const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(opt_.drain_seconds);
+      const timespec poll{0, 50'000'000};
+      while (!stop_ && metrics_.in_flight > 0 && std::chrono::steady_clock::now() < deadline)
+        if (sigtimedwait(&set, nullptr, &poll) > 0) break;
       stop_ = true;
       http_->stop();
     });
@@ -431,8 +446,26 @@ class Server {
   }
 
   std::string metrics_text() {
+    size_t slots = 0;
+    {
+      std::lock_guard<std::mutex> ml(models_mu_);
+      for (const auto& m : models_)
+        if (m->loaded) slots += m->loaded->sessions.size();
+    }
     std::lock_guard<std::mutex> l(metrics_.m);
     std::ostringstream os;
+    // Under the names inference gateways scrape (the Gateway API Inference Extension's model
+    // server protocol, KServe): requests waiting and running, and the conversation slots in use
+    // as the KV cache's utilization (0 to 1).
+    const int waiting = metrics_.queued, running = std::max(0, metrics_.in_flight - waiting);
+    const double kv_use = slots ? std::min(1.0, double(metrics_.decoding) / double(slots)) : 0.0;
+    os << "# HELP vllm:num_requests_waiting Requests waiting for a conversation slot.\n# TYPE vllm:num_requests_waiting gauge\n"
+       << "vllm:num_requests_waiting " << waiting << "\n";
+    os << "# HELP vllm:num_requests_running Requests admitted and not waiting.\n# TYPE vllm:num_requests_running gauge\n"
+       << "vllm:num_requests_running " << running << "\n";
+    for (const char* name : {"vllm:gpu_cache_usage_perc", "vllm:kv_cache_usage_perc"})
+      os << "# HELP " << name << " Conversation slots (KV caches) decoding now, over all slots: 1 is full.\n# TYPE " << name
+         << " gauge\n" << name << " " << kv_use << "\n";
     os << "# HELP vkvlm_requests_total HTTP requests answered, by status.\n# TYPE vkvlm_requests_total counter\n";
     for (auto& [status, n] : metrics_.requests) os << "vkvlm_requests_total{status=\"" << status << "\"} " << n << "\n";
     os << "# HELP vkvlm_prompt_tokens_total Prompt tokens of completed requests.\n# TYPE vkvlm_prompt_tokens_total counter\n"
@@ -697,6 +730,9 @@ class Server {
         deliver(a);
         it = a.jobs.empty() ? active.erase(it) : std::next(it);
       }
+      int decoding = 0;
+      for (const auto& [model, a] : active) decoding += int(a.jobs.size());
+      metrics_.decoding = decoding;
       l.lock();
     }
   }
@@ -743,6 +779,11 @@ class Server {
       if (solo) {
         Speculation spec;
         if (L.draft) spec = {L.draft_sessions[slot].get(), job->draft_prompt};
+        ++metrics_.decoding;
+        struct Done {
+          std::atomic<int>& n;
+          ~Done() { --n; }
+        } done{metrics_.decoding};
         complete(*job, L.sessions[slot]->generate(prompt, job->params, on_step, cancelled, spec));
         return true;
       }
@@ -799,6 +840,7 @@ class Server {
     if (!authorized(req, res)) return;
     auto admission = std::make_shared<Admission>(metrics_);
     try {
+      if (draining_) throw ApiError(503, "the server is shutting down", "server_error", "", "server_draining");
       if (!ready_) throw ApiError(503, "the model is still loading", "server_error", "", "model_loading");
       if (metrics_.in_flight > opt_.max_concurrency)
         throw ApiError(429, "the server is busy (" + std::to_string(opt_.max_concurrency) + " requests in flight); retry later",
@@ -954,6 +996,7 @@ class Server {
   size_t active_ = 0;     // the model for requests that name none (models_mu_)
   uint64_t request_clock_ = 0;  // (models_mu_)
   std::atomic<bool> ready_{false}, load_failed_{false}, stop_{false};
+  std::atomic<bool> draining_{false};  // SIGTERM came: in-flight requests finish, new ones are refused
   int64_t started_ = 0;
   // The GPU's work queue (queue_mu_), served by the scheduler thread.
   std::mutex queue_mu_;
@@ -1061,7 +1104,8 @@ int run_serve(int argc, char** argv, int first) {
            {"num-draft-tokens", true}, {"lookup-ngram", true}, {"prompt-cache", true},
            {"max-kv-size", true}, {"kv-bits", true}, {"kv-group-size", true}, {"quantized-kv-start", true},
            {"config", true}, {"max-loaded", true}, {"active-model", true}, {"parallel", true},
-           {"max-request-memory", true}, {"max-messages", true}, {"max-parts", true}, {"cors-origin", true}});
+           {"max-request-memory", true}, {"max-messages", true}, {"max-parts", true}, {"cors-origin", true},
+           {"drain-timeout", true}});
   Options o;
   o.host = f.str("host", "127.0.0.1");
   o.port = int(f.integer("port", 8080, 1, 65535));
@@ -1093,6 +1137,7 @@ int run_serve(int argc, char** argv, int first) {
   o.cors_origin = f.str("cors-origin");
   if (o.cors_origin.find_first_of("\r\n") != std::string::npos) throw UsageError("--cors-origin takes one origin or *");
   o.request_seconds = double(f.integer("request-timeout", 30, 1, 3600));
+  o.drain_seconds = double(f.integer("drain-timeout", 30, 0, 3600));
   o.num_draft_tokens = int(f.integer("num-draft-tokens", 3, 1, 16));
   o.lookup_ngram = int(f.integer("lookup-ngram", 0, 0, 16));
   o.load.quantize = f.str("quantize");

@@ -40,6 +40,7 @@ struct Options {
   std::string allow_local_files;  // folder image_url file paths may come from (empty: none)
   size_t max_body_bytes = 64ull << 20;  // whatever the framing (Content-Length or chunked)
   double request_seconds = 30;          // to receive a request's headers and body, once it has begun
+  double drain_seconds = 30;            // on SIGTERM, in-flight requests may finish within this
   bool metrics_public = false;          // /metrics without the API key
   std::string cors_origin;              // browsers from this origin ("*": any) may call the API
   int max_images = 8;             // per request

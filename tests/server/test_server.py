@@ -853,6 +853,40 @@ def test_cors_models_by_id_and_the_seed_config_path():
         assert r.status == 405 and "Access-Control-Allow-Origin" not in r.headers
 
 
+def test_sigterm_drains_what_is_in_flight_refuses_what_comes_and_exits_0():
+    s = start_server(DEMO, "--ctx", 1024, "--drain-timeout", 120)
+    try:
+        assert s.get("/health/live").status == 200 and s.get("/health/ready").status == 200
+        with ThreadPoolExecutor(1) as pool:
+            long = pool.submit(lambda: chat(s.client, [{"role": "user", "content": "red"}], max_tokens=400, ignore_eos=True))
+            for _ in range(200):
+                if s.metric("vkvlm_requests_in_flight") == 1:
+                    break
+                time.sleep(0.05)
+            # The figures inference gateways read (the model server protocol's vLLM names).
+            for _ in range(100):  # until the scheduler has taken it from the queue
+                text = s.get("/metrics", AUTH).text
+                gauges = {m.group(1): float(m.group(2)) for m in re.finditer(r"^(vllm:[a-z_]+) ([0-9.e+-]+)$", text, re.M)}
+                if gauges["vllm:num_requests_running"] == 1:
+                    break
+                time.sleep(0.02)
+            assert gauges["vllm:num_requests_running"] == 1 and gauges["vllm:num_requests_waiting"] == 0, gauges
+            assert gauges["vllm:kv_cache_usage_perc"] == gauges["vllm:gpu_cache_usage_perc"] == 1.0, gauges  # 1 slot, busy
+            s.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            # Draining: not ready (a gateway stops sending), still alive, new requests refused.
+            assert s.get("/health/ready").status == 503
+            assert s.get("/health/live").status == 200
+            refused = s.post("/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "hi"}]}), JSON_AUTH)
+            assert refused.status == 503 and refused.json()["error"]["code"] == "server_draining", refused.text
+            answer = long.result(timeout=300)
+        assert answer.choices[0].finish_reason == "length" and answer.usage.completion_tokens == 400
+        assert s.proc.wait(timeout=60) == 0, "exit 0 once the requests in flight are done"
+    finally:
+        if s.proc.poll() is None:
+            s.proc.kill()
+
+
 def test_metrics_public_opens_metrics_alone():
     with running(DEMO, "--ctx", 256, "--metrics-public") as s:
         assert s.get("/metrics").status == 200
