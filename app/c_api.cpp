@@ -1,9 +1,11 @@
 // The C API (include/vkvlm/vkvlm.h), over the C++ API: C handles wrap an Engine and a Chat.
 #include "vkvlm/vkvlm.h"
 
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -177,7 +179,8 @@ int vkvlm_generate(vkvlm_session* s, const char* messages_json, const unsigned c
       return callback ? callback(step.text.c_str(), step.text.size(), step.token, user) != 0 : true;
     });
     s->last = vkvlm_stats{int64_t(r.prompt_tokens.size()), r.cached_tokens, int64_t(r.tokens.size()), r.draft_tokens,
-                          r.accepted_tokens, r.image_seconds, r.prefill_seconds, r.decode_seconds};
+                          r.accepted_tokens, r.image_seconds, r.prefill_seconds, r.decode_seconds, {}};
+    std::snprintf(s->last.finish_reason, sizeof(s->last.finish_reason), "%s", r.finish_reason.c_str());
     if (text) *text = copy_string(r.text);
     return 0;
   } catch (const std::exception& ex) {
@@ -193,5 +196,19 @@ void vkvlm_session_stats(const vkvlm_session* s, vkvlm_stats* stats) {
 void vkvlm_free(void* p) { std::free(p); }
 
 const char* vkvlm_version(void) { return VKVLM_VERSION_STRING; }
+
+unsigned char* vkvlm_rgb_image(const unsigned char* pixels, int width, int height, size_t* size, char** error) {
+  try {
+    const std::vector<uint8_t> image = vkvlm::rgb_image(pixels, width, height);
+    auto* out = static_cast<unsigned char*>(std::malloc(image.size()));
+    if (!out) throw std::runtime_error("out of memory");
+    std::memcpy(out, image.data(), image.size());
+    if (size) *size = image.size();
+    return out;
+  } catch (const std::exception& e) {
+    set_error(error, e.what());
+    return nullptr;
+  }
+}
 
 }  // extern "C"

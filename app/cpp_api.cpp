@@ -196,6 +196,16 @@ Result Chat::generate(const std::string& messages_json, const std::vector<std::v
   return r;
 }
 
+std::vector<uint8_t> rgb_image(const uint8_t* pixels, int width, int height) {
+  if (!pixels || width <= 0 || height <= 0 || int64_t(width) * height > (int64_t(1) << 28))
+    throw std::invalid_argument("rgb_image needs pixels and a width and height from 1 up to 2^28 pixels in all, not " +
+                                std::to_string(width) + "x" + std::to_string(height));
+  const std::string head = "P6\n" + std::to_string(width) + " " + std::to_string(height) + "\n255\n";
+  std::vector<uint8_t> out(head.begin(), head.end());
+  out.insert(out.end(), pixels, pixels + size_t(width) * size_t(height) * 3);
+  return out;
+}
+
 std::vector<uint8_t> read_file(const std::string& path) {
   const std::string bytes = read_file_bounded(path, uint64_t(1) << 32, "file");
   return std::vector<uint8_t>(bytes.begin(), bytes.end());

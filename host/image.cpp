@@ -216,7 +216,7 @@ Image decode_image(const std::vector<uint8_t>& bytes, const std::string& source,
   }
   int w = 0, h = 0, channels = 0;
   if (!stbi_info_from_memory(bytes.data(), int(bytes.size()), &w, &h, &channels))
-    fail("image ", source, " is not a supported image (JPEG, PNG, BMP, GIF, TGA, WebP): ", stbi_failure_reason());
+    fail("image ", source, " is not a supported image (JPEG, PNG, BMP, GIF, TGA, PPM, WebP): ", stbi_failure_reason());
   check_size(w, h, source, limits);
   uint8_t* px = stbi_load_from_memory(bytes.data(), int(bytes.size()), &w, &h, &channels, 0);
   if (!px) fail("image ", source, " could not be decoded (corrupt or truncated): ", stbi_failure_reason());

@@ -1,5 +1,5 @@
 #pragma once
-// Images: decoding (JPEG, PNG, BMP, GIF, TGA through stb_image; WebP through libwebp) into 8-bit
+// Images: decoding (JPEG, PNG, BMP, GIF, TGA, PPM through stb_image; WebP through libwebp) into 8-bit
 // RGB, and the Hugging Face image processors' pixel pipelines.
 #include <cstdint>
 #include <functional>

@@ -70,6 +70,28 @@ int main(void) {
   CHECK(strcmp(streamed, text) == 0 && pieces > 1, "streamed '%s' in %d pieces", streamed, pieces);
   vkvlm_free(text);
 
+  vkvlm_stats first;
+  vkvlm_session_stats(s, &first);
+  CHECK(strcmp(first.finish_reason, "stop") == 0, "finish_reason '%s'", first.finish_reason);
+
+  /* Raw RGB pixels (shapes_0.png decoded by PIL into tests/data) answer as the PNG does. */
+  size_t raw_size = 0;
+  unsigned char* pixels = read_file(VKVLM_SOURCE_DIR "/tests/data/shapes_0_192x192.rgb", &raw_size);
+  CHECK(pixels && raw_size == 192 * 192 * 3, "cannot read the raw pixels");
+  size_t image_size = 0;
+  unsigned char* image = vkvlm_rgb_image(pixels, 192, 192, &image_size, &err);
+  CHECK(image, "rgb image: %s", err ? err : "");
+  const unsigned char* raw_images[1] = {image};
+  rc = vkvlm_generate(s, msgs, raw_images, &image_size, 1, &p, NULL, NULL, &text, &err);
+  CHECK(rc == 0 && strcmp(text, "The square is orange.") == 0, "raw pixels: '%s' %s", text ? text : "", err ? err : "");
+  vkvlm_free(text);
+  vkvlm_free(image);
+  CHECK(vkvlm_rgb_image(pixels, 0, 192, &image_size, &err) == NULL && err && strstr(err, "0x192"),
+        "a zero width is an error naming the size (%s)", err ? err : "");
+  vkvlm_free(err);
+  err = NULL;
+  free(pixels);
+
   /* The placeholder a model card writes in text takes the image too. */
   const char* placeholder = "[{\"role\":\"user\",\"content\":\"<image>\\nWhat color is the square?\"}]";
   rc = vkvlm_generate(s, placeholder, images, sizes, 1, &p, NULL, NULL, &text, &err);

@@ -17,6 +17,19 @@ std::string user_with_image(const std::string& text) {
   return R"([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": ")" + text + R"("}]}])";
 }
 
+// Raw RGB pixels (decoded from shapes_0.png by PIL into tests/data) answer as the PNG does.
+TEST(CppApi, RawRgbPixelsAnswerAsTheEncodedFileDoes) {
+  const auto pixels = vkvlm::read_file(VKVLM_SOURCE_DIR "/tests/data/shapes_0_192x192.rgb");
+  ASSERT_EQ(pixels.size(), 192u * 192u * 3u);
+  auto engine = vkvlm::Engine::load(k_demo);
+  vkvlm::Chat chat(*engine, 512);
+  auto r = chat.generate(user_with_image("What color is the square?"), {vkvlm::rgb_image(pixels.data(), 192, 192)});
+  EXPECT_EQ(r.text, "The square is orange.");
+  EXPECT_EQ(r.finish_reason, "stop");
+  EXPECT_THROW(vkvlm::rgb_image(nullptr, 192, 192), std::invalid_argument);
+  EXPECT_THROW(vkvlm::rgb_image(pixels.data(), 0, 192), std::invalid_argument);
+}
+
 TEST(CppApi, ChatAnswersStreamsAndReusesItsCache) {
   auto engine = vkvlm::Engine::load(k_demo);
   EXPECT_NE(engine->info(512).find("architecture: llava"), std::string::npos);

@@ -55,6 +55,7 @@ typedef struct vkvlm_stats {
   int64_t prompt_tokens, cached_tokens, completion_tokens;
   int64_t draft_tokens, accepted_tokens; /* speculative decoding: tokens proposed, and those kept */
   double image_seconds, prefill_seconds, decode_seconds;
+  char finish_reason[16]; /* "stop", "length" or "cancelled" ("" before the first) */
 } vkvlm_stats;
 
 void vkvlm_params_default(vkvlm_params* params);
@@ -113,6 +114,16 @@ int vkvlm_session_load_prompt_cache(vkvlm_session* session, const char* path, ch
 void vkvlm_session_stats(const vkvlm_session* session, vkvlm_stats* stats);
 
 void vkvlm_free(void* p);
+
+/* Raw pixels as an image vkvlm_generate takes: 8-bit RGB, row-major, width * height * 3 bytes.
+ * Returns the image (free with vkvlm_free) and sets *size; on bad sizes returns NULL and sets *error. */
+unsigned char* vkvlm_rgb_image(const unsigned char* pixels, int width, int height, size_t* size, char** error);
+
+/* Threads: an engine and its sessions may be used from any thread, one call at a time per
+ * engine (calls on sessions of one engine share its device queue); different engines run in
+ * parallel. A callback runs on the calling thread. On the application's device
+ * (vkvlm_engine_load_on_device), the application must not submit to the queue it gave while a
+ * call on that engine runs. */
 
 #ifdef __cplusplus
 }

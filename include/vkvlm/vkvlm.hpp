@@ -150,5 +150,9 @@ class Chat {
 
 // A file's bytes (for images); throws when it cannot be read.
 std::vector<uint8_t> read_file(const std::string& path);
+// Raw pixels as an image generate takes: 8-bit RGB, row-major, width * height * 3 bytes, wrapped
+// as a binary PPM (a header and the bytes as they are; nothing is compressed or converted).
+// Throws std::invalid_argument for sizes that do not match.
+std::vector<uint8_t> rgb_image(const uint8_t* pixels, int width, int height);
 
 }  // namespace vkvlm
