@@ -2056,7 +2056,8 @@ Value apply_filter(const std::string& name, const Value& v, Args& a, int line, C
     Args rest;
     rest.positional.assign(a.positional.begin() + 1, a.positional.end());
     rest.keyword = a.keyword;
-    for (auto& x : iterate(v, line, ctx)) out.push_back(apply_filter(f, x, rest, line, ctx));
+    // Each item a filter makes is counted as made, as a filter in an expression is.
+    for (auto& x : iterate(v, line, ctx)) out.push_back(ctx.checked(apply_filter(f, x, rest, line, ctx), line));
     return Value(std::move(out)).set_seq(Value::Seq::Iterator);
   }
   if (name == "select" || name == "reject" || name == "selectattr" || name == "rejectattr") {

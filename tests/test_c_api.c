@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "vkvlm/vkvlm.h"
+#include "read_file.h"
 
 static int pieces = 0;
 static char streamed[1024];
@@ -14,21 +15,6 @@ static int on_text(const char* text, size_t length, int32_t token, void* user) {
   if (strlen(streamed) + length < sizeof(streamed)) strncat(streamed, text, length);
   ++pieces;
   return 1;
-}
-
-static unsigned char* read_file(const char* path, size_t* size) {
-  FILE* f = fopen(path, "rb");
-  if (!f) return NULL;
-  fseek(f, 0, SEEK_END);
-  *size = (size_t)ftell(f);
-  fseek(f, 0, SEEK_SET);
-  unsigned char* p = malloc(*size);
-  if (fread(p, 1, *size, f) != *size) {
-    free(p);
-    p = NULL;
-  }
-  fclose(f);
-  return p;
 }
 
 #define CHECK(cond, ...)                  \

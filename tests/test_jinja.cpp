@@ -197,6 +197,8 @@ TEST(Jinja, TemplatesCostWhatTheyHoldAndDo) {
   expect_error([&] { render(h + "{{ h | list | length }}"); }, {"list of more than 1048576 items"});
   expect_error([&] { render("{{ ('a ' * 4000000).split() | length }}"); }, {"list of more than 1048576 items"});
   EXPECT_EQ(render("{{ ('a ' * 4000000) | wordcount }}"), "4000000");
+  // Strings |map makes are counted as any filter's are.
+  expect_error([&] { render(s + "{{ ([s] * 1000) | map('upper') | list | length }}"); }, {"more than 256 MiB"});
   // Lines are indented one at a time, not all split first; batches are lists of their own, counted.
   expect_error([&] { render("{{ ('\\n' * 16000000) | indent(2, blank=true) }}"); }, {"string longer than 16 MiB"});
   EXPECT_EQ(render("{{ ('a\\nb' * 3) | indent(1) }}"), "a\n ba\n ba\n b");

@@ -5,20 +5,7 @@
 
 #include <vkvlm/vkvlm.h>
 
-static unsigned char* read_file(const char* path, size_t* size) {
-  FILE* f = fopen(path, "rb");
-  if (!f) return NULL;
-  fseek(f, 0, SEEK_END);
-  *size = (size_t)ftell(f);
-  fseek(f, 0, SEEK_SET);
-  unsigned char* data = malloc(*size);
-  if (data && fread(data, 1, *size, f) != *size) {
-    free(data);
-    data = NULL;
-  }
-  fclose(f);
-  return data;
-}
+#include "../read_file.h"
 
 int main(int argc, char** argv) {
   if (argc != 3) {
