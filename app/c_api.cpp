@@ -84,8 +84,18 @@ vkvlm_engine* vkvlm_engine_load_on_device(const char* model_dir, const char* qua
                                           VkPhysicalDevice physical_device, VkDevice device, uint32_t queue_family,
                                           uint32_t queue_index, const VkPhysicalDeviceFeatures2* enabled_features,
                                           char** error) {
+  return vkvlm_engine_load_on_shared_queue(model_dir, quantize, instance, physical_device, device, queue_family, queue_index,
+                                           enabled_features, nullptr, nullptr, nullptr, error);
+}
+
+vkvlm_engine* vkvlm_engine_load_on_shared_queue(const char* model_dir, const char* quantize, VkInstance instance,
+                                                VkPhysicalDevice physical_device, VkDevice device, uint32_t queue_family,
+                                                uint32_t queue_index, const VkPhysicalDeviceFeatures2* enabled_features,
+                                                void (*lock)(void* user), void (*unlock)(void* user), void* user,
+                                                char** error) {
   try {
     if (!model_dir) throw std::runtime_error("no model folder given");
+    if (!lock != !unlock) throw std::runtime_error("give both queue lock functions or neither");
     vkvlm::VulkanDevice d;
     d.instance = instance;
     d.physical_device = physical_device;
@@ -93,6 +103,10 @@ vkvlm_engine* vkvlm_engine_load_on_device(const char* model_dir, const char* qua
     d.queue_family = queue_family;
     d.queue_index = queue_index;
     d.enabled_features = enabled_features;
+    if (lock) {
+      d.lock_queue = [lock, user] { lock(user); };
+      d.unlock_queue = [unlock, user] { unlock(user); };
+    }
     auto e = std::make_unique<vkvlm_engine>();
     e->engine = vkvlm::Engine::load_on_device(model_dir, d, engine_options(quantize));
     return e.release();

@@ -69,6 +69,8 @@ std::unique_ptr<Engine> Engine::load_on_device(const std::string& model_dir, con
   a.queue_index = d.queue_index;
   a.enabled_features = d.enabled_features;
   a.enabled_extensions = d.enabled_extensions;
+  a.lock_queue = d.lock_queue;
+  a.unlock_queue = d.unlock_queue;
   auto impl = std::make_unique<Impl>();
   impl->ctx = std::make_unique<gpu::Context>(gpu::Device::adopt(a));
   impl->load(model_dir, options);

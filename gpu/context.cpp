@@ -35,7 +35,7 @@ Context::Context(std::unique_ptr<Device> device) : device_(std::move(device)) {
 
 Context::~Context() {
   VkDevice dev = device_->device();
-  vkQueueWaitIdle(device_->queue());
+  device_->wait_idle();
   for (auto& s : staging_) {
     if (s.fence) vkDestroyFence(dev, s.fence, nullptr);
     if (s.cb) vkFreeCommandBuffers(dev, transfer_pool_, 1, &s.cb);
@@ -69,7 +69,7 @@ void Context::submit_and_wait(VkCommandBuffer cb) {
   si.pCommandBuffers = &cb;
   std::lock_guard<std::mutex> lock(queue_mutex_);
   check(vkResetFences(device_->device(), 1, &transfer_fence_), "vkResetFences");
-  check(vkQueueSubmit(device_->queue(), 1, &si, transfer_fence_), "vkQueueSubmit");
+  check(device_->submit(1, &si, transfer_fence_), "vkQueueSubmit");
   check(vkWaitForFences(device_->device(), 1, &transfer_fence_, VK_TRUE, UINT64_MAX), "vkWaitForFences");
 }
 
@@ -135,7 +135,7 @@ void Context::upload(const Tensor& dst, const void* data, uint64_t bytes, uint64
     check(vkResetFences(dev, 1, &s.fence), "vkResetFences");
     {
       std::lock_guard<std::mutex> q(queue_mutex_);
-      check(vkQueueSubmit(device_->queue(), 1, &si, s.fence), "vkQueueSubmit");
+      check(device_->submit(1, &si, s.fence), "vkQueueSubmit");
     }
     s.pending = true;
     done += n;

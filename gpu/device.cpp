@@ -527,6 +527,29 @@ std::unique_ptr<Device> Device::create(DeviceOptions options) {
   return d;
 }
 
+namespace {
+// Holds the application's queue lock for a scope (none when it gave none).
+struct QueueLock {
+  const std::function<void()>& unlock;
+  QueueLock(const std::function<void()>& lock, const std::function<void()>& u) : unlock(u) {
+    if (lock) lock();
+  }
+  ~QueueLock() {
+    if (unlock) unlock();
+  }
+};
+}  // namespace
+
+VkResult Device::submit(uint32_t count, const VkSubmitInfo* submits, VkFence fence) const {
+  const QueueLock lock(lock_queue_, unlock_queue_);
+  return vkQueueSubmit(queue_, count, submits, fence);
+}
+
+VkResult Device::wait_idle() const {
+  const QueueLock lock(lock_queue_, unlock_queue_);
+  return vkQueueWaitIdle(queue_);
+}
+
 std::unique_ptr<Device> Device::adopt(const AdoptedDevice& a) {
   if (!a.instance || !a.physical_device || !a.device)
     fail("adopting a device needs the application's VkInstance, VkPhysicalDevice and VkDevice (one was null)");
@@ -546,6 +569,9 @@ std::unique_ptr<Device> Device::adopt(const AdoptedDevice& a) {
     fail("adopted queue index ", a.queue_index, " is out of range for family ", a.queue_family);
   vkGetDeviceQueue(a.device, a.queue_family, a.queue_index, &d->queue_);
   d->extensions_ = a.enabled_extensions;
+  if (bool(a.lock_queue) != bool(a.unlock_queue)) fail("adopting a device: give both queue lock functions or neither");
+  d->lock_queue_ = a.lock_queue;
+  d->unlock_queue_ = a.unlock_queue;
   FeatureSet enabled = features_from_chain(a.enabled_features, a.enabled_extensions);
   d->profile_ = build_profile(a.instance, a.physical_device, enabled, a.enabled_extensions, a.queue_family,
                               disabled_features_from_env());

@@ -2,6 +2,7 @@
 // The Vulkan device: created by vkvlm or adopted from the application, and the feature profile
 // that decides which kernel variants can run on it.
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -70,6 +71,9 @@ struct AdoptedDevice {
   const VkPhysicalDeviceFeatures2* enabled_features = nullptr;
   // Device extensions the application enabled (e.g. VK_NV_cooperative_matrix).
   std::vector<std::string> enabled_extensions;
+  // The application's lock on the queue (Vulkan requires submits to one queue to be externally
+  // synchronized): taken around each of vkvlm's submits and waits on it. Unset: none.
+  std::function<void()> lock_queue, unlock_queue;
 };
 
 struct DeviceOptions {
@@ -102,6 +106,10 @@ class Device {
   VkPhysicalDevice physical_device() const { return physical_; }
   VkDevice device() const { return device_; }
   VkQueue queue() const { return queue_; }
+  // vkQueueSubmit and vkQueueWaitIdle on the queue, holding the application's queue lock if it
+  // gave one: every use of the queue goes through these.
+  VkResult submit(uint32_t count, const VkSubmitInfo* submits, VkFence fence) const;
+  VkResult wait_idle() const;
   uint32_t queue_family() const { return queue_family_; }
   const FeatureProfile& profile() const { return profile_; }
   bool owns_device() const { return owns_device_; }
@@ -125,6 +133,7 @@ class Device {
   uint32_t queue_family_ = 0;
   bool owns_instance_ = false;
   bool owns_device_ = false;
+  std::function<void()> lock_queue_, unlock_queue_;
   std::vector<std::string> extensions_;
   FeatureProfile profile_;
 };

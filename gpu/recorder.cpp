@@ -211,7 +211,7 @@ void Recorder::run_segments() {
   {
     std::lock_guard<std::mutex> lock(ctx_.queue_mutex());
     check(vkResetFences(dev, 1, &fence_), "vkResetFences");
-    check(vkQueueSubmit(ctx_.device().queue(), uint32_t(submits.size()), submits.data(), fence_), "vkQueueSubmit");
+    check(ctx_.device().submit(uint32_t(submits.size()), submits.data(), fence_), "vkQueueSubmit");
   }
   check(vkWaitForFences(dev, 1, &fence_, VK_TRUE, UINT64_MAX), "vkWaitForFences");
   cpu_ns_ = double(std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count());

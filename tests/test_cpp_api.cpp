@@ -5,7 +5,10 @@
 
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <cmath>
+#include <mutex>
+#include <thread>
 #include <stdexcept>
 #include <string>
 
@@ -116,6 +119,46 @@ TEST(CppApi, RunsOnTheApplicationsDevice) {
     vkvlm::Chat chat(*engine, 512);
     auto r = chat.generate(user_with_image("What color is the square?"), {vkvlm::read_file(k_demo + "/examples/shapes_0.png")});
     EXPECT_EQ(r.text, "The square is orange.");
+  }
+  {
+    // The application submits to the same queue from its own thread, under its lock, which it
+    // hands to vkvlm: every vkvlm submit and wait takes it, and the answer is the same.
+    std::mutex queue_mutex;
+    std::atomic<int> held{0}, taken{0};
+    std::atomic<bool> overlapped{false}, done{false};
+    vkvlm::VulkanDevice d;
+    d.instance = instance;
+    d.physical_device = physical;
+    d.device = device;
+    d.lock_queue = [&] {
+      queue_mutex.lock();
+      if (++held != 1) overlapped = true;
+      ++taken;
+    };
+    d.unlock_queue = [&] {
+      --held;
+      queue_mutex.unlock();
+    };
+    VkQueue queue = VK_NULL_HANDLE;
+    vkGetDeviceQueue(device, 0, 0, &queue);
+    std::thread app_thread([&] {
+      while (!done) {
+        std::lock_guard<std::mutex> l(queue_mutex);
+        if (++held != 1) overlapped = true;
+        EXPECT_EQ(vkQueueWaitIdle(queue), VK_SUCCESS);
+        --held;
+      }
+    });
+    auto engine = vkvlm::Engine::load_on_device(k_demo, d);
+    vkvlm::Chat chat(*engine, 512);
+    auto r = chat.generate(user_with_image("What color is the square?"), {vkvlm::read_file(k_demo + "/examples/shapes_0.png")});
+    done = true;
+    app_thread.join();
+    EXPECT_EQ(r.text, "The square is orange.");
+    EXPECT_GT(taken.load(), 0) << "vkvlm took the application's queue lock";
+    EXPECT_FALSE(overlapped.load()) << "the queue was never used by both at once";
+    d.unlock_queue = nullptr;
+    EXPECT_THROW(vkvlm::Engine::load_on_device(k_demo, d), std::exception) << "a lock without an unlock is refused";
   }
   // Still the application's: usable, then destroyed by it.
   EXPECT_EQ(vkDeviceWaitIdle(device), VK_SUCCESS);

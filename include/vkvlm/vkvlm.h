@@ -71,6 +71,13 @@ vkvlm_engine* vkvlm_engine_load_on_device(const char* model_dir, const char* qua
                                           VkPhysicalDevice physical_device, VkDevice device, uint32_t queue_family,
                                           uint32_t queue_index, const VkPhysicalDeviceFeatures2* enabled_features,
                                           char** error);
+/* The same, for an application that submits to that queue too: vkvlm calls lock(user) and
+ * unlock(user) around each of its submits and waits on it (Vulkan requires them serialized). */
+vkvlm_engine* vkvlm_engine_load_on_shared_queue(const char* model_dir, const char* quantize, VkInstance instance,
+                                                VkPhysicalDevice physical_device, VkDevice device, uint32_t queue_family,
+                                                uint32_t queue_index, const VkPhysicalDeviceFeatures2* enabled_features,
+                                                void (*lock)(void* user), void (*unlock)(void* user), void* user,
+                                                char** error);
 void vkvlm_engine_free(vkvlm_engine* engine);
 /* Loads a draft model (same vocabulary, usually smaller) on the engine's device for speculative
  * decoding: sessions created afterwards draft with it, and greedy answers stay identical.

@@ -33,6 +33,9 @@ struct VulkanDevice {
   uint32_t queue_family = 0, queue_index = 0;
   const VkPhysicalDeviceFeatures2* enabled_features = nullptr;
   std::vector<std::string> enabled_extensions;
+  // The application's lock on the queue, when it submits to it too: vkvlm takes it around each
+  // of its submits and queue waits (both or neither).
+  std::function<void()> lock_queue, unlock_queue;
 };
 
 struct EngineOptions {
