@@ -864,10 +864,10 @@ def test_sigterm_drains_what_is_in_flight_refuses_what_comes_and_exits_0():
                     break
                 time.sleep(0.05)
             # The figures inference gateways read (the model server protocol's vLLM names).
-            for _ in range(100):  # until the scheduler has taken it from the queue
+            for _ in range(500):  # until its generation holds the slot
                 text = s.get("/metrics", AUTH).text
                 gauges = {m.group(1): float(m.group(2)) for m in re.finditer(r"^(vllm:[a-z_]+) ([0-9.e+-]+)$", text, re.M)}
-                if gauges["vllm:num_requests_running"] == 1:
+                if gauges["vllm:kv_cache_usage_perc"] == 1.0:
                     break
                 time.sleep(0.02)
             assert gauges["vllm:num_requests_running"] == 1 and gauges["vllm:num_requests_waiting"] == 0, gauges
