@@ -6,31 +6,11 @@
 #include <fstream>
 
 #include "app/chat_request.h"
+#include "base/json.h"
 
 namespace vkvlm::server {
 
-JsonSize measure_json(std::string_view text) {
-  // A value starts at each '[', '{', '"' outside strings (keys count: they are held too) and at
-  // each other token (numbers, true, false, null) after a separator.
-  JsonSize s;
-  s.bytes = text.size();
-  bool in_string = false, escaped = false, in_token = false;
-  for (const char c : text) {
-    if (in_string) {
-      if (escaped) escaped = false;
-      else if (c == '\\') escaped = true;
-      else if (c == '"') in_string = false;
-      continue;
-    }
-    const bool structural = c == '[' || c == '{' || c == ']' || c == '}' || c == ',' || c == ':' || c == '"' ||
-                            c == ' ' || c == '\t' || c == '\n' || c == '\r';
-    if (c == '"') in_string = true;
-    if (c == '[' || c == '{' || c == '"') ++s.values;
-    if (!structural && !in_token) ++s.values;
-    in_token = !structural;
-  }
-  return s;
-}
+JsonSize measure_json(std::string_view text) { return {text.size(), json_value_count(text)}; }
 
 uint64_t cost::of_body(const JsonSize& size) {
   return base + size.bytes * per_body_byte + size.values * per_json_value;
@@ -47,21 +27,18 @@ RequestMemory::Hold::~Hold() {
 
 void RequestMemory::Hold::grow(uint64_t bytes, const std::string& what) {
   RequestMemory& b = *budget_;
-  std::lock_guard<std::mutex> l(b.m_);
   const uint64_t total = bytes_ + bytes;
-  if (total > b.budget_)
+  if (total > b.budget_)  // the budget is fixed: no lock needed to compare with it
     throw ApiError(413,
                    "the request needs about " + mib(total) + " of memory (" + what + "), more than the server's --max-request-memory of " +
                        mib(b.budget_),
                    "invalid_request_error", "", "request_too_large");
-  if (b.in_use_ + bytes > b.budget_)
+  if (!b.try_reserve(bytes))
     throw ApiError(429,
-                   "the server's request memory is in use (" + mib(b.in_use_) + " of " + mib(b.budget_) + "; this request needs " +
+                   "the server's request memory is in use (" + mib(b.in_use()) + " of " + mib(b.budget_) + "; this request needs " +
                        mib(total) + "); retry later",
                    "rate_limit_exceeded", "", "server_busy");
   bytes_ = total;
-  b.in_use_ += bytes;
-  b.peak_ = std::max(b.peak_, b.in_use_);
 }
 
 bool RequestMemory::try_reserve(uint64_t bytes) {

@@ -3,6 +3,7 @@
 // parsed with its nesting bounded first, before anything is built, so that no later recursive
 // walk of it (dump, copy, comparison, a template) can run out of stack.
 #include <cstddef>
+#include <cstdint>
 #include <string_view>
 
 #include <nlohmann/json.hpp>
@@ -16,6 +17,9 @@ inline constexpr int k_max_json_depth = 256;
 // The offset of the bracket where arrays and objects in `text` nest deeper than max_depth
 // (brackets inside strings do not count), or npos: a linear scan, no parsing.
 size_t json_too_deep_at(std::string_view text, int max_depth = k_max_json_depth);
+// How many values (every scalar, array, object and key) parsing `text` would build: the same
+// linear scan, for planning the memory a parse takes.
+uint64_t json_value_count(std::string_view text);
 
 // Json::parse(text) (Json: nlohmann::json or ordered_json), first refusing nesting deeper than
 // k_max_json_depth with a parse error of its own, which callers handle as any other.
