@@ -822,6 +822,10 @@ def test_request_memory_is_planned_before_it_is_spent_and_bounded_server_wide():
 
 def test_cors_models_by_id_and_the_seed_config_path():
     origin = "https://app.example"
+    # An origin that would split the header it goes into is refused at the start.
+    bad = subprocess.run([CLI, "serve", "--model", str(DEMO), "--cors-origin", "https://a.example\r\nX-Evil: 1"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--cors-origin" in bad.stderr, bad.stderr
     with running(DEMO, "--ctx", 256, "--cors-origin", origin) as s:
         # A browser's preflight, answered without the key it does not carry.
         pre = request(s.port, "OPTIONS", "/v1/chat/completions", headers={
